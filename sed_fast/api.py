@@ -1,0 +1,65 @@
+"""The public entry point: :func:`build_sed`."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from .models.encoder import CLIP_RESOLUTION, variant_spec
+
+IMPLS = ("reference", "fast")
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built without a checkpoint: its outputs mean nothing."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_sed(variant: str = "b", *, impl: str = "reference",
+              checkpoint: Optional[Union[str, os.PathLike, dict]] = None,
+              device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
+              cer_topk: Optional[int] = None, clip_resolution: int = CLIP_RESOLUTION,
+              text_cache: bool = True, **impl_options) -> torch.nn.Module:
+    """Build an SED model in eval mode.
+
+    Args:
+        variant: ``"b"`` (ConvNeXt-B CLIP, SED-B) or ``"l"`` (ConvNeXt-L CLIP, SED-L).
+        impl: ``"reference"`` (plain PyTorch, official outputs) or ``"fast"`` (kernel-backed).
+        checkpoint: path to an official checkpoint (detectron2 ``{"model": ...}`` or a bare state
+            dict), or a loaded state dict. ``None`` gives random weights (benchmarks, tests) and a
+            :class:`RandomWeightsWarning`; ``model.random_weights`` tells which.
+        device: default: CUDA if available, else CPU.
+        dtype: parameter and compute dtype (float32 is the official precision).
+        cer_topk: ``None`` for exact decoding; an int k >= 1 enables category early rejection.
+        clip_resolution: side the image is resized to before the encoder (official: 768).
+            Smaller values give non-official but cheaper runs (tests, smoke benchmarks).
+        text_cache: cache text embeddings on disk (see README, ``SED_FAST_TEXT_CACHE``).
+        impl_options: options of the chosen implementation (see its class).
+    """
+    from .checkpoint import load_checkpoint
+
+    spec = variant_spec(variant)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    device = torch.device(device) if device is not None else default_device()
+    if impl == "reference":
+        from .models.sed import SEDReference as model_class
+    else:
+        from .models.fast import SEDFast as model_class
+    model = model_class(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
+                        device=device, **impl_options)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+        model.random_weights = False
+    else:
+        model.random_weights = True
+        warnings.warn(f"SED-{spec.name.upper()} built with RANDOM weights (no checkpoint given): "
+                      "its segmentations are meaningless", RandomWeightsWarning, stacklevel=2)
+    return model.to(device=device, dtype=dtype).eval()

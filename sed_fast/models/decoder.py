@@ -1,0 +1,283 @@
+"""The SED decoder ("Aggregator" in the official code), in plain PyTorch.
+
+This is the reference: module names and parameter shapes equal the official ones (so official
+checkpoints load key for key) and the forward pass follows the official operation order, so that
+outputs agree with the official code to float32 rounding. Shapes in comments are for SED-B at a
+768x768 input: cost map 24x24, B images, T classes, P = 80 prompt templates.
+
+Everything here is inference only; the official training-only branches (text guidance, swin
+blocks, appearance guidance) are not part of the released models and are left out.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Channel plan of the released models (configs/convnext{B,L}_768.yaml).
+HIDDEN_DIM = 128
+DECODER_DIMS = (64, 32, 16)
+DECODER_GUIDANCE_PROJ_DIMS = (32, 16, 8)
+CORR_GUIDANCE_DIMS = (80, 32, 16)
+NUM_HEADS = 4
+KERNEL_SIZE = 9
+EVAL_POOLING = (1, 1)  # eval.sh overrides the config's (2, 2) with (1, 1)
+
+
+class ConvNextBlock(nn.Module):
+    """ConvNeXt block: 9x9 depthwise conv, channels-last LayerNorm (eps 1e-6), MLP, gamma, residual."""
+
+    def __init__(self, dim: int, kernel_size: int = KERNEL_SIZE):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.ones(dim))  # layer scale, initialised to 1.0 in SED
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        branch = self.pwconv2(self.act(self.pwconv1(self.norm(branch))))
+        branch = self.gamma * branch
+        return x + branch.permute(0, 3, 1, 2)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The official multi-head linear attention ("Transformers are RNNs"), elu+1 feature map.
+
+    q, k, v: (N, L, H, D) with N independent sequences (pixels) of length L (classes).
+    """
+    q = F.elu(q) + 1
+    k = F.elu(k) + 1
+    length = v.size(1)
+    v = v / length  # the official code scales values down (fp16 overflow) and back up below
+    kv = torch.einsum("nshd,nshv->nhdv", k, v)
+    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
+
+
+class AttentionLayer(nn.Module):
+    """q, k, v projections around :func:`linear_attention` (text guidance is off in SED)."""
+
+    def __init__(self, dim: int, num_heads: int = NUM_HEADS):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        heads = self.num_heads
+        q = self.q(x).view(n, length, heads, dim // heads)
+        k = self.k(x).view(n, length, heads, dim // heads)
+        v = self.v(x).view(n, length, heads, dim // heads)
+        return linear_attention(q, k, v).reshape(n, length, dim)
+
+
+class ClassTransformerLayer(nn.Module):
+    """Attention across the classes at each (pooled) pixel, then an MLP; both with residuals.
+
+    Returns ``x + upsample(branch)`` where the branch carries its own residuals, so with pooling
+    (1, 1) this is ``2x + attention + MLP`` terms, exactly as in the official code.
+    """
+
+    def __init__(self, dim: int, num_heads: int = NUM_HEADS, pooling_size: Sequence[int] = EVAL_POOLING):
+        super().__init__()
+        self.pool = nn.AvgPool2d(tuple(pooling_size))
+        self.attention = AttentionLayer(dim, num_heads)
+        self.MLP = nn.Sequential(nn.Linear(dim, dim * 4), nn.ReLU(), nn.Linear(dim * 4, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """x: (B*T, C, H, W), class-major within each image (index b*T + t)."""
+        bt, dim, height, width = x.shape
+        classes = bt // batch
+        pooled = self.pool(x)
+        ph, pw = pooled.shape[-2:]
+        # (B T) C h w -> (B h w) T C: one sequence over the classes per pooled pixel
+        seq = pooled.view(batch, classes, dim, ph, pw).permute(0, 3, 4, 1, 2).reshape(batch * ph * pw, classes, dim)
+        seq = seq + self.attention(self.norm1(seq))
+        seq = seq + self.MLP(self.norm2(seq))
+        branch = seq.view(batch, ph, pw, classes, dim).permute(0, 3, 4, 1, 2).reshape(bt, dim, ph, pw)
+        branch = F.interpolate(branch, size=(height, width), mode="bilinear", align_corners=True)
+        return x + branch
+
+
+class DoubleConv(nn.Module):
+    """(3x3 conv without bias -> GroupNorm(out/16 groups) -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(out_channels // 16, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(out_channels // 16, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Up(nn.Module):
+    """One gradual-fusion decoder layer: ConvNeXt block, class attention, 2x up, fuse guidance."""
+
+    def __init__(self, in_channels: int, out_channels: int, guidance_channels: int,
+                 num_heads: int = NUM_HEADS, pooling_size: Sequence[int] = EVAL_POOLING,
+                 kernel_size: int = KERNEL_SIZE):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels + guidance_channels, out_channels)
+        self.cnext = ConvNextBlock(in_channels, kernel_size)
+        self.attention = ClassTransformerLayer(in_channels, num_heads, pooling_size)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor) -> torch.Tensor:
+        """x: (B*T, C, H, W); guidance: (B, g, 2H, 2W) per image; corr_guidance: (B*T, g, 2H, 2W)."""
+        batch = guidance.shape[0]
+        x = self.cnext(x)
+        x = self.attention(x, batch)
+        x = self.up(x)
+        classes = x.shape[0] // batch
+        x = torch.cat([x, guidance.repeat_interleave(classes, dim=0), corr_guidance], dim=1)
+        return self.conv(x)
+
+
+def topk_union_keep(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The official category early rejection rule, for one image or a whole batch.
+
+    aux_logits: (B, T, h, w). Per pixel the k classes with the largest logit (argsort), their
+    union over all pixels (and, as in the official code, over the batch): a (T,) bool mask.
+    """
+    num_classes = aux_logits.shape[1]
+    top = torch.argsort(aux_logits, dim=1, descending=True)[:, :k].reshape(-1)
+    return torch.bincount(top, minlength=num_classes) > 0
+
+
+class SEDDecoder(nn.Module):
+    """The SED decoder. Module and parameter names follow the official ``Aggregator``.
+
+    Args:
+        guidance_dims: channels of res4, res3, res2 of the CLIP image encoder
+            ((512, 256, 128) for SED-B, (768, 384, 192) for SED-L).
+        num_prompts: P, the number of prompt templates (80).
+        pooling_size: pooling of the class attention; (1, 1) at evaluation.
+    """
+
+    def __init__(self, guidance_dims: Sequence[int] = (512, 256, 128), num_prompts: int = 80,
+                 pooling_size: Sequence[int] = EVAL_POOLING):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_prompts, HIDDEN_DIM, kernel_size=7, stride=1, padding=3)
+        self.decoder_guidance_projection = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(d, dp, kernel_size=3, stride=1, padding=1), nn.ReLU())
+            for d, dp in zip(guidance_dims, DECODER_GUIDANCE_PROJ_DIMS)
+        ])
+        corr_dims = (num_prompts,) + tuple(CORR_GUIDANCE_DIMS[1:])
+        self.decoder_corr_guidance_projection = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(d, dp, kernel_size=2, stride=2), nn.ReLU())
+            for d, dp in zip(corr_dims, DECODER_GUIDANCE_PROJ_DIMS)
+        ])
+        in_dims = (HIDDEN_DIM,) + DECODER_DIMS[:2]
+        self.decoder1 = Up(in_dims[0], DECODER_DIMS[0], DECODER_GUIDANCE_PROJ_DIMS[0], pooling_size=pooling_size)
+        self.decoder2 = Up(in_dims[1], DECODER_DIMS[1], DECODER_GUIDANCE_PROJ_DIMS[1], pooling_size=pooling_size)
+        self.decoder3 = Up(in_dims[2], DECODER_DIMS[2], DECODER_GUIDANCE_PROJ_DIMS[2], pooling_size=pooling_size)
+        self.head0 = nn.Conv2d(HIDDEN_DIM, 1, kernel_size=3, stride=1, padding=1)
+        self.head1 = nn.Conv2d(DECODER_DIMS[0], 1, kernel_size=3, stride=1, padding=1)
+        self.head2 = nn.Conv2d(DECODER_DIMS[1], 1, kernel_size=3, stride=1, padding=1)
+        self.head = nn.Conv2d(DECODER_DIMS[2], 1, kernel_size=3, stride=1, padding=1)
+
+    # -- stages -----------------------------------------------------------------------------
+    @staticmethod
+    def cost_map(img_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (B, D, h, w) x (T, P, D) -> (B, P, T, h, w), as the official einsum."""
+        batch = img_feats.shape[0]
+        img = F.normalize(img_feats, dim=1)
+        text = F.normalize(text_feats, dim=-1).unsqueeze(0).expand(batch, *text_feats.shape)
+        # The official code also computes clamp(logit_scale.exp(), 100) here and never applies it.
+        return torch.einsum("bchw, btpc -> bpthw", img, text)
+
+    @staticmethod
+    def per_class(corr: torch.Tensor) -> torch.Tensor:
+        """(B, P, T, h, w) -> (B*T, P, h, w), class-major within each image."""
+        b, p, t, h, w = corr.shape
+        return corr.permute(0, 2, 1, 3, 4).reshape(b * t, p, h, w)
+
+    def corr_guidance(self, corr_per_class: torch.Tensor) -> List[torch.Tensor]:
+        """The cost map through the three ConvTranspose+ReLU: (B*T, 32|16|8, 2h|4h|8h, ...)."""
+        out = []
+        x = corr_per_class
+        for proj in self.decoder_corr_guidance_projection:
+            x = proj(x)
+            out.append(x)
+        return out
+
+    def decoder_guidance(self, res4: torch.Tensor, res3: torch.Tensor, res2: torch.Tensor) -> List[torch.Tensor]:
+        """Per-image guidance from the encoder's res4, res3, res2: (B, 32|16|8, ...)."""
+        return [proj(g) for proj, g in zip(self.decoder_guidance_projection, (res4, res3, res2))]
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
+                guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None):
+        """Decode.
+
+        Args:
+            img_feats: (B, D, h, w) dense CLIP features (``clip_vis_dense``).
+            text_feats: (T, P, D) class embeddings, shared by the batch.
+            guidance: (res5, res4, res3, res2) from the image encoder (res5 is unused, as officially).
+            cer_topk: None for exact decoding; k for category early rejection.
+
+        Returns:
+            exact: (logits (B, T, 8h, 8w), [aux0 (B,T,h,w), aux1 (B,T,2h,2w), aux2 (B,T,4h,4w)]),
+            pre-sigmoid, as the official ``conv_decoder``.
+            CER: scores (B, T, 8h, 8w): sigmoid for kept classes, exact zeros for rejected ones.
+            Each image keeps its own set (the official code handles batch 1 only; a batch here is
+            decoded image by image, so each image's result equals decoding it alone).
+        """
+        _, res4, res3, res2 = guidance
+        corr = self.per_class(self.cost_map(img_feats, text_feats))
+        corr_embed = self.conv1(corr)
+        dec_guidance = self.decoder_guidance(res4, res3, res2)
+        corr_guid = self.corr_guidance(corr)
+        if cer_topk is None:
+            return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0])
+        batch = img_feats.shape[0]
+        classes = text_feats.shape[0]
+        scores = []
+        for b in range(batch):
+            rows = slice(b * classes, (b + 1) * classes)
+            scores.append(self._rejecting(
+                corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], cer_topk))
+        return torch.cat(scores, dim=0)
+
+    def _exact(self, corr_embed, dec_guidance, corr_guid, batch):
+        aux = []
+        x = corr_embed
+        for layer, head, g, cg in ((self.decoder1, self.head0, dec_guidance[0], corr_guid[0]),
+                                   (self.decoder2, self.head1, dec_guidance[1], corr_guid[1]),
+                                   (self.decoder3, self.head2, dec_guidance[2], corr_guid[2])):
+            aux.append(head(x).view(batch, -1, *x.shape[-2:]))
+            x = layer(x, g, cg)
+        logits = self.head(x).view(batch, -1, *x.shape[-2:])
+        return logits, aux
+
+    def _rejecting(self, corr_embed, dec_guidance, corr_guid, k):
+        """The official ``fast_conv_decoder`` for one image (B = 1)."""
+        classes = corr_embed.shape[0]
+        kept_idx = torch.arange(classes, device=corr_embed.device)  # original class of each row
+        x = corr_embed
+        for i, (layer, head) in enumerate(((self.decoder1, self.head0), (self.decoder2, self.head1),
+                                           (self.decoder3, self.head2))):
+            aux = head(x).view(1, -1, *x.shape[-2:])
+            keep = topk_union_keep(aux, k)
+            kept_idx = kept_idx[keep]
+            x = layer(x[keep], dec_guidance[i], corr_guid[i][kept_idx])
+        logits = self.head(x)
+        scores = torch.zeros(1, classes, *logits.shape[-2:], device=logits.device, dtype=logits.dtype)
+        scores[0, kept_idx] = logits[:, 0].sigmoid()
+        return scores

@@ -1,0 +1,88 @@
+"""The reference decoder against outputs computed by the official SED code (fixture in tests/)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from sed_fast.models.decoder import SEDDecoder
+
+GOLDEN = Path(__file__).parent / "official_decoder_golden.pt"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    data = torch.load(GOLDEN, weights_only=False)
+    assert data["variant"] == "sed-b"
+    return data
+
+
+def _decoder(golden, pooling):
+    decoder = SEDDecoder((512, 256, 128), pooling_size=pooling).eval()
+    decoder.load_state_dict({k: v.float() for k, v in golden["decoder_state_dict"].items()}, strict=True)
+    return decoder
+
+
+def _inputs(golden, case):
+    inputs = golden["inputs"][case["inputs"]]
+    img = inputs["img_feats"].float()
+    text = inputs["text_feats"].float()
+    assert text.shape[0] == 1  # the official decoder repeats one text tensor over the batch
+    guidance = [g.float() for g in inputs["guidance"]]
+    return img, text[0], guidance
+
+
+def _cases(kind):
+    data = torch.load(GOLDEN, weights_only=False)
+    return [pytest.param(c, id=c["name"]) for c in data["cases"] if (c["cer_topk"] is None) == (kind == "exact")]
+
+
+@pytest.mark.parametrize("case", _cases("exact"))
+def test_exact_decoding_matches_official(golden, case):
+    decoder = _decoder(golden, case["pooling"])
+    img, text, guidance = _inputs(golden, case)
+    with torch.no_grad():
+        logits, aux = decoder(img, text, guidance)
+    assert logits.shape == case["logits"].shape
+    assert (logits - case["logits"].float()).abs().max() <= 1e-4
+    assert len(aux) == len(case["aux_logits"]) == 3
+    for ours, theirs in zip(aux, case["aux_logits"]):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs.float()).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", _cases("cer"))
+def test_category_early_rejection_matches_official(golden, case):
+    decoder = _decoder(golden, case["pooling"])
+    img, text, guidance = _inputs(golden, case)
+    with torch.no_grad():
+        scores = decoder(img, text, guidance, cer_topk=case["cer_topk"])
+    expected = case["scores"].float()
+    assert scores.shape == expected.shape
+    kept = scores[0].flatten(1).abs().amax(1) > 0
+    expected_kept = expected[0].flatten(1).abs().amax(1) > 0
+    assert int(expected_kept.sum()) == case["kept_classes"]
+    assert torch.equal(kept, expected_kept)
+    assert (scores - expected).abs().max() <= 1e-5
+    assert torch.all(scores[0][~kept] == 0)
+
+
+def test_pooling_changes_the_result(golden):
+    """The fixture's two exact cases differ, so the pooling option is really exercised."""
+    cases = {c["name"]: c for c in golden["cases"]}
+    assert (cases["exact_pool1"]["logits"].float() - cases["exact_pool2"]["logits"].float()).abs().max() > 1e-3
+
+
+def test_batched_rejection_equals_each_image_alone(golden):
+    """Batch of two images, each keeps its own class set, equal to decoding it alone."""
+    case = next(c for c in golden["cases"] if c["cer_topk"] == 1)
+    decoder = _decoder(golden, case["pooling"])
+    img, text, guidance = _inputs(golden, case)
+    torch.manual_seed(1)
+    img2 = torch.randn_like(img)
+    guidance2 = [torch.randn_like(g) for g in guidance]
+    with torch.no_grad():
+        batched = decoder(torch.cat([img, img2]), text, [torch.cat(p) for p in zip(guidance, guidance2)], cer_topk=1)
+        alone = [decoder(img, text, guidance, cer_topk=1), decoder(img2, text, guidance2, cer_topk=1)]
+    assert batched.shape[0] == 2
+    for b in range(2):
+        assert torch.allclose(batched[b], alone[b][0], atol=1e-6, rtol=0)
