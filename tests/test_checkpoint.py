@@ -1,0 +1,125 @@
+"""State-dict layout, checkpoint loading and its errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import sed_fast
+from sed_fast.checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_state_dict, save_checkpoint
+
+OFFICIAL_SHAPES = json.loads((Path(__file__).parent / "official_state_dict_shapes.json").read_text())
+
+pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
+
+
+@pytest.mark.parametrize("variant,official", [("b", "sed-b"), ("l", "sed-l")])
+def test_state_dict_keys_and_shapes_equal_the_official_lists(variant, official):
+    model = sed_fast.build_sed(variant, device="meta")
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = OFFICIAL_SHAPES[official]
+    assert sorted(ours) == sorted(expected)
+    assert ours == expected
+    assert len(ours) == {"sed-b": 608, "sed-l": 658}[official]
+
+
+def _meta_state(official):
+    return {k: torch.empty(s, device="meta") for k, s in OFFICIAL_SHAPES[official].items()}
+
+
+def test_wrong_variant_is_named_in_the_error():
+    model = sed_fast.build_sed("b", device="meta")
+    with pytest.raises(CheckpointError, match=r"looks most like sed-l \(658 of 658"):
+        check_state_dict(model, _meta_state("sed-l"))
+
+
+def test_error_lists_missing_unexpected_and_misshaped_keys():
+    model = sed_fast.build_sed("b", device="meta")
+    state = _meta_state("sed-b")
+    del state["sem_seg_head.predictor.transformer.head.bias"]
+    state["sem_seg_head.predictor.transformer.extra.weight"] = torch.empty(3, device="meta")
+    state["sem_seg_head.predictor.transformer.conv1.bias"] = torch.empty(7, device="meta")
+    with pytest.raises(CheckpointError) as info:
+        check_state_dict(model, state, "my.pth")
+    message = str(info.value)
+    assert "my.pth does not fit" in message
+    assert "1 missing key(s): sem_seg_head.predictor.transformer.head.bias" in message
+    assert "1 unexpected key(s): sem_seg_head.predictor.transformer.extra.weight" in message
+    assert "conv1.bias: checkpoint (7,) vs model (128,)" in message
+    assert "looks most like sed-b" in message
+
+
+def test_not_a_sed_checkpoint(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, path)
+    model = sed_fast.build_sed("b", device="meta")
+    with pytest.raises(CheckpointError, match="does not look like a SED checkpoint"):
+        load_checkpoint(model, path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        sed_fast.build_sed("b", device="meta", checkpoint=tmp_path / "nope.pth")
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "corrupt.pth"
+    path.write_bytes(b"\x80\x04not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        read_state_dict(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save({"model": {"a": torch.randn(1000)}}, path)
+    data = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        read_state_dict(tmp_path / "cut.pth")
+
+
+class _NotATensor:
+    pass
+
+
+def test_untrusted_pickle_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"a": torch.zeros(1)}, "extra": _NotATensor()}, path)
+    monkeypatch.delenv("SED_FAST_TRUST_CHECKPOINTS", raising=False)
+    with pytest.raises(CheckpointError, match="SED_FAST_TRUST_CHECKPOINTS=1"):
+        read_state_dict(path)
+    monkeypatch.setenv("SED_FAST_TRUST_CHECKPOINTS", "1")
+    assert set(read_state_dict(path)) == {"a"}
+
+
+def test_non_tensor_entries_are_refused():
+    model = sed_fast.build_sed("b", device="meta")
+    with pytest.raises(CheckpointError, match="is a str, not a tensor"):
+        load_checkpoint(model, {"model": {"x": "hello"}})
+
+
+def test_detectron2_round_trip_gives_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    source = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    path = tmp_path / "model_final.pth"
+    save_checkpoint(source, path, extra={"iteration": 123})
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"model", "iteration"}
+    torch.manual_seed(1)
+    loaded = sed_fast.build_sed("b", device="cpu", clip_resolution=64, checkpoint=path)
+    assert loaded.random_weights is False and source.random_weights is True
+    for (k1, v1), (k2, v2) in zip(source.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    # a bare state dict (no "model" wrapper) loads too, and gives the same outputs
+    bare = tmp_path / "bare.pth"
+    torch.save(raw["model"], bare)
+    del raw
+    loaded_bare = sed_fast.build_sed("b", device="cpu", clip_resolution=64, checkpoint=bare)
+    torch.manual_seed(2)
+    dense = torch.randn(1, 640, 2, 2)
+    stages = [torch.randn(1, c, s, s) for c, s in ((1024, 2), (512, 4), (256, 8), (128, 16))]
+    text = torch.randn(3, 80, 640)
+    with torch.no_grad():
+        expected, _ = source.decoder(dense, text, stages)
+        assert torch.equal(loaded.decoder(dense, text, stages)[0], expected)
+        assert torch.equal(loaded_bare.decoder(dense, text, stages)[0], expected)
