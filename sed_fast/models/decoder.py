@@ -160,6 +160,18 @@ def topk_union_keep(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(top, minlength=num_classes) > 0
 
 
+def forced_keep(aux_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """Benchmark-only rejection rule: keep the ``num_kept`` classes whose best pixel scores highest.
+
+    Random weights make the official rule keep almost every class; this rule gives a realistic,
+    fixed amount of work instead. aux_logits: (1, T, h, w) -> (T,) bool mask.
+    """
+    best = aux_logits[0].flatten(1).amax(dim=1)
+    keep = torch.zeros_like(best, dtype=torch.bool)
+    keep[best.topk(min(num_kept, best.numel())).indices] = True
+    return keep
+
+
 class SEDDecoder(nn.Module):
     """The SED decoder. Module and parameter names follow the official ``Aggregator``.
 
@@ -223,7 +235,8 @@ class SEDDecoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
-                guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None):
+                guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None,
+                force_kept_classes: Optional[int] = None):
         """Decode.
 
         Args:
@@ -231,6 +244,8 @@ class SEDDecoder(nn.Module):
             text_feats: (T, P, D) class embeddings, shared by the batch.
             guidance: (res5, res4, res3, res2) from the image encoder (res5 is unused, as officially).
             cer_topk: None for exact decoding; k for category early rejection.
+            force_kept_classes: benchmarks only: reject with :func:`forced_keep` (keep this many
+                classes at each rejection step) instead of the top-k union rule.
 
         Returns:
             exact: (logits (B, T, 8h, 8w), [aux0 (B,T,h,w), aux1 (B,T,2h,2w), aux2 (B,T,4h,4w)]),
@@ -244,15 +259,19 @@ class SEDDecoder(nn.Module):
         corr_embed = self.conv1(corr)
         dec_guidance = self.decoder_guidance(res4, res3, res2)
         corr_guid = self.corr_guidance(corr)
-        if cer_topk is None:
+        if cer_topk is None and force_kept_classes is None:
             return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0])
+        if force_kept_classes is not None:
+            keep_rule = lambda aux: forced_keep(aux, force_kept_classes)  # noqa: E731
+        else:
+            keep_rule = lambda aux: topk_union_keep(aux, cer_topk)  # noqa: E731
         batch = img_feats.shape[0]
         classes = text_feats.shape[0]
         scores = []
         for b in range(batch):
             rows = slice(b * classes, (b + 1) * classes)
             scores.append(self._rejecting(
-                corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], cer_topk))
+                corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], keep_rule))
         return torch.cat(scores, dim=0)
 
     def _exact(self, corr_embed, dec_guidance, corr_guid, batch):
@@ -266,15 +285,15 @@ class SEDDecoder(nn.Module):
         logits = self.head(x).view(batch, -1, *x.shape[-2:])
         return logits, aux
 
-    def _rejecting(self, corr_embed, dec_guidance, corr_guid, k):
-        """The official ``fast_conv_decoder`` for one image (B = 1)."""
+    def _rejecting(self, corr_embed, dec_guidance, corr_guid, keep_rule):
+        """The official ``fast_conv_decoder`` for one image (B = 1); ``keep_rule(aux) -> (T,) bool``."""
         classes = corr_embed.shape[0]
         kept_idx = torch.arange(classes, device=corr_embed.device)  # original class of each row
         x = corr_embed
         for i, (layer, head) in enumerate(((self.decoder1, self.head0), (self.decoder2, self.head1),
                                            (self.decoder3, self.head2))):
             aux = head(x).view(1, -1, *x.shape[-2:])
-            keep = topk_union_keep(aux, k)
+            keep = keep_rule(aux)
             kept_idx = kept_idx[keep]
             x = layer(x[keep], dec_guidance[i], corr_guid[i][kept_idx])
         logits = self.head(x)

@@ -32,11 +32,12 @@ class _SemSegHead(nn.Module):
         self.predictor = predictor
 
 
-def check_images(images) -> torch.Tensor:
+def check_images(images, check_finite: bool = True) -> torch.Tensor:
     """Validate a batch of RGB images in 0..255; return it as a float (B, 3, H, W) tensor.
 
     Accepts (B, 3, H, W) or (3, H, W), float or uint8. Raises a clear error for anything else
     (grayscale, RGBA, channels-last arrays, NaN/inf pixels, images under 32 px on a side).
+    ``check_finite=False`` skips the NaN/inf check (the caller does it without an early sync).
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W) or (3, H, W), got {type(images).__name__}")
@@ -62,6 +63,8 @@ def check_images(images) -> torch.Tensor:
     height, width = images.shape[-2:]
     if min(height, width) < MIN_IMAGE_SIDE:
         raise ValueError(f"images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {height}x{width}")
+    if not check_finite:
+        return images
     low, high = torch.aminmax(images)  # NaN propagates into both: one small host sync checks all
     if not bool(torch.isfinite(low) & torch.isfinite(high)):
         raise ValueError("images contain NaN or infinite values")
@@ -73,15 +76,20 @@ class SEDBase(nn.Module):
 
     def __init__(self, spec: VariantSpec, *, cer_topk: Optional[int] = None,
                  clip_resolution: int = CLIP_RESOLUTION, text_cache: bool = True,
-                 pooling_size: Sequence[int] = EVAL_POOLING, device=None):
+                 pooling_size: Sequence[int] = EVAL_POOLING, device=None,
+                 sem_seg_head: Optional[nn.Module] = None):
         super().__init__()
         self.spec = spec
         self.clip_resolution = _check_resolution(clip_resolution)
         self.text_cache = text_cache
-        clip_model = create_clip_model(spec, device=device or "cpu")
-        decoder = SEDDecoder(spec.guidance_dims, pooling_size=pooling_size).to(device or "cpu")
-        self.sem_seg_head = _SemSegHead(_Predictor(clip_model, decoder))
+        if sem_seg_head is None:  # else: share another model's weights, no copy
+            clip_model = create_clip_model(spec, device=device or "cpu")
+            decoder = SEDDecoder(spec.guidance_dims, pooling_size=pooling_size).to(device or "cpu")
+            sem_seg_head = _SemSegHead(_Predictor(clip_model, decoder))
+        self.sem_seg_head = sem_seg_head
         self.cer_topk = cer_topk  # validated by the property setter
+        # Benchmarks only: keep this many classes at each rejection step (see decoder.forced_keep).
+        self.force_kept_classes: Optional[int] = None
         self._tokenizer = None
         self.class_names: List[str] = []
         self.register_buffer("text_embeddings", None, persistent=False)
@@ -173,8 +181,9 @@ class SEDReference(SEDBase):
         text = self._text_for_decoder()
         dense, stages = self.encode_image(images)
         res2, res3, res4, res5 = stages
-        out = self.decoder(dense, text, (res5, res4, res3, res2), cer_topk=self.cer_topk)
-        scores = out[0].sigmoid() if self.cer_topk is None else out
+        out = self.decoder(dense, text, (res5, res4, res3, res2), cer_topk=self.cer_topk,
+                           force_kept_classes=self.force_kept_classes)
+        scores = out[0].sigmoid() if isinstance(out, tuple) else out
         return self._resize_scores(scores.float(), images.shape[-2:])
 
 
