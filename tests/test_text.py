@@ -1,0 +1,267 @@
+"""Text embeddings: trimmed context == encode_text, official per-class loop, templates, on-disk cache."""
+import os
+import warnings
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+
+from sed_fast import text as text_mod  # noqa: E402
+from sed_fast.text import PROMPT_TEMPLATES, encode_tokens, encode_vocabulary, text_cache_key  # noqa: E402
+
+NAMES = ["cat", "person, individual, someone", "bed ", "traffic light", "a rather long class name with words"]
+
+
+def _tiny_clip(seed: int = 0) -> CLIP:
+    """A small open_clip CLIP (text width 64, 2 layers, real 77-token context and BPE vocabulary)."""
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=32,
+                 vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=2))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("convnext_base_w_320")
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    return _tiny_clip(0)
+
+
+def _official_class_embeddings(clip_model, tokenizer, names, templates):
+    """The official SEDPredictor.class_embeddings loop, restated: one full-context forward per class."""
+    out = []
+    with torch.no_grad():
+        for name in names:
+            if ", " in name:
+                texts = [t.format(s) for t in templates for s in name.split(", ")]
+            else:
+                texts = [t.format(name) for t in templates]
+            emb = clip_model.encode_text(tokenizer(texts))
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            if len(templates) != emb.shape[0]:
+                emb = emb.reshape(len(templates), -1, emb.shape[-1]).mean(dim=1)
+                emb = emb / emb.norm(dim=-1, keepdim=True)
+            out.append(emb)
+    return torch.stack(out, dim=1).permute(1, 0, 2).float()  # (T, P, D)
+
+
+def test_prompt_templates_match_openai_list():
+    assert len(PROMPT_TEMPLATES) == 80
+    assert PROMPT_TEMPLATES[0] == "a bad photo of a {}."
+    assert PROMPT_TEMPLATES[1] == "a photo of many {}."
+    assert PROMPT_TEMPLATES[-1] == "a tattoo of the {}."
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    assert OPENAI_IMAGENET_TEMPLATES[0]("dog") == "a bad photo of a dog."
+    assert OPENAI_IMAGENET_TEMPLATES[10]("dog") == "the embroidered dog."
+    assert [t.format("x y") for t in PROMPT_TEMPLATES] == [t("x y") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def test_class_prompts_order():
+    prompts, synonyms = text_mod.class_prompts("a, b", ["1 {}", "2 {}", "3 {}"])
+    assert synonyms == 2
+    assert prompts == ["1 a", "1 b", "2 a", "2 b", "3 a", "3 b"]  # template-major, as the official code
+    assert text_mod.class_prompts("bed ", ["{}."]) == (["bed ."], 1)  # names are not stripped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trimmed_context_equals_encode_text(tokenizer, seed):
+    model = _tiny_clip(seed)
+    prompts = ["x", "a photo of a cat.", "a bad photo of a traffic light.",
+               "a photo of the hard to see " + "very " * 12 + "long thing.", "a, b"]
+    tokens = tokenizer(prompts)
+    lengths = tokens.argmax(-1) + 1
+    assert len(set(lengths.tolist())) == len(prompts) and lengths.max() < 40  # mixed lengths, really trimmed
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+        got = encode_tokens(model, tokens)
+        full = encode_tokens(model, tokens, trim_context=False)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(full, ref)
+    # The trimmed softmax sums fewer (all zero) terms: float32 rounding only. Raw features reach |3| here:
+    # bound the error relative to their scale; the normalised features (what SED uses) to 1e-6 absolute.
+    scale = max(1.0, ref.abs().max().item())
+    assert (got - ref).abs().max().item() <= 1e-6 * scale
+    ref_n, got_n = ref / ref.norm(dim=-1, keepdim=True), got / got.norm(dim=-1, keepdim=True)
+    assert (got_n - ref_n).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("variant", ["custom_text", "last_pool", "bidirectional_eos"])
+def test_other_text_towers(tokenizer, variant):
+    """CustomTextCLIP (tower in model.text) is trimmed; towers where trimming is not exact fall back."""
+    from open_clip.model import CustomTextCLIP
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32)
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2)
+    if variant == "custom_text":
+        model = CustomTextCLIP(embed_dim=32, vision_cfg=vision, text_cfg=CLIPTextCfg(**text))
+    elif variant == "last_pool":
+        model = CLIP(embed_dim=32, vision_cfg=vision, text_cfg=CLIPTextCfg(**text, pool_type="last"))
+    else:
+        model = CLIP(embed_dim=32, vision_cfg=vision,
+                     text_cfg=CLIPTextCfg(**text, no_causal_mask=True, pool_type="eos", eos_id=49407))
+    model.eval()
+    assert text_mod._TextTower(model).trimmable == (variant == "custom_text")
+    tokens = tokenizer(["a cat", "a photo of a rather long thing.", "x"])
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+        got = encode_tokens(model, tokens)
+    assert (got - ref).abs().max().item() <= 1e-6 * max(1.0, ref.abs().max().item())
+    assert len(text_cache_key(model, tokenizer, ["cat"], PROMPT_TEMPLATES[:2])) == 64
+
+
+def test_float16_tower_computes_in_float32(tokenizer):
+    model = _tiny_clip(3)
+    tokens = tokenizer(["a photo of a cat.", "x"])
+    with torch.no_grad():
+        ref = model.encode_text(tokens)
+        half = _tiny_clip(3).half()
+        got = encode_tokens(half, tokens)
+    assert got.dtype == torch.float32
+    assert next(half.parameters()).dtype == torch.float16  # the model itself is untouched
+    assert (got - ref).abs().max().item() < 5e-2  # only the fp16 rounding of the weights
+
+
+@pytest.mark.parametrize("batch_size", [7, 512])
+def test_encode_vocabulary_matches_official_loop(clip_model, tokenizer, batch_size):
+    templates = PROMPT_TEMPLATES[:12]
+    ref = _official_class_embeddings(clip_model, tokenizer, NAMES, templates)
+    got = encode_vocabulary(clip_model, tokenizer, NAMES, templates=templates, batch_size=batch_size,
+                            cache=False, progress=False)
+    assert got.shape == (len(NAMES), 12, 32) and got.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= 1e-6
+    assert torch.allclose(got.norm(dim=-1), torch.ones(()), atol=1e-5)
+
+
+def test_encode_vocabulary_all_80_templates(clip_model, tokenizer):
+    names = ["cat", "person, individual, someone"]
+    ref = _official_class_embeddings(clip_model, tokenizer, names, PROMPT_TEMPLATES)
+    got = encode_vocabulary(clip_model, tokenizer, names, cache=False, progress=False)
+    assert got.shape == (2, 80, 32)
+    assert (got - ref).abs().max().item() <= 1e-6
+
+
+class _Counter:
+    """Wraps _TextTower.encode and counts its calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = text_mod._TextTower.encode
+
+        def counting(tower, tokens, trim_context=True):
+            self.calls += 1
+            return original(tower, tokens, trim_context=trim_context)
+
+        monkeypatch.setattr(text_mod._TextTower, "encode", counting)
+
+
+def test_cache_hit_and_misses(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    counter = _Counter(monkeypatch)
+    model = _tiny_clip(5)
+    templates = PROMPT_TEMPLATES[:4]
+
+    def run(names=NAMES[:3], templates=templates, model=model):
+        return encode_vocabulary(model, tokenizer, names, templates=templates, cache_dir=tmp_path, progress=False)
+
+    first = run()
+    assert counter.calls > 0 and len(list(tmp_path.glob("*.pt"))) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    calls = counter.calls
+    second = run()
+    assert counter.calls == calls and torch.equal(first, second)  # hit
+
+    run(names=["cat", "person, individual, someone", "bed"])  # one name changed
+    assert counter.calls > calls
+    calls = counter.calls
+    run(templates=templates[:3])  # template list changed
+    assert counter.calls > calls
+    calls = counter.calls
+    with torch.no_grad():
+        model.transformer.resblocks[1].mlp.c_fc.weight[3, 5] += 1e-3  # one weight value changed
+    changed = run()
+    assert counter.calls > calls and not torch.equal(changed, first)
+    calls = counter.calls
+    run()
+    assert counter.calls == calls
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+
+
+def test_cache_key_sensitivity(tokenizer):
+    model = _tiny_clip(6)
+    key = text_cache_key(model, tokenizer, ["cat"], PROMPT_TEMPLATES)
+    assert key == text_cache_key(_tiny_clip(6), tokenizer, ["cat"], PROMPT_TEMPLATES)
+    assert key != text_cache_key(model, tokenizer, ["cat "], PROMPT_TEMPLATES)
+    assert key != text_cache_key(model, tokenizer, ["cat"], PROMPT_TEMPLATES[::-1])
+    with torch.no_grad():
+        model.positional_embedding[0, 0] += 1e-6
+    assert key != text_cache_key(model, tokenizer, ["cat"], PROMPT_TEMPLATES)
+    other_tokenizer = open_clip.get_tokenizer("convnext_base_w_320", context_length=64)
+    assert key != text_cache_key(_tiny_clip(6), other_tokenizer, ["cat"], PROMPT_TEMPLATES)
+    assert text_cache_key(_tiny_clip(6).to(torch.bfloat16), tokenizer, ["cat"], PROMPT_TEMPLATES) != key
+
+
+def test_corrupt_cache_is_recomputed(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    templates = PROMPT_TEMPLATES[:3]
+    first = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    path.write_bytes(b"not a torch file")
+    counter = _Counter(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        again = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
+    assert counter.calls > 0 and torch.equal(first, again)
+    calls = counter.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # overwritten with a good file: no warning, no recomputation
+        encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
+    assert counter.calls == calls
+
+
+def test_cache_disabled_by_env_and_argument(clip_model, tokenizer, tmp_path, monkeypatch):
+    counter = _Counter(monkeypatch)
+    templates = PROMPT_TEMPLATES[:2]
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE", "0")
+    for _ in range(2):
+        encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    assert counter.calls == 2 and not list(tmp_path.iterdir())
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE")
+    for _ in range(2):
+        encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path, cache=False)
+    assert counter.calls == 4 and not list(tmp_path.iterdir())
+
+
+def test_default_cache_dir_from_env(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.setenv("SED_FAST_CACHE_DIR", str(tmp_path))
+    assert text_mod.default_cache_dir() == tmp_path / "text"
+    encode_vocabulary(clip_model, tokenizer, ["cat"], templates=PROMPT_TEMPLATES[:2])
+    assert len(list((tmp_path / "text").glob("*.pt"))) == 1
+
+
+def test_bad_arguments(clip_model, tokenizer):
+    with pytest.raises(ValueError):
+        encode_vocabulary(clip_model, tokenizer, [], cache=False)
+    with pytest.raises(ValueError):
+        encode_vocabulary(clip_model, tokenizer, ["cat"], templates=[], cache=False)
+    with pytest.raises(TypeError):
+        encode_vocabulary(clip_model, tokenizer, ["cat", 3], cache=False)
+    with pytest.raises(TypeError):
+        encode_vocabulary(torch.nn.Linear(2, 2), tokenizer, ["cat"], cache=False)
+
+
+def test_callable_templates_and_progress(clip_model, tokenizer, capsys):
+    templates = [lambda c: f"a photo of a {c}.", lambda c: f"{c}!"]
+    got = encode_vocabulary(clip_model, tokenizer, ["cat", "a, b"], templates=templates, cache=False,
+                            progress=True, batch_size=2)
+    ref = _official_class_embeddings(clip_model, tokenizer, ["cat", "a, b"], ["a photo of a {}.", "{}!"])
+    assert (got - ref).abs().max().item() <= 1e-6
+    if os.environ.get("TQDM_DISABLE") is None:
+        pytest.importorskip("tqdm")
+        assert "prompt" in capsys.readouterr().err
