@@ -1,0 +1,543 @@
+"""The ``sed-fast`` command (also ``python -m sed_fast``).
+
+    sed-fast segment IMAGES... --vocab ade150 --checkpoint sed_model_base.pth --out out/
+    sed-fast bench ...      (benchmarks.e2e)
+    sed-fast profile ...    (benchmarks.profile)
+
+Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
+``summary.json`` and on stderr; the others are still processed); 2 usage error (bad option,
+vocabulary, checkpoint, no images): nothing is segmented. Errors are one-line messages; ``--debug``
+adds the Python traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16"}
+# Subcommands that belong to other modules: name -> (module, description).
+_EXTERNAL = {"bench": ("benchmarks.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
+             "profile": ("benchmarks.profile", "per-stage profile (see `sed-fast profile --help`)")}
+_PROG = "sed-fast"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: nothing is segmented, exit code 2."""
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="Fast inference for SED, open-vocabulary semantic segmentation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    seg = sub.add_parser(
+        "segment", help="segment images with a vocabulary; write label maps, overlays and a summary",
+        description="Segment images with an open vocabulary. Writes, per image, <stem>_labels.png "
+                    "(class index per pixel: 8-bit PNG for up to 256 classes, else 16-bit), "
+                    "<stem>_overlay.png (image blended with class colours and a legend) and, with "
+                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json. "
+                    "Exit code: 0 all images ok, 1 some failed, 2 usage error.")
+    seg.add_argument("images", nargs="+", metavar="IMAGES",
+                     help="image files, folders (their images, sorted) or glob patterns (quoted)")
+    seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
+                     help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
+                          "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")
+    seg.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint (model_final.pth)")
+    seg.add_argument("--random-weights", action="store_true",
+                     help="run without a checkpoint (random weights: meaningless output, marked as such)")
+    seg.add_argument("--variant", default="b", help="b (SED-B, ConvNeXt-B) or l (SED-L, ConvNeXt-L); default b")
+    seg.add_argument("--impl", choices=("fast", "reference"), default=None,
+                     help="implementation (default: fast, falling back to reference with a warning "
+                          "if the fast one cannot be built)")
+    seg.add_argument("--cer-topk", type=int, default=None, metavar="K",
+                     help="category early rejection keeping the per-pixel top-K classes (default: exact)")
+    seg.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+                     help="compute dtype (default float32, the official precision)")
+    seg.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    seg.add_argument("--resolution", type=int, default=768, metavar="PX",
+                     help="encoder input side, a multiple of 32 (official: 768; smaller is faster, non-official)")
+    seg.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    seg.add_argument("--save-scores", action="store_true", help="also write <stem>_scores.npy (float16)")
+    seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
+    seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
+    seg.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+
+    for name, (_, help_text) in _EXTERNAL.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _EXTERNAL:
+        return _dispatch_external(argv[0], argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, argparse usage errors
+        return _exit_code(exit_.code)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return _run_segment(args)
+
+
+def _exit_code(code) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _dispatch_external(command: str, rest: List[str]) -> int:
+    module_name = _EXTERNAL[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            _error(f"`{_PROG} {command}` needs the module {module_name}, which is not available "
+                   f"(run from the repository root or install sed_fast with its benchmarks)")
+        else:
+            _error(f"`{_PROG} {command}`: could not import {module_name}: {error}")
+        return EXIT_USAGE
+    except ImportError as error:
+        _error(f"`{_PROG} {command}`: could not import {module_name}: {error}")
+        return EXIT_USAGE
+    entry = getattr(module, "main", None)
+    if entry is None:
+        _error(f"`{_PROG} {command}`: {module_name} has no main()")
+        return EXIT_USAGE
+    try:
+        return _exit_code(entry(rest))
+    except SystemExit as exit_:
+        return _exit_code(exit_.code)
+
+
+# -- messages -----------------------------------------------------------------------------------
+def _error(message: str) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"{_PROG}: warning: {message}", file=sys.stderr)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)) and error.filename:
+        text = f"{error.strerror or type(error).__name__}: {error.filename}"
+    return text or type(error).__name__
+
+
+# -- segment ------------------------------------------------------------------------------------
+def _run_segment(args: argparse.Namespace) -> int:
+    try:
+        return _segment(args)
+    except UsageError as error:
+        _error(str(error))
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as error:  # noqa: BLE001 - a one-line message; --debug shows the traceback
+        _error(f"{type(error).__name__}: {_describe(error)}")
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _check_options(args: argparse.Namespace):
+    """Validate the cheap options; return (variant spec, torch dtype, device or None)."""
+    import torch
+
+    from .models.encoder import variant_spec
+
+    try:
+        spec = variant_spec(args.variant)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.resolution < 32 or args.resolution % 32:
+        raise UsageError(f"--resolution must be a positive multiple of 32 (official: 768), got {args.resolution}")
+    if args.cer_topk is not None and args.cer_topk < 1:
+        raise UsageError(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    device = None
+    if args.device is not None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+        if args.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+            index = int(args.device.split(":")[1]) if ":" in args.device else 0
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device(args.device)
+    if args.checkpoint is None and not args.random_weights:
+        raise UsageError("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
+                         "sed_model_base.pth), or --random-weights to run with random weights "
+                         "(meaningless output, for tests and benchmarks only)")
+    if args.checkpoint is not None and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other")
+    if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).exists():
+        raise UsageError(f"checkpoint file not found: {args.checkpoint}")
+    return spec, dtype, device
+
+
+def _load_vocabulary(text: str) -> List[str]:
+    from .vocabulary import load_vocabulary, parse_vocabulary_arg
+
+    try:
+        names = load_vocabulary(parse_vocabulary_arg(text))
+    except Exception as error:  # noqa: BLE001 - whatever the reason, it is a bad --vocab
+        raise UsageError(f"--vocab {text!r}: {_describe(error)}") from error
+    names = [str(name) for name in names]
+    if not names:
+        raise UsageError(f"--vocab {text!r}: the vocabulary is empty")
+    if len(names) > 65536:
+        raise UsageError(f"--vocab {text!r}: {len(names)} classes; label maps hold at most 65536")
+    return names
+
+
+class _Input:
+    """One requested image: its path (or the pattern that matched nothing) and output stem."""
+
+    def __init__(self, path: Path, missing: Optional[str] = None):
+        self.path = path
+        self.missing = missing  # an error message when there is no such file
+        self.stem = ""
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
+    """Expand files, folders (their images, sorted) and glob patterns, in order, without repeats.
+
+    Paths that do not exist and patterns that match no image are kept as missing entries (they are
+    reported as failed images). Raises :class:`UsageError` when no existing image is found at all.
+    """
+    inputs: List[_Input] = []
+    seen = set()
+
+    def add(path: Path) -> None:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            inputs.append(_Input(path))
+
+    def add_folder(folder: Path) -> None:
+        found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+        if not found and not quiet:
+            _warn(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
+        for p in found:
+            add(p)
+
+    for spec in specs:
+        expanded = os.path.expanduser(spec)
+        path = Path(expanded)
+        if path.is_dir():
+            add_folder(path)
+        elif path.exists():
+            add(path)
+        elif _GLOB_CHARS.search(expanded):
+            matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
+            images = []
+            for match in matches:
+                if match.is_dir():
+                    add_folder(match)
+                    images.append(match)
+                elif _is_image_file(match):
+                    add(match)
+                    images.append(match)
+            if not images:
+                inputs.append(_Input(path, missing="no image matches this pattern"))
+        else:
+            inputs.append(_Input(path, missing="file not found"))
+    if not any(item.missing is None for item in inputs):
+        raise UsageError("no images found in " + " ".join(repr(s) for s in specs)
+                         + f" (image files, folders of {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files, or glob patterns)")
+    _assign_stems(inputs)
+    return inputs
+
+
+def _safe(text: str) -> str:
+    text = re.sub(r"[^\w.\-]+", "_", text).strip("._")
+    return text or "image"
+
+
+def _assign_stems(inputs: List[_Input]) -> None:
+    """Output name stems: the file's stem, made unique (case-insensitively) when two inputs share it
+    (``photo-<folder>``, then ``photo-<folder>-<ext>``, then ``-2``, ``-3``...): never overwrite."""
+    stems = [_safe(item.path.stem) for item in inputs]
+    counts = Counter(s.lower() for s in stems)
+    names = []
+    for item, stem in zip(inputs, stems):
+        if counts[stem.lower()] > 1:
+            folder = _safe(item.path.parent.name or "root")
+            stem = f"{stem}-{folder}"
+        names.append(stem)
+    counts = Counter(n.lower() for n in names)
+    names = [f"{n}-{_safe(item.path.suffix.lstrip('.')) or 'noext'}" if counts[n.lower()] > 1 else n
+             for item, n in zip(inputs, names)]
+    used = set()
+    for item, name in zip(inputs, names):
+        candidate, k = name, 2
+        while candidate.lower() in used:
+            candidate, k = f"{name}-{k}", k + 1
+        used.add(candidate.lower())
+        item.stem = candidate
+
+
+def load_image(path: Path):
+    """An image file as an RGB PIL image (EXIF orientation applied; gray/RGBA/palette converted)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def _build_model(args, spec, dtype, device, checkpoint_state):
+    """Build the model; the default impl falls back from fast to reference with a warning.
+    Returns (model, impl used)."""
+    from .api import RandomWeightsWarning, build_sed
+    from .checkpoint import CheckpointError
+
+    def build(impl: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # the CLI says it its own way
+            return build_sed(spec.name, impl=impl, checkpoint=checkpoint_state, device=device, dtype=dtype,
+                             cer_topk=args.cer_topk, clip_resolution=args.resolution,
+                             text_cache=not args.no_text_cache)
+
+    impl = args.impl or "fast"
+    try:
+        return build(impl), impl
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001
+        if impl != "fast":
+            raise
+        reason = f"{type(error).__name__}: {_describe(error)}"
+        if args.impl == "fast":  # asked for explicitly: no silent substitute
+            raise UsageError(f"the fast implementation cannot be built ({reason}); use --impl reference") from error
+        _warn(f"the fast implementation cannot be built ({reason}); using --impl reference")
+        if args.debug:
+            traceback.print_exc()
+    try:
+        return build("reference"), "reference"
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+
+
+def _read_checkpoint(path_text: str):
+    from .checkpoint import CheckpointError, read_state_dict
+
+    path = Path(os.path.expanduser(path_text))
+    if not path.exists():
+        raise UsageError(f"checkpoint file not found: {path_text}")
+    try:
+        return read_state_dict(path)
+    except (CheckpointError, OSError) as error:
+        raise UsageError(_describe(error)) from error
+
+
+def _segment(args: argparse.Namespace) -> int:
+    spec, dtype, device = _check_options(args)
+    class_names = _load_vocabulary(args.vocab)
+    inputs = collect_images(args.images, quiet=args.quiet)
+    out_dir = Path(os.path.expanduser(args.out))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {args.out}: {_describe(error)}") from error
+    if not out_dir.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder")
+
+    random_weights = args.checkpoint is None
+    if random_weights:
+        print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
+              "run is meaningless and is marked as made with random weights", file=sys.stderr)
+    checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
+    info = (lambda message: None) if args.quiet else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
+
+    start = time.perf_counter()
+    model, impl = _build_model(args, spec, dtype, device, checkpoint_state)
+    del checkpoint_state
+    info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
+    info(f"vocabulary: {len(class_names)} classes ({time.perf_counter() - start:.1f} s)")
+
+    from . import __version__
+    summary: Dict[str, object] = {
+        "sed_fast_version": __version__,
+        "random_weights": bool(getattr(model, "random_weights", random_weights)),
+        "checkpoint": None if random_weights else str(Path(os.path.expanduser(args.checkpoint)).resolve()),
+        "variant": spec.name,
+        "impl": impl,
+        "impl_requested": args.impl or "fast (default)",
+        "dtype": _DTYPES[args.dtype],
+        "device": str(model.device),
+        "cer_topk": args.cer_topk,
+        "clip_resolution": args.resolution,
+        "official_resolution": args.resolution == 768,
+        "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
+        "images": [],
+    }
+    records: List[dict] = summary["images"]  # type: ignore[assignment]
+
+    progress = _progress(inputs, disable=args.quiet or len(inputs) <= 1)
+    for item in progress:
+        record = {"input": str(item.path), "status": "ok"}
+        records.append(record)
+        if item.missing is not None:
+            record.update(status="error", error=item.missing)
+            _report_failure(progress, item, item.missing)
+            continue
+        try:
+            record.update(_segment_one(model, item, class_names, out_dir, args, random_weights))
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - report this image, go on with the others
+            message = _describe(error)
+            if type(error).__name__ in ("UnidentifiedImageError",) or isinstance(error, SyntaxError):
+                message = f"cannot decode the image: {message}"
+            record.update(status="error", error=message, error_type=type(error).__name__)
+            _report_failure(progress, item, message)
+            if args.debug:
+                traceback.print_exc()
+            _free_device_memory(error)
+
+    failed = [r for r in records if r["status"] != "ok"]
+    summary["num_images"] = len(records)
+    summary["num_ok"] = len(records) - len(failed)
+    summary["num_failed"] = len(failed)
+    summary_path = out_dir / "summary.json"
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    if failed:
+        _error(f"{len(failed)} of {len(records)} image(s) failed: "
+               + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
+               + (f"; ... ({len(failed) - 5} more)" if len(failed) > 5 else "")
+               + f" (see {summary_path})")
+    info(f"{summary['num_ok']} of {len(records)} image(s) segmented; outputs in {out_dir}")
+    if random_weights:
+        print(f"{_PROG}: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _segment_one(model, item: _Input, class_names: List[str], out_dir: Path, args, random_weights: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from .visualize import class_areas, label_image, render_overlay
+
+    start = time.perf_counter()
+    image = load_image(item.path)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    pixels = pixels.to(model.device)
+    scores = model(pixels)  # (1, T, H, W) in [0, 1]
+    labels = label_image(scores)
+    height, width = labels.shape
+    outputs = {}
+
+    labels_path = out_dir / f"{item.stem}_labels.png"
+    from PIL import Image
+    label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
+    Image.fromarray(labels.astype(label_dtype)).save(labels_path)
+    outputs["labels"] = labels_path.name
+
+    overlay_path = out_dir / f"{item.stem}_overlay.png"
+    render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights).save(overlay_path)
+    outputs["overlay"] = overlay_path.name
+
+    if args.save_scores:
+        scores_path = out_dir / f"{item.stem}_scores.npy"
+        np.save(scores_path, scores[0].to(torch.float16).cpu().numpy())
+        outputs["scores"] = scores_path.name
+    del scores
+
+    from .vocabulary import display_name
+    areas = class_areas(labels, len(class_names))
+    total = max(int(areas.sum()), 1)
+    present = sorted((int(i) for i in np.flatnonzero(areas)), key=lambda i: (-int(areas[i]), i))
+    return {
+        "outputs": outputs,
+        "height": height,
+        "width": width,
+        "seconds": round(time.perf_counter() - start, 3),
+        "classes": [{"index": i, "name": class_names[i], "display_name": display_name(class_names[i]),
+                     "share": round(float(areas[i]) / total, 6)} for i in present],
+    }
+
+
+def _free_device_memory(error: BaseException) -> None:
+    if "out of memory" in str(error).lower():
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _progress(items, disable: bool):
+    if not disable:
+        try:
+            from tqdm import tqdm
+            return tqdm(items, file=sys.stderr, unit="image", desc=_PROG, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return items
+
+
+def _report_failure(progress, item: _Input, message: str) -> None:
+    text = f"{_PROG}: error: {item.path}: {message}"
+    write = getattr(progress, "write", None)
+    if write is not None:
+        write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Turning SED scores into pictures: label maps, class colours, overlays and a legend.
+
+Only Pillow and numpy are used (the legend font is ``ImageFont.load_default()``, bundled with
+Pillow; nothing is downloaded).
+
+    >>> labels = label_image(scores)                 # (T, H, W) scores -> (H, W) class indices
+    >>> picture = render_overlay(image, labels, class_names)   # blended image + legend panel
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+Colour = Tuple[int, int, int]
+
+__all__ = ["palette", "class_colour", "label_image", "class_areas", "colorize", "overlay",
+           "draw_legend", "legend_entries", "render_overlay", "draw_banner"]
+
+_LEGEND_BACKGROUND = (255, 255, 255)
+_LEGEND_TEXT = (0, 0, 0)
+_BANNER_BACKGROUND = (200, 0, 0)
+_BANNER_TEXT = (255, 255, 255)
+
+
+# -- colours ----------------------------------------------------------------------------------------
+def palette(num_classes: int) -> np.ndarray:
+    """(num_classes, 3) uint8 colours, deterministic and pairwise distinct (up to 2**24 - 1 classes).
+
+    The PASCAL VOC / ADE bit-interleaving colour map applied to ``index + 1`` (so that no class is
+    black): the bits of the index are spread over the high bits of R, G and B, which puts classes
+    with nearby indices far apart in colour.
+    """
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes > (1 << 24) - 1:
+        raise ValueError(f"at most {(1 << 24) - 1} distinct colours, got num_classes={num_classes}")
+    ids = np.arange(1, num_classes + 1, dtype=np.int64)
+    colours = np.zeros((num_classes, 3), dtype=np.int64)
+    for shift in range(8):  # 8 rounds x 3 bits = 24 bits of the index
+        for channel in range(3):
+            bit = (ids >> (3 * shift + channel)) & 1
+            colours[:, channel] |= bit << (7 - shift)
+    return colours.astype(np.uint8)
+
+
+def class_colour(index: int) -> Colour:
+    """The colour of class ``index`` (the same as ``palette(n)[index]`` for any n > index)."""
+    return tuple(int(c) for c in palette(index + 1)[index])
+
+
+# -- labels -----------------------------------------------------------------------------------------
+def label_image(scores) -> np.ndarray:
+    """Per-pixel argmax class: scores (T, H, W) or (1, T, H, W), torch or numpy -> (H, W) int64.
+
+    Ties (e.g. classes rejected to exact zero by category early rejection) go to the lowest index.
+    A torch tensor is reduced on its own device; only the (H, W) labels are copied to the host.
+    """
+    if hasattr(scores, "detach"):  # torch.Tensor, without importing torch here
+        if scores.dim() == 4:
+            if scores.shape[0] != 1:
+                raise ValueError(f"label_image takes one image's scores, got shape {tuple(scores.shape)}")
+            scores = scores[0]
+        if scores.dim() != 3:
+            raise ValueError(f"scores must have shape (T, H, W), got {tuple(scores.shape)}")
+        return scores.detach().argmax(dim=0).cpu().numpy().astype(np.int64)
+    scores = np.asarray(scores)
+    if scores.ndim == 4:
+        if scores.shape[0] != 1:
+            raise ValueError(f"label_image takes one image's scores, got shape {scores.shape}")
+        scores = scores[0]
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have shape (T, H, W), got {scores.shape}")
+    return scores.argmax(axis=0).astype(np.int64)
+
+
+def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixel count of each class in a label map: (num_classes,) int64."""
+    labels = np.asarray(labels)
+    return np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+
+
+def colorize(labels: np.ndarray, colours: Optional[np.ndarray] = None) -> Image.Image:
+    """A label map (H, W) -> an RGB image of its class colours."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must have shape (H, W), got {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0")
+    needed = int(labels.max()) + 1 if labels.size else 0
+    if colours is None:
+        colours = palette(needed)
+    elif len(colours) < needed:
+        raise ValueError(f"{len(colours)} colours for labels up to {needed - 1}")
+    return Image.fromarray(np.ascontiguousarray(np.asarray(colours, dtype=np.uint8)[labels]))
+
+
+def _as_rgb_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:  # (3, H, W) -> (H, W, 3)
+        array = array.transpose(1, 2, 0)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be a PIL image or an (H, W, 3) array, got shape {array.shape}")
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def overlay(image, labels: np.ndarray, alpha: float = 0.5, colours: Optional[np.ndarray] = None) -> Image.Image:
+    """The image blended with its class colours: ``(1 - alpha) * image + alpha * colour``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    image = _as_rgb_image(image)
+    mask = colorize(labels, colours)
+    if mask.size != image.size:
+        raise ValueError(f"labels are {mask.size[1]}x{mask.size[0]} but the image is {image.size[1]}x{image.size[0]}")
+    return Image.blend(image, mask, alpha)
+
+
+# -- text -------------------------------------------------------------------------------------------
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # FreeType build of Pillow: scalable
+    except (TypeError, ValueError, OSError, ImportError, AttributeError):  # old Pillow / no FreeType
+        return ImageFont.load_default()
+
+
+def _font_size_for(height: int) -> int:
+    return int(min(28, max(11, round(height / 40))))
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> Tuple[int, int]:
+    text = _drawable(text, font)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _drawable(text: str, font) -> str:
+    """``text``, or an ASCII stand-in where the font cannot encode it (bitmap fallback font)."""
+    try:
+        font.getbbox(text)
+        return text
+    except (UnicodeEncodeError, UnicodeError):
+        return text.encode("ascii", "replace").decode("ascii")
+
+
+def _line_height(font) -> int:
+    try:
+        ascent, descent = font.getmetrics()
+        return ascent + descent
+    except AttributeError:  # pragma: no cover - bitmap fonts of old Pillow
+        return font.getbbox("Hg")[3]
+
+
+# -- legend -----------------------------------------------------------------------------------------
+def legend_entries(labels: np.ndarray, class_names: Sequence[str],
+                   colours: Optional[np.ndarray] = None) -> List[Tuple[int, str, Colour, float]]:
+    """The classes present in ``labels``, largest first: (index, name, colour, pixel share)."""
+    num_classes = len(class_names)
+    areas = class_areas(labels, num_classes)
+    total = max(int(areas.sum()), 1)
+    colours = palette(num_classes) if colours is None else colours
+    present = [int(i) for i in np.flatnonzero(areas)]
+    present.sort(key=lambda i: (-int(areas[i]), i))
+    return [(i, str(class_names[i]), tuple(int(c) for c in colours[i]), float(areas[i]) / total) for i in present]
+
+
+def draw_legend(entries: Sequence[Tuple[str, Colour, float]], *, max_items: int = 20,
+                font_size: int = 12, min_height: int = 0, title: Optional[str] = None) -> Image.Image:
+    """A legend panel: one row per entry (colour swatch, name, pixel share), in the given order.
+
+    ``entries``: (display name, colour, share in [0, 1]) tuples, e.g. largest first. When there are
+    more than ``max_items``, the first ``max_items - 1`` are listed and a last row says "+N more".
+    The panel is white, at least ``min_height`` tall.
+    """
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1, got {max_items}")
+    font = _font(font_size)
+    rows: List[Tuple[Optional[Colour], str]] = []
+    if len(entries) > max_items:
+        shown, hidden = list(entries[:max_items - 1]), len(entries) - (max_items - 1)
+    else:
+        shown, hidden = list(entries), 0
+    for name, colour, share in shown:
+        rows.append((tuple(colour), f"{name} {100.0 * share:.1f}%"))
+    if hidden:
+        rows.append((None, f"+{hidden} more"))
+
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = _line_height(font)
+    pad = max(4, font_size // 2)
+    swatch = line
+    row_height = line + max(2, font_size // 4)
+    text_widths = [_text_size(scratch, text, font)[0] for _, text in rows]
+    title_height = row_height if title else 0
+    title_width = _text_size(scratch, title, font)[0] if title else 0
+    width = pad + max([swatch + pad + w for w in text_widths] + [title_width, swatch]) + pad
+    height = max(min_height, pad + title_height + row_height * len(rows) + pad)
+
+    panel = Image.new("RGB", (width, height), _LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    y = pad
+    if title:
+        draw.text((pad, y), _drawable(title, font), fill=_LEGEND_TEXT, font=font)
+        y += title_height
+    for colour, text in rows:
+        x = pad
+        if colour is not None:
+            draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=colour, outline=None)
+        draw.text((x + swatch + pad, y), _drawable(text, font), fill=_LEGEND_TEXT, font=font)
+        y += row_height
+    return panel
+
+
+def draw_banner(width: int, texts: Sequence[str], font_size: int = 12) -> Image.Image:
+    """A red strip of ``width`` pixels with the first of ``texts`` that fits (the last one is
+    clipped if none fits): used to mark outputs made with random weights."""
+    font = _font(font_size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    pad = max(3, font_size // 3)
+    chosen = texts[-1]
+    for text in texts:
+        if _text_size(scratch, text, font)[0] + 2 * pad <= width:
+            chosen = text
+            break
+    banner = Image.new("RGB", (width, _line_height(font) + 2 * pad), _BANNER_BACKGROUND)
+    ImageDraw.Draw(banner).text((pad, pad), _drawable(chosen, font), fill=_BANNER_TEXT, font=font)
+    return banner
+
+
+RANDOM_WEIGHTS_BANNER = ("RANDOM WEIGHTS (no checkpoint): this segmentation is meaningless",
+                         "RANDOM WEIGHTS: meaningless output", "RANDOM WEIGHTS", "RANDOM")
+
+
+def render_overlay(image, labels: np.ndarray, class_names: Sequence[str], *, alpha: float = 0.5,
+                   colours: Optional[np.ndarray] = None, max_items: Optional[int] = None,
+                   banner: Union[bool, Sequence[str], None] = None, display_names: bool = True) -> Image.Image:
+    """The image blended with its class colours, a legend panel on its right listing the classes
+    present (largest first) and, with ``banner``, a red strip on top (``True``: the random-weights
+    warning; a sequence: texts to choose from, longest first).
+
+    ``class_names`` are shown by their display name (first synonym) unless ``display_names=False``.
+    """
+    blended = overlay(image, labels, alpha, colours)
+    if display_names:
+        from .vocabulary import display_name
+        shown_names = [display_name(name) for name in class_names]
+    else:
+        shown_names = list(class_names)
+    entries = legend_entries(labels, shown_names, colours)
+    font_size = _font_size_for(max(blended.height, 200))
+    if max_items is None:
+        row = _line_height(_font(font_size)) + max(2, font_size // 4)
+        max_items = int(min(40, max(10, blended.height // max(row, 1))))
+    legend = draw_legend([(name, colour, share) for _, name, colour, share in entries], max_items=max_items,
+                         font_size=font_size, min_height=blended.height)
+    width = blended.width + legend.width
+    strip = None
+    if banner:
+        strip = draw_banner(width, RANDOM_WEIGHTS_BANNER if banner is True else list(banner), font_size)
+    top = strip.height if strip is not None else 0
+    canvas = Image.new("RGB", (width, top + max(blended.height, legend.height)), _LEGEND_BACKGROUND)
+    if strip is not None:
+        canvas.paste(strip, (0, 0))
+    canvas.paste(blended, (0, top))
+    canvas.paste(legend, (blended.width, top))
+    return canvas
