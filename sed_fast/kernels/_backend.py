@@ -12,8 +12,9 @@ to get the function to run. The choice per op comes from, in order: :func:`set_b
 the environment variable ``SED_FAST_BACKEND_<OP>`` (e.g. ``SED_FAST_BACKEND_COST_MAP``),
 the environment variable ``SED_FAST_BACKEND``, and finally ``"auto"``.
 
-``"auto"`` picks, on CUDA, the fastest available backend measured once per (op, device) by the
-hook installed with :func:`set_auto_chooser` (until one is installed: cuda > triton > torch); on CPU
+``"auto"`` picks, on CUDA, the fastest available backend measured once per (op, device, input shape
+bucket) by the hook installed with :func:`set_auto_chooser` (``sed_fast.kernels._autotune_backend``;
+the op bodies pass their inputs to :func:`resolve`; until one is installed: cuda > triton > torch); on CPU
 it picks ``"triton"`` when the Triton interpreter is on and ``"torch"`` otherwise.
 """
 from __future__ import annotations
@@ -91,14 +92,20 @@ def available_backends(op: str, device: torch.device) -> list:
             if b in _impls.get(op, {}) and _available[op][b](device)]
 
 
-def set_auto_chooser(chooser: Optional[Callable[[str, torch.device, list], str]]) -> None:
-    """Install the function that ``"auto"`` uses on CUDA: ``chooser(op, device, candidates) -> backend``."""
+def set_auto_chooser(chooser: Optional[Callable[..., str]]) -> None:
+    """Install the function that ``"auto"`` uses on CUDA: ``chooser(op, device, candidates) -> backend``.
+
+    When the caller of :func:`resolve` passes the call's inputs (``args``, ``kwargs``), the chooser
+    is called as ``chooser(op, device, candidates, args, kwargs)`` so it can decide per input shape.
+    """
     global _auto_chooser
     _auto_chooser = chooser
 
 
-def resolve_name(op: str, device: torch.device) -> str:
-    """Name of the backend that will run ``op`` on ``device``."""
+def resolve_name(op: str, device: torch.device, args: Optional[tuple] = None,
+                 kwargs: Optional[dict] = None) -> str:
+    """Name of the backend that will run ``op`` on ``device`` (``args``/``kwargs``: the call's
+    inputs, optional, handed to the auto chooser)."""
     device = torch.device(device)
     if op not in _impls:
         raise ValueError(f"unknown op {op!r}; known ops: {', '.join(sorted(_impls))}")
@@ -111,10 +118,14 @@ def resolve_name(op: str, device: torch.device) -> str:
                 f"(available here: {', '.join(candidates)})")
         return wanted
     if device.type == "cuda" and _auto_chooser is not None and len(candidates) > 1:
-        return _auto_chooser(op, device, candidates)
+        if args is None and kwargs is None:
+            return _auto_chooser(op, device, candidates)
+        return _auto_chooser(op, device, candidates, tuple(args or ()), dict(kwargs or {}))
     return candidates[0]
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` to run on ``device``."""
-    return _impls[op][resolve_name(op, device)]
+def resolve(op: str, device: torch.device, args: Optional[tuple] = None,
+            kwargs: Optional[dict] = None) -> Callable:
+    """The implementation of ``op`` to run on ``device``; pass the call's inputs as ``args`` /
+    ``kwargs`` so that ``"auto"`` can choose per input shape."""
+    return _impls[op][resolve_name(op, device, args, kwargs)]

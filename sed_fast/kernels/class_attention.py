@@ -1,0 +1,246 @@
+"""Linear attention across the classes at each pixel, on ragged per-image class sets.
+
+``class_attention(q, k, v, class_offsets, num_heads=4, eps=1e-6)``: q, k, v (total_T, P, C) with
+C = num_heads * d; ``class_offsets`` int32 (B+1,): image b owns rows [off[b], off[b+1]) (varlen
+attention style; after category rejection every image keeps its own number of classes). For each
+image, pixel p and head h, with phi(x) = elu(x) + 1 and L the image's class count:
+
+    out_t = (phi(q_t) @ KV) / (phi(q_t) . ksum + eps),   KV = sum_s phi(k_s) (x) v_s,  ksum = sum_s phi(k_s)
+
+which is the official SED ``LinearAttention`` ("Transformers are RNNs"): its ``v / L`` and ``* L``
+cancel exactly in real arithmetic (the kernel keeps fp32 state, so it does not need them to avoid
+fp16 overflow).
+
+The Triton kernel: grid (pixel blocks, heads, images). A program streams its image's classes twice,
+one class per step (the loop bound is read from ``class_offsets``: no recompilation per L): first
+accumulating KV (BLOCK_P x d x d) and ksum in fp32 registers, then applying them to each q_t and
+writing out_t. q, k and v are read once per pass; q, k, v may be strided views (e.g. the
+``qkv.split(C, dim=-1)`` of one (total_T, P, 3C) tensor): the row and pixel strides go to the
+kernel, only the channel stride must be 1 (otherwise the tensor is copied).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _backend
+from ..models.decoder import linear_attention
+
+OP_NAME = "class_attention"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["num_pixels", "stride_qt", "stride_kt", "stride_vt", "stride_ot"])
+def _class_attention_kernel(
+    q_ptr, k_ptr, v_ptr, offsets_ptr, out_ptr,
+    num_pixels, eps,
+    stride_qt, stride_qp, stride_kt, stride_kp, stride_vt, stride_vp, stride_ot, stride_op,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    head = tl.program_id(1)
+    image = tl.program_id(2)
+    first = tl.load(offsets_ptr + image).to(tl.int64)
+    length = tl.load(offsets_ptr + image + 1) - tl.load(offsets_ptr + image)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask = (offs_p < num_pixels)[:, None] & mask_d[None, :]
+    cols = head * HEAD_DIM + offs_d[None, :]
+    q_tile = q_ptr + offs_p[:, None] * stride_qp + cols
+    k_tile = k_ptr + offs_p[:, None] * stride_kp + cols
+    v_tile = v_ptr + offs_p[:, None] * stride_vp + cols
+    out_tile = out_ptr + offs_p[:, None] * stride_op + cols
+
+    # Pass 1: KV = sum_s phi(k_s) (x) v_s and ksum = sum_s phi(k_s), per pixel, in fp32.
+    kv = tl.zeros((BLOCK_P, BLOCK_D, BLOCK_D), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for step in range(0, length):
+        row64 = first + step
+        k = tl.load(k_tile + row64 * stride_kt, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_tile + row64 * stride_vt, mask=mask, other=0.0).to(tl.float32)
+        k = tl.where(mask, tl.where(k > 0, k + 1.0, tl.exp(k)), 0.0)  # elu(k) + 1, 0 in padding
+        ksum += k
+        kv += k[:, :, None] * v[:, None, :]
+
+    # Pass 2: out_t = (phi(q_t) @ KV) / (phi(q_t) . ksum + eps).
+    for step in range(0, length):
+        row64 = first + step
+        q = tl.load(q_tile + row64 * stride_qt, mask=mask, other=0.0).to(tl.float32)
+        q = tl.where(mask, tl.where(q > 0, q + 1.0, tl.exp(q)), 0.0)
+        numerator = tl.sum(q[:, :, None] * kv, axis=1)
+        denominator = tl.sum(q * ksum, axis=1) + eps
+        out = numerator / denominator[:, None]
+        tl.store(out_tile + row64 * stride_ot, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreted() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
+    (and Triton's own library functions) interpreted, for the whole process and every device."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_class_attention_kernel, InterpretedFunction)
+
+
+def _triton_available(device) -> bool:
+    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
+
+
+def _pick_blocks(num_pixels: int, head_dim: int):
+    """About 8K fp32 of KV state per program: 8 pixels at d=32, 32 at d=16, 128 at d=8."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_p = max(1, 8192 // (block_d * block_d))
+    block_p = min(block_p, triton.next_power_of_2(num_pixels))
+    return block_p, block_d
+
+
+def _channel_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                           num_heads: int = 4, eps: float = 1e-6,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton launcher (same signature as the op; ``out`` lets tests pass a NaN-poisoned buffer)."""
+    total, pixels, channels = q.shape
+    q, k, v = _channel_contiguous(q), _channel_contiguous(k), _channel_contiguous(v)
+    offsets = class_offsets if class_offsets.dtype == torch.int32 else class_offsets.to(torch.int32)
+    if out is None:
+        out = torch.empty((total, pixels, channels), dtype=q.dtype, device=q.device)
+    num_images = offsets.shape[0] - 1
+    if total == 0 or num_images == 0:
+        return out
+    head_dim = channels // num_heads
+    block_p, block_d = _pick_blocks(pixels, head_dim)
+    grid = (triton.cdiv(pixels, block_p), num_heads, num_images)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _class_attention_kernel[grid](
+            q, k, v, offsets, out,
+            pixels, float(eps),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain PyTorch reference
+# ---------------------------------------------------------------------------------------------------
+def class_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                              num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
+    """The official einsum linear attention (``decoder.linear_attention``), one image at a time.
+
+    Reads ``class_offsets`` on the host (one sync); checks that the segments tile [0, total_T).
+    """
+    total, pixels, channels = q.shape
+    head_dim = channels // num_heads
+    bounds = [int(b) for b in class_offsets.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"class_offsets must rise from 0 to total_T={total}, got {bounds}")
+    out = torch.empty((total, pixels, channels), dtype=q.dtype, device=q.device)
+    for first, end in zip(bounds, bounds[1:]):
+        if first == end:
+            continue
+
+        def per_pixel(t: torch.Tensor) -> torch.Tensor:  # (L, P, C) -> (N=P, L, H, d)
+            return t[first:end].transpose(0, 1).reshape(pixels, end - first, num_heads, head_dim)
+
+        attended = linear_attention(per_pixel(q), per_pixel(k), per_pixel(v), eps)  # (P, L, H, d)
+        out[first:end] = attended.reshape(pixels, end - first, channels).transpose(0, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("sed_fast::class_attention", mutates_args=())
+def _class_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                        num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
+    if q.numel() == 0:  # total_T = 0 or P = 0: nothing to do
+        return q.new_empty(q.shape)
+    args = (q, k, v, class_offsets, num_heads, eps)
+    return _backend.resolve(OP_NAME, q.device, args=args)(*args)
+
+
+@_class_attention_op.register_fake
+def _(q, k, v, class_offsets, num_heads=4, eps=1e-6):
+    return q.new_empty(q.shape)  # contiguous
+
+
+_backend.register_impl(OP_NAME, "torch", class_attention_reference)
+_backend.register_impl(OP_NAME, "triton", class_attention_triton, available=_triton_available)
+
+
+def _check_inputs(q, k, v, class_offsets, num_heads) -> None:
+    for name, value in (("q", q), ("k", k), ("v", v), ("class_offsets", class_offsets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"class_attention: {name} must be a tensor, got {type(value).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be (total_T, P, C), got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"class_attention supports float32, bfloat16, float16; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if class_offsets.dim() != 1 or class_offsets.shape[0] < 2:
+        raise ValueError(f"class_offsets must be (B+1,) with B >= 1, got shape {tuple(class_offsets.shape)}")
+    if class_offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"class_offsets must be int32 (or int64), got {class_offsets.dtype}")
+    for name, value in (("k", k), ("v", v), ("class_offsets", class_offsets)):
+        if value.device != q.device:
+            raise ValueError(f"class_attention: {name} is on {value.device}, q is on {q.device}")
+    if not isinstance(num_heads, int) or num_heads < 1 or q.shape[2] % num_heads != 0:
+        raise ValueError(f"num_heads={num_heads!r} must be a positive int dividing C={q.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("class_attention needs C > 0 channels")
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                    num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
+    """Multi-head linear attention across classes at every pixel, per image (ragged classes).
+
+    Args:
+        q, k, v: (total_T, P, C), float32 / bfloat16 / float16, C = num_heads * d. Row and pixel
+            strides are free (views of one (total_T, P, 3C) tensor are read in place); a channel
+            stride other than 1 costs a copy.
+        class_offsets: (B+1,) int32 on the same device; image b owns rows [off[b], off[b+1]).
+            Must rise from 0 to total_T (checked by the reference only: checking it on the device
+            path would need a host sync). Empty segments are allowed.
+        num_heads: heads; eps: added to the normaliser.
+
+    Returns:
+        (total_T, P, C) contiguous, in the input dtype (empty when total_T = 0 or P = 0).
+    """
+    _check_inputs(q, k, v, class_offsets, num_heads)
+    return _class_attention_op(q, k, v, class_offsets, num_heads, float(eps))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (for benchmarks)
+# ---------------------------------------------------------------------------------------------------
+def bytes_moved(total_classes: int, pixels: int, channels: int, element_size: int = 2) -> int:
+    """Minimum DRAM traffic: read q, k, v once, write out once: 4 * total_T*P*C * element_size."""
+    return 4 * total_classes * pixels * channels * element_size
+
+
+def flops(total_classes: int, pixels: int, channels: int, num_heads: int = 4) -> int:
+    """KV and output: 2 * d multiply-adds per value each; ksum and normaliser are lower order.
+
+    4 * total_T * P * C * d, d = C / num_heads.
+    """
+    head_dim = channels // num_heads
+    return 4 * total_classes * pixels * channels * head_dim

@@ -1,0 +1,265 @@
+"""Cosine cost map between image features and prompt-templated text features.
+
+``cost_map(img_feats, text, channels_last=True)``: img_feats (B, D, h, w), text (T, P, D) shared by
+the batch -> (B*T, P, h, w) with
+
+    out[b*T + t, p, y, x] = dot(normalize(img_feats[b, :, y, x]), normalize(text[t, p, :]))
+
+(``F.normalize`` semantics: x / max(||x||, 1e-12)). This is the official SED
+``einsum('bchw,btpc->bpthw')`` of the L2-normalised features rearranged 'B P T H W -> (B T) P H W',
+what the decoder's conv1 reads. With ``channels_last=True`` the result is in channels-last memory
+order (B*T, h, w, P), so conv1 (cuDNN, channels-last) reads it without a permute pass.
+
+The Triton kernel is one tiled matmul per image: pixels (M) x flattened class-prompt rows T*P (N)
+over D (K), fp32 accumulation. Both L2 norms are accumulated from the same tiles the matmul loads
+(no extra pass over memory) and applied to the fp32 accumulator before the single store, which goes
+straight into the requested layout. The class count T only changes the grid: no recompilation.
+
+Layouts: img_feats may be contiguous NCHW or channels-last (any strides where h and w flatten
+into one pixel axis); other layouts, and a non-contiguous ``text``, are copied first.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _backend
+
+OP_NAME = "cost_map"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NORM_EPS = 1e-12  # F.normalize's default
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["num_classes"])
+def _cost_map_kernel(
+    img_ptr, text_ptr, out_ptr,
+    num_pixels, num_classes, num_prompts, dim,
+    stride_img_b, stride_img_d, stride_img_pix,
+    stride_out_row, stride_out_p, stride_out_pix,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    # Grid: (pixel blocks, class-prompt row blocks, images); pixel blocks vary fastest so that the
+    # programs sharing one text tile run together and hit it in L2.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    image = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # pixels y*w + x
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # text rows t*P + p
+    mask_m = offs_m < num_pixels
+    mask_n = offs_n < num_classes * num_prompts
+
+    img_base = img_ptr + image.to(tl.int64) * stride_img_b
+    text_rows = text_ptr + offs_n.to(tl.int64) * dim
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    img_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    text_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < dim
+        a = tl.load(img_base + offs_m[:, None] * stride_img_pix + offs_k[None, :] * stride_img_d,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (M, K)
+        b = tl.load(text_rows[None, :] + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (K, N)
+        a32 = a.to(tl.float32)
+        b32 = b.to(tl.float32)
+        img_sq += tl.sum(a32 * a32, axis=1)
+        text_sq += tl.sum(b32 * b32, axis=0)
+        if UPCAST_DOT:  # the interpreter multiplies bfloat16 tiles as raw uint16 bits
+            acc = tl.dot(a32, b32, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    inv_img = 1.0 / tl.maximum(tl.sqrt(img_sq), 1e-12)
+    inv_text = 1.0 / tl.maximum(tl.sqrt(text_sq), 1e-12)
+    cosine = acc * inv_img[:, None] * inv_text[None, :]
+
+    # Row n = t*P + p of image b goes to output row b*T + t, channel p.
+    cls = offs_n // num_prompts
+    prompt = offs_n - cls * num_prompts
+    out_row = image.to(tl.int64) * num_classes + cls.to(tl.int64)
+    out_offs = (out_row[None, :] * stride_out_row + prompt[None, :] * stride_out_p
+                + offs_m[:, None].to(tl.int64) * stride_out_pix)
+    tl.store(out_ptr + out_offs, cosine.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _interpreted() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
+    (and Triton's own library functions) interpreted, for the whole process and every device."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_cost_map_kernel, InterpretedFunction)
+
+
+def _triton_available(device) -> bool:
+    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
+
+
+def _pick_blocks(num_pixels: int, num_rows: int, dim: int):
+    """Tile sizes: powers of two >= 16 (tl.dot), as large as the problem allows."""
+    block_m = max(16, min(64, triton.next_power_of_2(num_pixels)))
+    block_n = max(16, min(128, triton.next_power_of_2(num_rows)))
+    block_k = max(16, min(64, triton.next_power_of_2(dim)))
+    return block_m, block_n, block_k
+
+
+def _pixel_strides(img_feats: torch.Tensor):
+    """(stride_b, stride_d, stride_pixel) if h and w flatten into one pixel axis, else None."""
+    _, _, height, width = img_feats.shape
+    stride_b, stride_d, stride_h, stride_w = img_feats.stride()
+    if height == 1 or stride_h == width * stride_w:
+        return stride_b, stride_d, stride_w
+    return None
+
+
+def _output_like(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    batch, _, height, width = img_feats.shape
+    classes, prompts, _ = text.shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((batch * classes, prompts, height, width), dtype=img_feats.dtype,
+                       device=img_feats.device, memory_format=memory_format)
+
+
+def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton launcher (same signature as the op; ``out`` lets tests pass a NaN-poisoned buffer)."""
+    batch, dim, height, width = img_feats.shape
+    classes, prompts, _ = text.shape
+    strides = _pixel_strides(img_feats)
+    if strides is None:
+        img_feats = img_feats.contiguous()
+        strides = _pixel_strides(img_feats)
+    text = text.contiguous()
+    if out is None:
+        out = _output_like(img_feats, text, channels_last)
+    num_pixels = height * width
+    # (B*T, P, h, w): the row stride, the prompt stride, the pixel stride (h and w flatten).
+    stride_row, stride_p, _, stride_pix = out.stride()
+    if height > 1 and out.stride(2) != width * stride_pix:
+        raise ValueError("out must be contiguous or channels_last")
+
+    block_m, block_n, block_k = _pick_blocks(num_pixels, classes * prompts, dim)
+    fp32_input = img_feats.dtype == torch.float32
+    # Follow PyTorch's own matmul setting for float32 inputs (TF32 only when it is allowed).
+    input_precision = "tf32" if fp32_input and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if not fp32_input:
+        input_precision = "tf32"  # ignored for 16-bit inputs
+    grid = (triton.cdiv(num_pixels, block_m), triton.cdiv(classes * prompts, block_n), batch)
+    with torch.cuda.device(img_feats.device) if img_feats.is_cuda else contextlib.nullcontext():
+        _cost_map_kernel[grid](
+            img_feats, text, out,
+            num_pixels, classes, prompts, dim,
+            strides[0], strides[1], strides[2],
+            stride_row, stride_p, stride_pix,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            INPUT_PRECISION=input_precision,
+            UPCAST_DOT=_interpreted() and img_feats.dtype == torch.bfloat16,
+            num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=3,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain PyTorch reference
+# ---------------------------------------------------------------------------------------------------
+def cost_map_reference(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """The official computation, in the input dtype: normalise, einsum, rearrange.
+
+    img_feats (B, D, h, w), text (T, P, D) -> (B*T, P, h, w), channels-last memory if asked.
+    """
+    batch, _, height, width = img_feats.shape
+    classes, prompts, _ = text.shape
+    img = F.normalize(img_feats, dim=1)
+    txt = F.normalize(text, dim=-1)
+    corr = torch.einsum("bchw,btpc->bpthw", img, txt.unsqueeze(0).expand(batch, -1, -1, -1))
+    corr = corr.permute(0, 2, 1, 3, 4).reshape(batch * classes, prompts, height, width)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return corr.contiguous(memory_format=memory_format)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("sed_fast::cost_map", mutates_args=())
+def _cost_map_op(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    if img_feats.shape[0] * img_feats.shape[2] * img_feats.shape[3] * text.shape[1] == 0:
+        return _output_like(img_feats, text, channels_last)  # B = 0, h*w = 0 or P = 0: nothing to do
+    args = (img_feats, text, channels_last)
+    return _backend.resolve(OP_NAME, img_feats.device, args=args)(*args)
+
+
+@_cost_map_op.register_fake
+def _(img_feats, text, channels_last=True):
+    return _output_like(img_feats, text, channels_last)
+
+
+_backend.register_impl(OP_NAME, "torch", cost_map_reference)
+_backend.register_impl(OP_NAME, "triton", cost_map_triton, available=_triton_available)
+
+
+def _check_inputs(img_feats: torch.Tensor, text: torch.Tensor) -> None:
+    if not isinstance(img_feats, torch.Tensor) or not isinstance(text, torch.Tensor):
+        raise TypeError("cost_map expects tensors img_feats and text")
+    if img_feats.dim() != 4:
+        raise ValueError(f"img_feats must be (B, D, h, w), got shape {tuple(img_feats.shape)}")
+    if text.dim() != 3:
+        raise ValueError(f"text must be (T, P, D), got shape {tuple(text.shape)}")
+    if img_feats.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"cost_map supports float32, bfloat16, float16; got {img_feats.dtype}")
+    if text.dtype != img_feats.dtype:
+        raise TypeError(f"img_feats and text must have the same dtype, got {img_feats.dtype} and {text.dtype}")
+    if text.device != img_feats.device:
+        raise ValueError(f"img_feats and text must be on the same device, got {img_feats.device} and {text.device}")
+    if text.shape[2] != img_feats.shape[1]:
+        raise ValueError(f"feature dims differ: img_feats has D={img_feats.shape[1]}, text has D={text.shape[2]}")
+    if text.shape[0] == 0:
+        raise ValueError("text has T = 0 classes")
+    if text.shape[2] == 0:
+        raise ValueError("feature dim D = 0: the cosine is undefined")
+
+
+def cost_map(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """Cosine similarity of every pixel feature with every (class, prompt) text feature.
+
+    Args:
+        img_feats: (B, D, h, w) image features, float32 / bfloat16 / float16.
+        text: (T, P, D) text features shared by the batch, same dtype and device.
+        channels_last: return channels-last memory (what conv1 reads) instead of contiguous.
+
+    Returns:
+        (B*T, P, h, w) in the input dtype, row b*T + t for class t of image b.
+    """
+    _check_inputs(img_feats, text)
+    return _cost_map_op(img_feats, text, channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (for benchmarks)
+# ---------------------------------------------------------------------------------------------------
+def bytes_moved(batch: int, dim: int, height: int, width: int, classes: int, prompts: int,
+                element_size: int = 2) -> int:
+    """Minimum DRAM traffic: read img_feats and text once, write the output once.
+
+    element_size * (B*D*h*w + T*P*D + B*T*P*h*w)
+    """
+    return element_size * (batch * dim * height * width + classes * prompts * dim
+                           + batch * classes * prompts * height * width)
+
+
+def flops(batch: int, dim: int, height: int, width: int, classes: int, prompts: int) -> int:
+    """Matmul FLOPs (the norms are lower order): 2 * B*h*w * T*P * D."""
+    return 2 * batch * height * width * classes * prompts * dim
