@@ -1,0 +1,388 @@
+"""The hand-written CUDA backend (``csrc/``): loading the extension and registering its ops.
+
+The kernels are compiled into ``sed_fast._C`` by ``setup.py`` (``pip install --no-build-isolation .``),
+or just in time from ``csrc/`` with ninja into a cache directory. They register the ops
+``torch.ops.sed_fast_cuda.topk_union_reject`` and ``torch.ops.sed_fast_cuda.dwconv_layernorm``
+(CUDA kernels in C++, fake kernels here, so torch.compile can trace them); this module registers
+them as the ``"cuda"`` implementations of the sed_fast ops of the same names.
+
+Loading is lazy: importing this module never compiles. The first time a ``"cuda"`` implementation is
+asked for on a CUDA device, :func:`load_extension` tries, in order:
+
+1. ``import sed_fast._C`` (the build made by setup.py);
+2. the JIT build (``torch.utils.cpp_extension.load``, ninja, cached): when ``SED_FAST_JIT_BUILD=1``,
+   or when the variable is unset and a CUDA GPU, a CUDA toolkit and the ``csrc/`` sources are all
+   present. ``SED_FAST_JIT_BUILD=0`` disables it. The first build takes a few minutes; later
+   processes reuse the cached library (rebuilt when a source or a flag changes).
+
+If neither works, one warning says why and the ``"cuda"`` backend reports itself unavailable: the
+package keeps working with the triton and torch backends.
+
+Environment:
+
+=============================  ==================================================================
+``SED_FAST_JIT_BUILD``         ``1`` force / ``0`` forbid the JIT build (default: only with a GPU)
+``SED_FAST_CUDA_ARCHS``        architectures to build, e.g. ``"9.0"``, ``"8.0;9.0+PTX"`` (default:
+                               the visible GPUs' with PTX, else ``9.0+PTX``)
+``SED_FAST_CUDA_BUILD_DIR``    build directory of the JIT build (default:
+                               ``$SED_FAST_CACHE_DIR/cuda_ext/<tag>``, ``~/.cache/sed_fast/...``)
+``MAX_JOBS``                   parallel compile jobs (default: min(cores, free memory / 4 GB))
+``CUDA_HOME``                  the CUDA toolkit (default: found from ``nvcc`` on PATH)
+=============================  ==================================================================
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import _autotune_backend, _backend
+
+logger = logging.getLogger("sed_fast.cuda")
+
+LIBRARY = "sed_fast_cuda"
+OPS = ("topk_union_reject", "dwconv_layernorm")
+JIT_NAME = "sed_fast_C"
+CSRC_DIR = Path(__file__).resolve().parent.parent.parent / "csrc"
+SOURCES = ("ops.cpp", "topk_union_reject.cu", "dwconv_layernorm.cu")
+DEFAULT_ARCHS = "9.0+PTX"
+EXTRA_CFLAGS = ["-O3"]
+EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+
+
+class ExtensionNotAvailable(RuntimeError):
+    """The CUDA extension could not be imported or built."""
+
+
+class _State:
+    loaded: Optional[bool] = None  # None: not tried yet
+    how: str = ""
+    error: str = ""
+    warned: bool = False
+    fakes_registered: bool = False
+
+
+_lock = threading.RLock()
+
+
+# -- locating the toolkit ---------------------------------------------------------------------------
+
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else the toolkit of ``nvcc`` on PATH (wrapper
+    scripts are seen through by looking for include/cuda_runtime.h), else /usr/local/cuda."""
+    candidates: List[str] = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    if os.path.isdir("/usr/local"):
+        candidates += sorted((str(p) for p in Path("/usr/local").glob("cuda-*")), reverse=True)
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
+def _arch_list() -> str:
+    archs = os.environ.get("SED_FAST_CUDA_ARCHS")
+    if archs:
+        return archs
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
+    return DEFAULT_ARCHS
+
+
+def gencode_flags(archs: str) -> List[str]:
+    """nvcc -gencode flags for an arch list like ``"8.0;9.0+PTX"`` (``9.0a`` for sm_90a)."""
+    flags = []
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        arch = arch.strip()
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if not flags:
+        raise ValueError(f"empty CUDA architecture list {archs!r}")
+    return flags
+
+
+def default_max_jobs() -> int:
+    """min(cores, available memory / 4 GB), at least 1 (nvcc on torch headers takes ~2-4 GB)."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f if ":" in line}
+        mem_gb = info.get("MemAvailable", info.get("MemTotal", 0)) / (1 << 20)
+        return max(1, min(cores, int(mem_gb // 4)))
+    except (OSError, ValueError, IndexError):
+        return max(1, min(cores, 4))
+
+
+def extension_tag(archs: Optional[str] = None) -> str:
+    """Names the build: torch and CUDA versions and the architectures."""
+    archs = archs or _arch_list()
+    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-sm{archs}"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
+
+
+def default_build_directory(archs: Optional[str] = None) -> Path:
+    if os.environ.get("SED_FAST_CUDA_BUILD_DIR"):
+        return Path(os.environ["SED_FAST_CUDA_BUILD_DIR"])
+    root = os.environ.get("SED_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sed_fast")
+    return Path(root) / "cuda_ext" / extension_tag(archs)
+
+
+def sources() -> List[str]:
+    return [str(CSRC_DIR / name) for name in SOURCES]
+
+
+def sources_present() -> bool:
+    return all(os.path.isfile(s) for s in sources())
+
+
+# -- building and loading ---------------------------------------------------------------------------
+
+def ops_defined() -> bool:
+    """True when the sed_fast_cuda ops are registered in this process (by either build)."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"{LIBRARY}::topk_union_reject", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def jit_build(build_directory: Optional[os.PathLike] = None, archs: Optional[str] = None,
+              max_jobs: Optional[int] = None, verbose: bool = False) -> str:
+    """Compile ``csrc/`` with ninja (cached in ``build_directory``) and load it into this process.
+
+    Returns the library path. Raises on a compile error (tests rely on it: a build break fails).
+    """
+    if not sources_present():
+        raise ExtensionNotAvailable(f"the CUDA sources are not in {CSRC_DIR} (an installed wheel has none: "
+                                    "build the extension with setup.py instead)")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise ExtensionNotAvailable("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if torch.version.cuda is None:
+        raise ExtensionNotAvailable(f"torch {torch.__version__} is not built with CUDA")
+    archs = archs or _arch_list()
+    build_directory = Path(build_directory) if build_directory else default_build_directory(archs)
+    build_directory.mkdir(parents=True, exist_ok=True)
+
+    import torch.utils.cpp_extension as cpp_extension
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home  # computed at import; an nvcc wrapper on PATH fools it
+    previous_jobs = os.environ.get("MAX_JOBS")
+    if max_jobs is not None or previous_jobs is None:
+        os.environ["MAX_JOBS"] = str(max_jobs or default_max_jobs())
+    try:
+        path = cpp_extension.load(
+            name=JIT_NAME,
+            sources=sources(),
+            extra_cflags=EXTRA_CFLAGS,
+            extra_cuda_cflags=EXTRA_CUDA_CFLAGS + gencode_flags(archs),  # hashed: a new arch rebuilds
+            extra_include_paths=[str(CSRC_DIR)],
+            build_directory=str(build_directory),
+            with_cuda=True,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if previous_jobs is None:
+            os.environ.pop("MAX_JOBS", None)
+        else:
+            os.environ["MAX_JOBS"] = previous_jobs
+    return str(path)
+
+
+def _jit_policy() -> Tuple[bool, str]:
+    value = os.environ.get("SED_FAST_JIT_BUILD", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True, "SED_FAST_JIT_BUILD=1"
+    if value in ("0", "false", "no", "off"):
+        return False, "the JIT build is disabled (SED_FAST_JIT_BUILD=0)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU, so no JIT build (SED_FAST_JIT_BUILD=1 forces one)"
+    if not sources_present():
+        return False, f"no CUDA sources in {CSRC_DIR} to build"
+    if find_cuda_home() is None:
+        return False, "no CUDA toolkit (nvcc) found to build the extension"
+    return True, "a GPU is present"
+
+
+def load_extension(jit: Optional[bool] = None, verbose: bool = False) -> bool:
+    """Load the CUDA ops (prebuilt ``sed_fast._C``, else the JIT build); True when they are loaded.
+
+    ``jit``: None follows ``SED_FAST_JIT_BUILD`` (see the module docstring); True forces the JIT
+    build when no prebuilt extension imports; False never builds. The result is remembered: later
+    calls return at once (a failed load is retried only when ``jit`` is given explicitly).
+    """
+    with _lock:
+        if _State.loaded is False and jit is None and ops_defined():
+            _State.loaded, _State.how = None, "loaded by jit_build"  # e.g. jit_build() called directly
+        if _State.loaded is True or (_State.loaded is False and jit is None):
+            return bool(_State.loaded)
+        errors = []
+        if ops_defined():
+            _State.how = "already loaded"
+        else:
+            try:
+                importlib.import_module("sed_fast._C")
+                _State.how = "prebuilt sed_fast._C"
+            except (ImportError, OSError) as exc:  # absent, or built for another torch / CUDA
+                errors.append(f"import sed_fast._C failed ({exc})")
+            if not ops_defined():
+                want, why = (jit, "requested") if jit is not None else _jit_policy()
+                if want:
+                    logger.warning("sed_fast: building the CUDA extension just in time (%s; a few minutes the "
+                                   "first time, cached in %s)", why, default_build_directory())
+                    try:
+                        _State.how = f"JIT build {jit_build(verbose=verbose)}"
+                    except Exception as exc:  # compile errors, missing toolkit...
+                        errors.append(f"JIT build failed: {type(exc).__name__}: {exc}")
+                else:
+                    errors.append("JIT build not attempted: " + why)
+        _State.loaded = ops_defined()
+        if _State.loaded:
+            _register_fakes()
+            _State.error = ""
+            logger.info("sed_fast CUDA extension: %s", _State.how)
+        else:
+            _State.error = "; ".join(errors)
+        return _State.loaded
+
+
+def extension_loaded() -> bool:
+    """True when the CUDA ops are loaded (does not try to load them)."""
+    return bool(_State.loaded) or ops_defined()
+
+
+def load_error() -> str:
+    """Why the extension is not loaded ("" when it is, or was never tried)."""
+    return _State.error
+
+
+def _warn_once() -> None:
+    if _State.warned:
+        return
+    _State.warned = True
+    warnings.warn(
+        "sed_fast: the CUDA extension is not available, so the 'cuda' backend is off (the triton and torch "
+        f"backends still work). Reason: {_State.error}. Build it with `pip install --no-build-isolation .` "
+        "(CUDA toolkit needed) or set SED_FAST_JIT_BUILD=1.", RuntimeWarning, stacklevel=3)
+
+
+def cuda_available(device: torch.device) -> bool:
+    """The ``available`` predicate of the "cuda" backend: a CUDA device and a loadable extension."""
+    if torch.device(device).type != "cuda":
+        return False
+    if load_extension():
+        return True
+    _warn_once()
+    return False
+
+
+# -- fake (meta) kernels ----------------------------------------------------------------------------
+
+def _fake_topk_union_reject(aux_logits, k):
+    torch._check(aux_logits.dim() == 4, lambda: "topk_union_reject: aux_logits must be (B, T, h, w)")
+    batch, classes = aux_logits.shape[0], aux_logits.shape[1]
+    return (aux_logits.new_empty((batch, classes), dtype=torch.bool),
+            aux_logits.new_empty((batch * classes,), dtype=torch.int32),
+            aux_logits.new_empty((batch + 1,), dtype=torch.int32))
+
+
+def _fake_dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps):
+    torch._check(x.dim() == 4, lambda: "dwconv_layernorm: x must be (N, C, H, W)")
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, c))
+
+
+def _register_fakes() -> None:
+    if _State.fakes_registered:
+        return
+    torch.library.register_fake(f"{LIBRARY}::topk_union_reject", _fake_topk_union_reject)
+    torch.library.register_fake(f"{LIBRARY}::dwconv_layernorm", _fake_dwconv_layernorm)
+    _State.fakes_registered = True
+
+
+# -- the "cuda" implementations of the sed_fast ops --------------------------------------------------
+
+def _require_loaded() -> None:
+    if not load_extension():
+        raise ExtensionNotAvailable(f"sed_fast CUDA extension not available: {_State.error}")
+
+
+def topk_union_reject_cuda(aux_logits: torch.Tensor, k: int):
+    """(kept_mask (B, T) bool, flat_idx (B*T,) int32, class_offsets (B+1,) int32); see
+    sed_fast.kernels.topk_union_reject."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"topk_union_reject: k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"topk_union_reject: k must be >= 1, got {k}")
+    if aux_logits.dim() != 4:
+        raise ValueError(f"topk_union_reject: aux_logits must be (B, T, h, w), got shape {tuple(aux_logits.shape)}")
+    if aux_logits.shape[1] == 0:
+        raise ValueError("topk_union_reject: aux_logits has T = 0 classes")
+    _require_loaded()
+    return torch.ops.sed_fast_cuda.topk_union_reject(aux_logits, k)
+
+
+def dwconv_layernorm_supported(x, dw_weight, *args, **kwargs) -> bool:
+    """Shapes the CUDA kernel handles: K = 9 and C in {32, 64, 128}."""
+    return (x.dim() == 4 and dw_weight.dim() == 4 and dw_weight.shape[-1] == 9 and dw_weight.shape[-2] == 9
+            and x.shape[1] in (32, 64, 128))
+
+
+def dwconv_layernorm_cuda(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
+                          ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Depthwise KxK conv (padding K//2, bias) then LayerNorm over C: (N, C, H, W) -> (N, H, W, C)."""
+    if not dwconv_layernorm_supported(x, dw_weight):
+        raise ValueError(f"dwconv_layernorm (cuda backend): supports K = 9 and C in (32, 64, 128), got x "
+                         f"{tuple(x.shape)} and dw_weight {tuple(dw_weight.shape)}; use the triton or torch backend")
+    _require_loaded()
+    return torch.ops.sed_fast_cuda.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, float(eps))
+
+
+topk_union_reject_cuda.supports = lambda aux_logits, k, *a, **kw: aux_logits.dim() == 4  # type: ignore[attr-defined]
+dwconv_layernorm_cuda.supports = dwconv_layernorm_supported  # type: ignore[attr-defined]
+
+
+# Representative inputs for the auto chooser when the registry does not pass the call's inputs
+# (SED-B at 768 px: 24x24 aux logits over ADE-150; the 128-channel ConvNeXt block at 24x24).
+def _example_topk(device):
+    return (torch.randn(1, 150, 24, 24, device=device), 8), {}
+
+
+def _example_dwconv(device):
+    c = 128
+    x = torch.randn(150, c, 24, 24, device=device).contiguous(memory_format=torch.channels_last)
+    return (x, torch.randn(c, 1, 9, 9, device=device) * 0.05, torch.randn(c, device=device),
+            torch.ones(c, device=device), torch.zeros(c, device=device), 1e-6), {}
+
+
+def register() -> None:
+    """Register the "cuda" implementations and install the "auto" chooser (idempotent, no load)."""
+    _backend.register_impl("topk_union_reject", "cuda", topk_union_reject_cuda, available=cuda_available)
+    _backend.register_impl("dwconv_layernorm", "cuda", dwconv_layernorm_cuda, available=cuda_available)
+    _autotune_backend.register_example_inputs("topk_union_reject", _example_topk)
+    _autotune_backend.register_example_inputs("dwconv_layernorm", _example_dwconv)
+    _autotune_backend.install()
+
+
+register()
