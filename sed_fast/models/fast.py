@@ -84,12 +84,15 @@ class SEDFast(SEDBase):
             quarter of the free GPU memory (at most 2 GiB) on CUDA, 512 MiB on CPU; the
             environment variable ``SED_FAST_CHUNK_MB`` overrides the default.
         validate_inputs: check that input pixels are finite (one host sync per forward).
+        cuda_graphs: on CUDA, capture the image encoder (static shapes) in a CUDA graph per input
+            shape and replay it: removes the encoder's launch overhead. The decoder's shapes depend
+            on the kept classes, so it is not captured.
     """
 
     def __init__(self, spec: VariantSpec, *, cer_topk: Optional[int] = None,
                  clip_resolution: int = CLIP_RESOLUTION, text_cache: bool = True, device=None,
                  chunk_bytes: Optional[int] = None, validate_inputs: bool = True,
-                 sem_seg_head: Optional[nn.Module] = None):
+                 cuda_graphs: bool = False, sem_seg_head: Optional[nn.Module] = None):
         super().__init__(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
                          pooling_size=EVAL_POOLING, device=device, sem_seg_head=sem_seg_head)
         if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
@@ -100,6 +103,8 @@ class SEDFast(SEDBase):
                              f"this decoder pools with {pooling}")
         self.chunk_bytes = chunk_bytes
         self.validate_inputs = validate_inputs
+        self.cuda_graphs = cuda_graphs
+        self._encoder_graphs = {}  # (shape, dtype, device) -> (graph, static input, static outputs)
         if sem_seg_head is None:
             self.to(memory_format=torch.channels_last)
 
@@ -127,13 +132,42 @@ class SEDFast(SEDBase):
             finite = torch.isfinite(low) & torch.isfinite(high)  # read at the end: no early sync
         text = self._text_for_decoder()
         with stage("image_encoder"):
-            dense, features = self.encode_image(images.contiguous(memory_format=torch.channels_last))
+            dense, features = self._encode(images.contiguous(memory_format=torch.channels_last))
         scores = self.decode(dense, text, features)
         with stage("resize"):
             scores = self._resize_scores(scores.float(), images.shape[-2:])
         if finite is not None and not bool(finite):
             raise ValueError("images contain NaN or infinite values")
         return scores
+
+    def _encode(self, images: torch.Tensor):
+        """The image encoder, replayed from a CUDA graph when ``cuda_graphs`` is on (CUDA only).
+
+        The returned tensors are the graph's static outputs: valid until the next forward."""
+        if not (self.cuda_graphs and images.is_cuda) or torch.cuda.is_current_stream_capturing():
+            return self.encode_image(images)
+        key = (tuple(images.shape), images.dtype, self.dtype, images.device)
+        captured = self._encoder_graphs.get(key)
+        if captured is None:
+            static_input = images.clone()
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN picks its algorithms)
+                for _ in range(2):
+                    self.encode_image(static_input)
+            torch.cuda.current_stream(images.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = self.encode_image(static_input)
+            captured = self._encoder_graphs[key] = (graph, static_input, static_output)
+        graph, static_input, (dense, features) = captured
+        static_input.copy_(images)
+        graph.replay()
+        return dense, features
+
+    def _apply(self, fn, *args, **kwargs):
+        self._encoder_graphs = {}  # .to()/.cuda() move the weights the graphs point at
+        return super()._apply(fn, *args, **kwargs)
 
     def decode(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """dense (B, D, h, w), text (T, P, D), features [res2, res3, res4, res5] ->
