@@ -37,6 +37,31 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _probe_interpreter_mode() -> bool:
+    try:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # noqa: BLE001 - no (usable) Triton: nothing runs interpreted
+        return False
+
+    def _probe():
+        pass
+
+    return isinstance(triton.jit(_probe), InterpretedFunction)
+
+
+# Triton decides interpreted-or-compiled when a kernel is decorated, from TRITON_INTERPRET at that
+# moment, and its own library functions were decorated when it was imported: probe once, now, as
+# the kernel modules (imported right after this one) are decorated.
+_INTERPRETER_MODE = _probe_interpreter_mode()
+
+
+def triton_interpreter_mode() -> bool:
+    """True when the Triton kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at
+    import): then every kernel runs interpreted, in the whole process, for every device."""
+    return _INTERPRETER_MODE
+
+
 def register_impl(op: str, backend: str, fn: Callable,
                   available: Optional[Callable[[torch.device], bool]] = None) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op``.
@@ -56,7 +81,8 @@ def _default_available(backend: str) -> Callable[[torch.device], bool]:
     if backend == "torch":
         return lambda device: True
     if backend == "triton":
-        return lambda device: device.type == "cuda" or (device.type == "cpu" and triton_interpreter_on())
+        return lambda device: device.type == "cuda" or (
+            device.type == "cpu" and triton_interpreter_mode() and triton_interpreter_on())
     return lambda device: device.type == "cuda"
 
 

@@ -82,19 +82,8 @@ def _class_attention_kernel(
         tl.store(out_tile + row64 * stride_ot, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreted() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
-    (and Triton's own library functions) interpreted, for the whole process and every device."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_class_attention_kernel, InterpretedFunction)
 
 
-def _triton_available(device) -> bool:
-    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
 
 
 def _pick_blocks(num_pixels: int, head_dim: int):
@@ -181,7 +170,7 @@ def _(q, k, v, class_offsets, num_heads=4, eps=1e-6):
 
 
 _backend.register_impl(OP_NAME, "torch", class_attention_reference)
-_backend.register_impl(OP_NAME, "triton", class_attention_triton, available=_triton_available)
+_backend.register_impl(OP_NAME, "triton", class_attention_triton)
 
 
 def _check_inputs(q, k, v, class_offsets, num_heads) -> None:

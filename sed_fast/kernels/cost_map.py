@@ -94,19 +94,8 @@ def _cost_map_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _interpreted() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
-    (and Triton's own library functions) interpreted, for the whole process and every device."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_cost_map_kernel, InterpretedFunction)
 
 
-def _triton_available(device) -> bool:
-    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
 
 
 def _pick_blocks(num_pixels: int, num_rows: int, dim: int):
@@ -167,7 +156,7 @@ def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: 
             stride_row, stride_p, stride_pix,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             INPUT_PRECISION=input_precision,
-            UPCAST_DOT=_interpreted() and img_feats.dtype == torch.bfloat16,
+            UPCAST_DOT=_backend.triton_interpreter_mode() and img_feats.dtype == torch.bfloat16,
             num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=3,
         )
     return out
@@ -208,7 +197,7 @@ def _(img_feats, text, channels_last=True):
 
 
 _backend.register_impl(OP_NAME, "torch", cost_map_reference)
-_backend.register_impl(OP_NAME, "triton", cost_map_triton, available=_triton_available)
+_backend.register_impl(OP_NAME, "triton", cost_map_triton)
 
 
 def _check_inputs(img_feats: torch.Tensor, text: torch.Tensor) -> None:

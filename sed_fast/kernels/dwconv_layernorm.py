@@ -84,19 +84,8 @@ def _dwconv_layernorm_kernel(
              mask=pix_ok[:, None] & c_ok[None, :])
 
 
-def _interpreted() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
-    (and Triton's own library functions) interpreted, for the whole process and every device."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_dwconv_layernorm_kernel, InterpretedFunction)
 
 
-def _triton_available(device) -> bool:
-    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
 
 
 def _pick_blocks(channels: int, width: int):
@@ -174,7 +163,7 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
 
 
 _backend.register_impl(OP_NAME, "torch", dwconv_layernorm_reference)
-_backend.register_impl(OP_NAME, "triton", dwconv_layernorm_triton, available=_triton_available)
+_backend.register_impl(OP_NAME, "triton", dwconv_layernorm_triton)
 
 
 def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias) -> None:

@@ -152,19 +152,8 @@ def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, row_numel, stride_x_row, num_ro
     tl.store(out_ptr + row.to(tl.int64) * row_numel + offs, values, mask=mask)
 
 
-def _interpreted() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1: ``triton.jit`` then makes every kernel
-    (and Triton's own library functions) interpreted, for the whole process and every device."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kth_largest_kernel, InterpretedFunction)
 
 
-def _triton_available(device) -> bool:
-    """CUDA tensors always; CPU tensors through the interpreter (imported with it, and still on)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _interpreted() and _backend.triton_interpreter_on()
 
 
 def _device_context(t: torch.Tensor):
@@ -316,9 +305,9 @@ def _(x, flat_idx, total):
 
 
 _backend.register_impl(OP_NAME, "torch", topk_union_reject_reference)
-_backend.register_impl(OP_NAME, "triton", topk_union_reject_triton, available=_triton_available)
+_backend.register_impl(OP_NAME, "triton", topk_union_reject_triton)
 _backend.register_impl(GATHER_OP_NAME, "torch", gather_rows_reference)
-_backend.register_impl(GATHER_OP_NAME, "triton", gather_rows_triton, available=_triton_available)
+_backend.register_impl(GATHER_OP_NAME, "triton", gather_rows_triton)
 
 
 def topk_union_reject(aux_logits: torch.Tensor, k: int):

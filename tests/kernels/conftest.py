@@ -33,9 +33,9 @@ if (_INTERPRET_ASKED or not HAS_CUDA) and "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = _saved
 
 from sed_fast.kernels import _backend  # noqa: E402
-from sed_fast.kernels.cost_map import _interpreted  # noqa: E402
 
-INTERPRETER_MODE = _interpreted()
+
+INTERPRETER_MODE = _backend.triton_interpreter_mode()
 KERNEL_OPS = ("cost_map", "dwconv_layernorm", "class_attention", "topk_union_reject", "gather_rows")
 
 DEVICE_PARAMS = [
