@@ -1,0 +1,289 @@
+"""Per-stage profile of one SED configuration.
+
+    sed-fast profile --impl fast --vocab ade847 --cer-topk 8
+    sed-fast profile --impl reference --vocab ade150 --trace trace.json
+    nsys profile -t cuda,nvtx -o sed sed-fast profile --impl fast --vocab ade150   # NVTX ranges
+    python -m benchmarks.profile --smoke                                            # tiny, CPU
+
+Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.profiling``: CUDA
+events per stage on GPU, wall clock on CPU; NVTX ranges on CUDA), and prints for each stage its
+median time per forward, its share of the forward's median total time, and the achieved FLOP rate
+and bandwidth against the device peaks (``benchmarks.common.device_peaks``).
+
+Stages (both models use the same names; the reference is instrumented from outside by
+``sed_fast.profiling.instrument``): ``image_encoder``, ``text`` (cached embeddings, per forward),
+``cost_map``, ``conv1``, ``decoder_guidance``, per decoder layer i: ``decoder{i}.corr_guidance``,
+``decoder{i}.dwconv`` (depthwise conv + LayerNorm), ``decoder{i}.convnext_mlp``,
+``decoder{i}.class_attention``, ``decoder{i}.upsample``, ``decoder{i}.double_conv``; each
+rejection step ``reject{i}`` (aux head + rule + gathers; exact reference: ``aux_head{i}``),
+``head``, ``scatter`` (fast), ``resize``. ``other (outside stages)`` is the total minus the stages:
+input checks, the reference's boolean-index gathers, launches between stages. Shares add up to 100%.
+
+FLOPs and bytes per stage come from one extra forward under ``sed_fast.profiling.OpCounter``: FLOPs
+of matmuls / convolutions / the sed_fast kernels, bytes read and written by each op (unfused
+traffic: an upper bound of what a fused implementation must move, so a bandwidth rate above the
+device peak means the stage is better fused than the op-by-op model). ``%peak`` is the larger of
+the bandwidth and the FLOP-rate fractions.
+
+``--trace FILE`` writes a ``torch.profiler`` Chrome trace of two forwards (chrome://tracing or
+Perfetto), with the stage ranges. ``--json FILE`` writes the breakdown; ``--save`` appends it as a
+row (``kind: "profile"``) to ``<results dir>/profile.jsonl`` for ``benchmarks.report``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import common
+
+OTHER = "other (outside stages)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sed-fast profile", description="Per-stage profile of one SED configuration.")
+    parser.add_argument("--variant", default="b", help="b or l (default b)")
+    parser.add_argument("--impl", choices=("fast", "reference"), default="fast")
+    parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16")
+    parser.add_argument("--autocast", default=None, metavar="DTYPE",
+                        help="run the (float32) model under torch.autocast with this dtype")
+    parser.add_argument("--vocab", default="ade150", help="voc20, pc59, ade150, pc459, ade847 or randomN")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cer-topk", type=int, default=None, metavar="K", help="category early rejection top-k")
+    parser.add_argument("--kept-classes", type=int, default=None, metavar="N",
+                        help="force each rejection step to keep N classes (benchmarks; see sed-fast bench)")
+    parser.add_argument("--fast-options", default="", metavar="KEY=VALUE,...",
+                        help="attributes set on the fast model, e.g. cuda_graphs=true")
+    parser.add_argument("--image-size", type=int, default=768)
+    parser.add_argument("--clip-resolution", type=int, default=768)
+    parser.add_argument("--text", choices=("image", "random", "vocab"), default="image",
+                        help="text embeddings (see sed-fast bench --help)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up forwards (default 3; smoke 1)")
+    parser.add_argument("--reps", type=int, default=None, help="recorded forwards (default 10; smoke 2)")
+    parser.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler Chrome trace")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the breakdown as JSON")
+    parser.add_argument("--save", action="store_true", help="append the breakdown to <results dir>/profile.jsonl")
+    parser.add_argument("--results-dir", default=None, help="results folder (device peaks cache; --save)")
+    parser.add_argument("--no-counts", action="store_true", help="skip the FLOP / byte counting forward")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in float32 (default off)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: clip resolution 64, 64x64 image, voc20")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def build_model(args, device: torch.device):
+    import sed_fast
+    torch.manual_seed(args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sed_fast.RandomWeightsWarning)
+        model = sed_fast.build_sed(args.variant, impl=args.impl, device=device, dtype=common.parse_dtype(args.dtype),
+                                   clip_resolution=args.clip_resolution)
+    model.cer_topk = args.cer_topk
+    model.force_kept_classes = args.kept_classes
+    if args.impl == "fast":
+        from .e2e import parse_options
+        for key, value in parse_options(args.fast_options).items():
+            if not hasattr(model, key):
+                raise ValueError(f"the fast model has no option {key!r}")
+            setattr(model, key, value)
+    return model
+
+
+def breakdown(stage_ms: Dict[str, float], depths: Dict[str, int], order: Sequence[str], total_ms: float,
+              flops: Dict[str, float], nbytes: Dict[str, float], peaks, dtype) -> List[Dict[str, object]]:
+    """Rows (stage, ms, share, rates) for the top-level stages plus "other"; shares sum to 100%."""
+    top = [name for name in order if depths.get(name, 0) == 0]
+    tracked = sum(stage_ms.get(name, 0.0) for name in top)
+    total = max(total_ms, tracked)
+    rows = []
+    for name in order:
+        ms = stage_ms.get(name, 0.0)
+        row = {"stage": name, "depth": depths.get(name, 0), "ms": ms,
+               "share": ms / total if total > 0 and depths.get(name, 0) == 0 else None,
+               "flops": flops.get(name) or None, "bytes": nbytes.get(name) or None}
+        row.update(common.rates(row["bytes"], row["flops"], ms, peaks, dtype))
+        rows.append(row)
+    other = total - tracked
+    rows.append({"stage": OTHER, "depth": 0, "ms": other, "share": other / total if total > 0 else None,
+                 "flops": None, "bytes": (nbytes.get("(none)") or None), "gb_per_s": None, "tflop_per_s": None,
+                 "frac_peak_bw": None, "frac_peak_flops": None})
+    return rows
+
+
+def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: str, file=None) -> None:
+    print(title, file=file)
+    header = f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>9}"
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in rows:
+        fractions = [(r.get("frac_peak_bw"), "bw"), (r.get("frac_peak_flops"), "fl")]
+        fractions = [(f, k) for f, k in fractions if f is not None]
+        peak = "-"
+        if fractions:
+            f, k = max(fractions)
+            peak = f"{100 * f:.0f}% {k}"
+        name = ("  " * int(r.get("depth") or 0) + str(r["stage"]))[:30]
+        share = f"{100 * r['share']:.1f}%" if r.get("share") is not None else ""
+        gflop = r["flops"] / 1e9 if r.get("flops") else None
+        mbytes = r["bytes"] / 1e6 if r.get("bytes") else None
+        print(f"{name:<30} {common.fmt(r['ms'], 3):>9} {share:>7} {common.fmt(gflop, 2):>9} {common.fmt(mbytes, 1):>10} "
+              f"{common.fmt(r.get('tflop_per_s'), 2):>8} {common.fmt(r.get('gb_per_s'), 1):>8} {peak:>9}", file=file)
+    shares = sum(r["share"] for r in rows if r.get("share") is not None)
+    print(f"{'total (median forward)':<30} {common.fmt(total_ms, 3):>9} {100 * shares:>6.1f}%", file=file)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from sed_fast.profiling import OpCounter, instrument, recording
+
+    from .e2e import synthetic_text, vocab_size
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in {"image_size": 64, "clip_resolution": 64, "vocab": "voc20"}.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
+    reps = args.reps if args.reps is not None else (2 if args.smoke else 10)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: CUDA is not available (use --device cpu)", file=sys.stderr)
+        return 2
+    try:
+        classes = vocab_size(args.vocab)
+        dtype = common.parse_dtype(args.dtype)
+        autocast_dtype = common.parse_dtype(args.autocast) if args.autocast else None
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with common.settings(args.threads, args.smoke, args.tf32):
+        return _run(args, device, classes, dtype, autocast_dtype, warmup, reps)
+
+
+def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
+    from sed_fast.profiling import OpCounter, instrument, recording
+
+    from .e2e import synthetic_text
+
+    cuda = device.type == "cuda"
+
+    try:
+        model = build_model(args, device)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + args.batch)
+    images = (torch.rand(args.batch, 3, args.image_size, args.image_size, generator=generator) * 255).to(device)
+    text, names, _ = synthetic_text(model, args.vocab, classes, args.text, images, args.seed)
+    model.text_embeddings, model.class_names = text.to(device), list(names)
+    compute_dtype = autocast_dtype or dtype
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def forward():
+        with torch.no_grad(), autocast():
+            return model(images)
+
+    for _ in range(max(1, warmup)):
+        forward()
+    common.synchronize(device)
+
+    totals: List[float] = []
+    per_stage: Dict[str, List[float]] = {}
+    calls: Dict[str, int] = {}
+    depths: Dict[str, int] = {}
+    order: List[str] = []
+    for _ in range(max(1, reps)):
+        with recording(device) as recorder, instrument(model):
+            common.synchronize(device)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                forward()
+                end.record()
+                torch.cuda.synchronize(device)
+                totals.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                forward()
+                totals.append((time.perf_counter() - begin) * 1e3)
+            times = recorder.times_ms()
+        for name in recorder.order:
+            if name not in order:
+                order.append(name)
+            per_stage.setdefault(name, []).append(sum(times.get(name, [0.0])))
+            calls[name] = len(times.get(name, []))
+            depths[name] = min(depths.get(name, 99), recorder.depths.get(name, 0))
+    stage_ms = {name: common.quantile(values, 0.5) for name, values in per_stage.items()}
+    total_ms = common.quantile(totals, 0.5)
+
+    flops: Dict[str, float] = {}
+    nbytes: Dict[str, float] = {}
+    if not args.no_counts:
+        counter = OpCounter()
+        with recording(device, nvtx=False), instrument(model), counter:
+            forward()
+        flops, nbytes = dict(counter.flops), dict(counter.bytes)
+
+    peaks = None
+    try:
+        peaks = common.device_peaks(device, args.results_dir)
+    except Exception as error:  # noqa: BLE001 - the times are still worth printing
+        print(f"warning: device peaks unavailable: {error}", file=sys.stderr)
+
+    if args.trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(2):
+                with recording(device) as recorder, instrument(model):
+                    forward()
+                    recorder.times_ms()
+        prof.export_chrome_trace(args.trace)
+
+    rows = breakdown(stage_ms, depths, order, total_ms, flops, nbytes, peaks, compute_dtype)
+    env = common.environment(device)
+    setting = ("exact" if args.cer_topk is None and args.kept_classes is None else
+               f"kept{args.kept_classes}" if args.kept_classes is not None else f"cer{args.cer_topk}")
+    impl = args.impl + ("+autocast" if autocast_dtype else "") + (f"[{args.fast_options}]" if args.impl == "fast"
+                                                                 and args.fast_options else "")
+    title = (f"SED-{args.variant.upper()} {impl} {common.dtype_name(compute_dtype)}"
+             + (" (autocast)" if autocast_dtype else "")
+             + f", {args.vocab} (T={classes}), batch {args.batch}, {setting}, {args.image_size}px "
+               f"(encoder at {args.clip_resolution}) on {env['device']}; median of {len(totals)} forwards")
+    print_breakdown(rows, total_ms, title)
+    if peaks:
+        print(f"peaks: copy {peaks['copy_gb_per_s']:.0f} GB/s, matmul "
+              + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks["matmul_tflop_per_s"].items())
+              + " (measured; benchmarks/common.py)")
+    if cuda:
+        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MB")
+    record = dict(env, kind="profile", variant=args.variant, impl=impl,
+                  dtype=common.dtype_name(compute_dtype), vocab=args.vocab, T=classes, batch=args.batch,
+                  cer_topk=args.cer_topk, kept_classes=args.kept_classes, setting=setting,
+                  image_size=args.image_size, clip_resolution=args.clip_resolution, median_ms=total_ms,
+                  p20_ms=common.quantile(totals, 0.2), p80_ms=common.quantile(totals, 0.8), reps=len(totals),
+                  stages=rows, stages_ms={r["stage"]: r["ms"] for r in rows if r["depth"] == 0},
+                  calls=calls, config=title)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(common._jsonable(record), f, indent=2)
+            f.write("\n")
+    if args.save:
+        common.append_rows(common.results_dir(args.results_dir) / "profile.jsonl", [record])
+    if args.trace:
+        print(f"trace written to {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

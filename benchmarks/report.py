@@ -1,0 +1,401 @@
+"""Report of the benchmark results: a Markdown file and PNG plots.
+
+    python -m benchmarks.report                                  # benchmarks/results/*.jsonl
+    python -m benchmarks.report --results-dir DIR --out DIR
+    python -m benchmarks.report FILE.jsonl ... --print           # also a short text summary
+
+Writes into ``--out`` (default: the results folder):
+
+* ``report.md``: environment, the end-to-end table (one line per row; speed-up against the float32
+  reference of the same variant / batch / vocabulary / setting; rows whose outputs did not match the
+  reference are listed as WRONG OUTPUT without a time), the paper's SED-B latencies on an A6000 beside
+  ours (a different GPU, and the paper's trained weights: its CER rows reject far more classes than
+  our random weights do, compare with our forced kept-class rows), the kernel table and the profiles;
+* ``latency_vs_classes.png``: median latency against the number of classes, one line per
+  implementation / dtype / setting (with more than 14 lines, only the exact, cer8 and kept32
+  settings), log scales, one panel per (variant, batch); the paper's A6000
+  figures dashed in grey (marked as a different GPU) in the SED-B batch-1 panel;
+* ``stages.png``: per-stage stacked bars of the end-to-end rows (``stages_ms`` as shares of the
+  recorded forwards scaled to the median latency, else encoder / text / decoder) and of the profile
+  rows (at most 24 bars: profiles first, then batch 1, biggest vocabularies first).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import common
+
+#: SED-B, 768x768, one A6000, batch 1 (Xie et al., CVPR 2024): latency in ms with CER top-k.
+PAPER_GPU = "A6000"
+PAPER_KS = (1, 2, 4, 8, None)  # None: no rejection ("all")
+PAPER_LATENCY_MS = OrderedDict([
+    ("PAS-20", (20, (37.2, 38.9, 42.2, 47.3, 44.9))),
+    ("PC-59", (59, (40.5, 44.2, 49.7, 59.8, 84.7))),
+    ("A-150", (150, (51.3, 55.8, 67.5, 82.4, 177.7))),
+    ("PC-459", (459, (74.8, 84.2, 93.4, 120.1, 468.1))),
+    ("A-847", (847, (120.8, 136.4, 151.5, 181.6, 861.0))),
+])
+PAPER_VOCAB = {"PAS-20": "voc20", "PC-59": "pc59", "A-150": "ade150", "PC-459": "pc459", "A-847": "ade847"}
+
+MAX_SERIES = 14
+HEADLINE_SETTINGS = ("exact", "cer8", "kept32")
+
+STAGE_GROUPS = OrderedDict([
+    ("image encoder", ("image_encoder",)),
+    ("text", ("text",)),
+    ("cost map + conv1", ("cost_map", "conv1")),
+    ("guidance", ("decoder_guidance", "corr_guidance")),
+    ("dwconv + LN", ("dwconv",)),
+    ("ConvNeXt MLP", ("convnext_mlp",)),
+    ("class attention", ("class_attention",)),
+    ("upsample + DoubleConv", ("upsample", "double_conv")),
+    ("rejection / aux heads", ("reject", "aux_head")),
+    ("heads + output", ("head", "scatter", "resize")),
+])
+
+
+def stage_group(name: str) -> str:
+    base = name.split(".", 1)[-1] if name.startswith("decoder") and "." in name else name
+    for group, keys in STAGE_GROUPS.items():
+        for key in keys:
+            if base == key or (key in ("reject", "aux_head") and base.startswith(key)):
+                return group
+    return "other"
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return lines
+
+
+def _setting(row) -> str:
+    if row.get("setting"):
+        return str(row["setting"])
+    if row.get("kept_classes") is not None:
+        return f"kept{row['kept_classes']}"
+    return "exact" if row.get("cer_topk") is None else f"cer{row['cer_topk']}"
+
+
+def _key(row) -> Tuple:
+    return (row.get("device"), row.get("variant"), row.get("batch"), row.get("vocab"), _setting(row),
+            row.get("image_size"), row.get("clip_resolution"), bool(row.get("tf32")))
+
+
+def _dtype(row) -> str:
+    return f"{row.get('dtype')}" + ("+tf32" if row.get("tf32") and row.get("dtype") == "float32" else "")
+
+
+def _reference_times(rows) -> Dict[Tuple, float]:
+    out = {}
+    for row in rows:
+        if row.get("impl") == "reference" and row.get("dtype") == "float32" and row.get("median_ms"):
+            out[_key(row)] = row["median_ms"]  # the last one wins (latest run)
+    return out
+
+
+def _status(row) -> str:
+    if row.get("error"):
+        return "error: " + str(row["error"])[:120]
+    if row.get("valid") is False:
+        return str(row.get("note") or "WRONG OUTPUT")
+    if row.get("valid") is None:
+        return "unchecked" + (f" ({row['note']})" if row.get("note") and row["note"] != "unchecked" else "")
+    return "ok"
+
+
+def _series_label(row) -> str:
+    label = f"{row['impl']} {_dtype(row)} {_setting(row)}"
+    return label
+
+
+# -- Markdown ---------------------------------------------------------------------------------------
+def e2e_table(rows) -> List[str]:
+    refs = _reference_times(rows)
+    body = []
+    for r in rows:
+        ref = refs.get(_key(r))
+        speedup = ref / r["median_ms"] if ref and r.get("median_ms") else None
+        spread = (f"{common.fmt(r.get('p20_ms'), 1)}-{common.fmt(r.get('p80_ms'), 1)}"
+                  if r.get("p20_ms") is not None else "-")
+        body.append([f"SED-{str(r.get('variant')).upper()}", r.get("impl"), _dtype(r), r.get("vocab"), r.get("T"),
+                     r.get("batch"), _setting(r), common.fmt(r.get("median_ms"), 1), spread,
+                     common.fmt(speedup, 2) + ("x" if speedup else ""),
+                     common.fmt(r.get("encoder_ms"), 1), common.fmt(r.get("text_ms"), 2),
+                     common.fmt(r.get("decoder_ms"), 1), common.fmt(r.get("peak_mem_mb"), 0),
+                     common.fmt(r.get("kept_mean"), 1), common.fmt(r.get("max_abs_diff_vs_reference"), 6),
+                     _status(r)])
+    header = ["model", "impl", "dtype", "vocab", "T", "batch", "setting", "median ms", "p20-p80 ms", "vs ref",
+              "encoder ms", "text ms", "decoder ms", "peak MB", "kept", "max diff", "status"]
+    return _table(header, body)
+
+
+def paper_table(rows) -> List[str]:
+    ours = defaultdict(dict)
+    for r in rows:
+        if r.get("kind") != "e2e" or r.get("variant") != "b" or r.get("batch") != 1 or not r.get("median_ms"):
+            continue
+        if r.get("image_size") not in (None, 768) or r.get("clip_resolution") not in (None, 768):
+            continue
+        ours[r.get("vocab")][(r.get("impl"), _dtype(r), _setting(r))] = r["median_ms"]
+    picks = [("reference", "float32", "exact"), ("reference", "float32+tf32", "exact"),
+             ("reference", "float32", "cer8"), ("fast", "float32", "exact"),
+             ("fast", "float32", "cer8"), ("fast", "float32", "kept32"), ("fast", "bfloat16", "exact"),
+             ("fast", "bfloat16", "kept32")]
+    header = ["dataset (T)"] + [f"paper k={k}" if k else "paper all" for k in PAPER_KS] + \
+             [f"ours {impl} {dtype} {setting}" for impl, dtype, setting in picks]
+    body = []
+    for dataset, (classes, values) in PAPER_LATENCY_MS.items():
+        mine = ours.get(PAPER_VOCAB[dataset], {})
+        body.append([f"{dataset} ({classes})"] + [f"{v:.1f}" for v in values]
+                    + [common.fmt(mine.get(p), 1) for p in picks])
+    return _table(header, body)
+
+
+def kernel_table(rows) -> List[str]:
+    body = []
+    for r in rows:
+        fractions = [f for f in (r.get("frac_peak_bw"), r.get("frac_peak_flops")) if f is not None]
+        impl = str(r.get("impl")) + (f" ({r['backend']})" if r.get("impl") == "sed_fast" and r.get("backend") else "")
+        status = "error: " + str(r["error"])[:80] if r.get("error") else \
+            {True: "ok", False: "WRONG OUTPUT", None: "unchecked"}[r.get("valid")]
+        body.append([r.get("op"), r.get("shape"), r.get("dtype"), impl, common.fmt(r.get("median_ms"), 3),
+                     common.fmt(r.get("gb_per_s"), 1), common.fmt(r.get("tflop_per_s"), 2),
+                     f"{100 * max(fractions):.0f}%" if fractions else "-",
+                     common.fmt(r.get("speedup_vs_official"), 2), common.fmt(r.get("max_abs_diff_vs_reference"), 6),
+                     status])
+    return _table(["op", "shape", "dtype", "impl", "median ms", "GB/s", "TFLOP/s", "% peak", "speed-up",
+                   "max diff", "status"], body)
+
+
+def profile_section(row) -> List[str]:
+    lines = [f"**{row.get('config')}**", ""]
+    body = []
+    for s in row.get("stages") or []:
+        fractions = [f for f in (s.get("frac_peak_bw"), s.get("frac_peak_flops")) if f is not None]
+        body.append([s.get("stage"), common.fmt(s.get("ms"), 3),
+                     f"{100 * s['share']:.1f}%" if s.get("share") is not None else "",
+                     common.fmt(s.get("tflop_per_s"), 2), common.fmt(s.get("gb_per_s"), 1),
+                     f"{100 * max(fractions):.0f}%" if fractions else "-"])
+    lines += _table(["stage", "ms", "share", "TFLOP/s", "GB/s", "% peak"], body)
+    return lines
+
+
+def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
+    e2e = [r for r in rows if r.get("kind", "e2e") == "e2e"]
+    kernels = [r for r in rows if r.get("kind") == "kernel"]
+    profiles = [r for r in rows if r.get("kind") == "profile"]
+    lines = ["# SED benchmark report", ""]
+    envs = OrderedDict()
+    for r in rows:
+        envs[(r.get("device"), r.get("torch"), r.get("triton"), r.get("cuda"), r.get("git_commit"))] = r.get("timestamp")
+    lines += ["Environments:", ""]
+    lines += _table(["device", "torch", "triton", "CUDA", "commit", "last run"],
+                    [list(k) + [v] for k, v in envs.items()])
+    lines += ["", "Weights are random (no checkpoint): times are real, segmentations meaningless. float32 rows "
+              "run with TF32 off unless the row says tf32. Rows marked WRONG OUTPUT differ from the float32 "
+              "reference beyond the tolerance and are not results.", ""]
+    if e2e:
+        lines += ["## End to end", ""] + e2e_table(e2e) + [""]
+        lines += [f"## Beside the paper (SED-B, 768x768, batch 1; paper: one {PAPER_GPU}, a DIFFERENT GPU)", "",
+                  "The paper's CER rows come from trained weights that reject most classes; random weights keep "
+                  "almost all, so compare the paper's k columns with our forced kept-class rows (kept32).", ""]
+        lines += paper_table(e2e) + [""]
+    if kernels:
+        lines += ["## Kernels", ""] + kernel_table(kernels) + [""]
+    if profiles:
+        lines += ["## Profiles", ""]
+        for row in profiles:
+            lines += profile_section(row) + [""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_latency(path: Path, rows) -> bool:
+    valid = [r for r in rows if r.get("kind", "e2e") == "e2e" and r.get("median_ms") and r.get("T")]
+    panels = OrderedDict()
+    for r in valid:
+        panels.setdefault((r.get("variant"), r.get("batch")), []).append(r)
+    if not panels:
+        panels[("b", 1)] = []
+    plt = _pyplot()
+    count = len(panels)
+    fig, axes = plt.subplots(1, count, figsize=(7 * count, 5.5), squeeze=False)
+    for ax, ((variant, batch), group) in zip(axes[0], panels.items()):
+        series = OrderedDict()
+        for r in sorted(group, key=lambda r: r["T"]):
+            series.setdefault(_series_label(r), {})[r["T"]] = r["median_ms"]
+        if len(series) > MAX_SERIES:  # keep the headline settings readable
+            series = OrderedDict((k, v) for k, v in series.items() if k.rsplit(" ", 1)[-1] in HEADLINE_SETTINGS)
+        for label, points in series.items():
+            xs = sorted(points)
+            style = "-o" if "fast" in label else "-s"
+            ax.plot(xs, [points[x] for x in xs], style, label=label, markersize=4)
+        if variant == "b" and batch == 1:
+            for i, k in enumerate(PAPER_KS):
+                xs = [c for c, _ in PAPER_LATENCY_MS.values()]
+                ys = [v[i] for _, v in PAPER_LATENCY_MS.values()]
+                ax.plot(xs, ys, "--", color=str(0.35 + 0.1 * i), marker="x", markersize=4,
+                        label=f"paper {PAPER_GPU} (different GPU) " + (f"CER k={k}" if k else "no CER"))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of classes T")
+        ax.set_ylabel("median latency (ms)")
+        device = group[0].get("device") if group else "?"
+        ax.set_title(f"SED-{str(variant).upper()}, batch {batch} ({device})", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _bar_parts(row) -> Optional[Dict[str, float]]:
+    total = row.get("median_ms")
+    if not total:
+        return None
+    parts: Dict[str, float] = OrderedDict((g, 0.0) for g in list(STAGE_GROUPS) + ["other"])
+    stages = row.get("stages_ms")
+    if stages:
+        for name, ms in stages.items():
+            if name.startswith("other") or ms is None:
+                continue
+            parts[stage_group(name)] += float(ms)
+    elif row.get("encoder_ms") is not None:
+        parts = OrderedDict([("image encoder", float(row["encoder_ms"])), ("text", float(row.get("text_ms") or 0.0)),
+                             ("decoder (all)", float(row.get("decoder_ms") or 0.0)), ("other", 0.0)])
+    else:
+        return None
+    recorded_total = row.get("stages_total_ms") if stages else None
+    tracked = sum(v for k, v in parts.items() if k != "other")
+    if recorded_total:  # shares of the recorded forwards, scaled to the median latency
+        parts["other"] = max(0.0, float(recorded_total) - tracked)
+        scale = float(total) / max(float(recorded_total), tracked)
+        parts = OrderedDict((k, v * scale) for k, v in parts.items())
+    else:
+        parts["other"] = max(0.0, float(total) - tracked)
+    return parts
+
+
+def plot_stages(path: Path, rows, max_bars: int = 24) -> bool:
+    candidates = [r for r in rows if r.get("kind", "e2e") in ("e2e", "profile") and _bar_parts(r)]
+    if len(candidates) > max_bars:  # keep the biggest vocabularies of batch 1 first
+        candidates.sort(key=lambda r: (r.get("kind") != "profile", r.get("batch") != 1, -(r.get("T") or 0)))
+        candidates = candidates[:max_bars]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(candidates) + 3), 6))
+    groups: List[str] = []
+    bars = []
+    for r in candidates:
+        parts = _bar_parts(r)
+        bars.append(parts)
+        for g in parts:
+            if g not in groups:
+                groups.append(g)
+    labels = [f"{'[profile] ' if r.get('kind') == 'profile' else ''}{r.get('impl')} {_dtype(r)}\n"
+              f"{r.get('vocab')} B={r.get('batch')} {_setting(r)}" for r in candidates]
+    colors = plt.get_cmap("tab20").colors
+    bottoms = [0.0] * len(bars)
+    for i, g in enumerate(groups):
+        values = [b.get(g, 0.0) for b in bars]
+        if not any(values):
+            continue
+        ax.bar(range(len(bars)), values, bottom=bottoms, label=g, color=colors[i % len(colors)])
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("ms per forward")
+    ax.set_title("Per-stage time (bar = median latency; shares from recorded forwards; other = outside stages)",
+                 fontsize=9)
+    if bars:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- summary ----------------------------------------------------------------------------------------
+def print_summary(rows, file=None) -> None:
+    """A short text table: end-to-end rows with speed-up, then the auto-backend kernel speed-ups."""
+    e2e = [r for r in rows if r.get("kind", "e2e") == "e2e"]
+    refs = _reference_times(e2e)
+    if e2e:
+        print(f"{'config':<58} {'median ms':>10} {'vs ref':>7}  status", file=file)
+        for r in e2e:
+            ref = refs.get(_key(r))
+            speedup = f"{ref / r['median_ms']:.2f}x" if ref and r.get("median_ms") else "-"
+            config = (f"SED-{str(r.get('variant')).upper()} {r.get('impl')} {_dtype(r)} {r.get('vocab')} "
+                      f"B={r.get('batch')} {_setting(r)}")
+            print(f"{config[:58]:<58} {common.fmt(r.get('median_ms'), 1):>10} {speedup:>7}  {_status(r)[:60]}", file=file)
+    kernels = [r for r in rows if r.get("kind") == "kernel" and r.get("impl") == "sed_fast"]
+    if kernels:
+        print(f"\n{'kernel (auto backend) vs official':<58} {'median ms':>10} {'speedup':>7}  status", file=file)
+        for r in kernels:
+            name = f"{r.get('op')} {r.get('shape')} {r.get('dtype')} {r.get('backend') or ''}"
+            status = "error" if r.get("error") else {True: "ok", False: "WRONG", None: "unchecked"}[r.get("valid")]
+            print(f"{name[:58]:<58} {common.fmt(r.get('median_ms'), 3):>10} "
+                  f"{common.fmt(r.get('speedup_vs_official'), 2):>7}  {status}", file=file)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Markdown + PNG report of benchmark results.")
+    parser.add_argument("files", nargs="*", help=".jsonl files or folders (default: the results folder)")
+    parser.add_argument("--results-dir", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=None, help="output folder (default: the results folder)")
+    parser.add_argument("--name", default="report", help="Markdown file name (<name>.md)")
+    parser.add_argument("--no-plots", action="store_true", help="write the Markdown only")
+    parser.add_argument("--print", dest="print_summary", action="store_true", help="print a short summary table")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    folder = common.results_dir(args.results_dir)
+    rows = common.read_rows(args.files or [folder])
+    out = Path(args.out) if args.out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        print(f"no result rows in {', '.join(map(str, args.files or [folder]))}", file=sys.stderr)
+        return 1
+    plots: List[str] = []
+    if not args.no_plots:
+        try:
+            if plot_latency(out / "latency_vs_classes.png", rows):
+                plots.append("latency_vs_classes.png")
+            if plot_stages(out / "stages.png", rows):
+                plots.append("stages.png")
+        except ImportError as error:
+            print(f"warning: no plots ({error}); install matplotlib", file=sys.stderr)
+    write_markdown(out / f"{args.name}.md", rows, plots)
+    print(f"wrote {out / (args.name + '.md')}" + "".join(f", {out / p}" for p in plots))
+    if args.print_summary:
+        print_summary(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

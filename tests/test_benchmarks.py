@@ -1,0 +1,310 @@
+"""CPU smoke tests of the benchmarks: the kernel benchmark, the end-to-end benchmark, the profile
+command and the report run at tiny sizes, and their outputs are checked for shape and sanity (never
+for speed). The runs share one results folder (module fixture) and take a few seconds each."""
+import datetime as dt
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from benchmarks import common, e2e, kernels, profile, report
+
+pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
+
+TINY = ["--smoke", "--clip-resolution", "32", "--image-size", "48"]
+ENV_FIELDS = ("device", "torch", "triton", "cuda", "git_commit", "timestamp")
+E2E_FIELDS = ENV_FIELDS + ("config", "impl", "dtype", "vocab", "T", "batch", "cer_topk", "kept_classes", "median_ms",
+                           "p20_ms", "p80_ms", "peak_mem_mb", "max_abs_diff_vs_reference", "encoder_ms", "text_ms",
+                           "decoder_ms", "valid")
+KERNEL_FIELDS = ENV_FIELDS + ("op", "shape", "T", "dtype", "impl", "median_ms", "p20_ms", "p80_ms", "bytes",
+                              "gb_per_s", "frac_peak_bw", "speedup_vs_official", "max_abs_diff_vs_reference", "valid")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run kernels, e2e and two profiles into one folder; return (folder, outputs by command)."""
+    folder = tmp_path_factory.mktemp("bench_results")
+    outputs = {}
+    import contextlib
+    import io
+    for name, main, argv in [
+        ("kernels", kernels.main, ["--smoke", "--classes", "5", "--reps", "2", "--results-dir", str(folder)]),
+        ("e2e", e2e.main, TINY + ["--impls", "reference,reference+autocast,fast", "--fast-dtypes", "float32",
+                                  "--cer-topk", "1", "--kept-classes", "4", "--autocast-settings", "exact",
+                                  "--results-dir", str(folder)]),
+        ("profile_fast", profile.main, TINY + ["--reps", "1", "--cer-topk", "1", "--results-dir", str(folder), "--save",
+                                               "--json", str(folder / "profile_fast.json"),
+                                               "--trace", str(folder / "trace.json")]),
+        ("profile_reference", profile.main, TINY + ["--impl", "reference", "--reps", "1", "--results-dir", str(folder),
+                                                    "--json", str(folder / "profile_reference.json")]),
+    ]:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(argv)
+        outputs[name] = buffer.getvalue()
+        assert code == 0, f"{name} exited with {code}:\n{outputs[name]}"
+    return folder, outputs
+
+
+def _check_env(row):
+    for field in ENV_FIELDS:
+        assert field in row, field
+    assert isinstance(row["device"], str) and row["device"]
+    assert row["torch"] == torch.__version__
+    assert row["triton"] is None or isinstance(row["triton"], str)
+    assert row["cuda"] is None or isinstance(row["cuda"], str)
+    assert row["git_commit"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", row["git_commit"])
+    dt.datetime.fromisoformat(row["timestamp"])
+
+
+def _check_timing(row):
+    for field in ("median_ms", "p20_ms", "p80_ms"):
+        assert isinstance(row[field], float) and math.isfinite(row[field]) and row[field] > 0, (field, row)
+    assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+def test_kernel_benchmark_rows(results):
+    folder, outputs = results
+    rows = _rows(folder / "kernels.jsonl")
+    assert {r["op"] for r in rows} == set(kernels.OPS)
+    assert len(rows) == 2 * (1 + 2 * 4)  # official + op, cost map once, the others at 2 smoke levels
+    for row in rows:
+        for field in KERNEL_FIELDS:
+            assert field in row, field
+        _check_env(row)
+        _check_timing(row)
+        assert row["kind"] == "kernel" and row["T"] == 5 and row["dtype"] == "float32"
+        assert row["impl"] in ("official", "sed_fast")
+        assert row["error"] is None and row["valid"] is True
+        assert 0 <= row["max_abs_diff_vs_reference"] <= 1e-4
+        assert row["bytes"] > 0 and row["gb_per_s"] > 0 and row["frac_peak_bw"] > 0
+        assert row["speedup_vs_official"] > 0
+        if row["op"] in ("cost_map", "dwconv_layernorm", "class_attention"):
+            assert row["flops"] > 0 and row["tflop_per_s"] > 0
+        if row["impl"] == "sed_fast":
+            assert row["backend"] == "torch"  # what "auto" picks on CPU without the interpreter
+    peaks = json.loads((folder / "device_peaks.json").read_text())
+    entry = peaks[rows[0]["device"]]
+    assert entry["copy_gb_per_s"] > 0 and entry["matmul_tflop_per_s"]["float32"] > 0
+    assert "cost_map" in outputs["kernels"] and "speedup" in outputs["kernels"]
+
+
+# -- end to end -------------------------------------------------------------------------------------
+def test_e2e_rows(results):
+    folder, outputs = results
+    rows = _rows(folder / "e2e.jsonl")
+    seen = {(r["impl"], r["dtype"], r["setting"]) for r in rows}
+    assert seen == {("reference", "float32", "exact"), ("reference", "float32", "cer1"),
+                    ("reference", "float32", "kept4"), ("reference+autocast", "bfloat16", "exact"),
+                    ("fast", "float32", "exact"), ("fast", "float32", "cer1"), ("fast", "float32", "kept4")}
+    for row in rows:
+        for field in E2E_FIELDS:
+            assert field in row, field
+        _check_env(row)
+        _check_timing(row)
+        assert row["kind"] == "e2e" and row["vocab"] == "voc20" and row["T"] == 20 and row["batch"] == 1
+        assert row["error"] is None and row["valid"] is True, row
+        assert row["peak_mem_mb"] is None  # CPU
+        assert 0 <= row["max_abs_diff_vs_reference"] <= common.E2E_TOLERANCE[row["dtype"]]
+        for field in ("encoder_ms", "text_ms", "decoder_ms"):
+            assert isinstance(row[field], float) and row[field] >= 0
+        assert row["stages_ms"]["image_encoder"] > 0 and row["stages_total_ms"] > 0
+        if row["setting"] == "exact":
+            assert row["cer_topk"] is None and row["kept_classes"] is None and row["kept_mean"] is None
+        elif row["setting"] == "cer1":
+            assert row["cer_topk"] == 1 and row["kept_classes"] is None and 1 <= row["kept_mean"] <= 20
+        else:
+            assert row["cer_topk"] is None and row["kept_classes"] == 4 and row["kept_mean"] == 4
+            assert row["kept_mismatch"] == 0
+    assert len(re.findall(r"^SED-B .*\s+ok$", outputs["e2e"], flags=re.M)) == len(rows)
+
+
+class _ToyModel(torch.nn.Module):
+    """Stands in for a SED model in run_row: scores = sigmoid(mean of each image) + offset."""
+
+    def __init__(self, offset=0.0, classes=3):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.offset, self.classes = offset, classes
+        self.cer_topk = self.force_kept_classes = None
+
+    def forward(self, images):
+        scores = torch.sigmoid(images.mean(dim=(1, 2, 3)) * self.weight) + self.offset  # per image
+        return scores[:, None, None, None].expand(-1, self.classes, *images.shape[-2:]).clone()
+
+    def encode_image(self, images):
+        return images, [images] * 4
+
+    def _text_for_decoder(self):
+        return torch.zeros(self.classes)
+
+    def decode(self, dense, text, features):
+        return self(dense)
+
+
+def _toy_row(model, **kw):
+    images = torch.rand(2, 3, 8, 8)
+    check = e2e.ReferenceOutputs(_ToyModel(), images, e2e.Setting())
+    base = dict(common.environment("cpu"), kind="e2e", variant="b", vocab="toy", T=3, batch=2, image_size=8,
+                clip_resolution=32, text_source="random", text_setup_ms=None, tf32=False)
+    return e2e.run_row("fast", model, "float32", e2e.Setting(), images, check, base,
+                       {"warmup": 0, "reps": 2}, stage_timing=False, **kw)
+
+
+def test_e2e_wrong_outputs_are_flagged_and_not_reported():
+    good = _toy_row(_ToyModel(offset=0.0))
+    assert good["valid"] is True and good["median_ms"] > 0 and good["max_abs_diff_vs_reference"] == 0
+    wrong = _toy_row(_ToyModel(offset=1e-3))
+    assert wrong["valid"] is False
+    assert wrong["median_ms"] is None and wrong["p20_ms"] is None and wrong["unchecked_median_ms"] > 0
+    assert wrong["max_abs_diff_vs_reference"] == pytest.approx(1e-3, rel=1e-3)
+    assert "WRONG OUTPUT" in wrong["note"]
+
+
+def test_e2e_compile_failure_is_a_row(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    row = _toy_row(_ToyModel(), compile_mode="default")
+    assert row["error"] == "torch.compile failed: RuntimeError: no compiler here"
+    assert row["valid"] is False and row["median_ms"] is None
+
+
+def test_e2e_bad_arguments_are_usage_errors(capsys):
+    assert e2e.main(["--smoke", "--impls", "nope"]) == 2
+    assert e2e.main(["--smoke", "--vocabs", "not_a_vocab"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert e2e.vocab_size("ade847") == 847 and e2e.vocab_size("random7") == 7
+
+
+# -- profile ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, stages", [
+    ("profile_fast", ["image_encoder", "text", "cost_map", "conv1", "reject0", "reject1", "reject2",
+                      "decoder1.dwconv", "decoder2.class_attention", "decoder3.upsample", "decoder3.double_conv",
+                      "head", "resize"]),
+    ("profile_reference", ["image_encoder", "text", "cost_map", "conv1", "aux_head0", "decoder1.dwconv",
+                           "decoder1.convnext_mlp", "decoder2.class_attention", "decoder3.upsample",
+                           "decoder3.double_conv", "head", "resize"]),
+])
+def test_profile_lists_the_stages_with_shares_summing_to_100(results, name, stages):
+    folder, outputs = results
+    text = outputs[name]
+    listed = {line.split()[0] for line in text.splitlines() if line and not line.startswith(("-", " "))}
+    for stage in stages + ["other"]:
+        assert stage in listed, (stage, text)
+    shares = [float(m) for m in re.findall(r"^\S.*?\s(\d+\.\d)%", text, flags=re.M)[:-1]]
+    assert abs(sum(shares) - 100.0) <= 0.1 * len(shares) + 0.5
+    assert re.search(r"^total \(median forward\)\s+\S+\s+100\.0%", text, flags=re.M)
+    record = json.loads((folder / f"{name}.json").read_text())
+    top = [s for s in record["stages"] if s["depth"] == 0]
+    assert abs(sum(s["share"] for s in top) - 1.0) < 1e-6
+    counted = [s for s in top if s["flops"]]
+    assert any(s["stage"] == "image_encoder" for s in counted) and all(s["tflop_per_s"] > 0 for s in counted)
+
+
+def test_profile_trace_and_saved_row(results):
+    folder, _ = results
+    trace = json.loads((folder / "trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "decoder1.class_attention" in names  # the stage ranges are in the trace
+    rows = _rows(folder / "profile.jsonl")
+    assert len(rows) == 1 and rows[0]["kind"] == "profile" and rows[0]["cer_topk"] == 1
+    _check_env(rows[0])
+    _check_timing(rows[0])
+
+
+def test_breakdown_shares_sum_to_one_even_when_stages_exceed_the_total():
+    rows = profile.breakdown({"a": 6.0, "b": 5.0, "a.inner": 1.0}, {"a": 0, "b": 0, "a.inner": 1},
+                             ["a", "a.inner", "b"], 10.0, {}, {}, None, torch.float32)
+    top = [r for r in rows if r["depth"] == 0]
+    assert sum(r["share"] for r in top) == pytest.approx(1.0)
+    assert rows[-1]["stage"] == profile.OTHER and rows[-1]["ms"] == 0.0
+
+
+# -- report -----------------------------------------------------------------------------------------
+def test_report_markdown_and_plots(results, tmp_path, capsys):
+    folder, _ = results
+    assert report.main(["--results-dir", str(folder), "--out", str(tmp_path), "--print"]) == 0
+    printed = capsys.readouterr().out
+    assert "fast float32 voc20 B=1 exact" in printed
+    markdown = (tmp_path / "report.md").read_text()
+    e2e_rows, kernel_rows = _rows(folder / "e2e.jsonl"), _rows(folder / "kernels.jsonl")
+
+    def table_after(title):  # the first Markdown table after the title
+        lines = markdown.split(title, 1)[1].strip().splitlines()
+        table = []
+        for line in lines:
+            if line.startswith("|"):
+                table.append(line)
+            elif table:
+                break
+        return table
+
+    e2e_table = table_after("## End to end")
+    assert e2e_table[0].startswith("| model | impl | dtype |") and set(e2e_table[1]) <= set("|-")
+    assert len(e2e_table) == 2 + len(e2e_rows)
+    kernel_table = table_after("## Kernels")
+    assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
+    paper = table_after("DIFFERENT GPU)")
+    assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
+    for png in ("latency_vs_classes.png", "stages.png"):
+        path = tmp_path / png
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+        import matplotlib.image
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({png})" in markdown
+
+
+def test_report_flags_wrong_rows(tmp_path):
+    row = dict(common.environment("cpu"), kind="e2e", variant="b", impl="fast", dtype="float32", vocab="voc20", T=20,
+               batch=1, cer_topk=None, kept_classes=None, setting="exact", median_ms=None, p20_ms=None, p80_ms=None,
+               unchecked_median_ms=3.0, valid=False, max_abs_diff_vs_reference=0.5, note="WRONG OUTPUT: max diff 0.5",
+               error=None)
+    common.append_rows(tmp_path / "e2e.jsonl", [row])
+    assert report.main(["--results-dir", str(tmp_path), "--no-plots"]) == 0
+    line = [l for l in (tmp_path / "report.md").read_text().splitlines() if l.startswith("| SED-B | fast")][0]
+    assert "WRONG OUTPUT" in line and "| 3.0" not in line
+
+
+# -- small pieces -----------------------------------------------------------------------------------
+def test_quantiles_and_rates():
+    timing = common.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps) == (3.0, 1.8, 4.2, 5)
+    peaks = {"copy_gb_per_s": 100.0, "matmul_tflop_per_s": {"float32": 10.0}}
+    rates = common.rates(2e9, 1e12, 1000.0, peaks, "bfloat16")  # bf16 not measured: float32 peak
+    assert rates == {"gb_per_s": 2.0, "tflop_per_s": 1.0, "frac_peak_bw": 0.02, "frac_peak_flops": 0.1}
+    assert common.git_commit() == "unknown" or len(common.git_commit()) >= 40
+
+
+def test_stage_groups():
+    assert report.stage_group("decoder2.dwconv") == "dwconv + LN"
+    assert report.stage_group("reject1") == report.stage_group("aux_head0") == "rejection / aux heads"
+    assert report.stage_group("decoder3.corr_guidance") == "guidance"
+    assert report.stage_group("something_new") == "other"
+
+
+def test_cli_dispatches_bench_and_profile(capsys):
+    from sed_fast import cli
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--kept-classes" in capsys.readouterr().out
+    assert cli.main(["profile", "--help"]) == 0
+    assert "--trace" in capsys.readouterr().out
+
+
+def test_fast_options_parsing():
+    assert e2e.parse_options("cuda_graphs=true, chunk_bytes=1024,x=0.5,name=abc") == {
+        "cuda_graphs": True, "chunk_bytes": 1024, "x": 0.5, "name": "abc"}
+    assert e2e.parse_options("") == {}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        e2e.parse_options("cuda_graphs")
