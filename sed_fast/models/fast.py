@@ -177,6 +177,7 @@ class SEDFast(SEDBase):
         res2, res3, res4, res5 = features
         rejecting = self.cer_topk is not None or self.force_kept_classes is not None
         rows = _Rows(batch, classes, dense.device)
+        budget = self._budget(dense.device)  # bytes per chunk of work, decided once per forward
 
         with stage("cost_map"):
             corr = kernels.cost_map(dense, text.to(dense.dtype), channels_last=True)  # (B*T, P, h, w)
@@ -197,7 +198,7 @@ class SEDFast(SEDBase):
                         corr_source = kernels.gather_rows(corr_source, selected, rows.count)
             with stage(f"decoder{i + 1}.corr_guidance"):
                 corr_source = dec.decoder_corr_guidance_projection[i](corr_source)  # kept rows only
-            x = self._up(layer, x, guidance[i], corr_source, rows, f"decoder{i + 1}",
+            x = self._up(layer, x, guidance[i], corr_source, rows, f"decoder{i + 1}", budget,
                          final_head=dec.head if i == 2 else None)
 
         with stage("scatter"):
@@ -238,7 +239,7 @@ class SEDFast(SEDBase):
 
     # -- one decoder layer ---------------------------------------------------------------------------
     def _up(self, layer: Up, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor,
-            rows: _Rows, name: str, final_head: Optional[nn.Conv2d] = None) -> torch.Tensor:
+            rows: _Rows, name: str, budget: int, final_head: Optional[nn.Conv2d] = None) -> torch.Tensor:
         """One ``Up`` layer on rows x (R, C, H, W) channels-last -> (R, C_out, 2H, 2W), or the
         final head's logits (R, 1, 2H, 2W) when ``final_head`` is given (fused to save memory)."""
         count, channels, height, width = x.shape
@@ -250,7 +251,7 @@ class SEDFast(SEDBase):
         cnext = layer.cnext
         row_bytes = height * width * channels * x.element_size() * 7
         after_block = torch.empty_like(tokens)
-        for start, stop in _chunks(count, row_bytes, self._budget(x.device)):
+        for start, stop in _chunks(count, row_bytes, budget):
             with stage(f"{name}.dwconv"):
                 normed = kernels.dwconv_layernorm(x[start:stop], cnext.dwconv.weight, cnext.dwconv.bias,
                                                   cnext.norm.weight, cnext.norm.bias, cnext.norm.eps)
@@ -262,7 +263,8 @@ class SEDFast(SEDBase):
 
         # Class attention, per pixel across the classes: chunks of pixels bound q, k, v.
         with stage(f"{name}.class_attention"):
-            attended = self._class_attention(layer, after_block.view(count, height * width, channels), rows)
+            attended = self._class_attention(layer, after_block.view(count, height * width, channels),
+                                             rows, budget)
         del after_block
         x = attended.view(count, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
 
@@ -280,7 +282,7 @@ class SEDFast(SEDBase):
         out = torch.empty(count, out_channels, 2 * height, 2 * width, device=x.device, dtype=x.dtype,
                           memory_format=torch.channels_last)
         row_bytes = 4 * height * width * (up_channels + 2 * corr_guidance.shape[1] + 4 * conv_a.out_channels) * x.element_size()
-        for start, stop in _chunks(count, row_bytes, self._budget(x.device)):
+        for start, stop in _chunks(count, row_bytes, budget):
             with stage(f"{name}.upsample"):
                 up = layer.up(x[start:stop])
             with stage(f"{name}.double_conv"):
@@ -296,7 +298,7 @@ class SEDFast(SEDBase):
             out[start:stop] = y
         return out
 
-    def _class_attention(self, layer: Up, seq: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    def _class_attention(self, layer: Up, seq: torch.Tensor, rows: _Rows, budget: int) -> torch.Tensor:
         """The ClassTransformerLayer with pooling (1, 1): ``2x + attention + MLP`` terms, per pixel.
 
         seq: (R, P, C) tokens of the rows (pixels P = H*W). Returns a new (R, P, C) tensor.
@@ -308,7 +310,7 @@ class SEDFast(SEDBase):
         qkv_bias = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias], 0)
         out = torch.empty_like(seq)
         pixel_bytes = count * channels * seq.element_size() * 12
-        for start, stop in _chunks(pixels, pixel_bytes, self._budget(seq.device)):
+        for start, stop in _chunks(pixels, pixel_bytes, budget):
             x = seq[:, start:stop]
             qkv = F.linear(F.layer_norm(x, (channels,), ctl.norm1.weight, ctl.norm1.bias, ctl.norm1.eps),
                            qkv_weight, qkv_bias)
