@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from ._layout import pixel_strides
 
 OP_NAME = "cost_map"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,13 +107,6 @@ def _pick_blocks(num_pixels: int, num_rows: int, dim: int):
     return block_m, block_n, block_k
 
 
-def _pixel_strides(img_feats: torch.Tensor):
-    """(stride_b, stride_d, stride_pixel) if h and w flatten into one pixel axis, else None."""
-    _, _, height, width = img_feats.shape
-    stride_b, stride_d, stride_h, stride_w = img_feats.stride()
-    if height == 1 or stride_h == width * stride_w:
-        return stride_b, stride_d, stride_w
-    return None
 
 
 def _output_like(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -128,10 +122,10 @@ def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: 
     """Triton launcher (same signature as the op; ``out`` lets tests pass a NaN-poisoned buffer)."""
     batch, dim, height, width = img_feats.shape
     classes, prompts, _ = text.shape
-    strides = _pixel_strides(img_feats)
+    strides = pixel_strides(img_feats)
     if strides is None:
         img_feats = img_feats.contiguous()
-        strides = _pixel_strides(img_feats)
+        strides = pixel_strides(img_feats)
     text = text.contiguous()
     if out is None:
         out = _output_like(img_feats, text, channels_last)

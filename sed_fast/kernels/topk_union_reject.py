@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from ._layout import pixel_strides
 
 OP_NAME = "topk_union_reject"
 GATHER_OP_NAME = "gather_rows"
@@ -168,13 +169,6 @@ def _new_outputs(aux_logits: torch.Tensor):
             torch.empty((batch + 1,), dtype=torch.int32, device=device))
 
 
-def _pixel_strides(aux_logits: torch.Tensor):
-    """(stride_b, stride_t, stride_pixel) if h and w flatten into one pixel axis, else None."""
-    _, _, height, width = aux_logits.shape
-    stride_b, stride_t, stride_h, stride_w = aux_logits.stride()
-    if height == 1 or stride_h == width * stride_w:
-        return stride_b, stride_t, stride_w
-    return None
 
 
 def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
@@ -182,10 +176,10 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     """Triton launcher (same signature as the op; ``out`` lets tests pass poisoned buffers)."""
     batch, classes, height, width = aux_logits.shape
     num_pixels = height * width
-    strides = _pixel_strides(aux_logits)
+    strides = pixel_strides(aux_logits)
     if strides is None:
         aux_logits = aux_logits.contiguous()
-        strides = _pixel_strides(aux_logits)
+        strides = pixel_strides(aux_logits)
     kept_mask, flat_idx, offsets = out if out is not None else _new_outputs(aux_logits)
     threshold = torch.empty((batch, num_pixels), dtype=torch.float32, device=aux_logits.device)
     rounds = min(k, classes)
