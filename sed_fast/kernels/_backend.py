@@ -26,6 +26,11 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
+# Options every Triton launch passes. FMA contraction on, stated rather than inherited: it is the
+# default up to Triton 3.9, which warns that 3.10 turns it off unless asked; the kernels' accuracy
+# (and the GPU machine's Triton 3.6) assume it.
+TRITON_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 _impls: Dict[str, Dict[str, Callable]] = {}
 _available: Dict[str, Dict[str, Callable[[torch.device], bool]]] = {}
 _overrides: Dict[str, str] = {}

@@ -121,6 +121,7 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
             num_warps=4,
+            **_backend.TRITON_LAUNCH_OPTIONS,
         )
     return out
 

@@ -152,6 +152,7 @@ def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: 
             INPUT_PRECISION=input_precision,
             UPCAST_DOT=_backend.triton_interpreter_mode() and img_feats.dtype == torch.bfloat16,
             num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=3,
+            **_backend.TRITON_LAUNCH_OPTIONS,
         )
     return out
 

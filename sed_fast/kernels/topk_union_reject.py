@@ -190,15 +190,15 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     with _device_context(aux_logits):
         _kth_largest_kernel[(triton.cdiv(num_pixels, block_pix), batch)](
             aux_logits, threshold, classes, num_pixels, rounds, *strides,
-            BLOCK_T=block_t, BLOCK_PIX=block_pix, num_warps=4)
+            BLOCK_T=block_t, BLOCK_PIX=block_pix, num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
         union_block_pix = max(16, min(128, triton.next_power_of_2(num_pixels)))
         union_block_t = max(16, min(32, triton.next_power_of_2(classes)))
         _union_kernel[(triton.cdiv(classes, union_block_t), batch)](
             aux_logits, threshold, kept_mask.view(torch.uint8), classes, num_pixels, *strides,
-            BLOCK_T=union_block_t, BLOCK_PIX=union_block_pix, num_warps=4)
+            BLOCK_T=union_block_t, BLOCK_PIX=union_block_pix, num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
         _compact_kernel[(1,)](
             kept_mask.view(torch.uint8), flat_idx, offsets, batch, classes,
-            BLOCK=max(16, min(1024, triton.next_power_of_2(classes))), num_warps=4)
+            BLOCK=max(16, min(1024, triton.next_power_of_2(classes))), num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
     return kept_mask, flat_idx, offsets
 
 
@@ -237,7 +237,7 @@ def gather_rows_triton(x: torch.Tensor, flat_idx: torch.Tensor, total: int,
     with _device_context(x):
         _gather_rows_kernel[(total, triton.cdiv(row_numel, block))](
             source, flat_idx, target, row_numel, x.stride(0), x.shape[0],
-            BLOCK=block, num_warps=4 if block <= 1024 else 8)
+            BLOCK=block, num_warps=4 if block <= 1024 else 8, **_backend.TRITON_LAUNCH_OPTIONS)
     return out
 
 
