@@ -1,0 +1,373 @@
+"""Compile every Triton kernel for a GPU target, on any machine (no GPU needed), and report its resources.
+
+    python -m benchmarks.compile_report                      # sm_90 (H100/H200), SED-B and SED-L shapes
+    python -m benchmarks.compile_report --arch 80 --dtypes bfloat16 --json out.json --md out.md
+
+Why: the Triton interpreter (how CI runs the kernels on a CPU) checks what a kernel computes, not
+whether it compiles for a GPU: it accepts code the compiler rejects (a ``tl.dot`` on tiles under 16,
+dtype mismatches in a dot, non-power-of-two blocks), and says nothing about registers, spills or
+shared memory. This report closes that gap without a GPU.
+
+How: each case calls the op's Triton launcher (the code the model runs) with CPU tensors at the
+model's real shapes, while Triton's driver is replaced by a compile-only one for the target and each
+launch by a compile (``warmup``). So what is compiled is exactly what the launcher would launch on
+that GPU: the same block sizes, warps, stages and argument specialisation (divisibility, strides of 1).
+Nothing runs: the outputs are never written.
+
+Per compiled kernel it reports registers per thread, spill stores/loads and the stack frame (``ptxas
+-v`` on the kernel's PTX, with the ptxas Triton itself uses), and the dynamic shared memory; and it
+checks the target's hard limits: shared memory per block, 255 registers per thread, the registers of
+one block within the SM's register file. A kernel that fails to compile or breaks a limit makes the
+command exit 1. Spills are reported (a performance problem, not an error), and count as over a limit
+beyond ``--max-spill-bytes`` (CI sets it, so a change that makes a kernel spill fails there).
+
+Must run in a process where Triton is not in interpreter mode (``TRITON_INTERPRET`` unset): Triton
+fixes its mode at import.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from . import common
+
+# Hard per-block limits by compute capability: (max dynamic shared memory per block with opt-in,
+# 32-bit registers per SM). From the CUDA C Programming Guide's table of technical specifications.
+TARGET_LIMITS = {
+    80: (166912, 65536),   # A100
+    86: (101376, 65536),   # RTX 30xx, A6000
+    89: (101376, 65536),   # RTX 40xx, L4, L40
+    90: (232448, 65536),   # H100, H200
+}
+MAX_REGISTERS_PER_THREAD = 255
+
+# The model's real shapes (768x768 input): cost map at 24x24, decoder levels (channels, side).
+VARIANT_DIMS = {"b": 640, "l": 768}
+PROMPTS = 80
+COST_SIZE = 24
+LEVELS = ((128, 24), (64, 48), (32, 96))
+TOPK = 8
+KEPT = 32
+
+
+@dataclass
+class CompiledKernel:
+    case: str
+    kernel: str
+    dtype: str
+    constants: Dict[str, object]
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    registers: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    stack_bytes: Optional[int] = None
+    problems: List[str] = field(default_factory=list)
+
+
+@dataclass
+class FailedCase:
+    case: str
+    dtype: str
+    error: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compile-only Triton driver
+# ---------------------------------------------------------------------------------------------------
+class _CompileOnlyDriver:
+    """Just enough of Triton's driver interface for ``JITFunction.run(warmup=True)`` to compile."""
+
+    DEVICE = "compile-only"  # a key no real device uses in Triton's per-device caches
+
+    def __init__(self, target):
+        self.target = target
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return self.DEVICE
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compile_only(arch: int) -> Iterator[List[object]]:
+    """Within: every Triton launch compiles for ``sm_<arch>`` and appends the compiled kernel to the
+    yielded list instead of running."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver, jit
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_report needs Triton in compiled mode: unset TRITON_INTERPRET")
+    compiled: List[object] = []
+    original_run = jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if hasattr(kernel, "result"):  # async compile mode hands back a future
+            kernel = kernel.result()
+        compiled.append(kernel)
+        return kernel
+
+    previous = getattr(driver, "_active", None)  # None: no driver made yet (none can be on a CPU machine)
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    jit.JITFunction.run = run
+    try:
+        yield compiled
+    finally:
+        jit.JITFunction.run = original_run
+        driver._active = previous
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resource usage from ptxas
+# ---------------------------------------------------------------------------------------------------
+def find_ptxas(arch: int) -> Optional[str]:
+    """The ptxas Triton compiles with for ``sm_<arch>`` (Triton picks one of those it bundles per
+    architecture), else one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return shutil.which("ptxas")
+
+
+_USED = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_usage(ptx: str, arch: int, ptxas: str) -> Dict[str, int]:
+    """Registers, stack frame and spill bytes of the PTX's kernel on ``sm_<arch>`` (``ptxas -v``)."""
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", str(source), "-o", str(Path(tmp) / "k.cubin")],
+                                capture_output=True, text=True, timeout=300)
+    text = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text.strip()[-500:]}")
+    used, spills = _USED.search(text), _SPILLS.search(text)
+    if used is None or spills is None:
+        raise RuntimeError(f"could not read ptxas -v output: {text.strip()[-500:]}")
+    return {"registers": int(used.group(1)), "stack_bytes": int(spills.group(1)),
+            "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cases: the launchers at the model's shapes
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    launch: Callable[[torch.dtype], None]  # calls a Triton launcher with CPU tensors of that dtype
+
+
+def _cost_map_case(classes: int, dim: int, variant: str) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.cost_map import cost_map_triton
+        img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
+        text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
+        cost_map_triton(img, text, channels_last=True)
+    return Case(f"cost_map SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
+
+
+def _dwconv_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_triton
+        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
+        vector = torch.empty((channels,), dtype=dtype)
+        dwconv_layernorm_triton(x, weight, vector, vector, vector, 1e-6)
+    return Case(f"dwconv_layernorm N={classes} C={channels} {side}x{side}", launch)
+
+
+def _class_attention_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.class_attention import class_attention_triton
+        qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)  # one fused projection
+        q, k, v = qkv.split(channels, dim=-1)
+        offsets = torch.tensor([0, classes], dtype=torch.int32)
+        class_attention_triton(q, k, v, offsets, num_heads=4, eps=1e-6)
+    return Case(f"class_attention T={classes} P={side * side} C={channels}", launch)
+
+
+def _rejection_case(classes: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.topk_union_reject import topk_union_reject_triton
+        logits = torch.empty((1, classes, side, side), dtype=dtype)
+        topk_union_reject_triton(logits, TOPK)
+    return Case(f"topk_union_reject T={classes} {side}x{side} k={TOPK}", launch)
+
+
+def _gather_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.topk_union_reject import gather_rows_triton
+        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        rows = torch.zeros((KEPT,), dtype=torch.int32)
+        gather_rows_triton(x, rows, KEPT)
+    return Case(f"gather_rows {KEPT} of {classes} C={channels} {side}x{side}", launch)
+
+
+def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
+    cases: List[Case] = []
+    for t in classes:
+        cases += [_cost_map_case(t, VARIANT_DIMS[v], v) for v in variants]
+        for channels, side in LEVELS:
+            cases += [_dwconv_case(t, channels, side), _class_attention_case(t, channels, side),
+                      _rejection_case(t, side), _gather_case(t, channels, side)]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------
+def _constants(kernel) -> Dict[str, object]:
+    """The kernel's constexpr arguments that are block sizes or switches (names in capitals)."""
+    src = getattr(kernel, "src", None)
+    fn = getattr(src, "fn", None)
+    constants = getattr(src, "constants", {}) or {}
+    names = getattr(fn, "arg_names", [])
+    result = {}
+    for key, value in constants.items():
+        index = key[0] if isinstance(key, tuple) and len(key) == 1 else key
+        name = names[index] if isinstance(index, int) and index < len(names) else str(index)
+        if isinstance(name, str) and name.isupper():
+            result[name] = value
+    return dict(sorted(result.items()))
+
+
+def _check_limits(row: CompiledKernel, arch: int, max_spill_bytes: Optional[int] = None) -> None:
+    max_shared, registers_per_sm = TARGET_LIMITS.get(arch, TARGET_LIMITS[90])
+    if max_spill_bytes is not None and row.spill_stores is not None and row.spill_stores > max_spill_bytes:
+        row.problems.append(f"spills {row.spill_stores} B per thread > {max_spill_bytes} B allowed")
+    if row.shared_bytes > max_shared:
+        row.problems.append(f"shared memory {row.shared_bytes} B > {max_shared} B per block on sm_{arch}")
+    if row.registers is not None:
+        if row.registers > MAX_REGISTERS_PER_THREAD:
+            row.problems.append(f"{row.registers} registers per thread > {MAX_REGISTERS_PER_THREAD}")
+        block_registers = row.registers * row.num_warps * 32
+        if block_registers > registers_per_sm:
+            row.problems.append(f"a block needs {block_registers} registers > {registers_per_sm} per SM")
+
+
+def compile_cases(cases: Sequence[Case], dtypes: Sequence[torch.dtype], arch: int, usage: bool = True,
+                  progress: bool = False, max_spill_bytes: Optional[int] = None):
+    """Compile each case in each dtype; returns (rows of CompiledKernel, failures). With
+    ``max_spill_bytes``, a kernel spilling more than that per thread counts as over a limit."""
+    ptxas = find_ptxas(arch) if usage else None
+    rows: List[CompiledKernel] = []
+    failures: List[FailedCase] = []
+    with compile_only(arch) as compiled:
+        for case in cases:
+            for dtype in dtypes:
+                name = common.dtype_name(dtype)
+                if progress:
+                    print(f"compiling {case.name} [{name}]", file=sys.stderr, flush=True)
+                start = len(compiled)
+                try:
+                    case.launch(dtype)
+                except Exception as error:  # a compile error: report it, go on with the others
+                    failures.append(FailedCase(case.name, name, f"{type(error).__name__}: {str(error)[-800:]}"))
+                    continue
+                for kernel in compiled[start:]:
+                    meta = kernel.metadata
+                    row = CompiledKernel(case=case.name, kernel=meta.name, dtype=name, constants=_constants(kernel),
+                                         num_warps=meta.num_warps, num_stages=meta.num_stages,
+                                         shared_bytes=int(meta.shared))
+                    if ptxas is not None:
+                        try:
+                            for key, value in ptxas_usage(kernel.asm["ptx"], arch, ptxas).items():
+                                setattr(row, key, value)
+                        except Exception as error:
+                            row.problems.append(str(error))
+                    _check_limits(row, arch, max_spill_bytes)
+                    rows.append(row)
+    return rows, failures
+
+
+def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arch: int) -> str:
+    lines = [f"# Triton kernels compiled for sm_{arch} (no GPU needed)", "",
+             f"triton {common._triton_version()}, torch {torch.__version__}, commit {common.git_commit()}", "",
+             "| case | kernel | dtype | blocks | warps | stages | regs | spill st/ld (B) | smem (KiB) | problems |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        blocks = " ".join(f"{k}={v}" for k, v in r.constants.items()) or "-"
+        spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        lines.append(f"| {r.case} | {r.kernel} | {r.dtype} | {blocks} | {r.num_warps} | {r.num_stages} | "
+                     f"{common.fmt(r.registers, 0)} | {spills} | {r.shared_bytes / 1024:.1f} | "
+                     f"{'; '.join(r.problems) or 'ok'} |")
+    if failures:
+        lines += ["", "## Failed to compile", ""]
+        lines += [f"- {f.case} [{f.dtype}]: {f.error}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGET_LIMITS),
+                        help="compute capability to compile for (default 90: H100/H200)")
+    parser.add_argument("--classes", default="150,847", help="class counts T (default 150,847)")
+    parser.add_argument("--variants", default="b,l", help="cost-map feature sizes of these variants (default b,l)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--no-usage", action="store_true", help="skip ptxas -v (registers, spills)")
+    parser.add_argument("--max-spill-bytes", type=int, default=None,
+                        help="treat a kernel spilling more than this many bytes per thread as over a limit "
+                             "(default: spills are only reported)")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--md", help="write the Markdown table here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    classes = common.parse_list(args.classes, int)
+    variants = common.parse_list(args.variants)
+    unknown = [v for v in variants if v not in VARIANT_DIMS]
+    if unknown or not classes or any(t < 1 for t in classes):
+        print(f"error: --classes must be positive integers and --variants in {sorted(VARIANT_DIMS)}", file=sys.stderr)
+        return 2
+    dtypes = [common.parse_dtype(d) for d in common.parse_list(args.dtypes)]
+    rows, failures = compile_cases(build_cases(classes, variants), dtypes, args.arch,
+                                   usage=not args.no_usage, progress=not args.quiet,
+                                   max_spill_bytes=args.max_spill_bytes)
+    table = markdown(rows, failures, args.arch)
+    if args.md:
+        Path(args.md).write_text(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "arch": args.arch, "environment": common.environment("cpu"),
+            "kernels": [asdict(r) for r in rows], "failures": [asdict(f) for f in failures]}, indent=1, default=str))
+    print(table)
+    bad = [r for r in rows if r.problems]
+    print(f"{len(rows)} kernels compiled for sm_{args.arch}, {len(failures)} cases failed to compile, "
+          f"{len(bad)} kernels over a limit, {sum(1 for r in rows if r.spill_stores)} spill")
+    return 1 if failures or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
