@@ -27,3 +27,37 @@ def pytest_collection_modifyitems(config, items):
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+def _version(distribution: str) -> tuple:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        parts = (version(distribution).split("+")[0].split(".") + ["0", "0"])[:2]
+    except PackageNotFoundError:
+        return ()
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+
+
+def interpreter_numpy_problem() -> str:
+    """Why the Triton interpreter cannot run the kernel tests here, or "". Triton <= 3.6's interpreter
+    makes scalar kernel arguments 1-element arrays and calls int() on them (loop bounds), which NumPy
+    >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.9 is fine.
+    Read from package metadata: importing triton here would fix its mode before tests/kernels sets it."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available()
+    triton_version, numpy_version = _version("triton"), _version("numpy")
+    if interpreter and triton_version and triton_version < (3, 7) and numpy_version >= (2, 4):
+        return ("the Triton interpreter of Triton %s fails on NumPy %s: the cpu-interpreter kernel tests will fail; "
+                "pip install 'numpy<2.4' (or Triton >= 3.7)" % (".".join(map(str, triton_version)),
+                                                               ".".join(map(str, numpy_version))))
+    return ""
+
+
+def pytest_report_header(config):
+    problem = interpreter_numpy_problem()
+    return [f"WARNING: {problem}"] if problem else []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    problem = interpreter_numpy_problem()
+    if problem:  # at the end too: -q hides the header, and this explains the failures listed above
+        terminalreporter.write_line(f"WARNING: {problem}", yellow=True, bold=True)
