@@ -14,6 +14,9 @@ launch by a compile (``warmup``). So what is compiled is exactly what the launch
 that GPU: the same block sizes, warps, stages and argument specialisation (divisibility, strides of 1).
 Nothing runs: the outputs are never written.
 
+The CUDA extension's kernels (``sed_fast._C``, when built) are listed too: registers, stack and static
+shared memory per template instance, read from the built library with ``cuobjdump``.
+
 Per compiled kernel it reports registers per thread, spill stores/loads and the stack frame (``ptxas
 -v`` on the kernel's PTX, with the ptxas Triton itself uses), and the dynamic shared memory; and it
 checks the target's hard limits: shared memory per block, 255 registers per thread, the registers of
@@ -177,6 +180,59 @@ def ptxas_usage(ptx: str, arch: int, ptxas: str) -> Dict[str, int]:
             "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3))}
 
 
+@dataclass
+class ExtensionKernel:
+    kernel: str       # demangled name, template arguments included
+    registers: int
+    stack_bytes: int  # local memory per thread: spills or local arrays
+    shared_bytes: int  # static shared memory
+
+
+def find_cuobjdump() -> Optional[str]:
+    """cuobjdump: bundled with Triton's NVIDIA backend, else on PATH."""
+    try:
+        import triton.backends.nvidia as nvidia
+        bundled = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+        if bundled.is_file():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+_RESOURCE_LINE = re.compile(r"Function (\S+):\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)")
+
+
+def extension_usage(library: Optional[str] = None) -> List[ExtensionKernel]:
+    """Registers, stack and static shared memory of every kernel in the built CUDA extension
+    (``sed_fast._C``, read with ``cuobjdump --dump-resource-usage``, no GPU needed); [] when the
+    extension is not built. The SASS is that of the build's architectures (SED_FAST_CUDA_ARCHS)."""
+    if library is None:
+        import importlib.util
+        spec = importlib.util.find_spec("sed_fast._C")
+        library = spec.origin if spec is not None else None
+    tool = find_cuobjdump()
+    if not library or not tool:
+        return []
+    result = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed on {library}: {result.stderr.strip()[-500:]}")
+    text = re.sub(r"\n\s+", " ", result.stdout)  # each function's usage is on the line after its name
+    rows = []
+    for mangled, registers, stack, shared in _RESOURCE_LINE.findall(text):
+        rows.append(ExtensionKernel(_demangle(mangled), int(registers), int(stack), int(shared)))
+    return rows
+
+
+def _demangle(name: str) -> str:
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return name
+    result = subprocess.run([tool, name], capture_output=True, text=True)
+    text = re.sub(r"\(anonymous namespace\)::|sed_fast::|c10::", "", result.stdout.strip() or name)
+    return re.sub(r"^void ", "", text.split("(", 1)[0])  # no return type, no parameter list
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cases: the launchers at the model's shapes
 # ---------------------------------------------------------------------------------------------------
@@ -309,7 +365,8 @@ def compile_cases(cases: Sequence[Case], dtypes: Sequence[torch.dtype], arch: in
     return rows, failures
 
 
-def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arch: int) -> str:
+def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arch: int,
+             extension: Sequence[ExtensionKernel] = ()) -> str:
     lines = [f"# Triton kernels compiled for sm_{arch} (no GPU needed)", "",
              f"triton {common._triton_version()}, torch {torch.__version__}, commit {common.git_commit()}", "",
              "| case | kernel | dtype | blocks | warps | stages | regs | spill st/ld (B) | smem (KiB) | problems |",
@@ -320,6 +377,10 @@ def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arc
         lines.append(f"| {r.case} | {r.kernel} | {r.dtype} | {blocks} | {r.num_warps} | {r.num_stages} | "
                      f"{common.fmt(r.registers, 0)} | {spills} | {r.shared_bytes / 1024:.1f} | "
                      f"{'; '.join(r.problems) or 'ok'} |")
+    if extension:
+        lines += ["", "## CUDA extension (sed_fast._C, as built)", "",
+                  "| kernel | regs | stack (B) | static smem (B) |", "|---|---|---|---|"]
+        lines += [f"| `{k.kernel}` | {k.registers} | {k.stack_bytes} | {k.shared_bytes} |" for k in extension]
     if failures:
         lines += ["", "## Failed to compile", ""]
         lines += [f"- {f.case} [{f.dtype}]: {f.error}" for f in failures]
@@ -355,13 +416,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows, failures = compile_cases(build_cases(classes, variants), dtypes, args.arch,
                                    usage=not args.no_usage, progress=not args.quiet,
                                    max_spill_bytes=args.max_spill_bytes)
-    table = markdown(rows, failures, args.arch)
+    extension = [] if args.no_usage else extension_usage()
+    table = markdown(rows, failures, args.arch, extension)
     if args.md:
         Path(args.md).write_text(table)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "arch": args.arch, "environment": common.environment("cpu"),
-            "kernels": [asdict(r) for r in rows], "failures": [asdict(f) for f in failures]}, indent=1, default=str))
+            "kernels": [asdict(r) for r in rows], "failures": [asdict(f) for f in failures],
+            "cuda_extension": [asdict(k) for k in extension]}, indent=1, default=str))
     print(table)
     bad = [r for r in rows if r.problems]
     print(f"{len(rows)} kernels compiled for sm_{args.arch}, {len(failures)} cases failed to compile, "

@@ -78,6 +78,19 @@ def test_no_kernel_breaks_a_limit_or_spills(sm90_report):
     assert cost_map and all(r["shared_bytes"] > 0 for r in cost_map)
 
 
+def test_cuda_extension_kernels_are_listed_when_built(sm90_report):
+    """The built extension's kernels (read with cuobjdump) appear with sane register counts."""
+    import importlib.util
+    result, report = sm90_report
+    if importlib.util.find_spec("sed_fast._C") is None:
+        pytest.skip("the CUDA extension is not built here (SED_FAST_BUILD_CUDA=0 or no toolkit)")
+    names = [k["kernel"] for k in report["cuda_extension"]]
+    for expected in ("dwconv_layernorm_kernel", "topk_mark_kernel", "topk_compact_kernel"):
+        assert any(name.startswith(expected) for name in names), (expected, names)
+    for kernel in report["cuda_extension"]:
+        assert 0 < kernel["registers"] <= 255 and kernel["stack_bytes"] <= MAX_SPILL_BYTES, kernel
+
+
 def test_the_report_catches_a_kernel_the_interpreter_accepts(tmp_path):
     """tl.dot on 8x8 tiles runs under the interpreter, but the GPU compiler rejects it (tiles of 16 at
     least): the report must list it as a failure and exit 1, not pass it."""
