@@ -120,7 +120,10 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
-            num_warps=4,
+            # 8 warps, not 4: the class loops are latency-bound (Triton does not pipeline their loads),
+            # so resident warps matter; at 4 warps ptxas used 166-230 registers (8-12 warps per SM),
+            # at 8 it uses 94-126 (16 per SM), no spills either way (benchmarks/compile_report.py).
+            num_warps=8,
             **_backend.TRITON_LAUNCH_OPTIONS,
         )
     return out
