@@ -185,7 +185,9 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     rounds = min(k, classes)
     device = aux_logits.device
 
-    block_pix = max(16, min(64, triton.next_power_of_2(num_pixels)))
+    # Pixel blocks sized for about 128 programs: 64-pixel blocks gave a 24x24 map only 9 programs,
+    # each looping over all T classes k times.
+    block_pix = max(16, min(64, triton.next_power_of_2(triton.cdiv(num_pixels * batch, 128))))
     block_t = max(16, min(64, triton.next_power_of_2(classes)))
     with _device_context(aux_logits):
         _kth_largest_kernel[(triton.cdiv(num_pixels, block_pix), batch)](
