@@ -12,8 +12,9 @@
 #      voc20, pc59, pc459; exact, CER k=8 and kept 32; reference, reference+autocast, fast float32
 #      and bf16 (rows not started within its time budget are skipped and listed);
 #   5. kernel benchmarks (SED-B shapes, T = 150 and 847, float32 with every backend, then bf16),
-#      per-stage profiles (fast ade847 kept 32, reference ade150), a first report, then as time
-#      allows: the fast model with CUDA graphs, batch 8, TF32 rows, torch.compile of the reference;
+#      per-stage profiles (fast ade847 kept 32, reference ade150), a first report, compute-sanitizer
+#      (memcheck, racecheck) on the CUDA-backend tests, then as time allows: the fast model with
+#      CUDA graphs, batch 8, TF32 rows, torch.compile of the reference;
 #   6. the report (Markdown + PNG) and a short table printed last.
 #
 # $OUT receives at most 8 files, no sub-folders: e2e.jsonl kernels.jsonl profile.jsonl
@@ -113,6 +114,9 @@ run "profile reference" 40 75 python3 -m benchmarks.profile --results-dir "$OUT"
   --vocab ade150 --reps 5
 # Report now too: whatever happens below, $OUT holds a report.
 run "report" 40 0 python3 -m benchmarks.report --results-dir "$OUT"
+# compute-sanitizer (memcheck, then racecheck) over the CUDA-backend tests at their small shapes.
+run "sanitizer memcheck" 60 140 bash tools/compute_sanitizer.sh memcheck
+run "sanitizer racecheck" 40 130 bash tools/compute_sanitizer.sh racecheck
 B=$(( $(left) - 120 )); (( B > 35 )) && B=35; (( B < 15 )) && B=-100   # not worth a model build
 run "e2e cuda graphs" $(( B + 35 )) 80 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 1 --vocabs ade150,ade847 \
   --impls fast --fast-dtypes float32,bfloat16 --fast-options cuda_graphs=true --cer-topk "" --kept-classes 32 \
