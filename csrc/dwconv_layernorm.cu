@@ -19,6 +19,7 @@
 // Memory traffic: x read once from DRAM plus the halo re-reads of neighbouring tiles (mostly L2
 // hits: (TH+8)*16/(8*TH) = 3-4x the tile from L2), K*K*C weights per block (L2), y written once
 // (N*H*W*C*elem). One launch on `stream`; no temporaries.
+#include <atomic>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -234,10 +235,11 @@ dwconv_layernorm_kernel(const scalar_t* __restrict__ x, const scalar_t* __restri
 }
 
 // Per device and instantiation, once: the shared-memory opt-in (> 48 KB) and the number of
-// resident blocks (the persistent grid size).
+// resident blocks (the persistent grid size). Atomic because host threads may launch concurrently:
+// a thread must never see "ready" before the limit itself (a grid of 0 would fail the launch).
+// Two threads racing both do the set-up, which is idempotent.
 struct LaunchInfo {
-  bool ready = false;
-  int grid_limit = 0;
+  std::atomic<int> grid_limit{0};  // 0: not set up yet
 };
 
 template <typename scalar_t, int C, int K>
@@ -252,7 +254,8 @@ cudaError_t launch(const scalar_t* x, const scalar_t* w, const scalar_t* wb, con
   static LaunchInfo info[64];
   LaunchInfo local;
   LaunchInfo& li = device < 64 ? info[device] : local;
-  if (!li.ready) {
+  int grid_limit = li.grid_limit.load(std::memory_order_acquire);
+  if (grid_limit == 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(Cfg::kSmemBytes));
     if (err != cudaSuccess) return err;
@@ -261,14 +264,14 @@ cudaError_t launch(const scalar_t* x, const scalar_t* w, const scalar_t* wb, con
     if (err != cudaSuccess) return err;
     err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err != cudaSuccess) return err;
-    li.grid_limit = (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
-    li.ready = true;
+    grid_limit = (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+    li.grid_limit.store(grid_limit, std::memory_order_release);
   }
   const int64_t tiles_x = (W + kTW - 1) / kTW;
   const int64_t tiles_y = (H + Cfg::TH - 1) / Cfg::TH;
   const int64_t num_tiles = N * tiles_x * tiles_y;
   if (num_tiles == 0) return cudaSuccess;
-  const int64_t grid = num_tiles < li.grid_limit ? num_tiles : li.grid_limit;
+  const int64_t grid = num_tiles < grid_limit ? num_tiles : grid_limit;
   kernel<<<static_cast<unsigned>(grid), kThreads, Cfg::kSmemBytes, stream>>>(
       x, w, wb, g, b, y, static_cast<int>(H), static_cast<int>(W), static_cast<int>(tiles_x),
       static_cast<int>(tiles_x * tiles_y), num_tiles, static_cast<float>(eps));

@@ -276,6 +276,18 @@ def test_dwconv_layernorm_cuda_rejects_unsupported_shapes():
         _cuda.dwconv_layernorm_cuda(x, w, v, v, v)
 
 
+def test_supports_follows_the_launch_limits_of_csrc():
+    """supports() says no where csrc/ops.cpp would raise, so auto never picks a launch that fails
+    (meta tensors: the shapes are huge, the memory is not)."""
+    w = torch.empty(32, 1, 9, 9, device="meta")
+    assert _cuda.dwconv_layernorm_supported(torch.empty(847, 32, 96, 96, device="meta"), w)
+    assert not _cuda.dwconv_layernorm_supported(torch.empty(2 ** 20, 32, 512, 512, device="meta"), w)  # 2^32 tiles
+    assert _cuda.topk_union_reject_supported(torch.empty(1, 847, 24, 24, device="meta"), 8)
+    assert not _cuda.topk_union_reject_supported(torch.empty(65536, 1, 1, 1, device="meta"), 8)
+    assert not _cuda.topk_union_reject_supported(torch.empty(40000, 60000, 1, 1, device="meta"), 8)
+    assert _cuda.topk_union_reject_cuda.supports is _cuda.topk_union_reject_supported
+
+
 def test_topk_union_reject_cuda_rejects_bad_arguments():
     with pytest.raises(ValueError, match="k must be >= 1"):
         _cuda.topk_union_reject_cuda(torch.randn(1, 3, 2, 2), 0)

@@ -344,9 +344,20 @@ def topk_union_reject_cuda(aux_logits: torch.Tensor, k: int):
 
 
 def dwconv_layernorm_supported(x, dw_weight, *args, **kwargs) -> bool:
-    """Shapes the CUDA kernel handles: K = 9 and C in {32, 64, 128}."""
-    return (x.dim() == 4 and dw_weight.dim() == 4 and dw_weight.shape[-1] == 9 and dw_weight.shape[-2] == 9
-            and x.shape[1] in (32, 64, 128))
+    """Shapes the CUDA kernel handles: K = 9, C in {32, 64, 128}, and the launch limits csrc/ops.cpp
+    checks (fewer than 2^31 8x8 tiles). Input that is not channels-last is copied to channels-last
+    first (the Triton kernel reads any strides in place); ``auto``'s timing includes that copy."""
+    if not (x.dim() == 4 and dw_weight.dim() == 4 and dw_weight.shape[-1] == 9 and dw_weight.shape[-2] == 9
+            and x.shape[1] in (32, 64, 128)):
+        return False
+    batch, _, height, width = x.shape
+    return height * width < 2 ** 31 and batch * -(-height // 8) * -(-width // 8) < 2 ** 31
+
+
+def topk_union_reject_supported(aux_logits, k, *args, **kwargs) -> bool:
+    """The launch limits csrc/ops.cpp checks: at most 65535 images, fewer than 2^31 (image, class) rows."""
+    return aux_logits.dim() == 4 and aux_logits.shape[0] <= 65535 and \
+        aux_logits.shape[0] * aux_logits.shape[1] < 2 ** 31
 
 
 def dwconv_layernorm_cuda(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
@@ -359,7 +370,7 @@ def dwconv_layernorm_cuda(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: tor
     return torch.ops.sed_fast_cuda.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, float(eps))
 
 
-topk_union_reject_cuda.supports = lambda aux_logits, k, *a, **kw: aux_logits.dim() == 4  # type: ignore[attr-defined]
+topk_union_reject_cuda.supports = topk_union_reject_supported  # type: ignore[attr-defined]
 dwconv_layernorm_cuda.supports = dwconv_layernorm_supported  # type: ignore[attr-defined]
 
 
