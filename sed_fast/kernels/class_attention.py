@@ -14,7 +14,8 @@ fp16 overflow).
 The Triton kernel: grid (pixel blocks, heads, images). A program streams its image's classes twice,
 one class per step (the loop bound is read from ``class_offsets``: no recompilation per L): first
 accumulating KV (BLOCK_P x d x d) and ksum in fp32 registers, then applying them to each q_t and
-writing out_t. q, k and v are read once per pass; q, k, v may be strided views (e.g. the
+writing out_t. Tiles are loaded directly in the 3D (pixel, i, j) layout of the state (k, q as
+(P, d, 1), v, out as (P, 1, d)), so no step converts layouts through shared memory. q, k and v are read once per pass; q, k, v may be strided views (e.g. the
 ``qkv.split(C, dim=-1)`` of one (total_T, P, 3C) tensor): the row and pixel strides go to the
 kernel, only the channel stride must be 1 (otherwise the tensor is copied).
 """
@@ -50,36 +51,42 @@ def _class_attention_kernel(
     first = tl.load(offsets_ptr + image).to(tl.int64)
     length = tl.load(offsets_ptr + image + 1) - tl.load(offsets_ptr + image)
 
+    # Everything lives in one 3D layout (pixel, i, j) and is loaded straight into it: k and q as
+    # (P, d, 1), v and out as (P, 1, d). Loaded as 2D tiles and broadcast, each class step paid layout
+    # conversions through shared memory with their barriers (seen in the SASS).
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    mask = (offs_p < num_pixels)[:, None] & mask_d[None, :]
-    cols = head * HEAD_DIM + offs_d[None, :]
-    q_tile = q_ptr + offs_p[:, None] * stride_qp + cols
-    k_tile = k_ptr + offs_p[:, None] * stride_kp + cols
-    v_tile = v_ptr + offs_p[:, None] * stride_vp + cols
-    out_tile = out_ptr + offs_p[:, None] * stride_op + cols
+    pix = offs_p[:, None, None]
+    col_i = head * HEAD_DIM + offs_d[None, :, None]   # (1, d, 1)
+    col_j = head * HEAD_DIM + offs_d[None, None, :]   # (1, 1, d)
+    pix_ok = pix < num_pixels
+    mask_i = pix_ok & (offs_d[None, :, None] < HEAD_DIM)
+    mask_j = pix_ok & (offs_d[None, None, :] < HEAD_DIM)
+    k_tile = k_ptr + pix * stride_kp + col_i
+    q_tile = q_ptr + pix * stride_qp + col_i
+    v_tile = v_ptr + pix * stride_vp + col_j
+    out_tile = out_ptr + pix * stride_op + col_j
 
     # Pass 1: KV = sum_s phi(k_s) (x) v_s and ksum = sum_s phi(k_s), per pixel, in fp32.
     kv = tl.zeros((BLOCK_P, BLOCK_D, BLOCK_D), dtype=tl.float32)
-    ksum = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_P, BLOCK_D, 1), dtype=tl.float32)
     for step in range(0, length):
         row64 = first + step
-        k = tl.load(k_tile + row64 * stride_kt, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_tile + row64 * stride_vt, mask=mask, other=0.0).to(tl.float32)
-        k = tl.where(mask, tl.where(k > 0, k + 1.0, tl.exp(k)), 0.0)  # elu(k) + 1, 0 in padding
+        k = tl.load(k_tile + row64 * stride_kt, mask=mask_i, other=0.0).to(tl.float32)  # (P, d, 1)
+        v = tl.load(v_tile + row64 * stride_vt, mask=mask_j, other=0.0).to(tl.float32)  # (P, 1, d)
+        k = tl.where(mask_i, tl.where(k > 0, k + 1.0, tl.exp(k)), 0.0)  # elu(k) + 1, 0 in padding
         ksum += k
-        kv += k[:, :, None] * v[:, None, :]
+        kv += k * v
 
     # Pass 2: out_t = (phi(q_t) @ KV) / (phi(q_t) . ksum + eps).
     for step in range(0, length):
         row64 = first + step
-        q = tl.load(q_tile + row64 * stride_qt, mask=mask, other=0.0).to(tl.float32)
-        q = tl.where(mask, tl.where(q > 0, q + 1.0, tl.exp(q)), 0.0)
-        numerator = tl.sum(q[:, :, None] * kv, axis=1)
-        denominator = tl.sum(q * ksum, axis=1) + eps
-        out = numerator / denominator[:, None]
-        tl.store(out_tile + row64 * stride_ot, out.to(out_ptr.dtype.element_ty), mask=mask)
+        q = tl.load(q_tile + row64 * stride_qt, mask=mask_i, other=0.0).to(tl.float32)  # (P, d, 1)
+        q = tl.where(mask_i, tl.where(q > 0, q + 1.0, tl.exp(q)), 0.0)
+        numerator = tl.sum(q * kv, axis=1, keep_dims=True)                # (P, 1, d)
+        denominator = tl.sum(q * ksum, axis=1, keep_dims=True) + eps      # (P, 1, 1)
+        out = numerator / denominator
+        tl.store(out_tile + row64 * stride_ot, out.to(out_ptr.dtype.element_ty), mask=mask_j)
 
 
 
@@ -122,7 +129,7 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
             HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
             # 8 warps, not 4: the class loops are latency-bound (Triton does not pipeline their loads),
             # so resident warps matter; at 4 warps ptxas used 166-230 registers (8-12 warps per SM),
-            # at 8 it uses 94-126 (16 per SM), no spills either way (benchmarks/compile_report.py).
+            # at 8 it uses 80-102 (16 per SM), no spills (benchmarks/compile_report.py).
             num_warps=8,
             **_backend.TRITON_LAUNCH_OPTIONS,
         )
