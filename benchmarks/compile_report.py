@@ -18,7 +18,9 @@ The CUDA extension's kernels (``sed_fast._C``, when built) are listed too: regis
 shared memory per template instance, read from the built library with ``cuobjdump``.
 
 Per compiled kernel it reports registers per thread, spill stores/loads and the stack frame (``ptxas
--v`` on the kernel's PTX, with the ptxas Triton itself uses), and the dynamic shared memory; and it
+-v`` on the kernel's PTX, with the ptxas Triton itself uses), the dynamic shared memory, and static
+counts of barriers and shared-memory accesses in the SASS (in a loop body, a layout conversion or a
+cross-warp reduction paid per iteration: how the class-attention kernel's were found); and it
 checks the target's hard limits: shared memory per block, 255 registers per thread, the registers of
 one block within the SM's register file. A kernel that fails to compile or breaks a limit makes the
 command exit 1. Spills are reported (a performance problem, not an error), and count as over a limit
@@ -78,6 +80,8 @@ class CompiledKernel:
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     stack_bytes: Optional[int] = None
+    barriers: Optional[int] = None        # BAR instructions in the SASS (static count)
+    shared_accesses: Optional[int] = None  # LDS/STS (and matrix variants) in the SASS (static count)
     problems: List[str] = field(default_factory=list)
 
 
@@ -233,6 +237,20 @@ def _demangle(name: str) -> str:
     return re.sub(r"^void ", "", text.split("(", 1)[0])  # no return type, no parameter list
 
 
+def sass_counts(cubin: bytes, cuobjdump: str) -> Dict[str, int]:
+    """Static counts of block barriers and shared-memory accesses in a cubin's SASS. Inside a loop,
+    they are layout conversions or cross-warp reductions that every iteration pays for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass failed: {result.stderr.strip()[-500:]}")
+    opcodes = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", result.stdout)
+    return {"barriers": sum(op == "BAR" for op in opcodes),
+            "shared_accesses": sum(op in ("LDS", "STS", "LDSM", "STSM") for op in opcodes)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cases: the launchers at the model's shapes
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +353,7 @@ def compile_cases(cases: Sequence[Case], dtypes: Sequence[torch.dtype], arch: in
     """Compile each case in each dtype; returns (rows of CompiledKernel, failures). With
     ``max_spill_bytes``, a kernel spilling more than that per thread counts as over a limit."""
     ptxas = find_ptxas(arch) if usage else None
+    cuobjdump = find_cuobjdump() if usage else None
     rows: List[CompiledKernel] = []
     failures: List[FailedCase] = []
     with compile_only(arch) as compiled:
@@ -360,6 +379,9 @@ def compile_cases(cases: Sequence[Case], dtypes: Sequence[torch.dtype], arch: in
                                 setattr(row, key, value)
                         except Exception as error:
                             row.problems.append(str(error))
+                    if cuobjdump is not None and "cubin" in kernel.asm:
+                        for key, value in sass_counts(kernel.asm["cubin"], cuobjdump).items():
+                            setattr(row, key, value)
                     _check_limits(row, arch, max_spill_bytes)
                     rows.append(row)
     return rows, failures
@@ -369,13 +391,15 @@ def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arc
              extension: Sequence[ExtensionKernel] = ()) -> str:
     lines = [f"# Triton kernels compiled for sm_{arch} (no GPU needed)", "",
              f"triton {common._triton_version()}, torch {torch.__version__}, commit {common.git_commit()}", "",
-             "| case | kernel | dtype | blocks | warps | stages | regs | spill st/ld (B) | smem (KiB) | problems |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | kernel | dtype | blocks | warps | stages | regs | spill st/ld (B) | smem (KiB) | BAR | LDS/STS "
+             "| problems |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         blocks = " ".join(f"{k}={v}" for k, v in r.constants.items()) or "-"
         spills = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
         lines.append(f"| {r.case} | {r.kernel} | {r.dtype} | {blocks} | {r.num_warps} | {r.num_stages} | "
                      f"{common.fmt(r.registers, 0)} | {spills} | {r.shared_bytes / 1024:.1f} | "
+                     f"{common.fmt(r.barriers, 0)} | {common.fmt(r.shared_accesses, 0)} | "
                      f"{'; '.join(r.problems) or 'ok'} |")
     if extension:
         lines += ["", "## CUDA extension (sed_fast._C, as built)", "",
