@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -46,7 +45,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from sed_fast.models.encoder import VARIANTS
+
 from . import common
+from .kernels import FULL
 
 # Hard per-block limits by compute capability: (max dynamic shared memory per block with opt-in,
 # 32-bit registers per SM). From the CUDA C Programming Guide's table of technical specifications.
@@ -58,13 +60,10 @@ TARGET_LIMITS = {
 }
 MAX_REGISTERS_PER_THREAD = 255
 
-# The model's real shapes (768x768 input): cost map at 24x24, decoder levels (channels, side).
-VARIANT_DIMS = {"b": 640, "l": 768}
-PROMPTS = 80
-COST_SIZE = 24
-LEVELS = ((128, 24), (64, 48), (32, 96))
-TOPK = 8
-KEPT = 32
+# The model's real shapes (768x768 input), as the kernel benchmark times them; D per variant.
+PROMPTS, COST_SIZE, LEVELS = FULL["prompts"], FULL["size"], FULL["levels"]
+TOPK, KEPT = FULL["k"], FULL["kept"]
+VARIANT_DIMS = {name: spec.embed_dim for name, spec in VARIANTS.items()}
 
 
 @dataclass
@@ -126,8 +125,11 @@ def compile_only(arch: int) -> Iterator[List[object]]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver, jit
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile_report needs Triton in compiled mode: unset TRITON_INTERPRET")
+    from sed_fast.kernels import _backend
+
+    if _backend.triton_interpreter_mode():  # fixed at Triton's import, whatever the variable says now
+        raise RuntimeError("compile_report needs Triton in compiled mode: run it in a process started "
+                           "without TRITON_INTERPRET")
     compiled: List[object] = []
     original_run = jit.JITFunction.run
 

@@ -364,8 +364,9 @@ def dwconv_layernorm_cuda(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: tor
                           ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Depthwise KxK conv (padding K//2, bias) then LayerNorm over C: (N, C, H, W) -> (N, H, W, C)."""
     if not dwconv_layernorm_supported(x, dw_weight):
-        raise ValueError(f"dwconv_layernorm (cuda backend): supports K = 9 and C in (32, 64, 128), got x "
-                         f"{tuple(x.shape)} and dw_weight {tuple(dw_weight.shape)}; use the triton or torch backend")
+        raise ValueError(f"dwconv_layernorm (cuda backend): supports K = 9 and C in (32, 64, 128) (and fewer than "
+                         f"2^31 8x8 tiles), got x {tuple(x.shape)} and dw_weight {tuple(dw_weight.shape)}; use the "
+                         f"triton or torch backend")
     _require_loaded()
     return torch.ops.sed_fast_cuda.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, float(eps))
 

@@ -52,9 +52,7 @@ def _class_attention_kernel(
     first = tl.load(offsets_ptr + image).to(tl.int64)
     length = tl.load(offsets_ptr + image + 1) - tl.load(offsets_ptr + image)
 
-    # Everything lives in one 3D layout (pixel, i, j) and is loaded straight into it: k and q as
-    # (P, d, 1), v and out as (P, 1, d). Loaded as 2D tiles and broadcast, each class step paid layout
-    # conversions through shared memory with their barriers (seen in the SASS).
+    # One 3D layout (pixel, i, j) for everything, loaded straight into it (see the module docstring).
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     pix = offs_p[:, None, None]
