@@ -60,8 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import math
 import sys
 import time
 import warnings

@@ -256,11 +256,12 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
+    matplotlib = pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
+    import matplotlib.image
     for png in ("latency_vs_classes.png", "stages.png"):
         path = tmp_path / png
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-        import matplotlib.image
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert f"]({png})" in markdown

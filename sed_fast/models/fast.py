@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..profiling import stage
-from .decoder import EVAL_POOLING, SEDDecoder, Up
+from .decoder import EVAL_POOLING, Up
 from .encoder import CLIP_RESOLUTION, VariantSpec
 from .sed import SEDBase, SEDReference, check_images
 

@@ -6,7 +6,7 @@ the input image size). Its state dict has exactly the official key names
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
