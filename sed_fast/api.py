@@ -27,7 +27,8 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
               checkpoint: Optional[Union[str, os.PathLike, dict]] = None,
               device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
               cer_topk: Optional[int] = None, clip_resolution: int = CLIP_RESOLUTION,
-              text_cache: bool = True, seed: int = DEFAULT_SEED, **impl_options) -> torch.nn.Module:
+              text_cache: bool = True, preprocess: str = "official", seed: int = DEFAULT_SEED,
+              **impl_options) -> torch.nn.Module:
     """Build an SED model in eval mode.
 
     Args:
@@ -42,6 +43,11 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
         clip_resolution: side the image is resized to before the encoder (official: 768).
             Smaller values give non-official but cheaper runs (tests, smoke benchmarks).
         text_cache: cache text embeddings on disk (see README, ``SED_FAST_TEXT_CACHE``).
+        preprocess: ``"official"``: each raw image is first resized as the official test-time
+            pipeline does (shortest edge 640, longest at most 2560; uint8 exactly as PIL's bilinear
+            resize, float by bilinear interpolation), so outputs equal the official demo's and
+            evaluation's; ``"none"``: images go straight to the encoder's S x S resize (for images
+            already resized so).
         seed: seed of the random initialisation (used whatever ``device``: weights are drawn on
             the CPU); with ``checkpoint=None`` the same seed gives the same weights.
         impl_options: options of the chosen implementation (see its class).
@@ -65,7 +71,7 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
-                            device=torch.device("cpu"), **impl_options)
+                            preprocess=preprocess, device=torch.device("cpu"), **impl_options)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         model.random_weights = False
