@@ -23,8 +23,8 @@ Pillow's algorithm (``src/libImaging/Resample.c``, ``ImagingResampleInner``, Pil
 * The horizontal pass runs only if the width changes, the vertical pass only if the height
   changes; the first pass's output is stored as uint8 (rounded and clipped) and read by the second.
   Which runs first changes the result. Before Pillow 13 the horizontal pass always ran first;
-  Pillow 13 (python-pillow/Pillow#9549, read here from the installed 13.0.0 binary: the snapshot of
-  the sources predates it) runs the vertical pass first when ``H - new_h > max(0, 2 * (W - new_w))``
+  Pillow 13 (python-pillow/Pillow#9549; the condition as compiled into Pillow 13.0.0's ``_imaging``)
+  runs the vertical pass first when ``H - new_h > max(0, 2 * (W - new_w))``
   (the height shrinks by more than twice as many pixels as the width). Both orders are offered.
   Horizontal first, Pillow runs that pass only on the input rows the vertical pass reads,
   ``lo[0] .. lo[-1] + count[-1] - 1``; for the whole image (no ``box``) that is every row
