@@ -1,0 +1,66 @@
+"""The environment variables sed_fast reads, parsed in one place.
+
+=============================  =====================  ==================================================
+variable                       default                meaning
+=============================  =====================  ==================================================
+``SED_FAST_CACHE_DIR``         ``~/.cache/sed_fast``  cache root (text embeddings in its ``text/``)
+``SED_FAST_TEXT_CACHE``        on                     cache text embeddings on disk
+``SED_FAST_TEXT_CACHE_MB``     2048                   size cap of the text cache (least recently used
+                                                      entries are evicted after a write)
+``SED_FAST_TRUST_CHECKPOINTS`` off                    allow full unpickling of checkpoints that need it
+=============================  =====================  ==================================================
+
+A boolean variable accepts ``1/true/yes/on`` and ``0/false/no/off`` (any case, surrounding spaces
+ignored); unset or empty means its default, anything else is an error (a typo in a security switch
+must not silently mean "on").
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["env_flag", "env_int", "cache_root", "TRUE_WORDS", "FALSE_WORDS"]
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name``: unset or empty gives ``default``.
+
+    Raises ``ValueError`` naming the variable and the accepted values for anything that is not one
+    of ``1/true/yes/on`` or ``0/false/no/off`` (case-insensitive, surrounding spaces ignored).
+    """
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return bool(default)
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean: use one of "
+                     f"{'/'.join(TRUE_WORDS)} (on) or {'/'.join(FALSE_WORDS)} (off), or unset it "
+                     f"(default: {'on' if default else 'off'})")
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """The integer environment variable ``name`` (>= ``minimum``): unset or empty gives ``default``;
+    anything else raises ``ValueError`` naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return int(default)
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer >= {minimum}, or unset "
+                         f"(default: {default})")
+    return value
+
+
+def cache_root() -> Path:
+    """The sed_fast cache root: ``$SED_FAST_CACHE_DIR`` (``~`` expanded), else ``~/.cache/sed_fast``."""
+    root = os.environ.get("SED_FAST_CACHE_DIR", "").strip()
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sed_fast"
