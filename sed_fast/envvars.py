@@ -5,8 +5,9 @@ variable                       default                meaning
 =============================  =====================  ==================================================
 ``SED_FAST_CACHE_DIR``         ``~/.cache/sed_fast``  cache root (text embeddings in its ``text/``)
 ``SED_FAST_TEXT_CACHE``        on                     cache text embeddings on disk
-``SED_FAST_TEXT_CACHE_MB``     2048                   size cap of the text cache (least recently used
-                                                      entries are evicted after a write)
+``SED_FAST_TEXT_CACHE_MB``     2048                   size cap of the text cache in megabytes (a number;
+                                                      least recently used entries are evicted after a
+                                                      write)
 ``SED_FAST_TRUST_CHECKPOINTS`` off                    allow full unpickling of checkpoints that need it
 =============================  =====================  ==================================================
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["env_flag", "env_int", "cache_root", "TRUE_WORDS", "FALSE_WORDS"]
+__all__ = ["env_flag", "env_number", "cache_root", "TRUE_WORDS", "FALSE_WORDS"]
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -44,19 +45,19 @@ def env_flag(name: str, default: bool) -> bool:
                      f"(default: {'on' if default else 'off'})")
 
 
-def env_int(name: str, default: int, minimum: int = 0) -> int:
-    """The integer environment variable ``name`` (>= ``minimum``): unset or empty gives ``default``;
-    anything else raises ``ValueError`` naming the variable."""
+def env_number(name: str, default: float, minimum: float = 0.0) -> float:
+    """The numeric environment variable ``name`` (a number >= ``minimum``, e.g. ``512`` or ``0.5``):
+    unset or empty gives ``default``; anything else raises ``ValueError`` naming the variable."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
-        return int(default)
+        return float(default)
     try:
-        value = int(raw.strip())
+        value = float(raw.strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r} must be an integer >= {minimum}, or unset "
-                         f"(default: {default})")
+    if value is None or not value >= minimum or value == float("inf"):
+        raise ValueError(f"environment variable {name}={raw!r} must be a number >= {minimum:g}, or unset "
+                         f"(default: {default:g})")
     return value
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sed_fast.envvars import cache_root, env_flag, env_int
+from sed_fast.envvars import cache_root, env_flag, env_number
 
 NAME = "SED_FAST_TEST_FLAG"
 
@@ -36,15 +36,17 @@ def test_anything_else_is_an_error_naming_the_variable(monkeypatch, raw):
     assert NAME in str(info.value) and "1/true/yes/on" in str(info.value) and "0/false/no/off" in str(info.value)
 
 
-def test_env_int(monkeypatch):
+def test_env_number(monkeypatch):
     monkeypatch.delenv(NAME, raising=False)
-    assert env_int(NAME, 7) == 7
+    assert env_number(NAME, 7) == 7
     monkeypatch.setenv(NAME, " 12 ")
-    assert env_int(NAME, 7) == 12
-    for bad in ("-1", "1.5", "lots"):
+    assert env_number(NAME, 7) == 12
+    monkeypatch.setenv(NAME, "0.5")
+    assert env_number(NAME, 7) == 0.5
+    for bad in ("-1", "nan", "inf", "lots"):
         monkeypatch.setenv(NAME, bad)
         with pytest.raises(ValueError, match=NAME):
-            env_int(NAME, 7)
+            env_number(NAME, 7)
 
 
 def test_cache_root(monkeypatch, tmp_path):
