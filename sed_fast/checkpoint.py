@@ -70,11 +70,12 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    with open(path, "rb") as handle:  # permission denied and the like surface here as OSError, as such
+        handle.read(1)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as safe_error:  # noqa: BLE001 - any failure is reported with its cause
+    except Exception as safe_error:  # noqa: BLE001 - any failure (an OSError too: torch raises EINVAL
+        # for some truncated archives) is classified by looking at the file itself
         needed = _classes_needed(path)
         if needed is None:  # not a well-formed checkpoint: trusting it would not help
             raise CheckpointError(
