@@ -15,8 +15,8 @@ What an interrupted or failed run leaves in ``--out``: every output file (``*_la
 folder and renamed into place, so each file is either the complete new one or the previous one,
 never a truncated mix (and a symbolic link of the same name is replaced, not written through).
 A signal that arrives while an image's files are being written takes effect once they and the
-summary are written. ``summary.json`` is written when the run starts and rewritten after each image,
-with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
+summary are written. ``summary.json`` is written when the run starts and rewritten after each image
+(once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end, with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
 (``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
 ``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
 summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
@@ -554,7 +554,6 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
               "run is meaningless and is marked as made with random weights", file=sys.stderr)
-    checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
     info = (lambda message: None) if args.quiet else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
 
     from . import __version__
@@ -581,15 +580,26 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     }
     records: List[dict] = summary["images"]  # type: ignore[assignment]
 
-    def save_summary(**changes) -> Path:
+    timing = {"last": 0.0, "cost": 0.0}
+
+    def save_summary(force: bool = True, **changes) -> Path:
         summary.update(changes)
         failed = [r for r in records if r["status"] != "ok"]
         summary.update(num_images=len(records), num_ok=len(records) - len(failed), num_failed=len(failed))
+        path = out_dir / "summary.json"
+        # After an image: a write that takes over 10 ms (a summary of thousands of images) is skipped
+        # while the previous one is recent relative to its cost: rewriting stays under ~5% of the run.
+        if not force and timing["cost"] > 0.01 and time.perf_counter() - timing["last"] < 20 * timing["cost"]:
+            return path
         with signals.deferred():
-            return output.write_json("summary.json", summary)
+            start = time.perf_counter()
+            output.write_json("summary.json", summary)
+            timing["last"], timing["cost"] = time.perf_counter(), time.perf_counter() - start
+        return path
 
     summary_path = save_summary()  # replaces a previous run's summary before any work
     try:
+        checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
         start = time.perf_counter()
         model, impl = _build_model(args, spec, dtype, device, checkpoint_state)
         del checkpoint_state
@@ -610,7 +620,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             if item.missing is not None:
                 record.update(status="error", error=item.missing)
                 records.append(record)
-                save_summary()
+                save_summary(force=False)
                 _report_failure(progress, item, item.missing)
                 continue
             try:
@@ -618,7 +628,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
                 with signals.deferred():  # this image's files and the summary, whole
                     record.update(_write_outputs(output, item, result, args, random_weights))
                     records.append(record)
-                    save_summary()
+                    save_summary(force=False)
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # noqa: BLE001 - report this image, go on with the others
@@ -628,7 +638,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
                 record.update(status="error", error=message, error_type=type(error).__name__)
                 if not any(r is record for r in records):  # not when only the summary write failed
                     records.append(record)
-                save_summary()
+                save_summary(force=False)
                 _report_failure(progress, item, message)
                 if args.debug:
                     traceback.print_exc()

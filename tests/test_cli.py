@@ -464,3 +464,44 @@ def test_bad_environment_variable_is_a_usage_error(tmp_path, monkeypatch, one_im
             code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", tmp_path / "o"])
         assert code == 2 and name in err and "Traceback" not in err
     assert calls == [] and not (tmp_path / "o").exists()
+
+
+def test_vocabulary_refused_by_the_text_encoder_is_a_usage_error(tmp_path, monkeypatch, one_image):
+    from sed_fast.text import check_tokenized_duplicates
+
+    class Checking(_FakeModel):
+        def set_vocabulary(self, names, progress=None):  # the model's check, without its text tower
+            from sed_fast.models.encoder import create_tokenizer, variant_spec
+            check_tokenized_duplicates(create_tokenizer(variant_spec("b")), names, ["a photo of a {}."])
+            return super().set_vocabulary(names, progress)
+
+    import sed_fast.api
+    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: Checking())
+    argv = ["segment", one_image, "--vocab", "cat,dog,Cat", "--random-weights", "--device", "cpu", "--quiet",
+            "--out", tmp_path / "o"]
+    code, err = run_main(argv)
+    assert code == 2 and "tokenizer makes identical" in err and "'Cat' (index 2)" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 2
+
+
+def test_summary_is_rewritten_after_each_image(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    seen = []
+
+    class Watching(_FakeModel):
+        def __call__(self, images):
+            summary = json.loads((out / "summary.json").read_text())
+            seen.append((summary["status"], summary["num_images"], summary["impl"]))
+            return super().__call__(images)
+
+    import sed_fast.api
+    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: Watching())
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(random_rgb(seed=i)).save(folder / f"{i}.png")
+    code, err = run_main(["segment", folder, *FAST_ARGS, "--out", out])
+    assert code == 0, err
+    assert seen == [("running", 0, "reference"), ("running", 1, "reference"), ("running", 2, "reference")]
+    assert json.loads((out / "summary.json").read_text())["num_images"] == 3
