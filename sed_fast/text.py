@@ -37,6 +37,7 @@ Environment (see :mod:`sed_fast.envvars`): ``SED_FAST_CACHE_DIR`` (cache root; t
 disables the cache; default on), ``SED_FAST_TEXT_CACHE_MB`` (size cap in megabytes, a number, default
 2048; 0 keeps only the entry just written).
 """
+import contextlib
 import copy
 import hashlib
 import io
@@ -322,6 +323,8 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
         return None
     try:
         data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < _FORMAT_VERSION:
+            return None  # written by an older version (no checksum): recomputed and replaced, silently
         embeddings = data["embeddings"]
         valid = (data.get("format") == _FORMAT_VERSION and data.get("key") == key
                  and list(data.get("names", ())) == list(names) and isinstance(embeddings, torch.Tensor)
@@ -369,11 +372,17 @@ def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.T
 
 def _evict(folder: Path, keep: Path, limit: int) -> None:
     """Delete the least recently used ``*.pt`` entries of ``folder`` (oldest modification time
-    first) until the rest fit in ``limit`` bytes; ``keep`` (the entry just written) stays."""
+    first) until the rest fit in ``limit`` bytes; ``keep`` (the entry just written) stays. Temporary
+    files over an hour old (left by a killed process) are deleted too."""
     entries = []
+    stale = time.time() - 3600
     try:
         for entry in os.scandir(folder):
-            if entry.name.endswith(".pt") and entry.is_file(follow_symlinks=False):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(entry.path)
+            elif entry.name.endswith(".pt") and entry.is_file(follow_symlinks=False):
                 stat = entry.stat(follow_symlinks=False)
                 entries.append((stat.st_mtime, entry.name, stat.st_size))
     except OSError:

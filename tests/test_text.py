@@ -403,3 +403,21 @@ def test_progress_lines_without_a_terminal(clip_model, tokenizer, capsys, monkey
     encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=PROMPT_TEMPLATES[:8], cache=False,
                       batch_size=4, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+    first = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    data = torch.load(path, weights_only=True)
+    torch.save({"format": 1, "key": data["key"], "names": data["names"], "embeddings": data["embeddings"]}, path)
+    stale = tmp_path / ".0123456789abcdef.x.tmp"  # left by a killed writer
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    assert torch.equal(again, first)
+    assert torch.load(path, weights_only=True)["format"] == text_mod._FORMAT_VERSION
+    assert not stale.exists()
