@@ -80,7 +80,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         if needed is None:  # not a well-formed checkpoint: trusting it would not help
             raise CheckpointError(
                 f"could not read checkpoint {path}: the file is truncated or corrupt "
-                f"({type(safe_error).__name__}: {_first_line(safe_error)}). Download or copy it again "
+                f"({_cause(safe_error)}). Download or copy it again "
                 f"(compare its size and checksum with the original).") from safe_error
         if not trusted:
             listed = ", ".join(needed[:_SHOW]) + (f" ... and {len(needed) - _SHOW} more" if len(needed) > _SHOW else "")
@@ -92,8 +92,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:  # noqa: BLE001
-            raise CheckpointError(f"could not read checkpoint {path}: {type(error).__name__}: "
-                                  f"{_first_line(error)}") from error
+            raise CheckpointError(f"could not read checkpoint {path}: {_cause(error)}") from error
     return extract_state_dict(obj, source=str(path))
 
 
@@ -291,6 +290,19 @@ def save_checkpoint(model: torch.nn.Module, path: Union[str, os.PathLike], extra
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     payload.update(extra or {})
     torch.save(payload, path)
+
+
+def _cause(error: Exception) -> str:
+    """``Type: first line`` of an error; for torch's weights-only refusals, the unpickler's own reason
+    (its preamble recommends ``weights_only=False``, which is no fix for a damaged file)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        line = f"weights-only unpickler: {reason[0]}" if reason else ""
+    else:
+        line = _first_line(error)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def _first_line(error: Exception) -> str:

@@ -170,7 +170,7 @@ def test_damaged_file_does_not_suggest_trusting_it(tmp_path, monkeypatch, damage
         read_state_dict(bad)
     message = str(info.value)
     assert "could not read checkpoint" in message and "truncated or corrupt" in message
-    assert "SED_FAST_TRUST_CHECKPOINTS" not in message
+    assert "SED_FAST_TRUST_CHECKPOINTS" not in message and "weights_only" not in message
 
 
 @pytest.fixture(scope="module")
