@@ -179,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images with an open vocabulary. Writes, per image, <stem>_labels.png "
                     "(class index per pixel: 8-bit PNG for up to 256 classes, else 16-bit), "
                     "<stem>_overlay.png (image blended with class colours and a legend) and, with "
-                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json. "
-                    "Exit code: 0 all images ok, 1 some failed, 2 usage error.")
+                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json (rewritten as "
+                    "the run goes, with its status). Each file is written whole or not at all. "
+                    "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
+                    "143 terminated (SIGTERM).")
     seg.add_argument("images", nargs="+", metavar="IMAGES",
                      help="image files, folders (their images, sorted) or glob patterns (quoted)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
