@@ -63,5 +63,5 @@ def env_number(name: str, default: float, minimum: float = 0.0) -> float:
 
 def cache_root() -> Path:
     """The sed_fast cache root: ``$SED_FAST_CACHE_DIR`` (``~`` expanded), else ``~/.cache/sed_fast``."""
-    root = os.environ.get("SED_FAST_CACHE_DIR", "").strip()
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "sed_fast"
+    root = os.environ.get("SED_FAST_CACHE_DIR", "")
+    return Path(root).expanduser() if root.strip() else Path.home() / ".cache" / "sed_fast"

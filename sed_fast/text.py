@@ -478,7 +478,10 @@ def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str]
             f"class names that the tokenizer makes identical: {detail}{more}. The tokenizer lower-cases, "
             f"cleans whitespace and keeps only the first {tokens.shape[1]} tokens of a prompt, so these "
             "would give identical output channels: remove or reword the duplicates")
-    full = torch.nonzero(tokens[:, -1] != 0).reshape(-1).tolist()  # the end-of-text token at the last slot
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is None:  # not open_clip's tokenizer: no reliable way to see truncation
+        return
+    full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
     encode = getattr(tokenizer, "encode", None)
     if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
         try:
