@@ -208,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--resolution", type=int, default=768, metavar="PX",
                      help="encoder input side, a multiple of 32 (official: 768; smaller is faster, non-official)")
     seg.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
-    seg.add_argument("--save-scores", action="store_true", help="also write <stem>_scores.npy (float16)")
+    seg.add_argument("--save-scores", action="store_true",
+                     help="also write <stem>_scores.npy (float16; needs the full-size scores in memory: without "
+                          "it only the class map is computed)")
+    seg.add_argument("--batch-size", type=int, default=1, metavar="N",
+                     help="images per forward (of any sizes: each is resized to the encoder's input; default 1)")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
@@ -326,6 +330,8 @@ def _check_options(args: argparse.Namespace):
         raise UsageError(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     dtype = getattr(torch, _DTYPES[args.dtype])
     device = None
     if args.device is not None:
@@ -481,14 +487,15 @@ def _assign_stems(inputs: List[_Input]) -> None:
 
 
 def load_image(path: Path):
-    """An image file as an RGB PIL image (EXIF orientation applied; gray/RGBA/palette converted)."""
+    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it:
+    EXIF orientation applied, then ``convert("RGB")`` (gray, RGBA, palette, CMYK alike)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return image.convert("RGB")
+        with warnings.catch_warnings():  # Pillow suggests RGBA for palette images with transparency
+            warnings.simplefilter("ignore", UserWarning)
+            return image.convert("RGB")
 
 
 def _build_model(args, spec, dtype, device, checkpoint_state):
@@ -621,35 +628,38 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         random_weights = bool(getattr(model, "random_weights", random_weights))
         save_summary(impl=impl, device=str(model.device), random_weights=random_weights)
 
-        progress = _progress(inputs, disable=args.quiet or len(inputs) <= 1)
-        for item in progress:
-            record = {"input": str(item.path), "status": "ok"}
-            if item.missing is not None:
-                record.update(status="error", error=item.missing)
-                records.append(record)
-                save_summary(force=False)
-                _report_failure(progress, item, item.missing)
-                continue
-            try:
-                result = _segment_one(model, item, class_names, args, random_weights)
-                with signals.deferred():  # this image's files and the summary, whole
-                    record.update(_write_outputs(output, item, result, args, random_weights))
-                    records.append(record)
+        progress = _progress(len(inputs), disable=args.quiet or len(inputs) <= 1)
+        for first in range(0, len(inputs), args.batch_size):
+            for item, result in _segment_batch(model, inputs[first:first + args.batch_size], class_names, args,
+                                               random_weights):
+                record = {"input": str(item.path), "status": "ok"}
+                try:
+                    if isinstance(result, BaseException):
+                        raise result
+                    with signals.deferred():  # this image's files and the summary, whole
+                        record.update(_write_outputs(output, item, result, args, random_weights))
+                        records.append(record)
+                        save_summary(force=False)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # noqa: BLE001 - report this image, go on with the others
+                    message = item.missing or _describe(error)
+                    if type(error).__name__ in ("UnidentifiedImageError",) or isinstance(error, SyntaxError):
+                        message = f"cannot decode the image: {message}"
+                    record.update(status="error", error=message)
+                    if item.missing is None:
+                        record["error_type"] = type(error).__name__
+                    if not any(r is record for r in records):  # not when only the summary write failed
+                        records.append(record)
                     save_summary(force=False)
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # noqa: BLE001 - report this image, go on with the others
-                message = _describe(error)
-                if type(error).__name__ in ("UnidentifiedImageError",) or isinstance(error, SyntaxError):
-                    message = f"cannot decode the image: {message}"
-                record.update(status="error", error=message, error_type=type(error).__name__)
-                if not any(r is record for r in records):  # not when only the summary write failed
-                    records.append(record)
-                save_summary(force=False)
-                _report_failure(progress, item, message)
-                if args.debug:
-                    traceback.print_exc()
-                _free_device_memory(error)
+                    _report_failure(progress, item, message)
+                    if args.debug and item.missing is None:
+                        traceback.print_exception(type(error), error, error.__traceback__)
+                    _free_device_memory(error)
+                if progress is not None:
+                    progress.update(1)
+        if progress is not None:
+            progress.close()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
         save_summary(status="interrupted", exit_code=code, signal=_signal_name(code - 128), finished_at=_now(),
@@ -681,35 +691,76 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _segment_one(model, item: _Input, class_names: List[str], args, random_weights: bool) -> dict:
-    """Segment one image; returns what its outputs are made of (nothing is written here)."""
+def _segment_batch(model, items: List[_Input], class_names: List[str], args, random_weights: bool):
+    """Segment a batch of images in one forward (the list API: any sizes); yields (item, result or
+    the exception that stopped this image). A failed forward is retried image by image, so that a
+    bad image fails alone."""
     import numpy as np
     import torch
 
-    from .visualize import class_areas, label_image, render_overlay
+    start = time.perf_counter()
+    loaded = []
+    for item in items:
+        if item.missing is not None:
+            yield item, FileNotFoundError(item.missing)
+            continue
+        try:
+            image = load_image(item.path)
+        except Exception as error:  # noqa: BLE001 - reported as this image's failure
+            yield item, error
+            continue
+        loaded.append((item, image, torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)))
+    if not loaded:
+        return
+    try:
+        predictions = _predict(model, [pixels for _, _, pixels in loaded], args.save_scores)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # noqa: BLE001
+        if len(loaded) == 1:
+            yield loaded[0][0], error
+            return
+        _free_device_memory(error)
+        for item, _, _ in loaded:  # find which image fails
+            yield from _segment_batch(model, [item], class_names, args, random_weights)
+        return
+    seconds = (time.perf_counter() - start) / len(loaded)
+    for (item, image, _), (labels, scores) in zip(loaded, predictions):
+        yield item, _result(image, labels.cpu().numpy(), scores, class_names, args, random_weights, seconds)
+
+
+def _predict(model, images, save_scores: bool):
+    """[(labels (H, W), scores (T, H, W) or None)] for a list of (3, H, W) uint8 images: the
+    class map alone (``predict_labels``) unless the scores are to be saved."""
+    images = [image.to(model.device) for image in images]
+    if save_scores:
+        return [(scores.argmax(0), scores) for scores in model(images)]
+    return [(labels, None) for labels in model.predict_labels(images)]
+
+
+def _result(image, labels, scores, class_names: List[str], args, random_weights: bool, seconds: float) -> dict:
+    """What one image's outputs are made of (nothing is written here)."""
+    import numpy as np
+    import torch
+
+    from .visualize import class_areas, render_overlay
     from .vocabulary import display_name
 
-    start = time.perf_counter()
-    image = load_image(item.path)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
-    pixels = pixels.to(model.device)
-    scores = model(pixels)  # (1, T, H, W) in [0, 1]
-    labels = label_image(scores)
+    labels = labels.astype(np.int64)
     height, width = labels.shape
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
     result = {
         "labels": labels.astype(label_dtype),
         "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
-        "scores": scores[0].to(torch.float16).cpu().numpy() if args.save_scores else None,
+        "scores": scores.to(torch.float16).cpu().numpy() if scores is not None else None,
     }
-    del scores
     areas = class_areas(labels, len(class_names))
     total = max(int(areas.sum()), 1)
     present = sorted((int(i) for i in np.flatnonzero(areas)), key=lambda i: (-int(areas[i]), i))
     result["record"] = {
         "height": height,
         "width": width,
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
         "classes": [{"index": i, "name": class_names[i], "display_name": display_name(class_names[i]),
                      "share": round(float(areas[i]) / total, 6)} for i in present],
     }
@@ -748,14 +799,15 @@ def _free_device_memory(error: BaseException) -> None:
             pass
 
 
-def _progress(items, disable: bool):
+def _progress(total: int, disable: bool):
+    """A progress bar over ``total`` images (updated by the caller), or None."""
     if not disable:
         try:
             from tqdm import tqdm
-            return tqdm(items, file=sys.stderr, unit="image", desc=_PROG, dynamic_ncols=True)
+            return tqdm(total=total, file=sys.stderr, unit="image", desc=_PROG, dynamic_ncols=True)
         except ImportError:
             pass
-    return items
+    return None
 
 
 def _report_failure(progress, item: _Input, message: str) -> None:

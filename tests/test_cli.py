@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sed_fast import cli
+from sed_fast.images import as_image_list
 from sed_fast.visualize import (class_areas, colorize, draw_legend, label_image, overlay, palette,
                                 render_overlay)
 
@@ -147,10 +148,12 @@ class _FakeModel:
         return self.class_names
 
     def __call__(self, images):
-        from sed_fast.models.sed import check_images
-        images = check_images(images)
+        batch = as_image_list(images)  # the model's own input checks
         generator = torch.Generator().manual_seed(0)
-        return torch.rand(1, len(self.class_names), *images.shape[-2:], generator=generator)
+        return [torch.rand(len(self.class_names), *size, generator=generator) for size in batch.sizes]
+
+    def predict_labels(self, images):
+        return [scores.argmax(0) for scores in self(images)]
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -505,3 +508,24 @@ def test_summary_is_rewritten_after_each_image(tmp_path, monkeypatch):
     assert code == 0, err
     assert seen == [("running", 0, "reference"), ("running", 1, "reference"), ("running", 2, "reference")]
     assert json.loads((out / "summary.json").read_text())["num_images"] == 3
+
+
+def test_batches_of_images_of_different_sizes_equal_one_at_a_time(tmp_path):
+    """--batch-size N runs the list API (one forward for images of any sizes); the labels equal
+    those of one image per forward, and --save-scores gives the same labels as predict_labels."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 52), (64, 33), (45, 45)]):
+        Image.fromarray(random_rgb(h, w, seed=10 + i)).save(folder / f"im{i}.png")
+    outs = {}
+    for name, extra in (("one", []), ("batched", ["--batch-size", "3"]), ("scores", ["--save-scores"])):
+        out = tmp_path / name
+        code, err = run_main(["segment", folder, *FAST_ARGS, "--out", out, *extra])
+        assert code == 0, err
+        outs[name] = {i: np.array(load_png(out / f"im{i}_labels.png")) for i in range(3)}
+    for i in range(3):
+        # a batch of 3 rounds differently from a batch of 1 (random weights: many near-ties)
+        assert (outs["one"][i] == outs["batched"][i]).mean() >= 0.99
+        assert np.array_equal(outs["one"][i], outs["scores"][i])
+    code, err = run_main(["segment", folder, *FAST_ARGS, "--out", tmp_path / "bad", "--batch-size", "0"])
+    assert code == 2 and "--batch-size" in err

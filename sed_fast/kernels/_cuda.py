@@ -1,7 +1,7 @@
 """The hand-written CUDA backend (``csrc/``): loading the extension and registering its ops.
 
-The kernels are compiled into ``sed_fast._C`` by ``setup.py`` (``pip install --no-build-isolation .``),
-or just in time from ``csrc/`` with ninja into a cache directory. They register the ops
+The kernels are compiled into ``sed_fast._C`` by ``setup.py`` (with ``SED_FAST_BUILD_CUDA=1``), or
+just in time from ``csrc/`` with ninja into a cache directory. They register the ops
 ``torch.ops.sed_fast_cuda.topk_union_reject`` and ``torch.ops.sed_fast_cuda.dwconv_layernorm``
 (CUDA kernels in C++, fake kernels here, so torch.compile can trace them); this module registers
 them as the ``"cuda"`` implementations of the sed_fast ops of the same names.
@@ -18,17 +18,8 @@ asked for on a CUDA device, :func:`load_extension` tries, in order:
 If neither works, one warning says why and the ``"cuda"`` backend reports itself unavailable: the
 package keeps working with the triton and torch backends.
 
-Environment:
-
-=============================  ==================================================================
-``SED_FAST_JIT_BUILD``         ``1`` force / ``0`` forbid the JIT build (default: only with a GPU)
-``SED_FAST_CUDA_ARCHS``        architectures to build, e.g. ``"9.0"``, ``"8.0;9.0+PTX"`` (default:
-                               the visible GPUs' with PTX, else ``9.0+PTX``)
-``SED_FAST_CUDA_BUILD_DIR``    build directory of the JIT build (default:
-                               ``$SED_FAST_CACHE_DIR/cuda_ext/<tag>``, ``~/.cache/sed_fast/...``)
-``MAX_JOBS``                   parallel compile jobs (default: min(cores, free memory / 4 GB))
-``CUDA_HOME``                  the CUDA toolkit (default: found from ``nvcc`` on PATH)
-=============================  ==================================================================
+Environment variables (all in the README's table): ``SED_FAST_JIT_BUILD``, ``SED_FAST_CUDA_ARCHS``,
+``SED_FAST_CUDA_BUILD_DIR``, ``MAX_JOBS``, ``CUDA_HOME``.
 """
 from __future__ import annotations
 
@@ -43,6 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
+from ..envvars import cache_root, env_flag
 from . import dispatch
 
 logger = logging.getLogger("sed_fast.cuda")
@@ -88,8 +80,7 @@ def extension_tag(archs: Optional[str] = None) -> str:
 def default_build_directory(archs: Optional[str] = None) -> Path:
     if os.environ.get("SED_FAST_CUDA_BUILD_DIR"):
         return Path(os.environ["SED_FAST_CUDA_BUILD_DIR"])
-    root = os.environ.get("SED_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sed_fast")
-    return Path(root) / "cuda_ext" / extension_tag(archs)
+    return cache_root() / "cuda_ext" / extension_tag(archs)
 
 
 def sources() -> List[str]:
@@ -156,10 +147,9 @@ def jit_build(build_directory: Optional[os.PathLike] = None, archs: Optional[str
 
 
 def _jit_policy() -> Tuple[bool, str]:
-    value = os.environ.get("SED_FAST_JIT_BUILD", "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True, "SED_FAST_JIT_BUILD=1"
-    if value in ("0", "false", "no", "off"):
+    if os.environ.get("SED_FAST_JIT_BUILD", "").strip():
+        if env_flag("SED_FAST_JIT_BUILD", False):
+            return True, "SED_FAST_JIT_BUILD=1"
         return False, "the JIT build is disabled (SED_FAST_JIT_BUILD=0)"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU, so no JIT build (SED_FAST_JIT_BUILD=1 forces one)"
@@ -228,8 +218,8 @@ def _warn_once() -> None:
     _State.warned = True
     warnings.warn(
         "sed_fast: the CUDA extension is not available, so the 'cuda' backend is off (the triton and torch "
-        f"backends still work). Reason: {_State.error}. Build it with `pip install --no-build-isolation .` "
-        "(CUDA toolkit needed) or set SED_FAST_JIT_BUILD=1.", RuntimeWarning, stacklevel=3)
+        f"backends still work). Reason: {_State.error}. Build it with `SED_FAST_BUILD_CUDA=1 pip install "
+        "--no-build-isolation -e .` (CUDA toolkit needed) or set SED_FAST_JIT_BUILD=1.", RuntimeWarning, stacklevel=3)
 
 
 def cuda_unavailable(device: torch.device) -> Optional[str]:

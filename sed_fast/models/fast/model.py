@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ...config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
+from ...envvars import env_number
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
 
@@ -27,15 +28,9 @@ _DEFAULT_CPU_CHUNK_BYTES = 512 << 20
 
 
 def _chunk_bytes_from_env() -> Optional[int]:
-    value = os.environ.get("SED_FAST_CHUNK_MB")
-    if not value:
+    if not os.environ.get("SED_FAST_CHUNK_MB", "").strip():
         return None
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise ValueError(f"SED_FAST_CHUNK_MB must be a number of megabytes, got {value!r}") from None
-    if megabytes <= 0:
-        raise ValueError(f"SED_FAST_CHUNK_MB must be positive, got {value!r}")
+    megabytes = env_number("SED_FAST_CHUNK_MB", 0.0, minimum=1e-3)
     return int(megabytes * (1 << 20))
 
 
