@@ -35,7 +35,8 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat1
            "fp16": "float16", "float16": "float16"}
 # Subcommands that belong to other modules: name -> (module, description).
 _EXTERNAL = {"bench": ("benchmarks.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
-             "profile": ("benchmarks.profile", "per-stage profile (see `sed-fast profile --help`)")}
+             "profile": ("benchmarks.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
 _PROG = "sed-fast"
 
 
