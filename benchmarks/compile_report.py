@@ -308,8 +308,20 @@ def _gather_case(classes: int, channels: int, side: int) -> Case:
     return Case(f"gather_rows {KEPT} of {classes} C={channels} {side}x{side}", launch)
 
 
+def _pil_resize_case(height: int, width: int, new_h: int, new_w: int, horizontal_first: bool) -> Case:
+    def launch(dtype):  # uint8 images: the case's dtype does not apply
+        from sed_fast.kernels.pil_bilinear_resize import pil_bilinear_resize_triton
+        image = torch.empty((height, width, 3), dtype=torch.uint8).permute(2, 0, 1)  # a decoded HWC photo
+        pil_bilinear_resize_triton(image, new_h, new_w, horizontal_first)
+    order = "horizontal first" if horizontal_first else "vertical first"
+    return Case(f"pil_bilinear_resize uint8 RGB {width}x{height} -> {new_w}x{new_h} ({order})", launch)
+
+
 def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
-    cases: List[Case] = []
+    # The official test-time resize (ResizeShortestEdge(640, 2560)) of a 1920x1080 photo, and of a tall
+    # 1000x3000 one, which Pillow 13 resizes vertically first (each pass then reads the other layout).
+    cases: List[Case] = [_pil_resize_case(1080, 1920, 640, 1138, horizontal_first=True),
+                         _pil_resize_case(3000, 1000, 1920, 640, horizontal_first=False)]
     for t in classes:
         cases += [_cost_map_case(t, VARIANT_DIMS[v], v) for v in variants]
         for channels, side in LEVELS:

@@ -60,8 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
-import math
 import sys
 import time
 import warnings
@@ -70,6 +68,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from sed_fast.images import as_image_list
 
 from . import common
 
@@ -190,7 +190,7 @@ def synthetic_text(model, vocab: str, classes: int, mode: str, images: torch.Ten
     if mode != "image":
         raise ValueError(f"unknown text mode {mode!r}; expected image, random or vocab")
     with torch.no_grad():
-        dense, _ = model.encode_image(images)
+        dense, _ = model.encode_image(model.clip_input(as_image_list(images)))
     features = dense.float().permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).cpu()
     picks = features[torch.randint(features.shape[0], (classes,), generator=generator)]
     noise = torch.randn(classes, NUM_PROMPTS, dim, generator=generator)
@@ -350,7 +350,9 @@ def run_row(impl: str, model, dtype_name: str, setting: Setting, images: torch.T
             if compile_mode is None:
                 stage_kw = dict(timing, target_s=float(timing.get("target_s", 1.0)) / 3,
                                 min_reps=min(3, int(timing.get("min_reps", 3))))
-                prepared = images.contiguous(memory_format=torch.channels_last) if hasattr(model, "decode") else images
+                prepared = model.clip_input(as_image_list(images))
+                if hasattr(model, "decode"):
+                    prepared = prepared.contiguous(memory_format=torch.channels_last)
                 encode = getattr(model, "_encode", model.encode_image)  # the fast model's (CUDA graphs)
                 row["encoder_ms"] = common.time_fn(lambda: encode(prepared), device, **stage_kw).median_ms
                 row["text_ms"] = common.time_fn(model._text_for_decoder, device, **stage_kw).median_ms

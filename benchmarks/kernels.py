@@ -47,7 +47,6 @@ identical rows for the gather. Rows are appended to ``<results dir>/kernels.json
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass, field

@@ -141,9 +141,8 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sed_fast.profiling import OpCounter, instrument, recording
 
-    from .e2e import synthetic_text, vocab_size
+    from .e2e import vocab_size
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

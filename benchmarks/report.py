@@ -22,8 +22,6 @@ Writes into ``--out`` (default: the results folder):
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 from collections import OrderedDict, defaultdict
 from pathlib import Path

@@ -13,7 +13,9 @@ import os
 import pytest
 import torch
 
-from benchmarks import kernels
+pytest.importorskip("pytest_benchmark", reason="these cases need pytest-benchmark (the `test` extra)")
+
+from benchmarks import kernels  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("SED_FAST_BENCH_DEVICE", "cpu"))
 CASES = kernels.build_cases(kernels.OPS, [9], kernels.SMOKE)

@@ -10,6 +10,9 @@ import torch
 from .models.encoder import CLIP_RESOLUTION, variant_spec
 
 IMPLS = ("reference", "fast")
+#: Seed of the random weights built when no checkpoint is given: fixed, so that two builds give the
+#: same model, the same outputs and the same text-embedding cache entry.
+DEFAULT_SEED = 0
 
 
 class RandomWeightsWarning(UserWarning):
@@ -24,7 +27,8 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
               checkpoint: Optional[Union[str, os.PathLike, dict]] = None,
               device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
               cer_topk: Optional[int] = None, clip_resolution: int = CLIP_RESOLUTION,
-              text_cache: bool = True, **impl_options) -> torch.nn.Module:
+              text_cache: bool = True, preprocess: str = "official", seed: int = DEFAULT_SEED,
+              **impl_options) -> torch.nn.Module:
     """Build an SED model in eval mode.
 
     Args:
@@ -39,6 +43,13 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
         clip_resolution: side the image is resized to before the encoder (official: 768).
             Smaller values give non-official but cheaper runs (tests, smoke benchmarks).
         text_cache: cache text embeddings on disk (see README, ``SED_FAST_TEXT_CACHE``).
+        preprocess: ``"official"``: each raw image is first resized as the official test-time
+            pipeline does (shortest edge 640, longest at most 2560; uint8 exactly as PIL's bilinear
+            resize, float by bilinear interpolation), so outputs equal the official demo's and
+            evaluation's; ``"none"``: images go straight to the encoder's S x S resize (for images
+            already resized so).
+        seed: seed of the random initialisation (used whatever ``device``: weights are drawn on
+            the CPU); with ``checkpoint=None`` the same seed gives the same weights.
         impl_options: options of the chosen implementation (see its class).
     """
     from .checkpoint import load_checkpoint
@@ -53,13 +64,19 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
         from .models.sed import SEDReference as model_class
     else:
         from .models.fast import SEDFast as model_class
-    model = model_class(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
-                        device=device, **impl_options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    # Weights are drawn on the CPU from a private generator state: the same seed gives the same
+    # model on every device, and the caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
+                            preprocess=preprocess, device=torch.device("cpu"), **impl_options)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
         model.random_weights = False
     else:
         model.random_weights = True
-        warnings.warn(f"SED-{spec.name.upper()} built with RANDOM weights (no checkpoint given): "
+        warnings.warn(f"SED-{spec.name.upper()} built with RANDOM weights (no checkpoint given, seed {seed}): "
                       "its segmentations are meaningless", RandomWeightsWarning, stacklevel=2)
     return model.to(device=device, dtype=dtype).eval()

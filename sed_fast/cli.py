@@ -1,6 +1,7 @@
 """The ``sed-fast`` command (also ``python -m sed_fast``).
 
     sed-fast segment IMAGES... --vocab ade150 --checkpoint sed_model_base.pth --out out/
+    sed-fast demo           (a built-in sample, random weights: sed_fast.demo)
     sed-fast bench ...      (benchmarks.e2e)
     sed-fast profile ...    (benchmarks.profile)
 
@@ -34,7 +35,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
 # Subcommands that belong to other modules: name -> (module, description).
-_EXTERNAL = {"bench": ("benchmarks.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
+_EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with random weights (no download)"),
+             "bench": ("benchmarks.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
              "profile": ("benchmarks.profile", "per-stage profile (see `sed-fast profile --help`)"),
              "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
 _PROG = "sed-fast"

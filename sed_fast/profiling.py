@@ -172,7 +172,6 @@ def instrument(model):
             return getattr(model, "cer_topk", None) is not None or getattr(model, "force_kept_classes", None) is not None
 
         wrap_method(model, "encode_image", fixed("image_encoder"))
-        wrap_method(model, "_resize_scores", fixed("resize"))
         wrap_method(dec, "cost_map", fixed("cost_map"))
         wrap_method(dec, "per_class", fixed("cost_map"))
         wrap_method(dec, "decoder_guidance", fixed("decoder_guidance"))

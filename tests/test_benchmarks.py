@@ -140,6 +140,9 @@ class _ToyModel(torch.nn.Module):
         scores = torch.sigmoid(images.mean(dim=(1, 2, 3)) * self.weight) + self.offset  # per image
         return scores[:, None, None, None].expand(-1, self.classes, *images.shape[-2:]).clone()
 
+    def clip_input(self, batch):
+        return torch.stack(batch.images)
+
     def encode_image(self, images):
         return images, [images] * 4
 
@@ -151,9 +154,9 @@ class _ToyModel(torch.nn.Module):
 
 
 def _toy_row(model, **kw):
-    images = torch.rand(2, 3, 8, 8)
+    images = torch.rand(2, 3, 32, 32) * 255
     check = e2e.ReferenceOutputs(_ToyModel(), images, e2e.Setting())
-    base = dict(common.environment("cpu"), kind="e2e", variant="b", vocab="toy", T=3, batch=2, image_size=8,
+    base = dict(common.environment("cpu"), kind="e2e", variant="b", vocab="toy", T=3, batch=2, image_size=32,
                 clip_resolution=32, text_source="random", text_setup_ms=None, tf32=False)
     return e2e.run_row("fast", model, "float32", e2e.Setting(), images, check, base,
                        {"warmup": 0, "reps": 2}, stage_timing=False, **kw)
@@ -256,11 +259,12 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
+    matplotlib = pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
+    import matplotlib.image
     for png in ("latency_vs_classes.png", "stages.png"):
         path = tmp_path / png
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-        import matplotlib.image
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert f"]({png})" in markdown

@@ -580,19 +580,26 @@ def test_build_helpers(monkeypatch, tmp_path):
     assert str(_cuda.default_build_directory("9.0")).startswith(str(tmp_path / "cuda_ext"))
 
 
-def test_setup_cuda_extensions_skip_switch(monkeypatch):
-    """setup.py's _cuda_extensions(): SED_FAST_BUILD_CUDA=0 builds nothing; otherwise, with torch
-    CUDA and a toolkit, one CUDAExtension named sed_fast._C with ninja."""
+def test_setup_cuda_extensions_opt_in(monkeypatch):
+    """setup.py's _cuda_extensions(): unset or SED_FAST_BUILD_CUDA=0 builds nothing (a plain
+    `pip install -e .` needs no torch at build time); =1, with torch CUDA and a toolkit, one
+    CUDAExtension named sed_fast._C with ninja; any other value is an error."""
     tree = ast.parse((ROOT / "setup.py").read_text())
-    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
-            and not (isinstance(n, ast.ImportFrom) and n.module == "setuptools")]
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign))
+            and not (isinstance(n, ast.ImportFrom) and n.module == "setuptools")
+            and not (isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Tuple))]
     namespace = {"__file__": str(ROOT / "setup.py")}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)  # noqa: S102
+    monkeypatch.delenv("SED_FAST_BUILD_CUDA", raising=False)
+    assert namespace["_cuda_extensions"]() == ([], {})
     monkeypatch.setenv("SED_FAST_BUILD_CUDA", "0")
     assert namespace["_cuda_extensions"]() == ([], {})
+    monkeypatch.setenv("SED_FAST_BUILD_CUDA", "maybe")
+    with pytest.raises(RuntimeError, match="SED_FAST_BUILD_CUDA"):
+        namespace["_cuda_extensions"]()
     if torch.version.cuda is None or _cuda.find_cuda_home() is None:
         return
-    monkeypatch.delenv("SED_FAST_BUILD_CUDA")
+    monkeypatch.setenv("SED_FAST_BUILD_CUDA", "1")
     for var in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "CUDA_HOME"):
         monkeypatch.setenv(var, os.environ.get(var, ""))  # restored after the test
     monkeypatch.chdir(ROOT)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sed_fast
+from sed_fast.images import as_image_list
 from sed_fast.models.fast import SEDFast
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
@@ -108,7 +109,7 @@ def _text_from_image_features(model, images, num_classes):
     classes (random text embeddings leave every class nearly tied)."""
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        dense, _ = model.encode_image(images)
+        dense, _ = model.encode_image(model.clip_input(as_image_list(images)))
     features = dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1])
     picks = features[torch.randperm(features.shape[0], generator=generator)[:num_classes]]
     noise = torch.randn(num_classes, 80, features.shape[1], generator=generator)

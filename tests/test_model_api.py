@@ -37,10 +37,16 @@ def test_end_to_end_scores(model):
     assert torch.allclose(scores[1:], model(images[1]), atol=1e-5)
 
 
-def test_uint8_input_equals_float_input(model):
-    torch.manual_seed(2)
+def test_uint8_input_equals_float_input_without_the_official_resize(model):
     images = torch.randint(0, 256, (1, 3, 33, 35), dtype=torch.uint8)
-    assert torch.equal(model(images), model(images.float()))
+    model.preprocess = "none"
+    try:
+        assert torch.equal(model(images), model(images.float()))
+    finally:
+        model.preprocess = "official"
+    # The official resize itself differs by dtype (PIL's antialiased uint8 filter vs bilinear
+    # interpolation of floats), as in detectron2: a float image is never treated as uint8.
+    assert not torch.equal(model(images), model(images.float()))
 
 
 def test_rejection_gives_exact_zeros_for_rejected_classes(model):
@@ -120,3 +126,17 @@ def test_segmenting_without_vocabulary_is_a_clear_error():
     m = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
     with pytest.raises(RuntimeError, match="set_vocabulary"):
         m(torch.rand(1, 3, 40, 40))
+
+
+def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    assert torch.equal(torch.get_rng_state(), before), "building a model must not move the caller's RNG"
+    second = sed_fast.build_sed("b", device="cpu", clip_resolution=64, seed=sed_fast.api.DEFAULT_SEED)
+    other = sed_fast.build_sed("b", device="cpu", clip_resolution=64, seed=1)
+    a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same seed must give the same weights"
+    assert not all(torch.equal(a[k], c[k]) for k in a), "another seed must give other weights"
+    with pytest.raises(TypeError, match="seed"):
+        sed_fast.build_sed("b", device="meta", seed="0")

@@ -6,7 +6,8 @@ which runs the backend chosen by :mod:`._backend`):
 * :func:`cost_map` -- fused L2-normalised cosine cost map, written in conv1's layout;
 * :func:`dwconv_layernorm` -- ConvNeXt depthwise conv + channels-last LayerNorm;
 * :func:`class_attention` -- linear attention across (ragged, per-image) classes at each pixel;
-* :func:`topk_union_reject` and :func:`gather_rows` -- category early rejection on the device.
+* :func:`topk_union_reject` and :func:`gather_rows` -- category early rejection on the device;
+* :func:`pil_bilinear_resize` -- Pillow's bilinear resize of uint8 images, bit for bit.
 
 ``<op>_reference`` are the plain PyTorch references (the ``"torch"`` backend). Per-op cost models
 for benchmarks (``bytes_moved``, ``flops``) live in the op modules, e.g.
@@ -17,6 +18,7 @@ from .class_attention import class_attention, class_attention_reference
 from .cost_map import cost_map, cost_map_reference
 from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
 from .topk_union_reject import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
+from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_reference
 from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (lazy: never compiles at import)
 
 __all__ = [
@@ -26,4 +28,5 @@ __all__ = [
     "class_attention", "class_attention_reference",
     "topk_union_reject", "topk_union_reject_reference",
     "gather_rows", "gather_rows_reference",
+    "pil_bilinear_resize", "pil_bilinear_resize_reference",
 ]

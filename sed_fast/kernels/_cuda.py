@@ -35,7 +35,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
 from . import _autotune_backend, _backend
 
 logger = logging.getLogger("sed_fast.cuda")
@@ -51,10 +51,6 @@ LIBRARY = "sed_fast_cuda"
 OPS = ("topk_union_reject", "dwconv_layernorm")
 JIT_NAME = "sed_fast_C"
 CSRC_DIR = Path(__file__).resolve().parent.parent.parent / "csrc"
-SOURCES = ("ops.cpp", "topk_union_reject.cu", "dwconv_layernorm.cu")
-DEFAULT_ARCHS = "9.0+PTX"
-EXTRA_CFLAGS = ["-O3"]
-EXTRA_CUDA_CFLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 class ExtensionNotAvailable(RuntimeError):
@@ -72,28 +68,6 @@ class _State:
 _lock = threading.RLock()
 
 
-# -- locating the toolkit ---------------------------------------------------------------------------
-
-def find_cuda_home() -> Optional[str]:
-    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else the toolkit of ``nvcc`` on PATH (wrapper
-    scripts are seen through by looking for include/cuda_runtime.h), else /usr/local/cuda."""
-    candidates: List[str] = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.environ[var])
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    if os.path.isdir("/usr/local"):
-        candidates += sorted((str(p) for p in Path("/usr/local").glob("cuda-*")), reverse=True)
-    for root in candidates:
-        if os.path.isfile(os.path.join(root, "bin", "nvcc")) and \
-                os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
-            return root
-    return None
-
-
 def _arch_list() -> str:
     archs = os.environ.get("SED_FAST_CUDA_ARCHS")
     if archs:
@@ -102,35 +76,6 @@ def _arch_list() -> str:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
     return DEFAULT_ARCHS
-
-
-def gencode_flags(archs: str) -> List[str]:
-    """nvcc -gencode flags for an arch list like ``"8.0;9.0+PTX"`` (``9.0a`` for sm_90a)."""
-    flags = []
-    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
-        arch = arch.strip()
-        if not arch:
-            continue
-        ptx = arch.endswith("+PTX")
-        num = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    if not flags:
-        raise ValueError(f"empty CUDA architecture list {archs!r}")
-    return flags
-
-
-def default_max_jobs() -> int:
-    """min(cores, available memory / 4 GB), at least 1 (nvcc on torch headers takes ~2-4 GB)."""
-    cores = os.cpu_count() or 1
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in f if ":" in line}
-        mem_gb = info.get("MemAvailable", info.get("MemTotal", 0)) / (1 << 20)
-        return max(1, min(cores, int(mem_gb // 4)))
-    except (OSError, ValueError, IndexError):
-        return max(1, min(cores, 4))
 
 
 def extension_tag(archs: Optional[str] = None) -> str:
@@ -194,8 +139,8 @@ def jit_build(build_directory: Optional[os.PathLike] = None, archs: Optional[str
         path = cpp_extension.load(
             name=JIT_NAME,
             sources=sources(),
-            extra_cflags=EXTRA_CFLAGS,
-            extra_cuda_cflags=EXTRA_CUDA_CFLAGS + gencode_flags(archs),  # hashed: a new arch rebuilds
+            extra_cflags=CXX_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS + gencode_flags(archs),  # hashed: a new arch rebuilds
             extra_include_paths=[str(CSRC_DIR)],
             build_directory=str(build_directory),
             with_cuda=True,

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
 from ..models.decoder import linear_attention
+from . import _backend
 
 OP_NAME = "class_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

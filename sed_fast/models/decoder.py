@@ -10,7 +10,7 @@ blocks, appearance guidance) are not part of the released models and are left ou
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..profiling import stage
-from .decoder import EVAL_POOLING, SEDDecoder, Up
+from .decoder import EVAL_POOLING, Up
 from .encoder import CLIP_RESOLUTION, VariantSpec
-from .sed import SEDBase, SEDReference, check_images
+from .sed import SEDBase, SEDReference
 
 _DEFAULT_CPU_CHUNK_BYTES = 512 << 20
 
@@ -92,9 +92,10 @@ class SEDFast(SEDBase):
     def __init__(self, spec: VariantSpec, *, cer_topk: Optional[int] = None,
                  clip_resolution: int = CLIP_RESOLUTION, text_cache: bool = True, device=None,
                  chunk_bytes: Optional[int] = None, validate_inputs: bool = True,
-                 cuda_graphs: bool = False, sem_seg_head: Optional[nn.Module] = None):
+                 cuda_graphs: bool = False, sem_seg_head: Optional[nn.Module] = None, preprocess: str = "official"):
         super().__init__(spec, cer_topk=cer_topk, clip_resolution=clip_resolution, text_cache=text_cache,
-                         pooling_size=EVAL_POOLING, device=device, sem_seg_head=sem_seg_head)
+                         pooling_size=EVAL_POOLING, device=device, sem_seg_head=sem_seg_head,
+                         preprocess=preprocess)
         if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         pooling = self.decoder.decoder1.attention.pool.kernel_size
@@ -112,7 +113,8 @@ class SEDFast(SEDBase):
     def from_reference(cls, reference: SEDReference, **options) -> "SEDFast":
         """A fast model that shares ``reference``'s weights (no copy) and vocabulary."""
         fast = cls(reference.spec, cer_topk=reference.cer_topk, clip_resolution=reference.clip_resolution,
-                   text_cache=reference.text_cache, sem_seg_head=reference.sem_seg_head, **options)
+                   text_cache=reference.text_cache, sem_seg_head=reference.sem_seg_head,
+                   preprocess=reference.preprocess, **options)
         fast.random_weights = getattr(reference, "random_weights", None)
         fast.force_kept_classes = reference.force_kept_classes
         fast._tokenizer = reference._tokenizer
@@ -122,23 +124,17 @@ class SEDFast(SEDBase):
         return fast
 
     # -- forward ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) or (3, H, W) RGB in 0..255 -> scores (B, T, H, W) in [0, 1] (float32)."""
-        images = check_images(images, check_finite=False)
-        finite = None
-        if self.validate_inputs:
-            low, high = torch.aminmax(images)
-            finite = torch.isfinite(low) & torch.isfinite(high)  # read at the end: no early sync
+    @property
+    def defer_value_checks(self) -> bool:
+        """Pixel values are read after the forward (no early host sync); not at all without
+        ``validate_inputs``."""
+        return self.validate_inputs
+
+    def segment(self, clip_images: torch.Tensor) -> torch.Tensor:
         text = self._text_for_decoder()
         with stage("image_encoder"):
-            dense, features = self._encode(images.contiguous(memory_format=torch.channels_last))
-        scores = self.decode(dense, text, features)
-        with stage("resize"):
-            scores = self._resize_scores(scores.float(), images.shape[-2:])
-        if finite is not None and not bool(finite):
-            raise ValueError("images contain NaN or infinite values")
-        return scores
+            dense, features = self._encode(clip_images.contiguous(memory_format=torch.channels_last))
+        return self.decode(dense, text, features)
 
     def _encode(self, images: torch.Tensor):
         """The image encoder, replayed from a CUDA graph when ``cuda_graphs`` is on (CUDA only).

@@ -6,17 +6,23 @@ the input image size). Its state dict has exactly the official key names
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..images import (Images, ImageList, as_image_list, check_images, check_pixel_values,  # noqa: F401
+                      pixel_extremes)
+from ..preprocess import official_resize
+from ..profiling import stage
 from .decoder import EVAL_POOLING, SEDDecoder
 from .encoder import (CLIP_RESOLUTION, VariantSpec, create_clip_model, create_tokenizer,
                       dense_image_features, preprocess_images)
 
-MIN_IMAGE_SIDE = 32
+PREPROCESS = ("official", "none")
+#: Bytes of upsampled class scores that ``predict_labels`` holds at a time (a chunk of classes).
+LABEL_CHUNK_BYTES = 256 << 20
 
 
 class _Predictor(nn.Module):
@@ -32,43 +38,8 @@ class _SemSegHead(nn.Module):
         self.predictor = predictor
 
 
-def check_images(images, check_finite: bool = True) -> torch.Tensor:
-    """Validate a batch of RGB images in 0..255; return it as a float (B, 3, H, W) tensor.
-
-    Accepts (B, 3, H, W) or (3, H, W), float or uint8. Raises a clear error for anything else
-    (grayscale, RGBA, channels-last arrays, NaN/inf pixels, images under 32 px on a side).
-    ``check_finite=False`` skips the NaN/inf check (the caller does it without an early sync).
-    """
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W) or (3, H, W), got {type(images).__name__}")
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
-    channels = images.shape[1]
-    if channels != 3:
-        if images.shape[-1] in (1, 3, 4) and channels > 4:
-            hint = " (this looks channels-last: use images.permute(0, 3, 1, 2))"
-        elif channels == 1:
-            hint = " (grayscale: repeat it to 3 channels, e.g. images.expand(-1, 3, -1, -1))"
-        elif channels == 4:
-            hint = " (RGBA: drop the alpha channel, images[:, :3])"
-        else:
-            hint = ""
-        raise ValueError(f"images must have 3 RGB channels in dim 1, got shape {tuple(images.shape)}{hint}")
-    if images.dtype == torch.uint8:
-        images = images.float()
-    elif not images.is_floating_point():
-        raise TypeError(f"images must be float (RGB in 0..255) or uint8, got {images.dtype}")
-    height, width = images.shape[-2:]
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise ValueError(f"images must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, got {height}x{width}")
-    if not check_finite:
-        return images
-    low, high = torch.aminmax(images)  # NaN propagates into both: one small host sync checks all
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):
-        raise ValueError("images contain NaN or infinite values")
-    return images
+class NonFiniteScoresError(FloatingPointError):
+    """The model produced NaN or infinite scores (non-finite weights or inputs)."""
 
 
 class SEDBase(nn.Module):
@@ -77,10 +48,13 @@ class SEDBase(nn.Module):
     def __init__(self, spec: VariantSpec, *, cer_topk: Optional[int] = None,
                  clip_resolution: int = CLIP_RESOLUTION, text_cache: bool = True,
                  pooling_size: Sequence[int] = EVAL_POOLING, device=None,
-                 sem_seg_head: Optional[nn.Module] = None):
+                 sem_seg_head: Optional[nn.Module] = None, preprocess: str = "official"):
         super().__init__()
         self.spec = spec
         self.clip_resolution = _check_resolution(clip_resolution)
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {', '.join(map(repr, PREPROCESS))}, got {preprocess!r}")
+        self.preprocess = preprocess
         self.text_cache = text_cache
         if sem_seg_head is None:  # else: share another model's weights, no copy
             clip_model = create_clip_model(spec, device=device or "cpu")
@@ -157,34 +131,152 @@ class SEDBase(nn.Module):
         return self.text_embeddings.to(self.dtype)
 
     # -- image side ------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor):
-        """RGB 0..255 (B, 3, H, W) -> (clip_vis_dense, [res2, res3, res4, res5])."""
-        x = preprocess_images(images.to(self.device, torch.float32), self.clip_resolution)
-        return dense_image_features(self.clip_model, x.to(self.dtype))
+    def clip_input(self, batch: ImageList) -> torch.Tensor:
+        """The encoder input (B, 3, S, S), float32: each image resized as the official test-time
+        pipeline does (``preprocess="official"``), CLIP-normalised, bilinearly resized to S x S."""
+        inputs = []
+        for image in batch.images:
+            image = image.to(self.device)
+            if self.preprocess == "official":
+                image = official_resize(image)
+            inputs.append(preprocess_images(image[None].float(), self.clip_resolution))
+        return torch.cat(inputs)
+
+    def encode_image(self, clip_images: torch.Tensor):
+        """(B, 3, S, S) CLIP-normalised images -> (clip_vis_dense, [res2, res3, res4, res5])."""
+        return dense_image_features(self.clip_model, clip_images.to(self.dtype))
+
+    def segment(self, clip_images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) encoder input -> scores (B, T, S/4, S/4) float32 at the decoder's
+        resolution: sigmoid of the logits, exact zeros for rejected classes."""
+        raise NotImplementedError
+
+    # -- forward -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, batch: ImageList) -> torch.Tensor:
+        """Check the input's values, run the model: scores (B, T, h, w) at the decoder's resolution."""
+        self._text_for_decoder()  # no vocabulary: fail before any work
+        extremes = pixel_extremes(batch)
+        if not self.defer_value_checks:
+            check_pixel_values(extremes)
+        with stage("preprocess"):
+            clip_images = self.clip_input(batch)
+        scores = self.segment(clip_images)
+        if self.defer_value_checks:  # read once the device is done anyway: no early sync
+            check_pixel_values(extremes)
+        if not bool(torch.isfinite(scores).all()):
+            bad = int((~torch.isfinite(scores)).sum())
+            raise NonFiniteScoresError(f"the model produced {bad} NaN or infinite scores of {scores.numel()}: its "
+                                       "weights are not finite (check the checkpoint) or it overflowed (try float32)")
+        return scores
+
+    @torch.no_grad()
+    def forward(self, images: Images):
+        """Scores at each input image's own size, in [0, 1], float32, as the official ``sem_seg``.
+
+        ``images``: (B, 3, H, W) or (3, H, W) -> (B, T, H, W); a list of (3, H_i, W_i) tensors ->
+        a list of (T, H_i, W_i). RGB in 0..255, uint8 or float. With ``cer_topk`` set, rejected
+        classes score exact zeros. For the class map alone use :meth:`predict_labels`, which never
+        holds (T, H, W) at full size.
+        """
+        batch = as_image_list(images)
+        self._check_scores_fit(batch)
+        scores = self._run(batch)
+        with stage("resize"):
+            if batch.as_batch:
+                return self._resize_scores(scores, batch.sizes[0])
+            return [self._resize_scores(scores[i:i + 1], size)[0] for i, size in enumerate(batch.sizes)]
+
+    @torch.no_grad()
+    def predict_labels(self, images: Images, return_scores: bool = False):
+        """The class index of every pixel at each image's own size: ``scores.argmax`` over the
+        classes (the first class on ties), without holding the (T, H, W) scores at full size.
+
+        ``images`` as for :meth:`forward`. Returns a list of (H_i, W_i) int64 label maps (for a
+        batch tensor, one (B, H, W) tensor); with ``return_scores``, also the winning scores
+        (float32, same shapes). Peak memory beyond the decoder: ~12 bytes per output pixel plus
+        :data:`LABEL_CHUNK_BYTES` of upsampled scores.
+        """
+        batch = as_image_list(images)
+        scores = self._run(batch)
+        labels, best = [], []
+        with stage("resize"):
+            for i, size in enumerate(batch.sizes):
+                image_labels, image_best = labels_from_scores(scores[i], size)
+                labels.append(image_labels)
+                best.append(image_best)
+        if batch.as_batch:
+            labels, best = torch.stack(labels), torch.stack(best)
+        return (labels, best) if return_scores else labels
+
+    def _check_scores_fit(self, batch: ImageList) -> None:
+        """Fail before any work when the full-size scores cannot fit in memory."""
+        classes = len(self.class_names)
+        needed = 4 * classes * sum(h * w for h, w in batch.sizes)
+        available = _available_bytes(self.device)
+        if available is not None and needed > available:
+            raise MemoryError(
+                f"scores for {len(batch)} image(s) x {classes} classes at full size would take "
+                f"{needed / 2**30:.1f} GiB (float32), more than the {available / 2**30:.1f} GiB available on "
+                f"{self.device}: use model.predict_labels(images) for the class map alone, or fewer classes")
 
     @staticmethod
     def _resize_scores(scores: torch.Tensor, size) -> torch.Tensor:
         """Scores at the decoder's resolution -> the input image size (bilinear, as officially)."""
         return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
 
+    defer_value_checks = False
+
 
 class SEDReference(SEDBase):
     """The reference SED: official outputs, official cost (for the fast one see ``impl="fast"``)."""
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) or (3, H, W) RGB in 0..255 -> scores (B, T, H, W) in [0, 1] (float32).
-
-        With ``cer_topk`` set, rejected classes have exact zero scores.
-        """
-        images = check_images(images)
+    def segment(self, clip_images: torch.Tensor) -> torch.Tensor:
         text = self._text_for_decoder()
-        dense, stages = self.encode_image(images)
+        dense, stages = self.encode_image(clip_images)
         res2, res3, res4, res5 = stages
         out = self.decoder(dense, text, (res5, res4, res3, res2), cer_topk=self.cer_topk,
                            force_kept_classes=self.force_kept_classes)
         scores = out[0].sigmoid() if isinstance(out, tuple) else out
-        return self._resize_scores(scores.float(), images.shape[-2:])
+        return scores.float()
+
+
+def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUNK_BYTES):
+    """(T, h, w) scores -> (labels (H, W) int64, winning score (H, W) float32) at ``size``, equal
+    to ``F.interpolate(scores)`` then argmax (first index on ties), upsampling a chunk of classes
+    at a time."""
+    height, width = size
+    step = max(1, chunk_bytes // max(1, 4 * height * width))
+    best = labels = None
+    for first in range(0, scores.shape[0], step):
+        upsampled = F.interpolate(scores[None, first:first + step], size=(height, width), mode="bilinear",
+                                  align_corners=False)[0]
+        index = upsampled.argmax(0)
+        value = upsampled.gather(0, index[None])[0]
+        del upsampled
+        if best is None:
+            best, labels = value, index
+        else:
+            better = value > best  # strictly: on ties the earlier class keeps the pixel
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index + first, labels)
+    return labels, best
+
+
+def _available_bytes(device: torch.device):
+    """Free memory on ``device`` in bytes (CUDA: the allocator's view; CPU: MemAvailable), or None."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None
 
 
 def _check_resolution(resolution: int) -> int:
