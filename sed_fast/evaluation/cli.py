@@ -255,7 +255,6 @@ def _settings(args, dataset, spec, device) -> dict:
 
 # -- model ---------------------------------------------------------------------------------------
 def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -> Dict[str, object]:
-    import torch
 
     import sed_fast.api as api
     from ..checkpoint import CheckpointError
@@ -267,14 +266,13 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -
             state_dict = _read_checkpoint(args.checkpoint)
         except SegmentUsageError as error:
             raise UsageError(str(error)) from error
-    torch.manual_seed(args.seed)  # random weights: the same on every process
 
     def build(impl: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", api.RandomWeightsWarning)  # said once, below
             return api.build_sed(spec.name, impl=impl, checkpoint=state_dict, device=device, dtype=dtype,
                                  cer_topk=args.cer_topk, clip_resolution=args.resolution,
-                                 text_cache=not args.no_text_cache)
+                                 text_cache=not args.no_text_cache, seed=args.seed)
 
     start = time.perf_counter()
     impl = "reference" if args.compare else args.impl

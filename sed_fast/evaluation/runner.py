@@ -34,12 +34,10 @@ def predict(model, images: List[torch.Tensor]) -> List[torch.Tensor]:
     """The model's label maps of ``images`` ((3, H_i, W_i) uint8 RGB): a list of (H_i, W_i) int64
     class indices at each image's size (argmax over the classes, first index on ties).
 
-    The single place the evaluation calls a model.
+    The single place the evaluation calls a model: ``predict_labels`` applies the official
+    test-time resize and never holds the full-size (T, H, W) scores.
     """
-    if hasattr(model, "predict_labels"):
-        return model.predict_labels(images)
-    # Models without the list API (predict_labels): one image at a time through forward.
-    return [model(image.unsqueeze(0))[0].argmax(0) for image in images]
+    return model.predict_labels(images)
 
 
 class Progress:
