@@ -310,7 +310,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -
 # -- run -----------------------------------------------------------------------------------------
 def _run(args) -> int:
     from . import distributed, report, runner, state as state_mod
-    from .metrics import copypaste_lines
+    from .metrics import compute_metrics, copypaste_lines
 
     wall_start = time.perf_counter()
     spec, dtype, device_type = _check_options(args)
@@ -336,19 +336,21 @@ def _run(args) -> int:
         settings = _settings(args, dataset, spec, device)
         state_file = state_mod.state_path(out_dir)
 
-        # Rank 0 owns the output folder: it decides whether to resume, and tells the others.
-        decision = None
+        # Rank 0 owns the output folder: it decides whether to resume and tells the others which
+        # images are finished (all they need of the state), or why nothing can be evaluated.
+        state, decision = None, None
         if ctx.is_main:
             try:
-                decision = ("ok", _prepare_state(args, out_dir, state_file, settings, dataset, state_mod, runner, note))
+                state = _prepare_state(args, out_dir, state_file, settings, dataset, state_mod, runner, note)
+                decision = ("ok", list(state.finished))
             except (UsageError, state_mod.StateError) as error:
                 decision = ("error", str(error))
-        decision = ctx.broadcast_object(decision if ctx.is_main else None)
+        decision = ctx.broadcast_object(decision)
         if decision[0] == "error":
             raise UsageError(decision[1])
-        state = decision[1] if ctx.is_main else runner.new_state(settings, [], dataset.num_classes)
         if not ctx.is_main:
-            state.finished = list(decision[1].finished)  # only the finished list matters here
+            state = runner.new_state(settings, [], dataset.num_classes)
+            state.finished = decision[1]
         if args.random_weights and ctx.is_main:
             print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every figure of this run is "
                   "meaningless and is marked as such", file=sys.stderr)
@@ -389,8 +391,7 @@ def _run(args) -> int:
                                        config=config, dataset=dataset.describe(), counts=counts, timing=timing,
                                        env=env, counters=state.counters)
         lines = []
-        for position, (name, model_result) in enumerate(results["models"].items()):
-            from .metrics import compute_metrics
+        for position, name in enumerate(results["models"]):
             detectron2 = compute_metrics(confusion[name], dataset.class_names, legacy=args.legacy_miou)
             task = "sem_seg" if position == 0 else f"sem_seg[{name}]"
             if len(models) > 1:
