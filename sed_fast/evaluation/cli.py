@@ -377,7 +377,8 @@ def _run(args) -> int:
                                                        "legacy_miou", "data_root")}
         config.update(random_weights=args.checkpoint is None, world_size=ctx.world_size,
                       checkpoint=str(Path(os.path.expanduser(args.checkpoint)).resolve()) if args.checkpoint else None,
-                      official_resolution=args.resolution == 768, settings=settings)
+                      official_resolution=args.resolution == 768, settings=settings,
+                      preprocess=getattr(next(iter(models.values())), "preprocess", None))
         env = report.environment(device)
         env["git"] = report.git_commit()
         timing = {"wall_seconds_this_session": time.perf_counter() - wall_start,
