@@ -183,6 +183,9 @@ def plot_per_class_iou(per_class_rows: List[dict], path: Path, title: str, worst
     rows = sorted((r for r in per_class_rows if r["iou"] is not None), key=lambda r: (r["iou"], r["index"]))
     if not rows:
         return "no class occurs in the ground truth: per_class_iou.png skipped"
+    absent = len(per_class_rows) - len(rows)
+    if absent:
+        title += f"\n({absent} of {len(per_class_rows)} classes are not in the ground truth: left out)"
 
     def bars(ax, items, labelled: bool):
         values = [r["iou"] for r in items]
@@ -193,6 +196,8 @@ def plot_per_class_iou(per_class_rows: List[dict], path: Path, title: str, worst
         if labelled:
             ax.set_yticks(range(len(items)))
             ax.set_yticklabels([r["name"].split(", ")[0][:40] for r in items], fontsize=8)
+            for y, value in enumerate(values):
+                ax.text(value + 1, y, f"{value:.1f}", va="center", fontsize=7)
         else:
             ax.set_yticks([])
             ax.set_ylabel(f"{len(items)} classes, sorted")
