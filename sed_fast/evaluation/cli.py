@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compare", choices=("reference",), default=None,
                        help="also evaluate the reference implementation (same weights, same images) and report "
                             "both metric sets, the pixel agreement of their labels and the classes whose IoU differs")
+    model.add_argument("--iou-tolerance", type=float, default=0.0, metavar="PP",
+                       help="with --compare: list the classes whose IoU differs by more than PP percentage points "
+                            "(default 0: any difference)")
     model.add_argument("--cer-topk", type=int, default=None, metavar="K",
                        help="category early rejection keeping the per-pixel top-K classes (default: exact)")
     model.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
@@ -156,6 +159,8 @@ def _check_options(args):
                              ("--save-every", args.save_every, 0), ("--limit", args.limit, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
+    if args.iou_tolerance < 0:
+        raise UsageError(f"--iou-tolerance must be >= 0, got {args.iou_tolerance}")
     if args.compare and args.impl == "reference":
         raise UsageError("--compare reference compares the fast implementation with the reference: use --impl fast")
     if args.checkpoint is None and not args.random_weights:
@@ -390,7 +395,7 @@ def _run(args) -> int:
                   "labels_without_image": len(dataset.labels_without_image)}
         results = report.build_results(confusion=confusion, class_names=dataset.class_names, legacy=args.legacy_miou,
                                        config=config, dataset=dataset.describe(), counts=counts, timing=timing,
-                                       env=env, counters=state.counters)
+                                       env=env, counters=state.counters, iou_tolerance=args.iou_tolerance)
         lines = []
         for position, name in enumerate(results["models"]):
             detectron2 = compute_metrics(confusion[name], dataset.class_names, legacy=args.legacy_miou)

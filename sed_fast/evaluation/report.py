@@ -82,7 +82,7 @@ def model_results(conf: np.ndarray, class_names: Sequence[str], legacy: bool) ->
 
 def build_results(*, confusion: Dict[str, np.ndarray], class_names: Sequence[str], legacy: bool, config: dict,
                   dataset: dict, counts: dict, timing: dict, env: dict, counters: Dict[str, int],
-                  iou_tolerance: float = 0.01) -> dict:
+                  iou_tolerance: float = 0.0) -> dict:
     """All figures of a run as one JSON-ready dict (NaN as null)."""
     models = {name: model_results(conf, class_names, legacy) for name, conf in confusion.items()}
     results = {"config": config, "dataset": dataset, "images": counts, "timing": timing, "environment": env,

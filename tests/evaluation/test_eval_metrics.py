@@ -145,3 +145,29 @@ def test_wrong_shapes_are_errors():
         compute_metrics(np.zeros((3, 3), dtype=np.int64), ["a", "b", "c"])
     with pytest.raises(ValueError, match="differ in size"):
         ConfusionMatrix(2).update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_results_and_comparison_report():
+    import json
+
+    from sed_fast.evaluation.report import build_results, markdown
+
+    a = confusion_of(CASE, 4)
+    b = a.copy()
+    b[1, 1] -= 1  # one pixel of class b moved to class a in the second model
+    b[0, 1] += 1
+    results = build_results(confusion={"fast": a, "reference": b}, class_names=NAMES, legacy=True, config={},
+                            dataset={"name": "t", "num_classes": 4}, counts={"evaluated": 3}, timing={}, env={},
+                            counters={"agree_pixels": 9, "compared_pixels": 10})
+    json.dumps(results, allow_nan=False)  # NaN written as null
+    fast = results["models"]["fast"]
+    assert fast["rule"] == "legacy"
+    assert fast["summary"]["mIoU"] == pytest.approx(compute_metrics(a, NAMES, legacy=True)["mIoU"])
+    assert fast["summary_current_rule"]["mIoU"] == pytest.approx(compute_metrics(a, NAMES)["mIoU"])
+    assert [row["iou"] is None for row in fast["per_class"]] == [False, False, False, True]
+    comparison = results["comparison"]
+    assert comparison["pixel_agreement"] == pytest.approx(0.9)
+    assert [d["name"] for d in comparison["classes_with_different_iou"]] == ["b", "a"]  # largest change first
+    assert comparison["summary_difference"]["pACC"] == pytest.approx(100 / a[:-1, :-1].sum())
+    text = markdown(results)
+    assert "| fast |" in text and "| reference |" in text and "n/a" in text  # class d: not in the ground truth
