@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from eval_synthetic import patch_build
+
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 
 
@@ -22,18 +24,7 @@ def model_cache():
 
 @pytest.fixture
 def shared_build(monkeypatch, model_cache):
-    """``sed_fast.api.build_sed`` built once per configuration: the CLI seeds before building, so the
-    first build has the weights every fresh run with the same --seed gets."""
-    import sed_fast.api as api
-
-    real = api.build_sed
-
-    def build(variant="b", *, impl="reference", checkpoint=None, **kwargs):
-        assert checkpoint is None, "the tests use random weights"
-        key = (variant, impl) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-        if key not in model_cache:
-            model_cache[key] = real(variant, impl=impl, checkpoint=None, **kwargs)
-        return model_cache[key]
-
-    monkeypatch.setattr(api, "build_sed", build)
+    """``sed_fast.api.build_sed`` built once per configuration (same --seed, same weights as a
+    fresh build: the seed is build_sed's)."""
+    patch_build(monkeypatch, model_cache)
     return model_cache

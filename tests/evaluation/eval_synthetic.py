@@ -58,3 +58,19 @@ def make_layout(root: Path, name: str, count: int = 3, seed: int = 0, sizes=((40
     if extra_label:
         write_label(label_dir / f"aa_no_image{spec.label_ext}", np.zeros((40, 40)), spec.label_ext)
     return stems
+
+
+def patch_build(monkeypatch, cache):
+    """Make ``sed_fast.api.build_sed`` build once per configuration, into ``cache``."""
+    import sed_fast.api as api
+
+    real = api.build_sed
+
+    def build(variant="b", *, impl="reference", checkpoint=None, **kwargs):
+        assert checkpoint is None, "the tests use random weights"
+        key = (variant, impl) + tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            cache[key] = real(variant, impl=impl, checkpoint=None, **kwargs)
+        return cache[key]
+
+    monkeypatch.setattr(api, "build_sed", build)

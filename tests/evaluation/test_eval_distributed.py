@@ -1,5 +1,7 @@
 """``torchrun --nproc-per-node 2`` (gloo, CPU) gives exactly the one-process confusion matrix."""
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -12,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval_synthetic import TINY, write_label
+from eval_synthetic import TINY, patch_build, write_label
+from sed_fast import cli
 from sed_fast.evaluation.distributed import shard
 from sed_fast.evaluation.runner import sync_plan
 
@@ -68,8 +71,9 @@ def _torchrun(args, nproc=2):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same evaluation in one process and in two (started together: they share the CPUs)."""
+def runs(tmp_path_factory, model_cache):
+    """The same evaluation under torchrun with two processes and, meanwhile, in this process (one
+    thread, as each torchrun process: the same numerics as a fresh one-process run)."""
     tmp_path = tmp_path_factory.mktemp("dist")
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -83,13 +87,14 @@ def runs(tmp_path_factory):
     common = ["eval", "--images", str(images), "--labels", str(labels), "--vocab", ",".join(TINY), "--ignore", "255",
               "--random-weights", "--resolution", "64", "--device", "cpu", "--workers", "0", "--impl", "reference",
               "--save-every", "2", "--no-plot", "--progress-every", "0"]
-    single = subprocess.Popen([sys.executable, "-m", "sed_fast", *common, "--out", str(tmp_path / "one")],
-                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     multi = subprocess.Popen(_torchrun([*common, "--out", str(tmp_path / "two")]),
                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_single, err_single = single.communicate(timeout=240)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch_build(monkeypatch, model_cache)
+        code = cli.main([*common, "--out", str(tmp_path / "one")])
     out_multi, err_multi = multi.communicate(timeout=240)
-    return SimpleNamespace(tmp=tmp_path, common=common, single=(single.returncode, out_single, err_single),
+    return SimpleNamespace(tmp=tmp_path, common=common, single=(code, out.getvalue(), err.getvalue()),
                            multi=(multi.returncode, out_multi, err_multi))
 
 
@@ -115,10 +120,6 @@ def test_torchrun_two_processes_equal_one(runs):
 def test_resume_on_two_processes_what_one_process_began(runs, shared_build, monkeypatch):
     """A state saved by one process (it failed after 2 images) is finished by torchrun: the state
     does not depend on the number of processes."""
-    import contextlib
-    import io
-
-    from sed_fast import cli
     from sed_fast.evaluation import runner
 
     assert runs.single[0] == 0, runs.single[2]
