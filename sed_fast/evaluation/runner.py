@@ -166,13 +166,21 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
             if state_file is not None:
                 save_state(state_file, state)
 
+    # A batch's counts and its stems are added together (``adding``); an error anywhere else
+    # leaves the running counts consistent with ``done``, so one process can still save them.
+    adding = False
     try:
         for sync in range(syncs):
             target = min((sync + 1) * step, len(mine))
             while processed < target:
                 batch = next(batches)
-                _process(batch, models, matrices, counters, device, num_classes)
+                updates, extra = _process(batch, models, matrices, counters, device, num_classes)
+                adding = True
+                for name, delta in updates.items():
+                    matrices[name].matrix += delta
+                counters += extra
                 done.extend(batch["stem"])
+                adding = False
                 processed += len(batch["stem"])
                 bar.update(len(batch["stem"]))
                 if on_batch is not None:
@@ -180,9 +188,15 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
             merge()
         if syncs == 0:
             merge()
-    except KeyboardInterrupt:
-        if not ctx.distributed:  # one process: keep what is done (a finished batch is merged whole)
-            merge()
+    except BaseException:
+        # One process (no collective to wait for): save what is finished before stopping, on an
+        # interrupt as on an unreadable image. Under torchrun the last sync point's save stands.
+        if not ctx.distributed and not adding and state_file is not None:
+            try:
+                merge()
+            except Exception as save_error:  # noqa: BLE001 - the first error is the one to report
+                bar.write(f"sed-fast eval: warning: could not save the finished images ({save_error}); "
+                          "the last periodic save stands")
         raise
     finally:
         bar.close()
@@ -190,7 +204,8 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     return state
 
 
-def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int) -> None:
+def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int):
+    """One batch's confusion-matrix increments per model and counter increments (not yet added)."""
     for stem, error in zip(batch["stem"], batch["error"]):
         if error is not None:
             raise DatasetError(error)
@@ -201,7 +216,6 @@ def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torc
         predictions[name] = predict(model, images)
         if len(predictions[name]) != len(images):
             raise RuntimeError(f"the {name} model returned {len(predictions[name])} label maps for {len(images)} images")
-    # Compute the whole batch first, then add it: an interrupt never leaves half a batch counted.
     updates = {}
     for name, preds in predictions.items():
         matrix = matrices[name]
@@ -223,9 +237,7 @@ def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torc
             extra[2] += same.numel()
             extra[3] += (same & labelled).sum()
             extra[4] += labelled.sum()
-    for name, delta in updates.items():
-        matrices[name].matrix += delta
-    counters += extra
+    return updates, extra
 
 
 def _confusion(matrix: ConfusionMatrix, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

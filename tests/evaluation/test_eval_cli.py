@@ -156,8 +156,8 @@ def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, shared_b
     assert got == code, err
     assert "--resume" in err or error is RuntimeError
     state = torch.load(out / STATE_FILE, weights_only=True)
-    # an interrupt keeps the 3 finished images; a crash keeps those of the last save (every 2)
-    kept = 3 if error is KeyboardInterrupt else 2
+    # one process saves the 3 finished images when stopped, by an interrupt or an error
+    kept = 3
     assert len(state["finished"]) == kept and not state["complete"]
     assert not (out / "results.json").exists()
     with monkeypatch.context() as m:
@@ -221,6 +221,33 @@ def test_compare_fast_with_reference(tmp_path, shared_build, custom):
         want = expected_confusion(model, samples, 3, 255)
         assert np.array_equal(np.load(out / f"confusion_{name}.npy"), want)
     assert stdout.count("copypaste: Task:") == 2 and "copypaste: Task: sem_seg[reference]" in stdout
+
+
+class ZeroModel:
+    """Labels every pixel 0, instantly: for the loop's bookkeeping alone."""
+
+    def predict_labels(self, images):
+        return [torch.zeros(image.shape[1:], dtype=torch.int64) for image in images]
+
+
+def test_periodic_saves(tmp_path, custom):
+    """The state on disk after each batch: saved every --save-every images, whole batches only."""
+    from sed_fast.evaluation.distributed import Context
+    from sed_fast.evaluation.state import load_state
+
+    dataset = custom_dataset(custom[1], custom[3], list(TINY), 255)
+    state = runner.new_state({"num_classes": 3}, ["model"], 3)
+    path = tmp_path / STATE_FILE
+    saved = []
+    runner.evaluate({"model": ZeroModel()}, dataset, state, ctx=Context(), device=torch.device("cpu"),
+                    state_file=path, batch_size=2, save_every=3, progress=False,
+                    on_batch=lambda done: saved.append((done, len(load_state(path).finished) if path.exists() else 0)))
+    # step = 3 rounded up to whole batches of 2 = 4: saves after images 4 and 6 (the end)
+    assert saved == [(2, 0), (4, 0), (6, 4)]
+    final = load_state(path)
+    assert final.complete and len(final.finished) == 6
+    pixels = sum(Image.open(s.label).size[0] * Image.open(s.label).size[1] for s in dataset.samples)
+    assert int(final.confusion["model"][0].sum()) == pixels  # every pixel predicted 0, counted once
 
 
 def test_usage_errors(tmp_path, custom):
