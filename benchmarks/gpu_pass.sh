@@ -102,42 +102,42 @@ grep -E "passed|failed|error" "$LOG" | tail -1 | sed 's/^/[pytest] /'
 # -- 4. end to end, main matrix (priority order; rows not started by --time-budget are skipped) -----
 COMMON=(--results-dir "$OUT" --variants b --image-size 768 --clip-resolution 768)
 B=$(( $(left) - 230 )); (( B > 170 )) && B=170
-run "e2e main" $(( B + 50 )) 180 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 1 \
+run "e2e main" $(( B + 50 )) 180 python3 -m sed_fast.bench.e2e "${COMMON[@]}" --batches 1 \
   --vocabs ade150,ade847,voc20,pc59,pc459 --impls reference,reference+autocast,fast --fast-dtypes float32,bfloat16 \
   --cer-topk 8 --kept-classes 32 --time-budget "$B"
 
 # -- 5. kernels, profiles, then the lower priorities -------------------------------------------------------
 B=$(( $(left) - 120 - 20 )); (( B > 55 )) && B=55
-run "kernels" $(( B + 20 )) 120 python3 -m benchmarks.kernels --results-dir "$OUT" --classes 150,847 \
+run "kernels" $(( B + 20 )) 120 python3 -m sed_fast.bench.kernels --results-dir "$OUT" --classes 150,847 \
   --dtypes float32,bfloat16 --backends --time-budget "$B"
-run "profile fast" 40 85 python3 -m benchmarks.profile --results-dir "$OUT" --save --impl fast --vocab ade847 \
+run "profile fast" 40 85 python3 -m sed_fast.bench.profile --results-dir "$OUT" --save --impl fast --vocab ade847 \
   --kept-classes 32 --reps 5
-run "profile reference" 40 75 python3 -m benchmarks.profile --results-dir "$OUT" --save --impl reference \
+run "profile reference" 40 75 python3 -m sed_fast.bench.profile --results-dir "$OUT" --save --impl reference \
   --vocab ade150 --reps 5
 # Report now too: whatever happens below, $OUT holds a report.
-run "report" 40 0 python3 -m benchmarks.report --results-dir "$OUT"
+run "report" 40 0 python3 -m sed_fast.bench.report --results-dir "$OUT"
 # compute-sanitizer (memcheck, then racecheck) over the CUDA-backend tests at their small shapes.
 run "sanitizer memcheck" 60 140 bash tools/compute_sanitizer.sh memcheck
 run "sanitizer racecheck" 40 130 bash tools/compute_sanitizer.sh racecheck
 B=$(( $(left) - 120 )); (( B > 35 )) && B=35; (( B < 15 )) && B=-100   # not worth a model build
-run "e2e cuda graphs" $(( B + 35 )) 80 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 1 --vocabs ade150,ade847 \
+run "e2e cuda graphs" $(( B + 35 )) 80 python3 -m sed_fast.bench.e2e "${COMMON[@]}" --batches 1 --vocabs ade150,ade847 \
   --impls fast --fast-dtypes float32,bfloat16 --fast-options cuda_graphs=true --cer-topk "" --kept-classes 32 \
   --max-reps 20 --time-budget "$B"
 B=$(( $(left) - 100 )); (( B > 40 )) && B=40; (( B < 15 )) && B=-100
-run "e2e batch 8" $(( B + 40 )) 60 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 8 --vocabs ade150 \
+run "e2e batch 8" $(( B + 40 )) 60 python3 -m sed_fast.bench.e2e "${COMMON[@]}" --batches 8 --vocabs ade150 \
   --impls reference,fast --fast-dtypes float32,bfloat16 --cer-topk "" --kept-classes 32 --max-reps 10 --time-budget "$B"
 B=$(( $(left) - 80 )); (( B > 30 )) && B=30; (( B < 15 )) && B=-100
-run "e2e tf32" $(( B + 30 )) 45 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 1 --vocabs ade150,ade847 --tf32 \
+run "e2e tf32" $(( B + 30 )) 45 python3 -m sed_fast.bench.e2e "${COMMON[@]}" --batches 1 --vocabs ade150,ade847 --tf32 \
   --impls reference,fast --fast-dtypes float32 --cer-topk "" --kept-classes "" --max-reps 10 --time-budget "$B"
-MIN_SECONDS=100 run "e2e compile" 240 30 python3 -m benchmarks.e2e "${COMMON[@]}" --batches 1 --vocabs ade150 \
+MIN_SECONDS=100 run "e2e compile" 240 30 python3 -m sed_fast.bench.e2e "${COMMON[@]}" --batches 1 --vocabs ade150 \
   --impls reference+compile --cer-topk "" --kept-classes "" --max-reps 10 --no-stages --compile-min-seconds 0
 
 # -- 6. report and summary ------------------------------------------------------------------------------
-run "report" 40 0 python3 -m benchmarks.report --results-dir "$OUT"
+run "report" 40 0 python3 -m sed_fast.bench.report --results-dir "$OUT"
 rm -f "$OUT"/*.tmp
 say "files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo
 echo "== gpu_pass summary (${SECONDS}s; full output in log.txt) =="
 for s in "${STATUS[@]}"; do echo "  $s"; done
-python3 -m benchmarks.report --results-dir "$OUT" --out /tmp/gpu_pass_report --no-plots --print 2>&1 | tail -n +2
+python3 -m sed_fast.bench.report --results-dir "$OUT" --out /tmp/gpu_pass_report --no-plots --print 2>&1 | tail -n +2
 exit 0

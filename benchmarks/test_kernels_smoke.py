@@ -3,10 +3,10 @@
     pytest benchmarks/ --benchmark-only
     pytest benchmarks/ --benchmark-only --benchmark-compare     # against the previous saved run
 
-Each case of ``benchmarks.kernels`` (smoke shapes, T = 9) is timed twice: the official PyTorch code
+Each case of ``sed_fast.bench.kernels`` (smoke shapes, T = 9) is timed twice: the official PyTorch code
 and the sed_fast op (the backend "auto" picks: torch on CPU). The outputs are checked against each
 other first. ``SED_FAST_BENCH_DEVICE=cuda`` runs the same cases on the GPU (still small shapes; use
-``python -m benchmarks.kernels`` for the real ones).
+``python -m sed_fast.bench.kernels`` for the real ones).
 """
 import os
 
@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark", reason="these cases need pytest-benchmark (the `test` extra)")
 
-from benchmarks import kernels  # noqa: E402
+from sed_fast.bench import kernels  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("SED_FAST_BENCH_DEVICE", "cpu"))
 CASES = kernels.build_cases(kernels.OPS, [9], kernels.SMOKE)

@@ -2,8 +2,7 @@
 
     sed-fast segment IMAGES... --vocab ade150 --checkpoint sed_model_base.pth --out out/
     sed-fast demo           (a built-in sample, random weights: sed_fast.demo)
-    sed-fast bench ...      (benchmarks.e2e)
-    sed-fast profile ...    (benchmarks.profile)
+    sed-fast bench | bench-kernels | profile | report | compile-report ...   (sed_fast.bench)
 
 Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
 ``summary.json`` and on stderr; the others are still processed); 2 usage error (bad option,
@@ -36,8 +35,12 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat1
            "fp16": "float16", "float16": "float16"}
 # Subcommands that belong to other modules: name -> (module, description).
 _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with random weights (no download)"),
-             "bench": ("benchmarks.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
-             "profile": ("benchmarks.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "bench": ("sed_fast.bench.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
+             "bench-kernels": ("sed_fast.bench.kernels", "per-kernel benchmark (see `sed-fast bench-kernels --help`)"),
+             "profile": ("sed_fast.bench.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
+             "compile-report": ("sed_fast.bench.compile_report",
+                                "compile every Triton kernel for a GPU architecture, without a GPU"),
              "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
 _PROG = "sed-fast"
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import common, e2e, kernels, profile, report
+from sed_fast.bench import common, e2e, kernels, profile, report
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 
@@ -134,7 +134,7 @@ class _ToyModel(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(1))
         self.offset, self.classes = offset, classes
-        self.cer_topk = self.force_kept_classes = None
+        self.rejection = None
 
     def forward(self, images):
         scores = torch.sigmoid(images.mean(dim=(1, 2, 3)) * self.weight) + self.offset  # per image

@@ -302,9 +302,9 @@ def test_many_classes_give_16_bit_labels(tmp_path, monkeypatch):
 # -- other subcommands -------------------------------------------------------------------------
 def test_external_subcommands_dispatch(monkeypatch):
     seen = {}
-    fake = types.ModuleType("benchmarks.e2e")
+    fake = types.ModuleType("sed_fast.bench.e2e")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "benchmarks.e2e", fake)
+    monkeypatch.setitem(sys.modules, "sed_fast.bench.e2e", fake)
     code, _ = run_main(["bench", "--size", "768", "--help"])
     assert code == 0 and seen["argv"] == ["--size", "768", "--help"]
     monkeypatch.setitem(cli._EXTERNAL, "profile", ("benchmarks.no_such_module_xyz", ""))

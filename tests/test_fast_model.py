@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import sed_fast
 from sed_fast.images import as_image_list
+from sed_fast.bench.instrument import ForcedKeep
 from sed_fast.models.fast import SEDFast
+from sed_fast.models.rejection import rule_for_topk
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 
@@ -32,11 +34,11 @@ def images():
 
 
 def _run(model, images, cer_topk=None, force=None):
-    model.cer_topk, model.force_kept_classes = cer_topk, force
+    model.rejection = ForcedKeep(force) if force is not None else rule_for_topk(cer_topk)
     try:
         return model(images)
     finally:
-        model.cer_topk, model.force_kept_classes = None, None
+        model.rejection = None
 
 
 def _kept(scores):

@@ -13,7 +13,7 @@ which runs the backend chosen by :mod:`._backend`):
 for benchmarks (``bytes_moved``, ``flops``) live in the op modules, e.g.
 ``from sed_fast.kernels.cost_map import bytes_moved``.
 """
-from ._backend import set_backend
+from ._backend import cost_model, set_backend
 from .class_attention import class_attention, class_attention_reference
 from .cost_map import cost_map, cost_map_reference
 from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
@@ -22,7 +22,7 @@ from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_refere
 from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (lazy: never compiles at import)
 
 __all__ = [
-    "set_backend",
+    "set_backend", "cost_model",
     "cost_map", "cost_map_reference",
     "dwconv_layernorm", "dwconv_layernorm_reference",
     "class_attention", "class_attention_reference",

@@ -32,6 +32,7 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 TRITON_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 _impls: Dict[str, Dict[str, Callable]] = {}
+_cost_models: Dict[str, Callable[..., int]] = {}
 _available: Dict[str, Dict[str, Callable[[torch.device], bool]]] = {}
 _overrides: Dict[str, str] = {}
 _auto_chooser: Optional[Callable[[str, torch.device, list], str]] = None
@@ -160,3 +161,14 @@ def resolve(op: str, device: torch.device, args: Optional[tuple] = None,
     """The implementation of ``op`` to run on ``device``; pass the call's inputs as ``args`` /
     ``kwargs`` so that ``"auto"`` can choose per input shape."""
     return _impls[op][resolve_name(op, device, args, kwargs)]
+
+
+def register_cost_model(op: str, flops_of_call: Callable[..., int]) -> None:
+    """Register ``flops_of_call(*op_args) -> int``: the FLOPs (or comparisons) of one call of ``op``,
+    from the kernel's own cost model (profilers read it: custom ops are opaque to torch's counter)."""
+    _cost_models[op] = flops_of_call
+
+
+def cost_model(op: str) -> Optional[Callable[..., int]]:
+    """The FLOP count of a call of ``op`` (see :func:`register_cost_model`), or None."""
+    return _cost_models.get(op)

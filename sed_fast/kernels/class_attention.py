@@ -26,10 +26,10 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..models.decoder import linear_attention
 from . import _backend
 
 OP_NAME = "class_attention"
@@ -138,6 +138,20 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
 # ---------------------------------------------------------------------------------------------------
 # Plain PyTorch reference
 # ---------------------------------------------------------------------------------------------------
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The official multi-head linear attention ("Transformers are RNNs"), elu+1 feature map.
+
+    q, k, v: (N, L, H, D) with N independent sequences (pixels) of length L (classes).
+    """
+    q = F.elu(q) + 1
+    k = F.elu(k) + 1
+    length = v.size(1)
+    v = v / length  # the official code scales values down (fp16 overflow) and back up below
+    kv = torch.einsum("nshd,nshv->nhdv", k, v)
+    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
+
+
 def class_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
                               num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
     """The official einsum linear attention (``decoder.linear_attention``), one image at a time.
@@ -243,3 +257,11 @@ def flops(total_classes: int, pixels: int, channels: int, num_heads: int = 4) ->
     """
     head_dim = channels // num_heads
     return 4 * total_classes * pixels * channels * head_dim
+
+
+def flops_of_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                  num_heads: int = 4, eps: float = 1e-6) -> int:
+    return flops(*q.shape, num_heads=num_heads)
+
+
+_backend.register_cost_model(OP_NAME, flops_of_call)

@@ -247,3 +247,11 @@ def bytes_moved(batch: int, dim: int, height: int, width: int, classes: int, pro
 def flops(batch: int, dim: int, height: int, width: int, classes: int, prompts: int) -> int:
     """Matmul FLOPs (the norms are lower order): 2 * B*h*w * T*P * D."""
     return 2 * batch * height * width * classes * prompts * dim
+
+
+def flops_of_call(img_feats: torch.Tensor, text: torch.Tensor, *args, **kwargs) -> int:
+    batch, dim, height, width = img_feats.shape
+    return flops(batch, dim, height, width, text.shape[0], text.shape[1])
+
+
+_backend.register_cost_model(OP_NAME, flops_of_call)

@@ -226,3 +226,10 @@ def bytes_moved(batch: int, channels: int, height: int, width: int, kernel_size:
 def flops(batch: int, channels: int, height: int, width: int, kernel_size: int = 9) -> int:
     """2 per tap multiply-add plus about 8 per output element (bias, LayerNorm): N*C*H*W*(2*K*K + 8)."""
     return batch * channels * height * width * (2 * kernel_size * kernel_size + 8)
+
+
+def flops_of_call(x: torch.Tensor, dw_weight: torch.Tensor, *args, **kwargs) -> int:
+    return flops(*x.shape, kernel_size=dw_weight.shape[-1])
+
+
+_backend.register_cost_model(OP_NAME, flops_of_call)

@@ -322,13 +322,18 @@ def topk_union_reject(aux_logits: torch.Tensor, k: int):
         raise ValueError(f"aux_logits must be (B, T, h, w), got shape {tuple(aux_logits.shape)}")
     if aux_logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"topk_union_reject supports float32, bfloat16, float16; got {aux_logits.dtype}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_topk(k)
     if aux_logits.shape[1] == 0:
         raise ValueError("aux_logits has T = 0 classes")
     return _topk_union_reject_op(aux_logits, k)
+
+
+def check_topk(k, what: str = "k") -> None:
+    """The one check of a top-k: an int >= 1 (``what`` names it in the error)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{what} must be an int >= 1, got {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise ValueError(f"{what} must be >= 1, got {k}")
 
 
 def gather_rows(x: torch.Tensor, flat_idx: torch.Tensor, total: int) -> torch.Tensor:
@@ -377,3 +382,10 @@ def flops(batch: int, classes: int, height: int, width: int, k: int) -> int:
 def gather_bytes_moved(total: int, row_numel: int, element_size: int = 2) -> int:
     """Read and write each gathered row once: 2 * total * row_numel * element_size."""
     return 2 * total * row_numel * element_size
+
+
+def flops_of_call(aux_logits: torch.Tensor, k: int) -> int:
+    return flops(*aux_logits.shape, k=k)
+
+
+_backend.register_cost_model(OP_NAME, flops_of_call)

@@ -16,15 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Channel plan of the released models (configs/convnext{B,L}_768.yaml).
-HIDDEN_DIM = 128
-DECODER_DIMS = (64, 32, 16)
-DECODER_GUIDANCE_PROJ_DIMS = (32, 16, 8)
-CORR_GUIDANCE_DIMS = (80, 32, 16)
-NUM_HEADS = 4
-KERNEL_SIZE = 9
-EVAL_POOLING = (1, 1)  # eval.sh overrides the config's (2, 2) with (1, 1)
-
+from ..config import (CORR_GUIDANCE_DIMS, DECODER_DIMS, DECODER_GUIDANCE_PROJ_DIMS, EVAL_POOLING, HIDDEN_DIM,
+                      KERNEL_SIZE, NUM_HEADS, NUM_PROMPTS)
+from ..kernels.class_attention import linear_attention
+from .rejection import RejectionRule, rule_for_topk
 
 class ConvNextBlock(nn.Module):
     """ConvNeXt block: 9x9 depthwise conv, channels-last LayerNorm (eps 1e-6), MLP, gamma, residual."""
@@ -43,20 +38,6 @@ class ConvNextBlock(nn.Module):
         branch = self.pwconv2(self.act(self.pwconv1(self.norm(branch))))
         branch = self.gamma * branch
         return x + branch.permute(0, 3, 1, 2)
-
-
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The official multi-head linear attention ("Transformers are RNNs"), elu+1 feature map.
-
-    q, k, v: (N, L, H, D) with N independent sequences (pixels) of length L (classes).
-    """
-    q = F.elu(q) + 1
-    k = F.elu(k) + 1
-    length = v.size(1)
-    v = v / length  # the official code scales values down (fp16 overflow) and back up below
-    kv = torch.einsum("nshd,nshv->nhdv", k, v)
-    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
-    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
 
 
 class AttentionLayer(nn.Module):
@@ -149,29 +130,6 @@ class Up(nn.Module):
         return self.conv(x)
 
 
-def topk_union_keep(aux_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """The official category early rejection rule, for one image or a whole batch.
-
-    aux_logits: (B, T, h, w). Per pixel the k classes with the largest logit (argsort), their
-    union over all pixels (and, as in the official code, over the batch): a (T,) bool mask.
-    """
-    num_classes = aux_logits.shape[1]
-    top = torch.argsort(aux_logits, dim=1, descending=True)[:, :k].reshape(-1)
-    return torch.bincount(top, minlength=num_classes) > 0
-
-
-def forced_keep(aux_logits: torch.Tensor, num_kept: int) -> torch.Tensor:
-    """Benchmark-only rejection rule: keep the ``num_kept`` classes whose best pixel scores highest.
-
-    Random weights make the official rule keep almost every class; this rule gives a realistic,
-    fixed amount of work instead. aux_logits: (1, T, h, w) -> (T,) bool mask.
-    """
-    best = aux_logits[0].flatten(1).amax(dim=1)
-    keep = torch.zeros_like(best, dtype=torch.bool)
-    keep[best.topk(min(num_kept, best.numel())).indices] = True
-    return keep
-
-
 class SEDDecoder(nn.Module):
     """The SED decoder. Module and parameter names follow the official ``Aggregator``.
 
@@ -182,7 +140,7 @@ class SEDDecoder(nn.Module):
         pooling_size: pooling of the class attention; (1, 1) at evaluation.
     """
 
-    def __init__(self, guidance_dims: Sequence[int] = (512, 256, 128), num_prompts: int = 80,
+    def __init__(self, guidance_dims: Sequence[int] = (512, 256, 128), num_prompts: int = NUM_PROMPTS,
                  pooling_size: Sequence[int] = EVAL_POOLING):
         super().__init__()
         self.conv1 = nn.Conv2d(num_prompts, HIDDEN_DIM, kernel_size=7, stride=1, padding=3)
@@ -236,16 +194,15 @@ class SEDDecoder(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
                 guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None,
-                force_kept_classes: Optional[int] = None):
+                rejection: Optional[RejectionRule] = None):
         """Decode.
 
         Args:
             img_feats: (B, D, h, w) dense CLIP features (``clip_vis_dense``).
             text_feats: (T, P, D) class embeddings, shared by the batch.
             guidance: (res5, res4, res3, res2) from the image encoder (res5 is unused, as officially).
-            cer_topk: None for exact decoding; k for category early rejection.
-            force_kept_classes: benchmarks only: reject with :func:`forced_keep` (keep this many
-                classes at each rejection step) instead of the top-k union rule.
+            cer_topk: None for exact decoding; k for category early rejection (the official rule).
+            rejection: a rejection rule instead (see :mod:`sed_fast.models.rejection`).
 
         Returns:
             exact: (logits (B, T, 8h, 8w), [aux0 (B,T,h,w), aux1 (B,T,2h,2w), aux2 (B,T,4h,4w)]),
@@ -259,19 +216,17 @@ class SEDDecoder(nn.Module):
         corr_embed = self.conv1(corr)
         dec_guidance = self.decoder_guidance(res4, res3, res2)
         corr_guid = self.corr_guidance(corr)
-        if cer_topk is None and force_kept_classes is None:
+        if rejection is None:
+            rejection = rule_for_topk(cer_topk)
+        if rejection is None:
             return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0])
-        if force_kept_classes is not None:
-            keep_rule = lambda aux: forced_keep(aux, force_kept_classes)  # noqa: E731
-        else:
-            keep_rule = lambda aux: topk_union_keep(aux, cer_topk)  # noqa: E731
         batch = img_feats.shape[0]
         classes = text_feats.shape[0]
         scores = []
         for b in range(batch):
             rows = slice(b * classes, (b + 1) * classes)
             scores.append(self._rejecting(
-                corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], keep_rule))
+                corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], rejection))
         return torch.cat(scores, dim=0)
 
     def _exact(self, corr_embed, dec_guidance, corr_guid, batch):
@@ -285,15 +240,15 @@ class SEDDecoder(nn.Module):
         logits = self.head(x).view(batch, -1, *x.shape[-2:])
         return logits, aux
 
-    def _rejecting(self, corr_embed, dec_guidance, corr_guid, keep_rule):
-        """The official ``fast_conv_decoder`` for one image (B = 1); ``keep_rule(aux) -> (T,) bool``."""
+    def _rejecting(self, corr_embed, dec_guidance, corr_guid, rejection: RejectionRule):
+        """The official ``fast_conv_decoder`` for one image (B = 1)."""
         classes = corr_embed.shape[0]
         kept_idx = torch.arange(classes, device=corr_embed.device)  # original class of each row
         x = corr_embed
         for i, (layer, head) in enumerate(((self.decoder1, self.head0), (self.decoder2, self.head1),
                                            (self.decoder3, self.head2))):
             aux = head(x).view(1, -1, *x.shape[-2:])
-            keep = keep_rule(aux)
+            keep = rejection.keep_mask(aux)
             kept_idx = kept_idx[keep]
             x = layer(x[keep], dec_guidance[i], corr_guid[i][kept_idx])
         logits = self.head(x)

@@ -7,48 +7,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """What distinguishes the released SED models."""
-
-    name: str                      # "b" or "l"
-    checkpoint_name: str           # "sed-b" / "sed-l" (names used in the shapes fixture)
-    clip_model: str                # open_clip model name
-    embed_dim: int                 # D, the CLIP embedding width
-    trunk_dims: Tuple[int, int, int, int]  # channels of res2..res5
-
-    @property
-    def guidance_dims(self) -> Tuple[int, int, int]:
-        """Channels of res4, res3, res2: the decoder guidance inputs."""
-        return (self.trunk_dims[2], self.trunk_dims[1], self.trunk_dims[0])
-
-
-VARIANTS: Dict[str, VariantSpec] = {
-    "b": VariantSpec("b", "sed-b", "convnext_base_w_320", 640, (128, 256, 512, 1024)),
-    "l": VariantSpec("l", "sed-l", "convnext_large_d_320", 768, (192, 384, 768, 1536)),
-}
-
-# CLIP pixel statistics in 0..255 units (MODEL.CLIP_PIXEL_MEAN / STD of the official config).
-CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
-CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.3231630)
-CLIP_RESOLUTION = 768  # the official model resizes every input to 768x768
-
-
-def variant_spec(variant: str) -> VariantSpec:
-    """The spec of ``variant`` ("b"/"l", also accepted: "sed-b", "B", "convnext_base_w_320"...)."""
-    key = str(variant).lower().strip()
-    for spec in VARIANTS.values():
-        if key in (spec.name, spec.checkpoint_name, spec.clip_model, f"sed_{spec.name}"):
-            return spec
-    raise ValueError(f"unknown SED variant {variant!r}; expected 'b' (ConvNeXt-B) or 'l' (ConvNeXt-L)")
+from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_RESOLUTION, VARIANTS, VariantSpec, variant_spec  # noqa: F401
 
 
 @contextmanager

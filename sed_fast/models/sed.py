@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ..images import (Images, ImageList, as_image_list, check_images, check_pixel_values,  # noqa: F401
                       pixel_extremes)
 from ..preprocess import official_resize
-from ..profiling import stage
+from ..stages import stage
 from .decoder import EVAL_POOLING, SEDDecoder
+from .rejection import RejectionRule, TopKUnion, rule_for_topk
 from .encoder import (CLIP_RESOLUTION, VariantSpec, create_clip_model, create_tokenizer,
                       dense_image_features, preprocess_images)
 
@@ -61,9 +62,7 @@ class SEDBase(nn.Module):
             decoder = SEDDecoder(spec.guidance_dims, pooling_size=pooling_size).to(device or "cpu")
             sem_seg_head = _SemSegHead(_Predictor(clip_model, decoder))
         self.sem_seg_head = sem_seg_head
-        self.cer_topk = cer_topk  # validated by the property setter
-        # Benchmarks only: keep this many classes at each rejection step (see decoder.forced_keep).
-        self.force_kept_classes: Optional[int] = None
+        self.cer_topk = cer_topk  # sets self.rejection (validated there)
         self._tokenizer = None
         self.class_names: List[str] = []
         self.register_buffer("text_embeddings", None, persistent=False)
@@ -85,16 +84,12 @@ class SEDBase(nn.Module):
     @property
     def cer_topk(self) -> Optional[int]:
         """None: exact decoding; k: category early rejection keeping the per-pixel top-k classes."""
-        return self._cer_topk
+        return self.rejection.k if isinstance(self.rejection, TopKUnion) else None
 
     @cer_topk.setter
     def cer_topk(self, value: Optional[int]) -> None:
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"cer_topk must be None or a positive int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"cer_topk must be >= 1 (or None for exact decoding), got {value}")
-        self._cer_topk = value
+        #: The rejection rule (see :mod:`sed_fast.models.rejection`): None decodes every class.
+        self.rejection: Optional[RejectionRule] = rule_for_topk(value)
 
     @property
     def device(self) -> torch.device:
@@ -146,9 +141,19 @@ class SEDBase(nn.Module):
         """(B, 3, S, S) CLIP-normalised images -> (clip_vis_dense, [res2, res3, res4, res5])."""
         return dense_image_features(self.clip_model, clip_images.to(self.dtype))
 
+    _encode = encode_image  # the encoder as the forward runs it (the fast model replays a CUDA graph)
+
     def segment(self, clip_images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) encoder input -> scores (B, T, S/4, S/4) float32 at the decoder's
         resolution: sigmoid of the logits, exact zeros for rejected classes."""
+        text = self._text_for_decoder()
+        with stage("image_encoder"):
+            dense, features = self._encode(clip_images)
+        return self.decode(dense, text, features).float()
+
+    def decode(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """dense (B, D, h, w), text (T, P, D), features [res2, res3, res4, res5] -> scores
+        (B, T, 8h, 8w): sigmoid of the logits, exact zeros for rejected classes."""
         raise NotImplementedError
 
     # -- forward -----------------------------------------------------------------------------------
@@ -231,14 +236,10 @@ class SEDBase(nn.Module):
 class SEDReference(SEDBase):
     """The reference SED: official outputs, official cost (for the fast one see ``impl="fast"``)."""
 
-    def segment(self, clip_images: torch.Tensor) -> torch.Tensor:
-        text = self._text_for_decoder()
-        dense, stages = self.encode_image(clip_images)
-        res2, res3, res4, res5 = stages
-        out = self.decoder(dense, text, (res5, res4, res3, res2), cer_topk=self.cer_topk,
-                           force_kept_classes=self.force_kept_classes)
-        scores = out[0].sigmoid() if isinstance(out, tuple) else out
-        return scores.float()
+    def decode(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        res2, res3, res4, res5 = features
+        out = self.decoder(dense, text, (res5, res4, res3, res2), rejection=self.rejection)
+        return out[0].sigmoid() if isinstance(out, tuple) else out  # exact: (logits, aux logits)
 
 
 def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUNK_BYTES):

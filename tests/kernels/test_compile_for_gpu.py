@@ -2,7 +2,7 @@
 
 The interpreter tests check what the kernels compute; they cannot see a kernel that does not compile
 for a GPU, or one that spills registers or asks for more shared memory than a block may have.
-``benchmarks.compile_report`` compiles each launcher's real launches for sm_90 with Triton's own
+``sed_fast.bench.compile_report`` compiles each launcher's real launches for sm_90 with Triton's own
 compiler and ptxas; these tests run it in a subprocess (Triton must not be in interpreter mode, which
 this test process may be) and check what it reports.
 """
@@ -45,7 +45,7 @@ def sm90_report(tmp_path_factory):
     _nvidia_backend_or_skip()
     out = tmp_path_factory.mktemp("compile_report") / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_report", "--arch", "90", "--classes", "150", "--variants", "b",
+        [sys.executable, "-m", "sed_fast.bench.compile_report", "--arch", "90", "--classes", "150", "--variants", "b",
          "--dtypes", "float32,bfloat16,float16", "--max-spill-bytes", str(MAX_SPILL_BYTES), "--quiet",
          "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, env=_compiled_mode_env(), timeout=1500)
@@ -124,7 +124,7 @@ def test_the_report_catches_a_kernel_the_interpreter_accepts(tmp_path):
 
 
 def test_limit_checks_flag_what_exceeds_the_target():
-    from benchmarks.compile_report import CompiledKernel, _check_limits
+    from sed_fast.bench.compile_report import CompiledKernel, _check_limits
 
     def row(**overrides):
         fields = dict(case="c", kernel="k", dtype="float32", constants={}, num_warps=4, num_stages=3,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sed_fast.kernels import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
-from sed_fast.models.decoder import topk_union_keep
+from sed_fast.models.rejection import TopKUnion
 
 INF = float("inf")
 
@@ -23,7 +23,7 @@ def _official_kept(aux, k):
     for b in range(aux.shape[0]):
         present = torch.isfinite(aux[b].float()).flatten(1).all(1).nonzero()[:, 0].cpu()
         if len(present):
-            kept[b, present] = topk_union_keep(aux[b:b + 1, present.to(aux.device)].float(), k).cpu()
+            kept[b, present] = TopKUnion(k).keep_mask(aux[b:b + 1, present.to(aux.device)].float()).cpu()
     return kept
 
 

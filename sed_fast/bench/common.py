@@ -34,8 +34,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for the git commit of a result
+#: Where results go when no folder is named: in the working directory, never inside the package
+#: (the committed GPU results live in the repository's benchmarks/results/).
+DEFAULT_RESULTS_DIR = "sed_fast_results"
 PEAKS_FILE = "device_peaks.json"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -67,7 +69,7 @@ def parse_list(text: Optional[str], convert=str) -> list:
 
 
 def results_dir(path: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """The results folder: ``path``, else ``$SED_FAST_RESULTS_DIR``, else ``benchmarks/results``."""
+    """The results folder: ``path``, else ``$SED_FAST_RESULTS_DIR``, else ``./sed_fast_results``."""
     chosen = Path(path) if path else Path(os.environ.get("SED_FAST_RESULTS_DIR") or DEFAULT_RESULTS_DIR)
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen

@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a GPU target, on any machine (no GPU needed), and report its resources.
 
-    python -m benchmarks.compile_report                      # sm_90 (H100/H200), SED-B and SED-L shapes
-    python -m benchmarks.compile_report --arch 80 --dtypes bfloat16 --json out.json --md out.md
+    python -m sed_fast.bench.compile_report                      # sm_90 (H100/H200), SED-B and SED-L shapes
+    python -m sed_fast.bench.compile_report --arch 80 --dtypes bfloat16 --json out.json --md out.md
 
 Why: the Triton interpreter (how CI runs the kernels on a CPU) checks what a kernel computes, not
 whether it compiles for a GPU: it accepts code the compiler rejects (a ``tl.dot`` on tiles under 16,
@@ -426,7 +426,7 @@ def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGET_LIMITS),
                         help="compute capability to compile for (default 90: H100/H200)")
     parser.add_argument("--classes", default="150,847", help="class counts T (default 150,847)")

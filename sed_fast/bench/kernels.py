@@ -1,8 +1,8 @@
 """Per-kernel benchmark: each sed_fast op against the official PyTorch code, at SED-B's real shapes.
 
-    python -m benchmarks.kernels                       # SED-B at 768: T = 150 and 847, float32
-    python -m benchmarks.kernels --dtypes float32,bfloat16 --backends
-    python -m benchmarks.kernels --smoke               # tiny shapes, CPU, seconds
+    python -m sed_fast.bench.kernels                       # SED-B at 768: T = 150 and 847, float32
+    python -m sed_fast.bench.kernels --dtypes float32,bfloat16 --backends
+    python -m sed_fast.bench.kernels --smoke               # tiny shapes, CPU, seconds
 
 Shapes (SED-B, 768x768 input; N = T classes of one image):
 
@@ -19,7 +19,7 @@ gather_rows            x (T, C, H, W) at the three levels (channels-last), 32 ro
 * cost map: ``F.normalize`` + ``einsum('bchw,btpc->bpthw')`` + rearrange to (B*T, P, h, w);
 * dwconv + LN: ``nn.Conv2d(C, C, 9, padding=4, groups=C)`` on NCHW + permute + ``F.layer_norm(eps=1e-6)``;
 * class attention: ``decoder.linear_attention`` (einsums) on q, k, v laid out (H*W, T, heads, C/heads);
-* rejection: ``argsort(descending)[:, :k]`` + ``bincount`` + boolean index (``topk_union_keep``);
+* rejection: ``argsort(descending)[:, :k]`` + ``bincount`` + boolean index (``TopKUnion.keep_mask``);
 * gather: boolean index ``x[keep]``.
 
 "sed_fast" is the public op (``sed_fast.kernels.<op>``) with the backend ``auto`` picks; with
@@ -39,7 +39,7 @@ Bytes and FLOPs (the cost models; es = bytes per element):
 * gather_rows: bytes 2*kept*C*H*W*es; no FLOPs.
 
 Achieved rates are these bytes / time and FLOPs / time; "% peak" divides by the device peaks of
-``benchmarks.common`` (measured copy bandwidth, measured matmul rate of the dtype). A row is
+``sed_fast.bench.common`` (measured copy bandwidth, measured matmul rate of the dtype). A row is
 ``valid`` when its output matches the official output: max |diff| <= tolerance * max(1, max |official|)
 (tolerance 1e-4 float32, 3e-2 bfloat16, 5e-3 float16), identical kept sets for the rejection and
 identical rows for the gather. Rows are appended to ``<results dir>/kernels.jsonl``.
@@ -170,7 +170,7 @@ def class_attention_case(classes: int, channels: int, size: int, heads: int = 4)
 
 
 def rejection_case(classes: int, size: int, k: int) -> Case:
-    from sed_fast.models.decoder import topk_union_keep
+    from sed_fast.models.rejection import TopKUnion
 
     def make(device, dtype):
         g = torch.Generator(device="cpu").manual_seed(3)
@@ -179,7 +179,7 @@ def rejection_case(classes: int, size: int, k: int) -> Case:
         return {"aux": (logits * 4 - 2).to(device, dtype)}
 
     def official(x):
-        keep = topk_union_keep(x["aux"], k)
+        keep = TopKUnion(k).keep_mask(x["aux"])
         return torch.arange(classes, device=keep.device)[keep]  # boolean index: the official host sync
 
     def fast(kernels, x):
@@ -359,7 +359,7 @@ def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels",
+    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.kernels",
                                      description="Per-kernel benchmark of the sed_fast ops against the official PyTorch code.")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")
     parser.add_argument("--classes", default=None, help="comma-separated class counts T (default 150,847; smoke 5,9)")
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reps", type=int, default=None, help="exact number of timed calls (default: adaptive)")
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting new cases after this many seconds")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls/convolutions (default off)")
-    parser.add_argument("--results-dir", default=None, help="folder of the results (default benchmarks/results)")
+    parser.add_argument("--results-dir", default=None, help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--name", default="kernels", help="results file name (<name>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")

@@ -3,15 +3,15 @@
     sed-fast profile --impl fast --vocab ade847 --cer-topk 8
     sed-fast profile --impl reference --vocab ade150 --trace trace.json
     nsys profile -t cuda,nvtx -o sed sed-fast profile --impl fast --vocab ade150   # NVTX ranges
-    python -m benchmarks.profile --smoke                                            # tiny, CPU
+    python -m sed_fast.bench.profile --smoke                                            # tiny, CPU
 
-Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.profiling``: CUDA
+Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.stages``: CUDA
 events per stage on GPU, wall clock on CPU; NVTX ranges on CUDA), and prints for each stage its
 median time per forward, its share of the forward's median total time, and the achieved FLOP rate
-and bandwidth against the device peaks (``benchmarks.common.device_peaks``).
+and bandwidth against the device peaks (``sed_fast.bench.common.device_peaks``).
 
 Stages (both models use the same names; the reference is instrumented from outside by
-``sed_fast.profiling.instrument``): ``image_encoder``, ``text`` (cached embeddings, per forward),
+``sed_fast.bench.instrument.instrument``): ``image_encoder``, ``text`` (cached embeddings, per forward),
 ``cost_map``, ``conv1``, ``decoder_guidance``, per decoder layer i: ``decoder{i}.corr_guidance``,
 ``decoder{i}.dwconv`` (depthwise conv + LayerNorm), ``decoder{i}.convnext_mlp``,
 ``decoder{i}.class_attention``, ``decoder{i}.upsample``, ``decoder{i}.double_conv``; each
@@ -19,7 +19,7 @@ rejection step ``reject{i}`` (aux head + rule + gathers; exact reference: ``aux_
 ``head``, ``scatter`` (fast), ``resize``. ``other (outside stages)`` is the total minus the stages:
 input checks, the reference's boolean-index gathers, launches between stages. Shares add up to 100%.
 
-FLOPs and bytes per stage come from one extra forward under ``sed_fast.profiling.OpCounter``: FLOPs
+FLOPs and bytes per stage come from one extra forward under ``sed_fast.bench.instrument.OpCounter``: FLOPs
 of matmuls / convolutions / the sed_fast kernels, bytes read and written by each op (unfused
 traffic: an upper bound of what a fused implementation must move, so a bandwidth rate above the
 device peak means the stage is better fused than the op-by-op model). ``%peak`` is the larger of
@@ -27,7 +27,7 @@ the bandwidth and the FLOP-rate fractions.
 
 ``--trace FILE`` writes a ``torch.profiler`` Chrome trace of two forwards (chrome://tracing or
 Perfetto), with the stage ranges. ``--json FILE`` writes the breakdown; ``--save`` appends it as a
-row (``kind: "profile"``) to ``<results dir>/profile.jsonl`` for ``benchmarks.report``.
+row (``kind: "profile"``) to ``<results dir>/profile.jsonl`` for ``sed_fast.bench.report``.
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def build_model(args, device: torch.device):
         warnings.simplefilter("ignore", sed_fast.RandomWeightsWarning)
         model = sed_fast.build_sed(args.variant, impl=args.impl, device=device, dtype=common.parse_dtype(args.dtype),
                                    clip_resolution=args.clip_resolution)
-    model.cer_topk = args.cer_topk
-    model.force_kept_classes = args.kept_classes
+    from .e2e import rejection_rule
+    model.rejection = rejection_rule(args.cer_topk, args.kept_classes)
     if args.impl == "fast":
         from .e2e import parse_options
         for key, value in parse_options(args.fast_options).items():
@@ -169,7 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
-    from sed_fast.profiling import OpCounter, instrument, recording
+    from sed_fast.stages import recording
+
+    from .instrument import OpCounter, instrument
 
     from .e2e import synthetic_text
 
@@ -277,8 +279,11 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(common._jsonable(record), f, indent=2)
             f.write("\n")
+        print(f"profile written to {args.json}")
     if args.save:
-        common.append_rows(common.results_dir(args.results_dir) / "profile.jsonl", [record])
+        path = common.results_dir(args.results_dir) / "profile.jsonl"
+        common.append_rows(path, [record])
+        print(f"profile row appended to {path}")
     if args.trace:
         print(f"trace written to {args.trace}")
     return 0

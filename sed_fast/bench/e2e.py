@@ -2,7 +2,7 @@
 
     sed-fast bench                                   # everything (long: narrow it with the flags)
     sed-fast bench --variants b --batches 1 --vocabs ade150,ade847 --cer-topk 8 --kept-classes 32
-    python -m benchmarks.e2e --smoke                 # tiny sizes on CPU, seconds
+    python -m sed_fast.bench.e2e --smoke                 # tiny sizes on CPU, seconds
 
 Implementations (``--impls``):
 
@@ -18,7 +18,7 @@ Implementations (``--impls``):
 
 Settings (``--no-exact``, ``--cer-topk``, ``--kept-classes``): exact decoding; category early
 rejection with top-k (``cer_topk``); and ``--kept-classes N``: each rejection step keeps the N
-classes with the highest aux score (``model.force_kept_classes``). Random weights make the official
+classes with the highest aux score (``model.rejection = ForcedKeep(N)``). Random weights make the official
 top-k rule keep nearly every class, so unforced CER rows cost about as much as exact decoding;
 the forced rows give the fixed, realistic amount of work of a trained model (the paper's models
 keep a few dozen classes). Every row records ``cer_topk`` and ``kept_classes`` (null when unforced).
@@ -38,7 +38,7 @@ Per row: median / p20 / p80 latency of ``model(images)`` over many calls after w
 events; wall clock on CPU); ``encoder_ms`` (``model.encode_image``), ``text_ms`` (the per-forward
 cached text embedding lookup) and ``decoder_ms`` (the decoder alone on precomputed features),
 timed separately; ``stages_ms``: each stage's time in recorded forwards (median of 3 on CUDA, 1 on
-CPU; see ``benchmarks.profile``), ``stages_total_ms`` the total time of those recorded forwards;
+CPU; see ``sed_fast.bench.profile``), ``stages_total_ms`` the total time of those recorded forwards;
 ``peak_mem_mb``: the model's own weights plus the peak extra memory of its forwards
 (``torch.cuda.max_memory_allocated``; null on CPU), and ``peak_mem_abs_mb``, the process peak.
 
@@ -53,7 +53,7 @@ cannot run (out of memory), rows are unchecked (``valid`` null).
 
 float32 runs with TF32 off (``--tf32`` turns it on for matmuls and cuDNN convolutions, as PyTorch's
 default does for convolutions; such rows record ``tf32: true`` and are checked at 1e-2).
-Rows are appended to ``<results dir>/<name>.jsonl`` (default ``benchmarks/results/e2e.jsonl``).
+Rows are appended to ``<results dir>/<name>.jsonl`` (default ``./sed_fast_results/e2e.jsonl``).
 """
 from __future__ import annotations
 
@@ -71,7 +71,10 @@ import torch.nn.functional as F
 
 from sed_fast.images import as_image_list
 
+from sed_fast.models.rejection import rule_for_topk
+
 from . import common
+from .instrument import ForcedKeep
 
 VOCAB_SIZES = {"voc20": 20, "pc59": 59, "ade150": 150, "pc459": 459, "ade847": 847, "coco": 171, "voc20b": 59}
 IMPLS = ("reference", "reference+autocast", "reference+compile", "fast")
@@ -243,6 +246,11 @@ class ReferenceOutputs:
         return worst, mismatch, kept_total / max(1, len(self.per_image))
 
 
+def rejection_rule(cer_topk: Optional[int], kept_classes: Optional[int]):
+    """The rule of a benchmark setting: forced (``--kept-classes``) wins over the top-k rule."""
+    return ForcedKeep(kept_classes) if kept_classes is not None else rule_for_topk(cer_topk)
+
+
 def _fits_on_device(tensor: torch.Tensor, keep: int) -> bool:
     free, _ = torch.cuda.mem_get_info(tensor.device)
     return tensor.numel() * tensor.element_size() * keep < free // 4
@@ -250,12 +258,12 @@ def _fits_on_device(tensor: torch.Tensor, keep: int) -> bool:
 
 @contextlib.contextmanager
 def _setting(model, setting: Setting):
-    old = (model.cer_topk, model.force_kept_classes)
-    model.cer_topk, model.force_kept_classes = setting.cer_topk, setting.kept_classes
+    old = model.rejection
+    model.rejection = rejection_rule(setting.cer_topk, setting.kept_classes)
     try:
         yield
     finally:
-        model.cer_topk, model.force_kept_classes = old
+        model.rejection = old
 
 
 def _error_text(error: BaseException) -> str:
@@ -272,17 +280,15 @@ def _model_bytes(model) -> int:
 
 # -- one row ----------------------------------------------------------------------------------------
 def _decoder_fn(model, dense, features, text):
-    if hasattr(model, "decode"):
-        return lambda: model.decode(dense, text, features)
-    res2, res3, res4, res5 = features
-    return lambda: model.decoder(dense, text, (res5, res4, res3, res2), cer_topk=model.cer_topk,
-                                 force_kept_classes=model.force_kept_classes)
+    return lambda: model.decode(dense, text, features)
 
 
 def _stage_times(model, images, device, repeats: int) -> Tuple[Dict[str, float], float]:
     """Median over ``repeats`` recorded forwards of each stage's time per forward (ms), and the
     median total time of those recorded forwards (ms)."""
-    from sed_fast.profiling import instrument, recording
+    from sed_fast.stages import recording
+
+    from .instrument import instrument
     per_stage: Dict[str, List[float]] = {}
     totals: List[float] = []
     for _ in range(repeats):
@@ -428,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny CPU run: SED-B, clip resolution 64, 64x64 images, voc20, batch 1, k=1, kept 4")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default=None, help="folder of the results (default benchmarks/results)")
+    parser.add_argument("--results-dir", default=None, help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--name", default="e2e", help="results file name (<name>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     return parser

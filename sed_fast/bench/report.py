@@ -1,8 +1,8 @@
 """Report of the benchmark results: a Markdown file and PNG plots.
 
-    python -m benchmarks.report                                  # benchmarks/results/*.jsonl
-    python -m benchmarks.report --results-dir DIR --out DIR
-    python -m benchmarks.report FILE.jsonl ... --print           # also a short text summary
+    python -m sed_fast.bench.report                                  # ./sed_fast_results/*.jsonl
+    python -m sed_fast.bench.report --results-dir DIR --out DIR
+    python -m sed_fast.bench.report FILE.jsonl ... --print           # also a short text summary
 
 Writes into ``--out`` (default: the results folder):
 
@@ -360,9 +360,9 @@ def print_summary(rows, file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description="Markdown + PNG report of benchmark results.")
+    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.report", description="Markdown + PNG report of benchmark results.")
     parser.add_argument("files", nargs="*", help=".jsonl files or folders (default: the results folder)")
-    parser.add_argument("--results-dir", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--results-dir", default=None, help="results folder (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--out", default=None, help="output folder (default: the results folder)")
     parser.add_argument("--name", default="report", help="Markdown file name (<name>.md)")
     parser.add_argument("--no-plots", action="store_true", help="write the Markdown only")

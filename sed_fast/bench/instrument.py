@@ -1,126 +1,23 @@
-"""Named stages of a forward pass, for profiling.
+"""Benchmark instrumentation: stage names for a model without ``stage()`` calls, FLOP and byte
+counts per stage, and the forced-keep rejection rule.
 
-Models wrap each stage in ``with stage("decoder1.dwconv"):``. By default this costs nothing. When a
-recorder is active (``recording()``), each stage is also an NVTX range (CUDA, so Nsight tools
-attribute time) and a ``torch.profiler.record_function`` range, and the recorder collects per-stage
-times (CUDA events on GPU, wall clock on CPU).
-
-Benchmark helpers (used by ``benchmarks.profile`` / ``benchmarks.e2e``, never by the models):
-
-* :func:`instrument` names the stages of a model that has no ``stage()`` calls of its own (the
-  reference: module hooks and method wrappers, restored on exit) and adds the ``text`` stage to any
-  model; stage names are the fast model's, so both can be compared line by line.
+* :func:`instrument` names the stages of the reference model (method wrappers, restored on exit)
+  and adds the ``text`` stage to any model; stage names are the fast model's, so both can be
+  compared line by line.
 * :class:`OpCounter` attributes the FLOPs and bytes of every dispatched op to the active stage.
+* :class:`ForcedKeep` keeps a fixed number of classes at every rejection step.
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
-_active: Optional["StageRecorder"] = None
-
-
-class StageRecorder:
-    """Collects (stage name -> list of elapsed milliseconds) while active."""
-
-    def __init__(self, device: torch.device, nvtx: bool = True):
-        self.device = torch.device(device)
-        self.use_cuda = self.device.type == "cuda"
-        self.nvtx = nvtx and self.use_cuda
-        self._pending: List[tuple] = []   # (name, start, end) events or times
-        self.order: List[str] = []
-        self.stack: List[str] = []        # names of the stages open now, outermost first
-        self.depths: Dict[str, int] = {}  # stage name -> smallest nesting depth it was seen at
-        self.calls: Dict[str, int] = defaultdict(int)
-
-    def current(self) -> Optional[str]:
-        """The innermost open stage, or None."""
-        return self.stack[-1] if self.stack else None
-
-    def begin(self, name: str):
-        if name not in self.order:
-            self.order.append(name)
-        self.depths[name] = min(self.depths.get(name, len(self.stack)), len(self.stack))
-        self.calls[name] += 1
-        self.stack.append(name)
-        if self.nvtx:
-            torch.cuda.nvtx.range_push(name)
-        profiler_range = torch.profiler.record_function(name)
-        profiler_range.__enter__()
-        if self.use_cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        else:
-            start = time.perf_counter()
-        return name, start, profiler_range
-
-    def end(self, token) -> None:
-        name, start, profiler_range = token
-        if self.use_cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-        else:
-            end = time.perf_counter()
-        profiler_range.__exit__(None, None, None)
-        if self.nvtx:
-            torch.cuda.nvtx.range_pop()
-        if self.stack and self.stack[-1] == name:
-            self.stack.pop()
-        elif name in self.stack:  # unbalanced (an exception inside a hook pair): drop to it
-            del self.stack[len(self.stack) - 1 - self.stack[::-1].index(name):]
-        self._pending.append((name, start, end))
-
-    def reset(self) -> None:
-        """Forget the times recorded so far (keeps the stage order and depths)."""
-        if self.use_cuda:
-            torch.cuda.synchronize(self.device)
-        self._pending.clear()
-        self.calls.clear()
-
-    def times_ms(self) -> Dict[str, List[float]]:
-        """Per-stage elapsed times in ms (synchronises the device once)."""
-        if self.use_cuda:
-            torch.cuda.synchronize(self.device)
-        out: Dict[str, List[float]] = defaultdict(list)
-        for name, start, end in self._pending:
-            out[name].append(start.elapsed_time(end) if self.use_cuda else (end - start) * 1e3)
-        return dict(out)
-
-
-@contextmanager
-def recording(device, nvtx: bool = True):
-    """Activate a :class:`StageRecorder` for the forward passes run inside the block."""
-    global _active
-    previous = _active
-    _active = StageRecorder(device, nvtx=nvtx)
-    try:
-        yield _active
-    finally:
-        _active = previous
-
-
-@contextmanager
-def stage(name: str):
-    """Mark a stage of the forward pass (a no-op unless a recorder is active)."""
-    recorder = _active
-    if recorder is None:
-        yield
-        return
-    token = recorder.begin(name)
-    try:
-        yield
-    finally:
-        recorder.end(token)
-
-
-def active_recorder() -> Optional[StageRecorder]:
-    """The recorder of the enclosing :func:`recording` block, or None."""
-    return _active
-
+from .. import stages
+from ..kernels import cost_model
+from ..stages import stage
 
 # -------------------------------------------------------------------------------------------------
 # Naming the stages of a model without stage() calls (benchmarks only)
@@ -139,8 +36,8 @@ def instrument(model):
     """Name the stages of ``model``'s forward for the active recorder (restored on exit).
 
     Every model gets a ``text`` stage (the per-forward text embedding lookup). A model without its
-    own ``stage()`` calls (the reference, recognised by having no ``decode`` method) gets, with the
-    fast model's stage names: ``image_encoder``, ``cost_map``, ``conv1``, ``decoder_guidance``,
+    own ``stage()`` calls (the reference: ``marks_stages`` false) gets, with the fast model's stage
+    names: ``image_encoder``, ``cost_map``, ``conv1``, ``decoder_guidance``,
     ``decoder{i}.corr_guidance``, ``decoder{i}.dwconv`` (depthwise conv + LayerNorm),
     ``decoder{i}.convnext_mlp``, ``decoder{i}.class_attention`` (the whole class transformer
     layer), ``decoder{i}.upsample``, ``decoder{i}.double_conv``, ``aux_head{i}`` (exact decoding)
@@ -162,16 +59,13 @@ def instrument(model):
         return lambda: name
 
     wrap_method(model, "_text_for_decoder", fixed("text"))
-    if not hasattr(model, "decode"):
-        from .models import decoder as decoder_module
-
+    if not getattr(model, "marks_stages", False):
         dec = model.decoder
         level = {"i": 0}
 
         def rejecting() -> bool:
-            return getattr(model, "cer_topk", None) is not None or getattr(model, "force_kept_classes", None) is not None
+            return getattr(model, "rejection", None) is not None
 
-        wrap_method(model, "encode_image", fixed("image_encoder"))
         wrap_method(dec, "cost_map", fixed("cost_map"))
         wrap_method(dec, "per_class", fixed("cost_map"))
         wrap_method(dec, "decoder_guidance", fixed("decoder_guidance"))
@@ -195,9 +89,8 @@ def instrument(model):
                 return f"reject{i}" if rejecting() else f"aux_head{i}"
             wrap_method(head, "forward", head_name)
         wrap_method(dec.head, "forward", fixed("head"))
-        for rule in ("topk_union_keep", "forced_keep"):
-            set_attr(decoder_module, rule, _wrap_callable(getattr(decoder_module, rule),
-                                                          lambda: f"reject{level['i']}"))
+        if getattr(model, "rejection", None) is not None:
+            wrap_method(model.rejection, "keep_mask", lambda: f"reject{level['i']}")
     try:
         yield model
     finally:
@@ -211,26 +104,6 @@ def instrument(model):
 # -------------------------------------------------------------------------------------------------
 # FLOPs and bytes per stage (benchmarks only)
 # -------------------------------------------------------------------------------------------------
-def _custom_op_flops(name: str, args, kwargs) -> Optional[int]:
-    """FLOPs of the sed_fast kernel ops (opaque to torch's flop counter)."""
-    def shape(i):
-        value = args[i] if i < len(args) else None
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    if name.endswith("cost_map"):
-        (b, d, h, w), (t, p, _) = shape(0), shape(1)
-        return 2 * b * h * w * t * p * d
-    if name.endswith("dwconv_layernorm"):
-        (n, c, h, w), weight = shape(0), shape(1)
-        taps = weight[-1] * weight[-2] if weight and len(weight) >= 2 else 81
-        return n * c * h * w * (2 * taps + 8)
-    if name.endswith("class_attention"):
-        rows, pixels, channels = shape(0)
-        heads = args[4] if len(args) > 4 else kwargs.get("num_heads", 4)
-        return 4 * rows * pixels * channels * (channels // int(heads))
-    return None
-
-
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense",
                "detach", "lift_fresh", "alias", "record_stream", "resize_", "set_", "is_same_size", "size",
                "stride", "sym_size", "sym_stride", "_to_copy_meta"}
@@ -254,7 +127,7 @@ class OpCounter(_TorchDispatchMode):
     """Counts FLOPs and bytes of each dispatched op, per active stage (``"(none)"`` outside stages).
 
     FLOPs: torch's own counter formulas (matmuls, convolutions, attention) and, for the sed_fast
-    kernel ops, theirs (cost map matmul, 9x9 taps + LayerNorm, linear attention); elementwise ops
+    kernel ops, the cost model beside each kernel (``sed_fast.kernels.cost_model``); elementwise ops
     count no FLOPs. Bytes: the sizes of the tensors each op reads and writes (views move nothing),
     i.e. the traffic of an unfused execution; a fused kernel op counts only its own inputs and
     outputs. Use inside :func:`recording` so that stages are known.
@@ -274,7 +147,7 @@ class OpCounter(_TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        recorder = _active
+        recorder = stages.active_recorder()
         name = (recorder.current() if recorder is not None else None) or "(none)"
         try:
             self._count(name, func, args, kwargs, out)
@@ -292,8 +165,9 @@ class OpCounter(_TorchDispatchMode):
         flops = None
         if packet in self._registry:
             flops = self._registry[packet](*args, **kwargs, out_val=out)
-        elif not op_name.startswith("aten::"):
-            flops = _custom_op_flops(op_name, args, kwargs)
+        elif op_name.startswith("sed_fast::"):
+            cost = cost_model(base)  # the kernel's own count (custom ops are opaque to torch's counter)
+            flops = cost(*args, **kwargs) if cost is not None else None
         if flops:
             self.flops[name] += float(flops)
         reads = [v for k, v in kwargs.items() if k != "out"]
@@ -302,3 +176,44 @@ class OpCounter(_TorchDispatchMode):
                     "new_zeros", "new_full", "new_ones", "scalar_tensor"):
             moved = _tensor_bytes(out)
         self.bytes[name] += float(moved)
+
+
+# -------------------------------------------------------------------------------------------------
+# Forced rejection (benchmarks only)
+# -------------------------------------------------------------------------------------------------
+class ForcedKeep:
+    """A rejection rule for benchmarks: keep the ``num_kept`` classes whose best pixel scores
+    highest, at every rejection step (``model.rejection = ForcedKeep(32)``).
+
+    Random weights make the official top-k rule keep almost every class; this rule gives the fixed,
+    realistic amount of work of a trained model instead. Same interface as
+    :class:`sed_fast.models.rejection.TopKUnion`.
+    """
+
+    def __init__(self, num_kept: int):
+        if isinstance(num_kept, bool) or not isinstance(num_kept, int) or num_kept < 1:
+            raise ValueError(f"num_kept must be an int >= 1, got {num_kept!r}")
+        self.num_kept = num_kept
+
+    def keep_mask(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """aux_logits (1, T, h, w) -> (T,) bool."""
+        best = aux_logits[0].flatten(1).amax(dim=1)
+        keep = torch.zeros_like(best, dtype=torch.bool)
+        keep[best.topk(min(self.num_kept, best.numel())).indices] = True
+        return keep
+
+    def select(self, aux_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """aux_logits (B, T, h, w), -inf for absent classes -> (flat_idx, class_offsets), per image,
+        among the classes still present."""
+        batch, classes = aux_logits.shape[:2]
+        best = aux_logits.flatten(2).amax(dim=2)  # (B, T)
+        keep = torch.zeros_like(best, dtype=torch.bool)
+        keep.scatter_(1, best.topk(min(self.num_kept, classes), dim=1).indices, True)
+        keep &= best > float("-inf")
+        flat_idx = keep.flatten().nonzero()[:, 0].to(torch.int32)
+        offsets = torch.zeros(batch + 1, dtype=torch.int32, device=aux_logits.device)
+        offsets[1:] = keep.sum(1).cumsum(0)
+        return flat_idx, offsets
+
+    def __repr__(self) -> str:
+        return f"ForcedKeep({self.num_kept})"

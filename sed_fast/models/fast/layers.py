@@ -1,0 +1,324 @@
+"""The fast decoder layers: the reference modules with kernel-backed forwards.
+
+Each fast layer is a subclass of the reference module it replaces, built from an existing one by
+``from_reference``: it adopts the reference module's parameters and sub-modules (the same tensors,
+under the same names, in the same order), so the state dict is the official one and a fast model
+built from a reference shares its weights. Only ``forward`` differs, with the same result up to
+float rounding:
+
+* :class:`FastConvNextBlock`: the 9x9 depthwise conv and the channels-last LayerNorm are one kernel
+  (``dwconv_layernorm``), the MLP runs over chunks of class rows.
+* :class:`FastClassTransformerLayer`: q, k, v from one GEMM (the fused weight is prepared once),
+  the linear attention across classes in one kernel over ragged per-image class segments
+  (``class_attention``), over chunks of pixels; the evaluation pooling (1, 1) only.
+* :class:`FastUp`: the first conv of DoubleConv is split into its class-specific input channels and
+  the per-image guidance channels; the guidance part runs once per image and is broadcast-added,
+  instead of convolving the guidance repeated T times.
+* :class:`FastDecoder`: the decoder in the order of the paper's Figure 2 (cost map, conv1, then
+  three gradual-fusion layers with category early rejection between them), on a ragged set of
+  class rows per image (:class:`ClassRows`).
+
+Activations are channels-last throughout; convolutions and linears stay on cuDNN / cuBLAS.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ... import kernels
+from ...stages import stage
+from ..decoder import ClassTransformerLayer, ConvNextBlock, SEDDecoder, Up
+from ..rejection import RejectionRule
+
+
+# -------------------------------------------------------------------------------------------------
+# Building fast layers from reference ones
+# -------------------------------------------------------------------------------------------------
+def _adopt(fast: nn.Module, reference: nn.Module, **replace: nn.Module) -> None:
+    """Give ``fast`` the parameters, buffers and sub-modules of ``reference`` (the same objects,
+    names and order; ``replace`` swaps named sub-modules for their fast versions)."""
+    for name, parameter in reference._parameters.items():
+        fast.register_parameter(name, parameter)
+    for name, buffer in reference._buffers.items():
+        fast.register_buffer(name, buffer, persistent=name not in reference._non_persistent_buffers_set)
+    for name, module in reference._modules.items():
+        fast.add_module(name, replace.get(name, module))
+    fast.train(reference.training)
+
+
+def _blank(cls):
+    """An instance of ``cls`` with an empty nn.Module state (its reference ``__init__`` not run:
+    the parameters come from the module it is built from)."""
+    instance = cls.__new__(cls)
+    nn.Module.__init__(instance)
+    return instance
+
+
+class DerivedWeight:
+    """A tensor computed from parameters (a fused or split weight), kept until one of them changes:
+    in place (``load_state_dict``), or replaced / moved (``.to()``, ``.half()``)."""
+
+    def __init__(self, compute: Callable[..., torch.Tensor]):
+        self._compute = compute
+        self._key: Optional[tuple] = None
+        self._value = None
+
+    def __call__(self, *parameters: torch.Tensor):
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
+        if key != self._key:
+            with torch.no_grad():
+                self._value = self._compute(*parameters)
+            self._key = key
+        return self._value
+
+
+def chunks(total: int, bytes_per_item: int, budget: int):
+    """[start, stop) ranges over ``total`` items, each within ``budget`` bytes (at least one item)."""
+    step = max(1, budget // max(1, bytes_per_item))
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+# -------------------------------------------------------------------------------------------------
+# Ragged class rows
+# -------------------------------------------------------------------------------------------------
+class ClassRows:
+    """Which classes the decoder's rows hold: rows are grouped by image (ragged after rejection).
+
+    ``ids`` (device, int64): global class id b*T + t of each row, or None while all B*T rows are
+    present in order. ``offsets`` (host list, B+1 ints): the rows of image b are
+    offsets[b]:offsets[b+1]; ``offsets_device``: the same on the device (int32), as the class
+    attention kernel reads it.
+    """
+
+    def __init__(self, batch: int, classes: int, device: torch.device):
+        self.batch, self.classes = batch, classes
+        self.ids: Optional[torch.Tensor] = None
+        self.offsets: List[int] = [b * classes for b in range(batch + 1)]
+        self.offsets_device = torch.tensor(self.offsets, dtype=torch.int32, device=device)
+
+    @property
+    def count(self) -> int:
+        return self.offsets[-1]
+
+    def segments(self, start: int, stop: int):
+        """(image, first row, end row) of each image's rows inside rows [start, stop)."""
+        for b in range(self.batch):
+            lo, hi = max(start, self.offsets[b]), min(stop, self.offsets[b + 1])
+            if lo < hi:
+                yield b, lo, hi
+
+    def reject(self, aux: torch.Tensor, rule: RejectionRule) -> torch.Tensor:
+        """Apply ``rule`` to the aux logits (R, 1, h, w) of the current rows; update the rows;
+        return which current rows are kept (indices into them). Reads the kept counts: the one
+        host sync of a rejection step."""
+        batch, classes = self.batch, self.classes
+        h, w = aux.shape[-2:]
+        if self.ids is None:
+            padded = aux.view(batch, classes, h, w)
+        else:  # absent classes are -inf: never kept, as if the rule saw the kept ones only
+            padded = aux.new_full((batch * classes, h, w), float("-inf"))
+            padded.index_copy_(0, self.ids, aux[:, 0])
+            padded = padded.view(batch, classes, h, w)
+        flat_idx, offsets_device = rule.select(padded)
+        offsets = offsets_device.tolist()
+        new_ids = flat_idx[: offsets[-1]].long()
+        if self.ids is None:
+            selected = new_ids
+        else:
+            row_of_class = torch.full((batch * classes,), -1, dtype=torch.long, device=aux.device)
+            row_of_class[self.ids] = torch.arange(self.count, device=aux.device)
+            selected = row_of_class[new_ids]
+        self.ids, self.offsets, self.offsets_device = new_ids, offsets, offsets_device.to(torch.int32)
+        return selected
+
+
+# -------------------------------------------------------------------------------------------------
+# The layers
+# -------------------------------------------------------------------------------------------------
+class FastConvNextBlock(ConvNextBlock):
+    """ConvNeXt block: fused depthwise conv + LayerNorm kernel, then the MLP, gamma and residual."""
+
+    @classmethod
+    def from_reference(cls, block: ConvNextBlock) -> "FastConvNextBlock":
+        fast = _blank(cls)
+        _adopt(fast, block)
+        return fast
+
+    def forward(self, x: torch.Tensor, budget: int, name: str = "cnext") -> torch.Tensor:
+        """x (R, C, H, W) channels-last -> (R, H, W, C) tokens (a new tensor)."""
+        count, channels, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1)  # a view: contiguous because x is channels-last
+        if not tokens.is_contiguous():
+            tokens = tokens.contiguous()
+        out = torch.empty_like(tokens)
+        row_bytes = height * width * channels * x.element_size() * 7  # normed, 4C hidden, branch
+        for start, stop in chunks(count, row_bytes, budget):
+            with stage(f"{name}.dwconv"):
+                normed = kernels.dwconv_layernorm(x[start:stop], self.dwconv.weight, self.dwconv.bias,
+                                                  self.norm.weight, self.norm.bias, self.norm.eps)
+            with stage(f"{name}.convnext_mlp"):
+                hidden = F.gelu(F.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
+                branch = F.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
+                torch.addcmul(tokens[start:stop], self.gamma, branch, out=out[start:stop])
+        return out
+
+
+def _fused_qkv(q_weight, q_bias, k_weight, k_bias, v_weight, v_bias) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([q_weight, k_weight, v_weight], 0), torch.cat([q_bias, k_bias, v_bias], 0)
+
+
+class FastClassTransformerLayer(ClassTransformerLayer):
+    """Class attention with pooling (1, 1): ``2x + attention + MLP`` terms at every pixel, the
+    linear attention across each image's classes in one kernel."""
+
+    @classmethod
+    def from_reference(cls, layer: ClassTransformerLayer) -> "FastClassTransformerLayer":
+        if layer.pool.kernel_size not in (1, (1, 1)):
+            raise ValueError("the fast model implements the evaluation pooling (1, 1) only, "
+                             f"this decoder pools with {layer.pool.kernel_size}")
+        fast = _blank(cls)
+        _adopt(fast, layer)
+        fast._qkv = DerivedWeight(_fused_qkv)
+        return fast
+
+    def forward(self, seq: torch.Tensor, class_offsets: torch.Tensor, budget: int) -> torch.Tensor:
+        """seq (R, P, C): the tokens of R class rows at P pixels; ``class_offsets`` (B+1,) int32 on
+        the device: the rows of each image. Returns a new (R, P, C) tensor."""
+        attn = self.attention
+        count, pixels, channels = seq.shape
+        qkv_weight, qkv_bias = self._qkv(attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias,
+                                         attn.v.weight, attn.v.bias)
+        out = torch.empty_like(seq)
+        pixel_bytes = count * channels * seq.element_size() * 12  # qkv, attention out, MLP hidden
+        for start, stop in chunks(pixels, pixel_bytes, budget):
+            x = seq[:, start:stop]
+            qkv = F.linear(F.layer_norm(x, (channels,), self.norm1.weight, self.norm1.bias, self.norm1.eps),
+                           qkv_weight, qkv_bias)
+            q, k, v = qkv.split(channels, dim=-1)
+            branch = x + kernels.class_attention(q, k, v, class_offsets, num_heads=attn.num_heads)
+            del qkv, q, k, v
+            hidden = F.relu(F.linear(F.layer_norm(branch, (channels,), self.norm2.weight, self.norm2.bias,
+                                                  self.norm2.eps), self.MLP[0].weight, self.MLP[0].bias))
+            branch = branch + F.linear(hidden, self.MLP[2].weight, self.MLP[2].bias)
+            torch.add(x, branch, out=out[:, start:stop])
+        return out
+
+
+class FastUp(Up):
+    """One gradual-fusion layer: ConvNeXt block, class attention, 2x up-sampling, guidance fusion."""
+
+    @classmethod
+    def from_reference(cls, layer: Up, name: str) -> "FastUp":
+        fast = _blank(cls)
+        _adopt(fast, layer, cnext=FastConvNextBlock.from_reference(layer.cnext),
+               attention=FastClassTransformerLayer.from_reference(layer.attention))
+        fast.name = name  # the stage names' prefix, e.g. "decoder1"
+        fast._split = DerivedWeight(fast._split_first_conv)
+        return fast
+
+    def _split_first_conv(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """DoubleConv's first weight by input channels [upsampled x | image guidance | corr guidance]:
+        (weight over x and corr guidance, weight over the image guidance)."""
+        up_channels = self.up.out_channels
+        guide_channels = weight.shape[1] - up_channels - self.corr_channels
+        class_part = torch.cat([weight[:, :up_channels], weight[:, up_channels + guide_channels:]], 1)
+        return class_part, weight[:, up_channels:up_channels + guide_channels]
+
+    @property
+    def corr_channels(self) -> int:
+        """Channels of the corr guidance: those of the image guidance (both are ``g``)."""
+        return self.conv.double_conv[0].in_channels - self.up.in_channels
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor, rows: ClassRows,
+                budget: int, final_head: Optional[nn.Conv2d] = None) -> torch.Tensor:
+        """x (R, C, H, W) channels-last rows; guidance (B, g, 2H, 2W) per image; corr_guidance
+        (R, g, 2H, 2W) per row -> (R, C_out, 2H, 2W) channels-last, or the final head's logits
+        (R, 1, 2H, 2W) when ``final_head`` is given (applied per chunk: the 16-channel output of
+        the last layer is never held for all rows)."""
+        count, channels, height, width = x.shape
+        tokens = self.cnext(x, budget, self.name)  # (R, H, W, C)
+        with stage(f"{self.name}.class_attention"):
+            attended = self.attention(tokens.view(count, height * width, channels), rows.offsets_device, budget)
+        del tokens
+        x = attended.view(count, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
+
+        conv_a, norm_a = self.conv.double_conv[0], self.conv.double_conv[1]
+        conv_b, norm_b = self.conv.double_conv[3], self.conv.double_conv[4]
+        weight_class, weight_guide = self._split(conv_a.weight)
+        with stage(f"{self.name}.double_conv"):
+            shared = F.conv2d(guidance, weight_guide, padding=1)  # (B, C_out, 2H, 2W): once per image
+        out_channels = final_head.out_channels if final_head is not None else conv_b.out_channels
+        out = torch.empty(count, out_channels, 2 * height, 2 * width, device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        row_bytes = 4 * height * width * x.element_size() * (
+            self.up.out_channels + 2 * corr_guidance.shape[1] + 4 * conv_a.out_channels)
+        for start, stop in chunks(count, row_bytes, budget):
+            with stage(f"{self.name}.upsample"):
+                up = self.up(x[start:stop])
+            with stage(f"{self.name}.double_conv"):
+                y = F.conv2d(torch.cat([up, corr_guidance[start:stop]], 1), weight_class, padding=1)
+                del up
+                for b, lo, hi in rows.segments(start, stop):
+                    y[lo - start:hi - start] += shared[b]
+                y = F.relu(norm_a(y), inplace=True)
+                y = F.relu(norm_b(conv_b(y)), inplace=True)
+            if final_head is not None:
+                with stage("head"):
+                    y = final_head(y)
+            out[start:stop] = y
+        return out
+
+
+class FastDecoder(SEDDecoder):
+    """The SED decoder with fast layers; the reference decoder's parameters, shared.
+
+    ``forward`` returns scores (sigmoid of the logits, exact zeros for rejected classes) for exact
+    decoding and rejection alike; the aux heads run only where a rejection step reads them.
+    """
+
+    @classmethod
+    def from_reference(cls, decoder: SEDDecoder) -> "FastDecoder":
+        fast = _blank(cls)
+        _adopt(fast, decoder, **{name: FastUp.from_reference(getattr(decoder, name), name)
+                                 for name in ("decoder1", "decoder2", "decoder3")})
+        return fast
+
+    def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: Sequence[torch.Tensor],
+                rejection: Optional[RejectionRule] = None, budget: int = 512 << 20) -> torch.Tensor:
+        """img_feats (B, D, h, w), text_feats (T, P, D), guidance (res5, res4, res3, res2) ->
+        scores (B, T, 8h, 8w) float32. ``budget``: bytes of one chunk of per-class work."""
+        _, res4, res3, res2 = guidance
+        batch, classes = img_feats.shape[0], text_feats.shape[0]
+        rows = ClassRows(batch, classes, img_feats.device)
+        # Paper Fig. 2: cosine cost map -> conv1 (per class) -> three gradual-fusion layers, with
+        # category early rejection before each one.
+        with stage("cost_map"):
+            corr = kernels.cost_map(img_feats, text_feats.to(img_feats.dtype), channels_last=True)  # (B*T, P, h, w)
+        with stage("conv1"):
+            x = self.conv1(corr)
+        with stage("decoder_guidance"):
+            image_guidance = self.decoder_guidance(res4, res3, res2)
+
+        corr_source = corr  # what the next corr-guidance ConvTranspose reads, row-aligned with x
+        layers = ((self.decoder1, self.head0), (self.decoder2, self.head1), (self.decoder3, self.head2))
+        for i, (layer, aux_head) in enumerate(layers):
+            if rejection is not None:
+                with stage(f"reject{i}"):
+                    selected = rows.reject(aux_head(x), rejection)
+                    x = kernels.gather_rows(x, selected, rows.count)
+                    corr_source = kernels.gather_rows(corr_source, selected, rows.count)
+            with stage(f"{layer.name}.corr_guidance"):
+                corr_source = self.decoder_corr_guidance_projection[i](corr_source)  # kept rows only
+            x = layer(x, image_guidance[i], corr_source, rows, budget, final_head=self.head if i == 2 else None)
+
+        with stage("scatter"):
+            probabilities = x[:, 0].float().sigmoid()  # x: the final head's logits (R, 1, 8h, 8w)
+            if rows.ids is None:
+                return probabilities.view(batch, classes, *probabilities.shape[-2:])
+            scores = probabilities.new_zeros(batch * classes, *probabilities.shape[-2:])
+            scores.index_copy_(0, rows.ids, probabilities)
+            return scores.view(batch, classes, *scores.shape[-2:])
