@@ -145,7 +145,7 @@ def _check_options(args):
     import torch
 
     from ..cli import _DTYPES
-    from ..models.encoder import variant_spec
+    from ..config import variant_spec
 
     try:
         spec = variant_spec(args.variant)
