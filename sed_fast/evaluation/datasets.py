@@ -19,7 +19,6 @@ the file, or, with ``invalid_labels="ignore"``, ignored and counted.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +152,7 @@ def _list_files(folder: Path, extensions: Tuple[str, ...], what: str) -> Dict[st
         stem = os.path.splitext(entry.name)[0]
         if stem in found:
             raise DatasetError(f"two {what} files with the stem {stem!r} in {folder}: {found[stem].name} and "
-                               f"{entry.name}; which one pairs with the label is ambiguous")
+                               f"{entry.name}; which one to pair by stem is ambiguous")
         found[stem] = Path(entry.path)
     return found
 
@@ -339,7 +338,3 @@ def collate(items: List[dict]) -> dict:
     """A batch as lists (images differ in size): the model takes a list of (3, H_i, W_i) tensors."""
     return {key: [item[key] for item in items] for key in items[0]} if items else {}
 
-
-def with_vocabulary(spec: DatasetSpec, **changes) -> DatasetSpec:
-    """A copy of ``spec`` with some fields changed (e.g. a small vocabulary for tests)."""
-    return dataclasses.replace(spec, **changes)
