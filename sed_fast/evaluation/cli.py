@@ -121,17 +121,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error(str(error), args)
         return EXIT_USAGE
     except DatasetError as error:
-        _error(str(error), args)
+        _error(str(error) + _resume_hint(args), args)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        _error(f"interrupted; the images finished before the last save are kept in {args.out}: rerun the same "
-               "command with --resume to continue", args)
+        _error("interrupted" + (_resume_hint(args) or f"; nothing was saved in {args.out}"), args)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
-        _error(f"{type(error).__name__}: {error}", args)
+        _error(f"{type(error).__name__}: {error}" + _resume_hint(args), args)
         if not args.debug:
             print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _resume_hint(args) -> str:
+    from .state import STATE_FILE
+
+    path = Path(os.path.expanduser(args.out)) / STATE_FILE
+    if not path.exists():
+        return ""
+    return f" (the images finished so far are saved in {path}: rerun the same command with --resume to continue)"
 
 
 def _error(message: str, args) -> None:
@@ -241,15 +249,15 @@ def _settings(args, dataset, spec, device) -> dict:
     """What a resumed run must share with the saved one: everything that changes a figure."""
     from ..cli import _DTYPES
 
-    files = []
-    for sample in dataset.samples:
-        files.append(f"{sample.stem}|{sample.image.stat().st_size}|{sample.label.stat().st_size}")
+    # The images by file stem: a copy of the dataset elsewhere resumes, and a label map fixed after
+    # an "invalid label" error (not finished yet) does not block the resume.
+    stems = [sample.stem for sample in dataset.samples]
     if args.checkpoint is not None:
         path = Path(os.path.expanduser(args.checkpoint)).resolve()
         weights = f"{path} ({path.stat().st_size} bytes, modified {int(path.stat().st_mtime)})"
     else:
         weights = f"random (seed {args.seed})"
-    return {"dataset": dataset.spec.name, "images": f"{len(dataset.samples)} files, sha1 {_fingerprint(files)[:16]}",
+    return {"dataset": dataset.spec.name, "images": f"{len(stems)} images, stems sha1 {_fingerprint(stems)[:16]}",
             "num_classes": dataset.num_classes, "vocabulary": f"sha1 {_fingerprint(dataset.vocabulary)[:16]}",
             "class_names": f"sha1 {_fingerprint(dataset.class_names)[:16]}",
             "ignore_label": dataset.spec.ignore_label, "background_from": dataset.spec.background_from,
