@@ -206,8 +206,8 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
 
 def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int):
     """One batch's confusion-matrix increments per model and counter increments (not yet added)."""
-    for stem, error in zip(batch["stem"], batch["error"]):
-        if error is not None:
+    for error in batch["error"]:
+        if error is not None:  # the loader names the file and the problem
             raise DatasetError(error)
     images = [image.to(device, non_blocking=True) for image in batch["image"]]
     labels = [label.to(device, non_blocking=True) for label in batch["label"]]
