@@ -5,29 +5,52 @@
     sed-fast bench | bench-kernels | profile | report | compile-report ...   (sed_fast.bench)
 
 Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
-``summary.json`` and on stderr; the others are still processed); 2 usage error (bad option,
-vocabulary, checkpoint, no images): nothing is segmented. Errors are one-line messages; ``--debug``
-adds the Python traceback.
+``summary.json`` and on stderr; the others are still processed) or an unexpected error stopped the
+run; 2 usage error (bad option, vocabulary, checkpoint, environment variable, no images, an output
+folder that cannot be written): nothing is segmented; 130 interrupted by SIGINT (Ctrl-C); 143
+terminated by SIGTERM. Errors are one-line messages; ``--debug`` adds the Python traceback.
+
+What an interrupted or failed run leaves in ``--out``: every output file (``*_labels.png``,
+``*_overlay.png``, ``*_scores.npy``, ``summary.json``) is written to a temporary file in the same
+folder and renamed into place, so each file is either the complete new one or the previous one,
+never a truncated mix (and a symbolic link of the same name is replaced, not written through).
+A signal that arrives while an image's files are being written takes effect once they and the
+summary are written. ``summary.json`` is written when the run starts and rewritten after each image
+(once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end, with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
+(``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
+``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
+summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
+short hash instead of the rest).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import glob
+import hashlib
 import importlib
 import json
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_SIGINT = 128 + 2  # 130, as a shell reports a Ctrl-C
+EXIT_SIGTERM = 128 + 15  # 143
+
+_STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -49,6 +72,105 @@ class UsageError(Exception):
     """A problem with the command line or its inputs: nothing is segmented, exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops, exit code 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(_signal_name(signum))
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _Signals:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; inside :meth:`deferred`
+    they wait until the block ends, so a group of file writes is never cut halfway."""
+
+    def __init__(self):
+        self.depth = 0
+        self.pending: Optional[int] = None
+        self.previous = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+            if signum is None:
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except (ValueError, OSError):  # not the main thread: the default handling stays
+                pass
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            if self.pending is None:
+                self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+class _OutputFolder:
+    """Writes files into ``folder`` atomically: a temporary file in the same folder, renamed over
+    the target (which replaces the target itself, also when it is a symbolic link)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        umask = os.umask(0)
+        os.umask(umask)
+        self.mode = 0o666 & ~umask  # what open() would give: mkstemp makes files 0600
+
+    def probe(self) -> None:
+        """Raise OSError unless a file can be created (and removed) in the folder."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".sed_fast_probe_", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+
+    def write(self, name: str, save: Callable) -> Path:
+        """``save(binary_file)`` writes the content; returns the final path."""
+        target = self.folder / name
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                save(handle)
+            os.chmod(tmp, self.mode)
+            os.replace(tmp, target)
+            tmp = None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return target
+
+    def write_json(self, name: str, data) -> Path:
+        # backslashreplace: a path with undecodable bytes (surrogate escapes) becomes a \udcXX escape
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        return self.write(name, lambda handle: handle.write(text.encode("utf-8", "backslashreplace")))
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -63,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images with an open vocabulary. Writes, per image, <stem>_labels.png "
                     "(class index per pixel: 8-bit PNG for up to 256 classes, else 16-bit), "
                     "<stem>_overlay.png (image blended with class colours and a legend) and, with "
-                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json. "
-                    "Exit code: 0 all images ok, 1 some failed, 2 usage error.")
+                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json (rewritten as "
+                    "the run goes, with its status). Each file is written whole or not at all. "
+                    "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
+                    "143 terminated (SIGTERM).")
     seg.add_argument("images", nargs="+", metavar="IMAGES",
                      help="image files, folders (their images, sorted) or glob patterns (quoted)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
@@ -163,16 +287,19 @@ def _describe(error: BaseException) -> str:
 
 # -- segment ------------------------------------------------------------------------------------
 def _run_segment(args: argparse.Namespace) -> int:
+    signals = _Signals()
+    signals.install()
     try:
-        return _segment(args)
+        return _segment(args, signals)
     except UsageError as error:
         _error(str(error))
         if args.debug:
             traceback.print_exc()
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+    except KeyboardInterrupt as error:
+        code = getattr(error, "exit_code", EXIT_SIGINT)
+        _error(f"interrupted ({_signal_name(code - 128)})")
+        return code
     except Exception as error:  # noqa: BLE001 - a one-line message; --debug shows the traceback
         _error(f"{type(error).__name__}: {_describe(error)}")
         if args.debug:
@@ -180,6 +307,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         else:
             print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signals.restore()
 
 
 def _check_options(args: argparse.Namespace):
@@ -210,6 +339,7 @@ def _check_options(args: argparse.Namespace):
             if index >= torch.cuda.device_count():
                 raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
         device = torch.device(args.device)
+    _check_environment()
     if args.checkpoint is None and not args.random_weights:
         raise UsageError("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
                          "sed_model_base.pth), or --random-weights to run with random weights "
@@ -219,6 +349,18 @@ def _check_options(args: argparse.Namespace):
     if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).exists():
         raise UsageError(f"checkpoint file not found: {args.checkpoint}")
     return spec, dtype, device
+
+
+def _check_environment() -> None:
+    """Parse the environment variables now: a malformed one is a usage error before any work."""
+    from .checkpoint import trust_checkpoints
+    from .text import cache_enabled, cache_limit_bytes
+
+    for read in (trust_checkpoints, cache_enabled, cache_limit_bytes):
+        try:
+            read()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def _load_vocabulary(text: str) -> List[str]:
@@ -301,7 +443,18 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
 
 def _safe(text: str) -> str:
     text = re.sub(r"[^\w.\-]+", "_", text).strip("._")
-    return text or "image"
+    return _shorten(text or "image")
+
+
+def _shorten(text: str, limit: int = _STEM_BYTES) -> str:
+    """``text`` if its UTF-8 form fits in ``limit`` bytes, else its first characters that fit and
+    ``-`` + 8 hex digits of its hash (file systems refuse names over 255 bytes)."""
+    encoded = text.encode("utf-8", "surrogateescape")
+    if len(encoded) <= limit:
+        return text
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    head = encoded[:limit - 9].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
 
 
 def _assign_stems(inputs: List[_Input]) -> None:
@@ -320,6 +473,7 @@ def _assign_stems(inputs: List[_Input]) -> None:
              for item, n in zip(inputs, names)]
     used = set()
     for item, name in zip(inputs, names):
+        name = _shorten(name, 2 * _STEM_BYTES)  # folder and extension suffixes keep names well under 255 bytes
         candidate, k = name, 2
         while candidate.lower() in used:
             candidate, k = f"{name}-{k}", k + 1
@@ -385,7 +539,8 @@ def _read_checkpoint(path_text: str):
         raise UsageError(_describe(error)) from error
 
 
-def _segment(args: argparse.Namespace) -> int:
+def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> int:
+    signals = signals or _Signals()
     spec, dtype, device = _check_options(args)
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
@@ -396,70 +551,122 @@ def _segment(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot create the output folder {args.out}: {_describe(error)}") from error
     if not out_dir.is_dir():
         raise UsageError(f"--out {args.out} is not a folder")
+    output = _OutputFolder(out_dir)
+    try:
+        output.probe()
+    except OSError as error:
+        raise UsageError(f"--out {args.out}: cannot write in this folder ({_describe(error)}); choose another "
+                         "--out or make it writable") from error
 
     random_weights = args.checkpoint is None
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
               "run is meaningless and is marked as made with random weights", file=sys.stderr)
-    checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
     info = (lambda message: None) if args.quiet else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
-
-    start = time.perf_counter()
-    model, impl = _build_model(args, spec, dtype, device, checkpoint_state)
-    del checkpoint_state
-    info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
-    class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
-    info(f"vocabulary: {len(class_names)} classes ({time.perf_counter() - start:.1f} s)")
 
     from . import __version__
     summary: Dict[str, object] = {
+        "status": "running",
+        "exit_code": None,
+        "run_id": uuid.uuid4().hex,
+        "started_at": _now(),
+        "finished_at": None,
         "sed_fast_version": __version__,
-        "random_weights": bool(getattr(model, "random_weights", random_weights)),
+        "random_weights": random_weights,
         "checkpoint": None if random_weights else str(Path(os.path.expanduser(args.checkpoint)).resolve()),
         "variant": spec.name,
-        "impl": impl,
+        "impl": None,
         "impl_requested": args.impl or "fast (default)",
         "dtype": _DTYPES[args.dtype],
-        "device": str(model.device),
+        "device": None,
         "cer_topk": args.cer_topk,
         "clip_resolution": args.resolution,
         "official_resolution": args.resolution == 768,
         "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
+        "num_inputs": len(inputs),
         "images": [],
     }
     records: List[dict] = summary["images"]  # type: ignore[assignment]
 
-    progress = _progress(inputs, disable=args.quiet or len(inputs) <= 1)
-    for item in progress:
-        record = {"input": str(item.path), "status": "ok"}
-        records.append(record)
-        if item.missing is not None:
-            record.update(status="error", error=item.missing)
-            _report_failure(progress, item, item.missing)
-            continue
+    timing = {"last": 0.0, "cost": 0.0}
+
+    def save_summary(force: bool = True, **changes) -> Path:
+        summary.update(changes)
+        failed = [r for r in records if r["status"] != "ok"]
+        summary.update(num_images=len(records), num_ok=len(records) - len(failed), num_failed=len(failed))
+        path = out_dir / "summary.json"
+        # After an image: a write that takes over 10 ms (a summary of thousands of images) is skipped
+        # while the previous one is recent relative to its cost: rewriting stays under ~5% of the run.
+        if not force and timing["cost"] > 0.01 and time.perf_counter() - timing["last"] < 20 * timing["cost"]:
+            return path
+        with signals.deferred():
+            start = time.perf_counter()
+            output.write_json("summary.json", summary)
+            timing["last"], timing["cost"] = time.perf_counter(), time.perf_counter() - start
+        return path
+
+    summary_path = save_summary()  # replaces a previous run's summary before any work
+    try:
+        checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
+        start = time.perf_counter()
+        model, impl = _build_model(args, spec, dtype, device, checkpoint_state)
+        del checkpoint_state
+        info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
+             f"{time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
         try:
-            record.update(_segment_one(model, item, class_names, out_dir, args, random_weights))
-        except KeyboardInterrupt:
-            raise
-        except Exception as error:  # noqa: BLE001 - report this image, go on with the others
-            message = _describe(error)
-            if type(error).__name__ in ("UnidentifiedImageError",) or isinstance(error, SyntaxError):
-                message = f"cannot decode the image: {message}"
-            record.update(status="error", error=message, error_type=type(error).__name__)
-            _report_failure(progress, item, message)
-            if args.debug:
-                traceback.print_exc()
-            _free_device_memory(error)
+            class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
+        except ValueError as error:  # e.g. names the tokenizer makes identical
+            raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
+        info(f"vocabulary: {len(class_names)} classes ({time.perf_counter() - start:.1f} s)")
+        random_weights = bool(getattr(model, "random_weights", random_weights))
+        save_summary(impl=impl, device=str(model.device), random_weights=random_weights)
+
+        progress = _progress(inputs, disable=args.quiet or len(inputs) <= 1)
+        for item in progress:
+            record = {"input": str(item.path), "status": "ok"}
+            if item.missing is not None:
+                record.update(status="error", error=item.missing)
+                records.append(record)
+                save_summary(force=False)
+                _report_failure(progress, item, item.missing)
+                continue
+            try:
+                result = _segment_one(model, item, class_names, args, random_weights)
+                with signals.deferred():  # this image's files and the summary, whole
+                    record.update(_write_outputs(output, item, result, args, random_weights))
+                    records.append(record)
+                    save_summary(force=False)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - report this image, go on with the others
+                message = _describe(error)
+                if type(error).__name__ in ("UnidentifiedImageError",) or isinstance(error, SyntaxError):
+                    message = f"cannot decode the image: {message}"
+                record.update(status="error", error=message, error_type=type(error).__name__)
+                if not any(r is record for r in records):  # not when only the summary write failed
+                    records.append(record)
+                save_summary(force=False)
+                _report_failure(progress, item, message)
+                if args.debug:
+                    traceback.print_exc()
+                _free_device_memory(error)
+    except KeyboardInterrupt as error:
+        code = getattr(error, "exit_code", EXIT_SIGINT)
+        save_summary(status="interrupted", exit_code=code, signal=_signal_name(code - 128), finished_at=_now(),
+                     num_not_processed=len(inputs) - len(records))
+        raise
+    except UsageError as error:
+        save_summary(status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
+        raise
+    except Exception as error:
+        save_summary(status="failed", exit_code=EXIT_FAILED, error=f"{type(error).__name__}: {_describe(error)}",
+                     finished_at=_now())
+        raise
 
     failed = [r for r in records if r["status"] != "ok"]
-    summary["num_images"] = len(records)
-    summary["num_ok"] = len(records) - len(failed)
-    summary["num_failed"] = len(failed)
-    summary_path = out_dir / "summary.json"
-    with open(summary_path, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    code = EXIT_FAILED if failed else EXIT_OK
+    save_summary(status="complete", exit_code=code, finished_at=_now())
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
@@ -468,14 +675,20 @@ def _segment(args: argparse.Namespace) -> int:
     info(f"{summary['num_ok']} of {len(records)} image(s) segmented; outputs in {out_dir}")
     if random_weights:
         print(f"{_PROG}: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    return code
 
 
-def _segment_one(model, item: _Input, class_names: List[str], out_dir: Path, args, random_weights: bool) -> dict:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _segment_one(model, item: _Input, class_names: List[str], args, random_weights: bool) -> dict:
+    """Segment one image; returns what its outputs are made of (nothing is written here)."""
     import numpy as np
     import torch
 
     from .visualize import class_areas, label_image, render_overlay
+    from .vocabulary import display_name
 
     start = time.perf_counter()
     image = load_image(item.path)
@@ -484,36 +697,46 @@ def _segment_one(model, item: _Input, class_names: List[str], out_dir: Path, arg
     scores = model(pixels)  # (1, T, H, W) in [0, 1]
     labels = label_image(scores)
     height, width = labels.shape
-    outputs = {}
-
-    labels_path = out_dir / f"{item.stem}_labels.png"
-    from PIL import Image
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
-    Image.fromarray(labels.astype(label_dtype)).save(labels_path)
-    outputs["labels"] = labels_path.name
-
-    overlay_path = out_dir / f"{item.stem}_overlay.png"
-    render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights).save(overlay_path)
-    outputs["overlay"] = overlay_path.name
-
-    if args.save_scores:
-        scores_path = out_dir / f"{item.stem}_scores.npy"
-        np.save(scores_path, scores[0].to(torch.float16).cpu().numpy())
-        outputs["scores"] = scores_path.name
+    result = {
+        "labels": labels.astype(label_dtype),
+        "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
+        "scores": scores[0].to(torch.float16).cpu().numpy() if args.save_scores else None,
+    }
     del scores
-
-    from .vocabulary import display_name
     areas = class_areas(labels, len(class_names))
     total = max(int(areas.sum()), 1)
     present = sorted((int(i) for i in np.flatnonzero(areas)), key=lambda i: (-int(areas[i]), i))
-    return {
-        "outputs": outputs,
+    result["record"] = {
         "height": height,
         "width": width,
         "seconds": round(time.perf_counter() - start, 3),
         "classes": [{"index": i, "name": class_names[i], "display_name": display_name(class_names[i]),
                      "share": round(float(areas[i]) / total, 6)} for i in present],
     }
+    return result
+
+
+def _write_outputs(output: _OutputFolder, item: _Input, result: dict, args, random_weights: bool) -> dict:
+    """Write one image's files (each atomically); returns its summary record."""
+    import numpy as np
+    from PIL import Image
+
+    from .visualize import png_info
+
+    outputs = {}
+    name = f"{item.stem}_labels.png"
+    output.write(name, lambda handle: Image.fromarray(result["labels"]).save(
+        handle, format="PNG", pnginfo=png_info(random_weights)))
+    outputs["labels"] = name
+    name = f"{item.stem}_overlay.png"
+    output.write(name, lambda handle: result["overlay"].save(handle, format="PNG", pnginfo=png_info(random_weights)))
+    outputs["overlay"] = name
+    if result["scores"] is not None:
+        name = f"{item.stem}_scores.npy"
+        output.write(name, lambda handle: np.save(handle, result["scores"]))
+        outputs["scores"] = name
+    return {"outputs": outputs, **result["record"]}
 
 
 def _free_device_memory(error: BaseException) -> None:

@@ -19,15 +19,33 @@ What makes it fast (the official loop runs one 77-token forward per class: ~10 s
    L tokens give ``encode_text`` of the padded 77-token input (to float32 rounding, ~1e-7);
 3. results are cached on disk per (text-tower weights, names, templates, tokenizer) key.
 
-Environment: ``SED_FAST_CACHE_DIR`` (cache root; the text cache is its ``text/`` sub-folder, default
-``~/.cache/sed_fast/text``), ``SED_FAST_TEXT_CACHE=0`` (disable the cache).
+The cache: one ``<key>.pt`` file per vocabulary, holding the embeddings and the sha256 of their bytes,
+checked on every load (a file that fails the check, or cannot be parsed, is reported as corrupt,
+recomputed and overwritten; one that cannot be read at all, e.g. permission denied, is reported as
+unreadable and recomputed). Files are written to a temporary file in the cache folder and renamed into
+place, so an interrupted write never leaves a partial entry. After each write the least recently used
+entries (by modification time; a cache hit touches its file) are deleted until the cache holds at most
+``SED_FAST_TEXT_CACHE_MB`` megabytes; the entry just written is always kept.
+
+Before encoding, names the tokenizer makes identical (it lower-cases and cleans whitespace: ``"cat"``,
+``"Cat"``, ``" cat"``; or two long names equal in their first ``context_length`` tokens) are refused as
+duplicates (they would give identical output channels), and prompts cut at the context length are
+reported with a warning.
+
+Environment (see :mod:`sed_fast.envvars`): ``SED_FAST_CACHE_DIR`` (cache root; the text cache is its
+``text/`` sub-folder, default ``~/.cache/sed_fast/text``), ``SED_FAST_TEXT_CACHE`` (``0/false/no/off``
+disables the cache; default on), ``SED_FAST_TEXT_CACHE_MB`` (size cap in megabytes, a number, default
+2048; 0 keeps only the entry just written).
 """
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -37,8 +55,11 @@ from torch import nn
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
+from .envvars import cache_root, env_flag, env_number
+
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
-           "default_cache_dir", "cache_enabled"]
+           "default_cache_dir", "cache_enabled", "cache_limit_bytes", "check_tokenized_duplicates",
+           "TruncatedPromptWarning"]
 
 #: The 80 OpenAI ImageNet prompt templates as ``str.format`` strings (``"a bad photo of a {}."``), in the
 #: order of ``open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES`` (identical to the official SED list;
@@ -47,7 +68,9 @@ PROMPT_TEMPLATES: Tuple[str, ...] = tuple(template("{}") for template in _OPENAI
 
 Template = Union[str, Callable[[str], str]]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: entries carry the sha256 of the embeddings' bytes
+_DEFAULT_CACHE_MB = 2048
+_PROGRESS_SECONDS = 10.0  # interval of the progress lines written when no progress bar is shown
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
                     "attn_mask")
 _DEFAULT_BATCH_SIZE = 512
@@ -213,16 +236,21 @@ def encode_tokens(clip_model: nn.Module, tokens: torch.Tensor, *, trim_context: 
 # cache
 # ----------------------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """The text-embedding cache folder: ``$SED_FAST_CACHE_DIR/text``, else ``~/.cache/sed_fast/text``."""
-    root = os.environ.get("SED_FAST_CACHE_DIR")
-    return Path(root).expanduser() / "text" if root else Path.home() / ".cache" / "sed_fast" / "text"
+    """The text-embedding cache folder: ``text/`` under :func:`sed_fast.envvars.cache_root`
+    (``$SED_FAST_CACHE_DIR/text``, else ``~/.cache/sed_fast/text``)."""
+    return cache_root() / "text"
 
 
 def cache_enabled(cache: Optional[bool] = True) -> bool:
-    """Whether the text cache is used: not when ``cache`` is False or ``SED_FAST_TEXT_CACHE`` is 0/false/no/off."""
-    if cache is False:
-        return False
-    return os.environ.get("SED_FAST_TEXT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """Whether the text cache is used: not when ``cache`` is False or ``SED_FAST_TEXT_CACHE`` is off
+    (``0/false/no/off``; a value that is not a boolean word raises ``ValueError``)."""
+    enabled = env_flag("SED_FAST_TEXT_CACHE", True)
+    return enabled and cache is not False
+
+
+def cache_limit_bytes() -> int:
+    """The text cache's size cap: ``SED_FAST_TEXT_CACHE_MB`` (a number, default 2048) megabytes, in bytes."""
+    return int(env_number("SED_FAST_TEXT_CACHE_MB", _DEFAULT_CACHE_MB, minimum=0) * (1 << 20))
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
@@ -276,43 +304,102 @@ def text_cache_key(clip_model: nn.Module, tokenizer, names: Sequence[str],
     return digest.hexdigest()
 
 
+def _payload_digest(embeddings: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{embeddings.dtype}|{tuple(embeddings.shape)}\n".encode())
+    _hash_tensor(digest, embeddings.contiguous())
+    return digest.hexdigest()
+
+
 def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, int]) -> Optional[torch.Tensor]:
-    if not path.exists():
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # permission denied, I/O error: the file may be fine, we cannot tell
+        warnings.warn(f"text-embedding cache file {path} is unreadable ({type(error).__name__}: "
+                      f"{error.strerror or error}); recomputing the embeddings", RuntimeWarning, stacklevel=3)
         return None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < _FORMAT_VERSION:
+            return None  # written by an older version (no checksum): recomputed and replaced, silently
         embeddings = data["embeddings"]
         valid = (data.get("format") == _FORMAT_VERSION and data.get("key") == key
                  and list(data.get("names", ())) == list(names) and isinstance(embeddings, torch.Tensor)
                  and embeddings.dtype == torch.float32 and embeddings.ndim == 3
-                 and tuple(embeddings.shape[:2]) == shape and bool(torch.isfinite(embeddings).all()))
+                 and tuple(embeddings.shape[:2]) == shape)
         if not valid:
             raise ValueError("contents do not match the key")
-        return embeddings
-    except Exception as error:  # noqa: BLE001 - any unreadable cache file is recomputed
+        if data.get("sha256") != _payload_digest(embeddings):
+            raise ValueError("the embeddings' checksum does not match (the file was modified or damaged)")
+    except Exception as error:  # noqa: BLE001 - any unparsable or failing file is recomputed
         warnings.warn(f"ignoring corrupt text-embedding cache file {path} ({type(error).__name__}: {error}); "
                       "recomputing it", RuntimeWarning, stacklevel=3)
         return None
+    try:
+        os.utime(path)  # a hit makes the entry recently used (eviction is by modification time)
+    except OSError:
+        pass
+    return embeddings
 
 
-def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor) -> None:
+def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int) -> None:
     tmp = None
+    embeddings = embeddings.detach().cpu().contiguous()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             torch.save({"format": _FORMAT_VERSION, "key": key, "names": list(names),
-                        "embeddings": embeddings.detach().cpu().contiguous()}, handle)
+                        "sha256": _payload_digest(embeddings), "embeddings": embeddings}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
     except OSError as error:
         warnings.warn(f"could not write the text-embedding cache {path}: {error}", RuntimeWarning, stacklevel=3)
+        return
     finally:
         if tmp is not None:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+    _evict(path.parent, keep=path, limit=limit)
+
+
+def _evict(folder: Path, keep: Path, limit: int) -> None:
+    """Delete the least recently used ``*.pt`` entries of ``folder`` (oldest modification time
+    first) until the rest fit in ``limit`` bytes; ``keep`` (the entry just written) stays. Temporary
+    files over an hour old (left by a killed process) are deleted too."""
+    entries = []
+    stale = time.time() - 3600
+    try:
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(entry.path)
+            elif entry.name.endswith(".pt") and entry.is_file(follow_symlinks=False):
+                stat = entry.stat(follow_symlinks=False)
+                entries.append((stat.st_mtime, entry.name, stat.st_size))
+    except OSError:
+        return
+    total = sum(size for _, _, size in entries)
+    for _, name, size in sorted(entries):
+        if total <= limit:
+            break
+        if name == keep.name:
+            continue
+        try:
+            os.unlink(folder / name)
+            total -= size
+        except FileNotFoundError:
+            total -= size
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,9 +417,94 @@ def _progress_bar(progress: Optional[bool], batches: int, total: int):
     return tqdm(total=total, unit="prompt", desc="text embeddings", file=sys.stderr, leave=False)
 
 
+class _ProgressLog:
+    """Progress as plain lines on stderr (for logs and pipes, where no bar is shown): one line at
+    the start of a long job, then one every ``_PROGRESS_SECONDS`` and one at the end if any was written."""
+
+    def __init__(self, enabled: bool, total: int, classes: int, announce: bool):
+        self.enabled, self.total, self.done = enabled, total, 0
+        self.start = self.last = time.perf_counter()
+        self.wrote = False
+        if enabled and announce:
+            self._write(f"text embeddings: encoding {total} prompts of {classes} classes")
+
+    def _write(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+        self.wrote = True
+
+    def update(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= _PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            self._write(f"text embeddings: {self.done}/{self.total} prompts, {now - self.start:.0f} s")
+
+    def close(self) -> None:
+        if self.enabled and self.wrote:
+            self._write(f"text embeddings: {self.done}/{self.total} prompts, done in "
+                        f"{time.perf_counter() - self.start:.0f} s")
+
+
 def _tokenize(tokenizer, prompts: List[str], chunk: int = 8192) -> torch.Tensor:
     pieces = [torch.as_tensor(tokenizer(prompts[start:start + chunk])) for start in range(0, len(prompts), chunk)]
     return torch.cat(pieces).long()
+
+
+class TruncatedPromptWarning(UserWarning):
+    """A prompt is longer than the tokenizer's context: its end is cut off before embedding."""
+
+
+def _class_rows(names: Sequence[str], templates: Sequence[Template]):
+    """(per class: (indices into the distinct prompts, synonyms), the distinct prompts)."""
+    per_class: List[Tuple[List[int], int]] = []
+    unique: Dict[str, int] = {}
+    for name in names:
+        prompts, synonyms = class_prompts(name, templates)
+        per_class.append(([unique.setdefault(prompt, len(unique)) for prompt in prompts], synonyms))
+    return per_class, list(unique)
+
+
+def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str], tokens: torch.Tensor) -> None:
+    """Refuse classes whose prompts all tokenize identically; warn about prompts cut at the context."""
+    groups: Dict[bytes, List[int]] = {}
+    for index, (rows, synonyms) in enumerate(per_class):
+        signature = tokens[torch.as_tensor(rows)].numpy().tobytes() + synonyms.to_bytes(4, "little")
+        groups.setdefault(signature, []).append(index)
+    same = [indices for indices in groups.values() if len(indices) > 1]
+    if same:
+        detail = "; ".join(" = ".join(f"{names[i]!r} (index {i})" for i in indices) for indices in same[:5])
+        more = f"; ... and {len(same) - 5} more groups" if len(same) > 5 else ""
+        raise ValueError(
+            f"class names that the tokenizer makes identical: {detail}{more}. The tokenizer lower-cases, "
+            f"cleans whitespace and keeps only the first {tokens.shape[1]} tokens of a prompt, so these "
+            "would give identical output channels: remove or reword the duplicates")
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is None:  # not open_clip's tokenizer: no reliable way to see truncation
+        return
+    full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
+    encode = getattr(tokenizer, "encode", None)
+    if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
+        try:
+            full = [row for row in full if len(encode(prompts[row])) + 2 > tokens.shape[1]]
+        except Exception:  # noqa: BLE001 - keep the conservative list
+            pass
+    if full:
+        classes = sorted({i for i, (rows, _) in enumerate(per_class) if set(rows) & set(full)})
+        shown = ", ".join(f"{names[i]!r} (index {i})" for i in classes[:5])
+        more = f" ... and {len(classes) - 5} more" if len(classes) > 5 else ""
+        warnings.warn(f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
+                      f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
+                      "Shorten those class names", TruncatedPromptWarning, stacklevel=3)
+
+
+def check_tokenized_duplicates(tokenizer, names: Sequence[str],
+                               templates: Sequence[Template] = PROMPT_TEMPLATES) -> None:
+    """Raise ``ValueError`` for class names whose prompts the tokenizer makes identical (``"cat"``,
+    ``"Cat"``, ``" cat"``; names equal in their first context-length tokens), naming them and their
+    indices; warn (:class:`TruncatedPromptWarning`) about prompts cut at the context length."""
+    names = list(names)
+    per_class, prompts = _class_rows(names, tuple(templates))
+    _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
 
 
 def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
@@ -357,7 +529,11 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
         cache: use the on-disk cache (also disabled by ``SED_FAST_TEXT_CACHE=0``); None means True.
         cache_dir: cache folder; default :func:`default_cache_dir`. Files are ``<key>.pt`` with
             ``key = text_cache_key(...)``; a corrupt file is recomputed and overwritten with a warning.
-        progress: None shows a tqdm bar on a terminal for more than 3 batches; True/False force it.
+        progress: None shows a tqdm bar on a terminal for more than 3 batches, and elsewhere (logs,
+            pipes) writes a progress line to stderr every 10 s; True forces the bar; False silences both.
+
+    Raises ``ValueError`` for names the tokenizer makes identical (see :func:`check_tokenized_duplicates`)
+    and warns (:class:`TruncatedPromptWarning`) about prompts cut at the context length.
     """
     names = list(names)
     templates = tuple(templates)
@@ -375,6 +551,7 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
 
     path = key = None
     if cache_enabled(cache):
+        limit = cache_limit_bytes()  # read first: a bad value fails before the work, not after
         key = text_cache_key(clip_model, tokenizer, names, templates)
         path = Path(cache_dir).expanduser() / f"{key}.pt" if cache_dir is not None else \
             default_cache_dir() / f"{key}.pt"
@@ -383,16 +560,13 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
             return cached.to(device)
 
     # All prompts, each distinct string encoded once.
-    per_class: List[Tuple[List[int], int]] = []
-    unique: Dict[str, int] = {}
-    for name in names:
-        prompts, synonyms = class_prompts(name, templates)
-        per_class.append(([unique.setdefault(prompt, len(unique)) for prompt in prompts], synonyms))
-    prompts = list(unique)
+    per_class, prompts = _class_rows(names, templates)
+    tokens = _tokenize(tokenizer, prompts)
+    _check_tokens(tokenizer, names, per_class, prompts, tokens)
     batches = (len(prompts) + batch_size - 1) // batch_size
     bar = _progress_bar(progress, batches, len(prompts))
+    log = _ProgressLog(bar is None and progress is not False, len(prompts), len(names), announce=batches > 3)
     try:
-        tokens = _tokenize(tokenizer, prompts)
         order = torch.argsort(tower.pool_index(tokens), stable=True)  # similar lengths share a batch
         embeddings = None
         with torch.no_grad():
@@ -405,9 +579,11 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
                 embeddings[rows.to(out.device)] = out
                 if bar is not None:
                     bar.update(len(rows))
+                log.update(len(rows))
     finally:
         if bar is not None:
             bar.close()
+    log.close()
 
     with torch.no_grad():
         result = torch.empty(len(names), len(templates), embeddings.shape[-1], dtype=torch.float32,
@@ -419,5 +595,5 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
                 class_embeddings = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
             result[index] = class_embeddings
     if path is not None:
-        _save_cached(path, key, names, result)
+        _save_cached(path, key, names, result, limit)
     return result.to(device)

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 Colour = Tuple[int, int, int]
 
 __all__ = ["palette", "class_colour", "label_image", "class_areas", "colorize", "overlay",
-           "draw_legend", "legend_entries", "render_overlay", "draw_banner"]
+           "draw_legend", "legend_entries", "render_overlay", "draw_banner", "png_info", "PNG_MARKER_KEY",
+           "RANDOM_WEIGHTS_MARKER"]
 
 _LEGEND_BACKGROUND = (255, 255, 255)
 _LEGEND_TEXT = (0, 0, 0)
@@ -231,6 +232,26 @@ def draw_banner(width: int, texts: Sequence[str], font_size: int = 12) -> Image.
 
 RANDOM_WEIGHTS_BANNER = ("RANDOM WEIGHTS (no checkpoint): this segmentation is meaningless",
                          "RANDOM WEIGHTS: meaningless output", "RANDOM WEIGHTS", "RANDOM")
+
+
+#: The PNG text chunk that marks every PNG of a random-weights run: ``{PNG_MARKER_KEY: RANDOM_WEIGHTS_MARKER}``
+#: (read it back with ``Image.open(path).text``).
+PNG_MARKER_KEY = "sed_fast"
+RANDOM_WEIGHTS_MARKER = "random_weights"
+_RANDOM_WEIGHTS_NOTE = "made with RANDOM WEIGHTS (no checkpoint): this output is meaningless"
+
+
+def png_info(random_weights: bool):
+    """The ``pnginfo`` to save a PNG with: the random-weights text chunks when ``random_weights``
+    (``sed_fast=random_weights`` and a ``Comment``), else None."""
+    if not random_weights:
+        return None
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_MARKER_KEY, RANDOM_WEIGHTS_MARKER)
+    info.add_text("Comment", _RANDOM_WEIGHTS_NOTE)
+    return info
 
 
 def render_overlay(image, labels: np.ndarray, class_names: Sequence[str], *, alpha: float = 0.5,

@@ -57,8 +57,11 @@ def validate_names(names, source: str = "vocabulary") -> List[str]:
     """Check a list of class names; returns a new list. Errors start with ``"<source>: "``.
 
     ``TypeError``: ``names`` is not a list/tuple, or a name is not a string. ``ValueError``: no
-    names, an empty or whitespace-only name, a synonym list with an empty synonym (``"dog, "``),
-    duplicate names (all listed with their indices).
+    names, an empty or whitespace-only name, a name that is not encodable as UTF-8 (a lone surrogate
+    such as ``"\\ud800"``, e.g. from a mis-decoded file name), a synonym list with an empty synonym
+    (``"dog, "``), duplicate names (all listed with their indices). Names that differ only in what
+    the tokenizer normalises away (``"cat"`` / ``"Cat"``) are caught when the text embeddings are
+    computed (:func:`sed_fast.text.check_tokenized_duplicates`).
     """
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
         raise TypeError(f"{source}: expected a list of class names, got {type(names).__name__}")
@@ -70,6 +73,12 @@ def validate_names(names, source: str = "vocabulary") -> List[str]:
             raise TypeError(f"{source}: class name at index {i} is not a string: {name!r} ({type(name).__name__})")
         if not name.strip():
             raise ValueError(f"{source}: class name at index {i} is empty or whitespace-only: {name!r}")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{source}: class name at index {i} is not valid Unicode text: {name!r} has "
+                             f"{error.reason} at character {error.start} (a lone surrogate, e.g. from a "
+                             "mis-decoded file): fix the name") from None
         if ", " in name and any(not s.strip() for s in name.split(", ")):
             raise ValueError(f"{source}: class name at index {i} is a synonym list with an empty synonym: {name!r} "
                              "(synonyms are separated by ', ')")

@@ -123,3 +123,132 @@ def test_detectron2_round_trip_gives_the_same_model(tmp_path):
         expected, _ = source.decoder(dense, text, stages)
         assert torch.equal(loaded.decoder(dense, text, stages)[0], expected)
         assert torch.equal(loaded_bare.decoder(dense, text, stages)[0], expected)
+
+
+# -- fault handling ----------------------------------------------------------------------------
+@pytest.mark.parametrize("raw", ["no", "false", "off", "False", "0", ""])
+def test_trust_off_words_keep_the_safe_loader(tmp_path, monkeypatch, raw):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"a": torch.zeros(1)}, "extra": _NotATensor()}, path)
+    monkeypatch.setenv("SED_FAST_TRUST_CHECKPOINTS", raw)
+    with pytest.raises(CheckpointError, match="SED_FAST_TRUST_CHECKPOINTS"):
+        read_state_dict(path)
+
+
+def test_trust_typo_is_an_error(tmp_path, monkeypatch):
+    path = tmp_path / "plain.pth"
+    torch.save({"model": {"a": torch.zeros(1)}}, path)
+    monkeypatch.setenv("SED_FAST_TRUST_CHECKPOINTS", "maybe")
+    with pytest.raises(ValueError, match="SED_FAST_TRUST_CHECKPOINTS"):
+        read_state_dict(path)
+
+
+def test_untrusted_pickle_error_names_the_classes(tmp_path, monkeypatch):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"a": torch.zeros(1)}, "extra": _NotATensor()}, path)
+    monkeypatch.delenv("SED_FAST_TRUST_CHECKPOINTS", raising=False)
+    with pytest.raises(CheckpointError, match="_NotATensor"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "flipped"])
+def test_damaged_file_does_not_suggest_trusting_it(tmp_path, monkeypatch, damage):
+    monkeypatch.delenv("SED_FAST_TRUST_CHECKPOINTS", raising=False)
+    path = tmp_path / "whole.pth"
+    torch.save({"model": {"a": torch.randn(1000)}}, path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytearray(b"\x80\x04not a checkpoint at all" * 10)
+    else:  # bytes inside the pickle changed: the zip CRC no longer matches
+        start = data.find(b"data.pkl") + 60
+        data[start:start + 8] = b"\xff" * 8
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(bad)
+    message = str(info.value)
+    assert "could not read checkpoint" in message and "truncated or corrupt" in message
+    assert "SED_FAST_TRUST_CHECKPOINTS" not in message and "weights_only" not in message
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+
+
+def _copy_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_non_finite_tensors_are_refused(small_model):
+    state = _copy_state(small_model)
+    keys = list(state)
+    state[keys[3]].view(-1)[:2] = float("nan")
+    state[keys[10]].view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(small_model, state)
+    message = str(info.value)
+    assert "non-finite" in message and "2 tensor(s)" in message
+    assert f"{keys[3]} (2 of" in message and "2 NaN" in message and keys[10] in message and "1 inf" in message
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_tensors_are_refused(small_model, dtype):
+    state = _copy_state(small_model)
+    key = list(state)[5]
+    state[key] = torch.zeros(state[key].shape, dtype=dtype)
+    with pytest.raises(CheckpointError, match="not floating point") as info:
+        load_checkpoint(small_model, state)
+    assert key in str(info.value) and str(dtype).replace("torch.", "") in str(info.value)
+
+
+def test_other_float_dtype_is_loaded_with_a_warning(small_model):
+    from sed_fast.checkpoint import CheckpointDtypeWarning
+
+    original = _copy_state(small_model)
+    state = {k: v.to(torch.bfloat16) for k, v in original.items()}
+    try:
+        with pytest.warns(CheckpointDtypeWarning, match="608 tensor.s. bfloat16 in the file vs float32 in the model"):
+            load_checkpoint(small_model, state)
+        key = "sem_seg_head.predictor.transformer.head.weight"
+        assert small_model.state_dict()[key].dtype == torch.float32
+        assert torch.equal(small_model.state_dict()[key], state[key].float())
+    finally:
+        small_model.load_state_dict(original)
+
+
+def test_variant_mismatch_says_which_variant_to_use():
+    model = sed_fast.build_sed("b", device="meta")
+    with pytest.raises(CheckpointError) as info:
+        check_state_dict(model, _meta_state("sed-l"))
+    assert str(info.value).rstrip().endswith("use --variant l (build_sed('l', ...)).")
+    model_l = sed_fast.build_sed("l", device="meta")
+    with pytest.raises(CheckpointError) as info:
+        check_state_dict(model_l, _meta_state("sed-b"))
+    assert "use --variant b (build_sed('b', ...))" in str(info.value)
+
+
+def test_loading_recomputes_the_text_embeddings(small_model):
+    from sed_fast.models.encoder import create_tokenizer
+    from sed_fast.text import encode_vocabulary
+
+    original = _copy_state(small_model)
+    try:
+        small_model.set_vocabulary(["cat", "dog"], progress=False)
+        before = small_model.text_embeddings.clone()
+        state = _copy_state(small_model)
+        key = "sem_seg_head.predictor.clip_model.token_embedding.weight"
+        torch.manual_seed(3)
+        state[key] = state[key] + 0.5 * torch.randn_like(state[key])
+        load_checkpoint(small_model, state)
+        assert small_model.class_names == ["cat", "dog"]
+        assert not torch.allclose(small_model.text_embeddings, before)
+        expected = encode_vocabulary(small_model.clip_model, create_tokenizer(small_model.spec), ["cat", "dog"],
+                                     cache=False, progress=False)
+        assert torch.equal(small_model.text_embeddings, expected)
+    finally:
+        small_model.load_state_dict(original)
+        small_model.class_names, small_model.text_embeddings = [], None

@@ -355,3 +355,153 @@ def test_render_overlay_display_names():
     labels[:, 30:] = 1
     image = render_overlay(random_rgb(), labels, ["wall, brick wall", "sky"], banner=False)
     assert image.height >= 40 and image.width > 56
+
+
+# -- markers, summary life cycle, output names -------------------------------------------------
+def test_every_png_of_a_random_weights_run_is_marked(good_run):
+    from sed_fast.visualize import PNG_MARKER_KEY, RANDOM_WEIGHTS_MARKER
+
+    pngs = sorted(good_run.out.glob("*.png"))
+    assert len(pngs) == 8
+    for path in pngs:
+        with Image.open(path) as image:
+            image.load()
+            assert image.text.get(PNG_MARKER_KEY) == RANDOM_WEIGHTS_MARKER, path.name
+            assert "RANDOM WEIGHTS" in image.text.get("Comment", "")
+
+
+def test_summary_says_complete_and_which_run(good_run):
+    s = good_run.summary
+    assert s["status"] == "complete" and s["exit_code"] == 0
+    assert len(s["run_id"]) == 32 and s["started_at"] <= s["finished_at"]
+    assert s["impl"] == "reference" and s["device"] == "cpu"
+
+
+def _fake_build(monkeypatch, model_factory=None):
+    import sed_fast.api
+
+    calls = []
+
+    def build(variant, **kwargs):
+        calls.append(variant)
+        return (model_factory or _FakeModel)()
+
+    monkeypatch.setattr(sed_fast.api, "build_sed", build)
+    return calls
+
+
+def test_reused_out_gets_a_new_summary_even_when_interrupted(tmp_path, monkeypatch, one_image):
+    _fake_build(monkeypatch)
+    out = tmp_path / "o"
+    code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", out])
+    assert code == 0, err
+    first = json.loads((out / "summary.json").read_text())
+
+    class Interrupting(_FakeModel):
+        def set_vocabulary(self, names, progress=None):
+            raise KeyboardInterrupt
+
+    _fake_build(monkeypatch, Interrupting)
+    code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", out])
+    assert code == 130 and "interrupted" in err
+    second = json.loads((out / "summary.json").read_text())
+    assert second["run_id"] != first["run_id"] and second["started_at"] >= first["started_at"]
+    assert second["status"] == "interrupted" and second["exit_code"] == 130 and second["signal"] == "SIGINT"
+    assert second["images"] == [] and second["num_not_processed"] == 1
+
+
+def test_fresh_out_interrupted_before_any_image_has_a_summary(tmp_path, monkeypatch, one_image):
+    import sed_fast.api
+
+    def build(variant, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sed_fast.api, "build_sed", build)
+    code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", tmp_path / "fresh"])
+    assert code == 130
+    summary = json.loads((tmp_path / "fresh" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["num_images"] == 0
+
+
+def test_failed_run_summary_says_failed(tmp_path, monkeypatch, one_image):
+    import sed_fast.api
+
+    def build(variant, **kwargs):
+        raise MemoryError("no memory left")
+
+    monkeypatch.setattr(sed_fast.api, "build_sed", build)
+    code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", tmp_path / "o"])
+    assert code == 1 and "MemoryError" in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 1 and "no memory left" in summary["error"]
+
+
+def test_long_input_names_get_short_unique_output_names(tmp_path, monkeypatch):
+    _fake_build(monkeypatch)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    stems = ["x" * 240 + "a", "x" * 240 + "b", "é" * 120]  # 241 and 240 characters (240 bytes of é: 2 each)
+    for i, stem in enumerate(stems):
+        Image.fromarray(random_rgb(seed=i)).save(folder / f"{stem}.png")
+    out = tmp_path / "o"
+    code, err = run_main(["segment", folder, *FAST_ARGS, "--save-scores", "--out", out])
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    names = [name for r in summary["images"] for name in r["outputs"].values()]
+    assert len(names) == 9 and len(set(names)) == 9
+    for name in names:
+        assert len(name.encode()) <= 130 and (out / name).is_file()
+    labels = [r["outputs"]["labels"] for r in summary["images"]]
+    assert labels[0].startswith("x" * 50) and labels[2].startswith("é" * 10)
+
+
+def test_bad_environment_variable_is_a_usage_error(tmp_path, monkeypatch, one_image):
+    calls = _fake_build(monkeypatch)
+    for name, value in (("SED_FAST_TRUST_CHECKPOINTS", "nope"), ("SED_FAST_TEXT_CACHE", "sometimes"),
+                        ("SED_FAST_TEXT_CACHE_MB", "big")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            code, err = run_main(["segment", one_image, *FAST_ARGS, "--out", tmp_path / "o"])
+        assert code == 2 and name in err and "Traceback" not in err
+    assert calls == [] and not (tmp_path / "o").exists()
+
+
+def test_vocabulary_refused_by_the_text_encoder_is_a_usage_error(tmp_path, monkeypatch, one_image):
+    from sed_fast.text import check_tokenized_duplicates
+
+    class Checking(_FakeModel):
+        def set_vocabulary(self, names, progress=None):  # the model's check, without its text tower
+            from sed_fast.models.encoder import create_tokenizer, variant_spec
+            check_tokenized_duplicates(create_tokenizer(variant_spec("b")), names, ["a photo of a {}."])
+            return super().set_vocabulary(names, progress)
+
+    import sed_fast.api
+    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: Checking())
+    argv = ["segment", one_image, "--vocab", "cat,dog,Cat", "--random-weights", "--device", "cpu", "--quiet",
+            "--out", tmp_path / "o"]
+    code, err = run_main(argv)
+    assert code == 2 and "tokenizer makes identical" in err and "'Cat' (index 2)" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 2
+
+
+def test_summary_is_rewritten_after_each_image(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    seen = []
+
+    class Watching(_FakeModel):
+        def __call__(self, images):
+            summary = json.loads((out / "summary.json").read_text())
+            seen.append((summary["status"], summary["num_images"], summary["impl"]))
+            return super().__call__(images)
+
+    import sed_fast.api
+    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: Watching())
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(random_rgb(seed=i)).save(folder / f"{i}.png")
+    code, err = run_main(["segment", folder, *FAST_ARGS, "--out", out])
+    assert code == 0, err
+    assert seen == [("running", 0, "reference"), ("running", 1, "reference"), ("running", 2, "reference")]
+    assert json.loads((out / "summary.json").read_text())["num_images"] == 3

@@ -1,5 +1,6 @@
 """Text embeddings: trimmed context == encode_text, official per-class loop, templates, on-disk cache."""
 import os
+import time
 import warnings
 
 import pytest
@@ -265,3 +266,158 @@ def test_callable_templates_and_progress(clip_model, tokenizer, capsys):
     if os.environ.get("TQDM_DISABLE") is None:
         pytest.importorskip("tqdm")
         assert "prompt" in capsys.readouterr().err
+
+
+# -- cache integrity, size cap, tokenizer checks, progress -------------------------------------
+def _overwrite_floats(path, value=2.0):
+    """Overwrite floats inside the stored embeddings with finite values (the file still parses)."""
+    data = bytearray(path.read_bytes())
+    stored = torch.load(path, weights_only=True)["embeddings"]
+    needle = stored.reshape(-1)[:4].numpy().tobytes()
+    start = data.find(needle)
+    assert start > 0
+    data[start:start + 8] = torch.full((2,), value).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_payload_is_detected_and_recomputed(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    templates = PROMPT_TEMPLATES[:3]
+    first = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    _overwrite_floats(path)
+    assert not torch.equal(torch.load(path, weights_only=True)["embeddings"], first)
+    counter = _Counter(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="corrupt.*checksum"):
+        again = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
+    assert counter.calls > 0 and torch.equal(again, first)
+    assert torch.equal(torch.load(path, weights_only=True)["embeddings"], first)  # overwritten
+
+
+def test_unreadable_cache_file_is_not_called_corrupt(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+    first = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    real_open = open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file) == str(path) and "r" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(text_mod, "open", failing_open, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("unreadable" in m and "Permission denied" in m for m in messages), messages
+    assert not any("corrupt" in m for m in messages), messages
+    assert torch.equal(again, first)
+
+
+def test_cache_writes_leave_no_temporary_files(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(text_mod.os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    encode_vocabulary(clip_model, tokenizer, ["cat"], templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    assert [str(b) for _, b in replaced] == [str(path)] and os.path.dirname(replaced[0][0]) == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_cache_size_cap_evicts_least_recently_used(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE_MB", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+
+    def run(names):
+        encode_vocabulary(clip_model, tokenizer, names, templates=templates, cache_dir=tmp_path, progress=False)
+        return {p.name for p in tmp_path.glob("*.pt")}
+
+    a = run(["cat"])
+    b = run(["dog"]) - a
+    size = max(p.stat().st_size for p in tmp_path.glob("*.pt"))
+    now = time.time()
+    os.utime(tmp_path / a.pop(), (now - 100, now - 100))
+    os.utime(tmp_path / next(iter(b)), (now - 50, now - 50))
+    (a_name,) = {p.name for p in tmp_path.glob("*.pt")} - b
+    counter = _Counter(monkeypatch)
+    run(["cat"])  # a hit: touches the file
+    assert counter.calls == 0
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", str(2.5 * size / 2 ** 20))
+    after = run(["grass"])
+    assert a_name in after and not (b & after) and len(after) == 2  # the least recently used (dog) went
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "0")
+    assert len(run(["sky"])) == 1  # only the entry just written stays
+
+
+def test_bad_cache_cap_fails_before_encoding(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "lots")
+    counter = _Counter(monkeypatch)
+    with pytest.raises(ValueError, match="SED_FAST_TEXT_CACHE_MB"):
+        encode_vocabulary(clip_model, tokenizer, ["cat"], templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path)
+    assert counter.calls == 0
+
+
+@pytest.mark.parametrize("names, same", [
+    (["cat", "dog", "Cat"], (0, 2)),
+    (["cat", " cat"], (0, 1)),
+    (["ca\x00t", "dog", "cat"], (0, 2)),
+    (["a " + "very " * 80 + "red cat", "a " + "very " * 80 + "blue cat"], (0, 1)),  # equal in 77 tokens
+])
+def test_names_the_tokenizer_makes_identical_are_duplicates(clip_model, tokenizer, names, same):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", text_mod.TruncatedPromptWarning)
+        with pytest.raises(ValueError, match="tokenizer makes identical") as info:
+            encode_vocabulary(clip_model, tokenizer, names, templates=PROMPT_TEMPLATES[:2], cache=False,
+                              progress=False)
+        with pytest.raises(ValueError, match="tokenizer makes identical"):
+            text_mod.check_tokenized_duplicates(tokenizer, names, PROMPT_TEMPLATES[:1])
+    message = str(info.value)
+    first, second = same
+    assert f"{names[first]!r} (index {first}) = {names[second]!r} (index {second})" in message
+
+
+def test_truncated_prompts_are_reported(clip_model, tokenizer):
+    long_name = "a " + "very " * 80 + "long name"
+    with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten"):
+        encode_vocabulary(clip_model, tokenizer, ["cat", long_name], templates=PROMPT_TEMPLATES[:2], cache=False,
+                          progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", text_mod.TruncatedPromptWarning)
+        encode_vocabulary(clip_model, tokenizer, ["cat", "a " + "very " * 60 + "long name"],
+                          templates=["{}"], cache=False, progress=False)  # 63 tokens: fits
+
+
+def test_progress_lines_without_a_terminal(clip_model, tokenizer, capsys, monkeypatch):
+    monkeypatch.setattr(text_mod, "_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(text_mod, "_progress_bar", lambda *args: None)  # as when stderr is not a terminal
+    encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=PROMPT_TEMPLATES[:8], cache=False,
+                      batch_size=4)
+    err = capsys.readouterr().err
+    assert "text embeddings: encoding 16 prompts of 2 classes" in err
+    assert "text embeddings: 4/16 prompts" in err and "16/16 prompts, done" in err
+    encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=PROMPT_TEMPLATES[:8], cache=False,
+                      batch_size=4, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+    first = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.pt")
+    data = torch.load(path, weights_only=True)
+    torch.save({"format": 1, "key": data["key"], "names": data["names"], "embeddings": data["embeddings"]}, path)
+    stale = tmp_path / ".0123456789abcdef.x.tmp"  # left by a killed writer
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    assert torch.equal(again, first)
+    assert torch.load(path, weights_only=True)["format"] == text_mod._FORMAT_VERSION
+    assert not stale.exists()

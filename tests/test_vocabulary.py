@@ -157,3 +157,11 @@ def test_validate_names_source_in_message():
 def test_long_comma_separated_list_is_not_taken_for_a_path():
     names = [f"class number {i}" for i in range(100)]
     assert parse_vocabulary_arg(",".join(names)) == names
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "cat\udcff", "\udfff dog"])
+def test_names_that_are_not_utf8_encodable_are_refused_with_their_index(bad):
+    with pytest.raises(ValueError, match=r"index 1 is not valid Unicode text"):
+        validate_names(["cat", bad])
+    with pytest.raises(ValueError, match=r"index 1"):
+        load_vocabulary(["sky", bad])

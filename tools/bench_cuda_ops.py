@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sed_fast.kernels import _backend, _cuda  # noqa: E402,F401 - registers the cuda backend
+from sed_fast.kernels import _cuda, dispatch  # noqa: E402,F401 - registers the cuda backend
 from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm  # noqa: E402
 from sed_fast.kernels.topk_union_reject import topk_union_reject  # noqa: E402
 
@@ -37,11 +37,11 @@ def bench(fn, warmup=25, rep=200) -> float:
 
 def with_backend(op, backend, fn):
     def run():
-        _backend.set_backend(op, backend)
+        dispatch.set_backend(op, backend)
         try:
             return fn()
         finally:
-            _backend.set_backend(op, None)
+            dispatch.set_backend(op, None)
     return run
 
 

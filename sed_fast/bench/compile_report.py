@@ -125,9 +125,9 @@ def compile_only(arch: int) -> Iterator[List[object]]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver, jit
 
-    from sed_fast.kernels import _backend
+    from sed_fast.kernels import dispatch
 
-    if _backend.triton_interpreter_mode():  # fixed at Triton's import, whatever the variable says now
+    if dispatch.triton_interpreter_mode():  # fixed at Triton's import, whatever the variable says now
         raise RuntimeError("compile_report needs Triton in compiled mode: run it in a process started "
                            "without TRITON_INTERPRET")
     compiled: List[object] = []

@@ -247,8 +247,8 @@ def _import_kernels():
 
 def _backend_names(op: str, device: torch.device) -> List[str]:
     try:
-        from sed_fast.kernels import _backend
-        return _backend.available_backends(op, device)
+        from sed_fast.kernels import dispatch
+        return dispatch.available_backends(op, device)
     except Exception:  # noqa: BLE001
         return []
 
@@ -256,8 +256,8 @@ def _backend_names(op: str, device: torch.device) -> List[str]:
 def _resolved_backend(op: str, device: torch.device, args: Optional[tuple]) -> Optional[str]:
     """The backend "auto" runs for these inputs (after the warm-up: the chooser's cached choice)."""
     try:
-        from sed_fast.kernels import _backend
-        return _backend.resolve_name(op, device, args=args)
+        from sed_fast.kernels import dispatch
+        return dispatch.resolve_name(op, device, args=args)
     except Exception:  # noqa: BLE001
         return None
 

@@ -1,7 +1,7 @@
 """The sed_fast ops: Triton kernels with plain PyTorch references, behind ``torch.library`` ops.
 
 Public functional API (each validates its inputs, then calls the ``sed_fast::<name>`` custom op,
-which runs the backend chosen by :mod:`._backend`):
+which runs the backend chosen by :mod:`.dispatch`):
 
 * :func:`cost_map` -- fused L2-normalised cosine cost map, written in conv1's layout;
 * :func:`dwconv_layernorm` -- ConvNeXt depthwise conv + channels-last LayerNorm;
@@ -13,16 +13,16 @@ which runs the backend chosen by :mod:`._backend`):
 for benchmarks (``bytes_moved``, ``flops``) live in the op modules, e.g.
 ``from sed_fast.kernels.cost_map import bytes_moved``.
 """
-from ._backend import cost_model, set_backend
+from .dispatch import cost_model, set_autotune, set_backend
 from .class_attention import class_attention, class_attention_reference
 from .cost_map import cost_map, cost_map_reference
 from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
 from .topk_union_reject import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
 from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_reference
-from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (lazy: never compiles at import)
+from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (it loads the extension on first use)
 
 __all__ = [
-    "set_backend", "cost_model",
+    "set_backend", "set_autotune", "cost_model",
     "cost_map", "cost_map_reference",
     "dwconv_layernorm", "dwconv_layernorm_reference",
     "class_attention", "class_attention_reference",

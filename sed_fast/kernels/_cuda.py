@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
-from . import _autotune_backend, _backend
+from . import dispatch
 
 logger = logging.getLogger("sed_fast.cuda")
 
@@ -232,14 +232,20 @@ def _warn_once() -> None:
         "(CUDA toolkit needed) or set SED_FAST_JIT_BUILD=1.", RuntimeWarning, stacklevel=3)
 
 
-def cuda_available(device: torch.device) -> bool:
-    """The ``available`` predicate of the "cuda" backend: a CUDA device and a loadable extension."""
-    if torch.device(device).type != "cuda":
-        return False
+def cuda_unavailable(device: torch.device) -> Optional[str]:
+    """Why the "cuda" backend cannot run on ``device`` (None when it can): it needs a CUDA device
+    and a loadable extension (loading it on first use, building it just in time if allowed)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the CUDA kernels need a CUDA tensor, not {device}"
     if load_extension():
-        return True
+        return None
     _warn_once()
-    return False
+    return f"the CUDA extension is not available ({_State.error})"
+
+
+def cuda_available(device: torch.device) -> bool:
+    return cuda_unavailable(device) is None
 
 
 # -- fake (meta) kernels ----------------------------------------------------------------------------
@@ -288,58 +294,52 @@ def topk_union_reject_cuda(aux_logits: torch.Tensor, k: int):
     return torch.ops.sed_fast_cuda.topk_union_reject(aux_logits, k)
 
 
-def dwconv_layernorm_supported(x, dw_weight, *args, **kwargs) -> bool:
-    """Shapes the CUDA kernel handles: K = 9, C in {32, 64, 128}, and the launch limits csrc/ops.cpp
-    checks (fewer than 2^31 8x8 tiles). Input that is not channels-last is copied to channels-last
-    first (the Triton kernel reads any strides in place); ``auto``'s timing includes that copy."""
-    if not (x.dim() == 4 and dw_weight.dim() == 4 and dw_weight.shape[-1] == 9 and dw_weight.shape[-2] == 9
-            and x.shape[1] in (32, 64, 128)):
-        return False
+def dwconv_layernorm_reasons(x, dw_weight, *args, **kwargs) -> List[str]:
+    """Why the CUDA kernel cannot take these inputs: it handles K = 9 and C in {32, 64, 128} within
+    the launch limits csrc/ops.cpp checks (fewer than 2^31 8x8 tiles). Input that is not
+    channels-last is copied to channels-last first (the Triton kernel reads any strides in place)."""
+    reasons = []
+    if x.dim() != 4 or dw_weight.dim() != 4:
+        return [f"x {tuple(x.shape)} and dw_weight {tuple(dw_weight.shape)} must be 4-D"]
+    if tuple(dw_weight.shape[-2:]) != (9, 9):
+        reasons.append(f"a {dw_weight.shape[-2]}x{dw_weight.shape[-1]} kernel (the CUDA kernel is 9x9 only)")
+    if x.shape[1] not in (32, 64, 128):
+        reasons.append(f"C = {x.shape[1]} channels (the CUDA kernel takes 32, 64 or 128)")
     batch, _, height, width = x.shape
-    return height * width < 2 ** 31 and batch * -(-height // 8) * -(-width // 8) < 2 ** 31
+    if height * width >= 2 ** 31 or batch * -(-height // 8) * -(-width // 8) >= 2 ** 31:
+        reasons.append("2^31 or more 8x8 tiles")
+    return reasons
 
 
-def topk_union_reject_supported(aux_logits, k, *args, **kwargs) -> bool:
+def topk_union_reject_reasons(aux_logits, k, *args, **kwargs) -> List[str]:
     """The launch limits csrc/ops.cpp checks: at most 65535 images, fewer than 2^31 (image, class) rows."""
-    return aux_logits.dim() == 4 and aux_logits.shape[0] <= 65535 and \
-        aux_logits.shape[0] * aux_logits.shape[1] < 2 ** 31
+    if aux_logits.dim() != 4:
+        return [f"aux_logits {tuple(aux_logits.shape)} must be 4-D"]
+    reasons = []
+    if aux_logits.shape[0] > 65535:
+        reasons.append(f"B = {aux_logits.shape[0]} images (at most 65535)")
+    if aux_logits.shape[0] * aux_logits.shape[1] >= 2 ** 31:
+        reasons.append("2^31 or more (image, class) rows")
+    return reasons
 
 
 def dwconv_layernorm_cuda(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
                           ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Depthwise KxK conv (padding K//2, bias) then LayerNorm over C: (N, C, H, W) -> (N, H, W, C)."""
-    if not dwconv_layernorm_supported(x, dw_weight):
-        raise ValueError(f"dwconv_layernorm (cuda backend): supports K = 9 and C in (32, 64, 128) (and fewer than "
-                         f"2^31 8x8 tiles), got x {tuple(x.shape)} and dw_weight {tuple(dw_weight.shape)}; use the "
-                         f"triton or torch backend")
+    reasons = dwconv_layernorm_reasons(x, dw_weight)
+    if reasons:
+        raise ValueError(f"dwconv_layernorm (cuda backend) cannot take x {tuple(x.shape)} and dw_weight "
+                         f"{tuple(dw_weight.shape)}: {'; '.join(reasons)}; use the triton or torch backend")
     _require_loaded()
     return torch.ops.sed_fast_cuda.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, float(eps))
 
 
-topk_union_reject_cuda.supports = topk_union_reject_supported  # type: ignore[attr-defined]
-dwconv_layernorm_cuda.supports = dwconv_layernorm_supported  # type: ignore[attr-defined]
-
-
-# Representative inputs for the auto chooser when the registry does not pass the call's inputs
-# (SED-B at 768 px: 24x24 aux logits over ADE-150; the 128-channel ConvNeXt block at 24x24).
-def _example_topk(device):
-    return (torch.randn(1, 150, 24, 24, device=device), 8), {}
-
-
-def _example_dwconv(device):
-    c = 128
-    x = torch.randn(150, c, 24, 24, device=device).contiguous(memory_format=torch.channels_last)
-    return (x, torch.randn(c, 1, 9, 9, device=device) * 0.05, torch.randn(c, device=device),
-            torch.ones(c, device=device), torch.zeros(c, device=device), 1e-6), {}
-
-
 def register() -> None:
-    """Register the "cuda" implementations and install the "auto" chooser (idempotent, no load)."""
-    _backend.register_impl("topk_union_reject", "cuda", topk_union_reject_cuda, available=cuda_available)
-    _backend.register_impl("dwconv_layernorm", "cuda", dwconv_layernorm_cuda, available=cuda_available)
-    _autotune_backend.register_example_inputs("topk_union_reject", _example_topk)
-    _autotune_backend.register_example_inputs("dwconv_layernorm", _example_dwconv)
-    _autotune_backend.install()
+    """Register the "cuda" implementations (idempotent; loads nothing)."""
+    dispatch.register_impl("topk_union_reject", "cuda", topk_union_reject_cuda, unavailable=cuda_unavailable,
+                           not_supported_reasons=topk_union_reject_reasons)
+    dispatch.register_impl("dwconv_layernorm", "cuda", dwconv_layernorm_cuda, unavailable=cuda_unavailable,
+                           not_supported_reasons=dwconv_layernorm_reasons)
 
 
 register()

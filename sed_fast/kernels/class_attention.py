@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import dispatch
 
 OP_NAME = "class_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -130,7 +130,7 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
             # so resident warps matter; at 4 warps ptxas used 166-230 registers (8-12 warps per SM),
             # at 8 it uses 80-102 (16 per SM), no spills (benchmarks/compile_report.py).
             num_warps=8,
-            **_backend.TRITON_LAUNCH_OPTIONS,
+            **dispatch.TRITON_LAUNCH_OPTIONS,
         )
     return out
 
@@ -185,7 +185,7 @@ def _class_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class
     if q.numel() == 0:  # total_T = 0 or P = 0: nothing to do
         return q.new_empty(q.shape)
     args = (q, k, v, class_offsets, num_heads, eps)
-    return _backend.resolve(OP_NAME, q.device, args=args)(*args)
+    return dispatch.resolve(OP_NAME, q.device, args=args)(*args)
 
 
 @_class_attention_op.register_fake
@@ -193,8 +193,8 @@ def _(q, k, v, class_offsets, num_heads=4, eps=1e-6):
     return q.new_empty(q.shape)  # contiguous
 
 
-_backend.register_impl(OP_NAME, "torch", class_attention_reference)
-_backend.register_impl(OP_NAME, "triton", class_attention_triton)
+dispatch.register_impl(OP_NAME, "torch", class_attention_reference)
+dispatch.register_impl(OP_NAME, "triton", class_attention_triton)
 
 
 def _check_inputs(q, k, v, class_offsets, num_heads) -> None:
@@ -264,4 +264,4 @@ def flops_of_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offse
     return flops(*q.shape, num_heads=num_heads)
 
 
-_backend.register_cost_model(OP_NAME, flops_of_call)
+dispatch.register_cost_model(OP_NAME, flops_of_call)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import dispatch
 from ._layout import pixel_strides
 
 OP_NAME = "cost_map"
@@ -150,9 +150,9 @@ def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: 
             stride_row, stride_p, stride_pix,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             INPUT_PRECISION=input_precision,
-            UPCAST_DOT=_backend.triton_interpreter_mode() and img_feats.dtype == torch.bfloat16,
+            UPCAST_DOT=dispatch.triton_interpreter_mode() and img_feats.dtype == torch.bfloat16,
             num_warps=4 if block_m * block_n <= 4096 else 8, num_stages=3,
-            **_backend.TRITON_LAUNCH_OPTIONS,
+            **dispatch.TRITON_LAUNCH_OPTIONS,
         )
     return out
 
@@ -161,18 +161,34 @@ def cost_map_triton(img_feats: torch.Tensor, text: torch.Tensor, channels_last: 
 # Plain PyTorch reference
 # ---------------------------------------------------------------------------------------------------
 def cost_map_reference(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """The official computation, in the input dtype: normalise, einsum, rearrange.
+    """The official computation, in the input dtype: normalise both sides, then the cosine einsum.
 
-    img_feats (B, D, h, w), text (T, P, D) -> (B*T, P, h, w), channels-last memory if asked.
+    img_feats (B, D, h, w), text (T, P, D) -> (B*T, P, h, w), channels-last memory if asked. The
+    classes go in chunks of at most :data:`REFERENCE_TEXT_CHUNK_BYTES` of text, written straight
+    into the output, so the memory beyond the output is bounded whatever T (the normalised text
+    of 5000 classes alone is 1 GB in float32).
     """
     batch, _, height, width = img_feats.shape
-    classes, prompts, _ = text.shape
+    classes, prompts, dim = text.shape
     img = F.normalize(img_feats, dim=1)
-    txt = F.normalize(text, dim=-1)
-    corr = torch.einsum("bchw,btpc->bpthw", img, txt.unsqueeze(0).expand(batch, -1, -1, -1))
-    corr = corr.permute(0, 2, 1, 3, 4).reshape(batch * classes, prompts, height, width)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return corr.contiguous(memory_format=memory_format)
+    out = torch.empty((batch * classes, prompts, height, width), dtype=img_feats.dtype, device=img_feats.device,
+                      memory_format=memory_format)
+    per_class = out.view(batch, classes, prompts, height, width) if not channels_last else None
+    step = max(1, REFERENCE_TEXT_CHUNK_BYTES // max(1, prompts * dim * text.element_size()))
+    for first in range(0, classes, step):
+        txt = F.normalize(text[first:first + step], dim=-1)
+        corr = torch.einsum("bchw,tpc->btphw", img, txt)  # (B, t, P, h, w)
+        if per_class is not None:
+            per_class[:, first:first + step] = corr
+        else:  # channels-last rows: write each image's block of rows
+            for b in range(batch):
+                out[b * classes + first:b * classes + first + corr.shape[1]] = corr[b]
+    return out
+
+
+#: Text bytes the reference cost map normalises at a time (see :func:`cost_map_reference`).
+REFERENCE_TEXT_CHUNK_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,7 +199,7 @@ def _cost_map_op(img_feats: torch.Tensor, text: torch.Tensor, channels_last: boo
     if img_feats.shape[0] * img_feats.shape[2] * img_feats.shape[3] * text.shape[1] == 0:
         return _output_like(img_feats, text, channels_last)  # B = 0, h*w = 0 or P = 0: nothing to do
     args = (img_feats, text, channels_last)
-    return _backend.resolve(OP_NAME, img_feats.device, args=args)(*args)
+    return dispatch.resolve(OP_NAME, img_feats.device, args=args)(*args)
 
 
 @_cost_map_op.register_fake
@@ -191,8 +207,8 @@ def _(img_feats, text, channels_last=True):
     return _output_like(img_feats, text, channels_last)
 
 
-_backend.register_impl(OP_NAME, "torch", cost_map_reference)
-_backend.register_impl(OP_NAME, "triton", cost_map_triton)
+dispatch.register_impl(OP_NAME, "torch", cost_map_reference)
+dispatch.register_impl(OP_NAME, "triton", cost_map_triton)
 
 
 def _check_inputs(img_feats: torch.Tensor, text: torch.Tensor) -> None:
@@ -254,4 +270,4 @@ def flops_of_call(img_feats: torch.Tensor, text: torch.Tensor, *args, **kwargs) 
     return flops(batch, dim, height, width, text.shape[0], text.shape[1])
 
 
-_backend.register_cost_model(OP_NAME, flops_of_call)
+dispatch.register_cost_model(OP_NAME, flops_of_call)

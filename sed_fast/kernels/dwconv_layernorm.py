@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import dispatch
 
 OP_NAME = "dwconv_layernorm"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -131,7 +131,7 @@ def dwconv_layernorm_triton(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: t
             tiles_w, tiles_per_image, eps,
             KSIZE=kernel_size, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
             num_warps=4,
-            **_backend.TRITON_LAUNCH_OPTIONS,
+            **dispatch.TRITON_LAUNCH_OPTIONS,
         )
     return out
 
@@ -158,7 +158,7 @@ def _dwconv_layernorm_op(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torc
         batch, channels, height, width = x.shape
         return x.new_empty((batch, height, width, channels))
     args = (x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
-    return _backend.resolve(OP_NAME, x.device, args=args)(*args)
+    return dispatch.resolve(OP_NAME, x.device, args=args)(*args)
 
 
 @_dwconv_layernorm_op.register_fake
@@ -166,8 +166,8 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
     return _output_like(x)
 
 
-_backend.register_impl(OP_NAME, "torch", dwconv_layernorm_reference)
-_backend.register_impl(OP_NAME, "triton", dwconv_layernorm_triton)
+dispatch.register_impl(OP_NAME, "torch", dwconv_layernorm_reference)
+dispatch.register_impl(OP_NAME, "triton", dwconv_layernorm_triton)
 
 
 def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias) -> None:
@@ -232,4 +232,4 @@ def flops_of_call(x: torch.Tensor, dw_weight: torch.Tensor, *args, **kwargs) -> 
     return flops(*x.shape, kernel_size=dw_weight.shape[-1])
 
 
-_backend.register_cost_model(OP_NAME, flops_of_call)
+dispatch.register_cost_model(OP_NAME, flops_of_call)

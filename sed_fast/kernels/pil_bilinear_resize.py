@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import dispatch
 
 OP_NAME = "pil_bilinear_resize"
 PRECISION_BITS = 32 - 8 - 2  # Pillow's PRECISION_BITS: 8-bit result, 2 bits of headroom
@@ -204,7 +204,7 @@ def _horizontal_pass_triton(image: torch.Tensor, out: torch.Tensor, lo: torch.Te
         image.stride(0), image.stride(1), image.stride(2),
         tiles_w, tiles_per_channel,
         BLOCK_R=BLOCK_ROWS, BLOCK_X=BLOCK_COLS, num_warps=4,
-        **_backend.TRITON_LAUNCH_OPTIONS,
+        **dispatch.TRITON_LAUNCH_OPTIONS,
     )
 
 
@@ -219,7 +219,7 @@ def _vertical_pass_triton(image: torch.Tensor, out: torch.Tensor, lo: torch.Tens
         image.stride(0), image.stride(1), image.stride(2),
         tiles_w, tiles_per_channel,
         BLOCK_Y=BLOCK_ROWS, BLOCK_X=BLOCK_COLS, num_warps=4,
-        **_backend.TRITON_LAUNCH_OPTIONS,
+        **dispatch.TRITON_LAUNCH_OPTIONS,
     )
 
 
@@ -318,7 +318,7 @@ def pil_bilinear_resize_reference(image: torch.Tensor, new_h: int, new_w: int,
 @torch.library.custom_op("sed_fast::pil_bilinear_resize", mutates_args=())
 def _pil_bilinear_resize_op(image: torch.Tensor, new_h: int, new_w: int, horizontal_first: bool) -> torch.Tensor:
     args = (image, new_h, new_w, horizontal_first)
-    return _backend.resolve(OP_NAME, image.device, args=args)(*args)
+    return dispatch.resolve(OP_NAME, image.device, args=args)(*args)
 
 
 @_pil_bilinear_resize_op.register_fake
@@ -326,8 +326,8 @@ def _(image, new_h, new_w, horizontal_first):
     return _output_like(image, new_h, new_w)
 
 
-_backend.register_impl(OP_NAME, "torch", pil_bilinear_resize_reference)
-_backend.register_impl(OP_NAME, "triton", pil_bilinear_resize_triton)
+dispatch.register_impl(OP_NAME, "torch", pil_bilinear_resize_reference)
+dispatch.register_impl(OP_NAME, "triton", pil_bilinear_resize_triton)
 
 
 def _check_inputs(image, size) -> Tuple[int, int]:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import dispatch
 from ._layout import pixel_strides
 
 OP_NAME = "topk_union_reject"
@@ -192,15 +192,15 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     with _device_context(aux_logits):
         _kth_largest_kernel[(triton.cdiv(num_pixels, block_pix), batch)](
             aux_logits, threshold, classes, num_pixels, rounds, *strides,
-            BLOCK_T=block_t, BLOCK_PIX=block_pix, num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
+            BLOCK_T=block_t, BLOCK_PIX=block_pix, num_warps=4, **dispatch.TRITON_LAUNCH_OPTIONS)
         union_block_pix = max(16, min(128, triton.next_power_of_2(num_pixels)))
         union_block_t = max(16, min(32, triton.next_power_of_2(classes)))
         _union_kernel[(triton.cdiv(classes, union_block_t), batch)](
             aux_logits, threshold, kept_mask.view(torch.uint8), classes, num_pixels, *strides,
-            BLOCK_T=union_block_t, BLOCK_PIX=union_block_pix, num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
+            BLOCK_T=union_block_t, BLOCK_PIX=union_block_pix, num_warps=4, **dispatch.TRITON_LAUNCH_OPTIONS)
         _compact_kernel[(1,)](
             kept_mask.view(torch.uint8), flat_idx, offsets, batch, classes,
-            BLOCK=max(16, min(1024, triton.next_power_of_2(classes))), num_warps=4, **_backend.TRITON_LAUNCH_OPTIONS)
+            BLOCK=max(16, min(1024, triton.next_power_of_2(classes))), num_warps=4, **dispatch.TRITON_LAUNCH_OPTIONS)
     return kept_mask, flat_idx, offsets
 
 
@@ -239,7 +239,7 @@ def gather_rows_triton(x: torch.Tensor, flat_idx: torch.Tensor, total: int,
     with _device_context(x):
         _gather_rows_kernel[(total, triton.cdiv(row_numel, block))](
             source, flat_idx, target, row_numel, x.stride(0), x.shape[0],
-            BLOCK=block, num_warps=4 if block <= 1024 else 8, **_backend.TRITON_LAUNCH_OPTIONS)
+            BLOCK=block, num_warps=4 if block <= 1024 else 8, **dispatch.TRITON_LAUNCH_OPTIONS)
     return out
 
 
@@ -281,7 +281,7 @@ def _topk_union_reject_op(aux_logits: torch.Tensor, k: int) -> Tuple[torch.Tenso
         kept_mask, flat_idx, offsets = _new_outputs(aux_logits)
         return kept_mask.fill_(False), flat_idx.fill_(-1), offsets.fill_(0)
     args = (aux_logits, k)
-    return tuple(_backend.resolve(OP_NAME, aux_logits.device, args=args)(*args))
+    return tuple(dispatch.resolve(OP_NAME, aux_logits.device, args=args)(*args))
 
 
 @_topk_union_reject_op.register_fake
@@ -292,7 +292,7 @@ def _(aux_logits, k):
 @torch.library.custom_op("sed_fast::gather_rows", mutates_args=())
 def _gather_rows_op(x: torch.Tensor, flat_idx: torch.Tensor, total: int) -> torch.Tensor:
     args = (x, flat_idx, total)
-    return _backend.resolve(GATHER_OP_NAME, x.device, args=args)(*args)
+    return dispatch.resolve(GATHER_OP_NAME, x.device, args=args)(*args)
 
 
 @_gather_rows_op.register_fake
@@ -300,10 +300,10 @@ def _(x, flat_idx, total):
     return _gather_output(x, total)
 
 
-_backend.register_impl(OP_NAME, "torch", topk_union_reject_reference)
-_backend.register_impl(OP_NAME, "triton", topk_union_reject_triton)
-_backend.register_impl(GATHER_OP_NAME, "torch", gather_rows_reference)
-_backend.register_impl(GATHER_OP_NAME, "triton", gather_rows_triton)
+dispatch.register_impl(OP_NAME, "torch", topk_union_reject_reference)
+dispatch.register_impl(OP_NAME, "triton", topk_union_reject_triton)
+dispatch.register_impl(GATHER_OP_NAME, "torch", gather_rows_reference)
+dispatch.register_impl(GATHER_OP_NAME, "triton", gather_rows_triton)
 
 
 def topk_union_reject(aux_logits: torch.Tensor, k: int):
@@ -388,4 +388,4 @@ def flops_of_call(aux_logits: torch.Tensor, k: int) -> int:
     return flops(*aux_logits.shape, k=k)
 
 
-_backend.register_cost_model(OP_NAME, flops_of_call)
+dispatch.register_cost_model(OP_NAME, flops_of_call)

@@ -32,10 +32,10 @@ if (_INTERPRET_ASKED or not HAS_CUDA) and "triton" not in sys.modules:
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
-from sed_fast.kernels import _backend  # noqa: E402
+from sed_fast.kernels import dispatch  # noqa: E402
 
 
-INTERPRETER_MODE = _backend.triton_interpreter_mode()
+INTERPRETER_MODE = dispatch.triton_interpreter_mode()
 KERNEL_OPS = ("cost_map", "dwconv_layernorm", "class_attention", "topk_union_reject", "gather_rows")
 
 DEVICE_PARAMS = [
@@ -73,10 +73,10 @@ def dtype(request):
 def triton_backend(device):
     """Force the Triton implementation of every op (on CUDA "auto" could pick another backend)."""
     for op in KERNEL_OPS:
-        _backend.set_backend(op, "triton")
+        dispatch.set_backend(op, "triton")
     yield device
     for op in KERNEL_OPS:
-        _backend.set_backend(op, None)
+        dispatch.set_backend(op, None)
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:

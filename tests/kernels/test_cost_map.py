@@ -1,6 +1,8 @@
 """cost_map: the Triton kernel against the official normalise + einsum + rearrange."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,28 @@ def test_torch_compile():
     img, text = torch.randn(2, 24, 3, 5), torch.randn(3, 7, 24)
     compiled = torch.compile(decode, backend="inductor", fullgraph=True)
     torch.testing.assert_close(compiled(img, text), decode(img, text))
+
+
+def test_reference_bounds_its_text_memory(monkeypatch, generator):
+    """The torch path (what CPU runs) normalises the text a chunk of classes at a time: its memory
+    beyond the output does not grow with T, and chunking does not change the result."""
+    module = importlib.import_module("sed_fast.kernels.cost_map")  # the package exports a function of that name
+
+    img = torch.randn(2, 24, 3, 5, generator=generator)
+    text = torch.randn(37, 6, 24, generator=generator)
+    whole = module.cost_map_reference(img, text)
+    seen = []
+    real_normalize = module.F.normalize
+
+    def recording_normalize(x, *args, **kwargs):
+        seen.append(x.numel() * x.element_size())
+        return real_normalize(x, *args, **kwargs)
+
+    chunk = 5 * 6 * 24 * 4  # five classes of float32 text
+    monkeypatch.setattr(module, "REFERENCE_TEXT_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(module.F, "normalize", recording_normalize)
+    for channels_last in (True, False):
+        chunked = module.cost_map_reference(img, text, channels_last=channels_last)
+        assert torch.allclose(chunked, whole, atol=1e-6)
+    text_chunks = [n for n in seen if n != img.numel() * 4]
+    assert text_chunks and max(text_chunks) <= chunk

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sed_fast.kernels import _backend, pil_bilinear_resize, pil_bilinear_resize_reference
+from sed_fast.kernels import dispatch, pil_bilinear_resize, pil_bilinear_resize_reference
 from sed_fast.kernels.pil_bilinear_resize import (OP_NAME, PRECISION_BITS, pil_bilinear_resize_triton,
                                                   pillow_horizontal_first, resample_coefficients)
 
@@ -42,9 +42,9 @@ def _image(channels: int, height: int, width: int, layout: str, generator: torch
 def resize_backend(request):
     """Force a backend for this op (the conftest's triton_backend fixture covers the other ops)."""
     def force(name):
-        _backend.set_backend(OP_NAME, name)
+        dispatch.set_backend(OP_NAME, name)
     yield force
-    _backend.set_backend(OP_NAME, None)
+    dispatch.set_backend(OP_NAME, None)
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_coefficients_match_a_scalar_transcription(sizes):
 def test_same_size_is_a_copy(backend, resize_backend, generator, monkeypatch):
     if backend == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        if not _backend.triton_interpreter_mode():
+        if not dispatch.triton_interpreter_mode():
             pytest.skip("Triton is in compiled mode in this process")
     resize_backend(backend)
     image = _image(3, 6, 5, "hwc", generator)

@@ -1,25 +1,18 @@
-"""The ``"auto"`` backend policy on CUDA: measure each candidate once, keep the fastest.
+"""Timing-based backend choice (opt-in: ``SED_FAST_AUTOTUNE=1`` or ``dispatch.set_autotune(True)``).
 
-:func:`install` hands :func:`choose` to :func:`sed_fast.kernels._backend.set_auto_chooser`. For an
-``(op, device name, shape bucket)`` seen for the first time, :func:`choose` runs every candidate
-backend on the call's own inputs (``args``/``kwargs`` when the registry passes them, else the
-inputs of :func:`register_example_inputs` for that op), 2 warm-up calls then ``SED_FAST_AUTOTUNE_ITERS``
-(default 5) calls timed together with CUDA events, and keeps the fastest; the choice is cached in
-memory and, with ``SED_FAST_AUTOTUNE_CACHE=1``, in a JSON file under the cache directory keyed
-by device name and torch / triton / extension versions.
+For an ``(op, device name, shape bucket)`` seen for the first time, :func:`choose` runs every
+candidate backend (those that can take the inputs, in preference order) on the call's own inputs:
+2 warm-up calls, then ``SED_FAST_AUTOTUNE_ITERS`` (default 5) calls timed together with CUDA events,
+and keeps the fastest. The choice is cached in memory and, with ``SED_FAST_AUTOTUNE_CACHE=1``, in a
+JSON file under the cache root keyed by device name and torch / CUDA / Triton versions.
 
 It never measures while a CUDA graph is being captured, while torch.compile traces, or on fake /
-meta tensors: it then returns the cached choice or the first candidate in preference order
-(cuda > triton > torch) that supports the inputs. A backend that raises while measured is
-dropped for that bucket (and the error logged); if all raise, the last candidate wins (the
-reference, "torch", which raises its own clear error if the inputs are bad).
+meta tensors: it then returns the cached choice or the first candidate. A backend that raises while
+measured is dropped for that bucket (and the error logged); if all raise, the last candidate wins
+(the reference, "torch", which raises its own clear error if the inputs are bad).
 
-An implementation may carry ``fn.supports(*args, **kwargs) -> bool`` (the cuda kernels do: e.g.
-dwconv_layernorm only for K=9, C in {32, 64, 128}); candidates that do not support the call's
-inputs are skipped without measuring.
-
-Only the ops' outputs are discarded; the ops are functional (no input is written), so running
-them on the real inputs is safe.
+The ops are functional (no input is written), so running them on the real inputs is safe; only
+their outputs are discarded.
 """
 from __future__ import annotations
 
@@ -33,13 +26,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import _backend
+from ..envvars import cache_root, env_flag
 
 logger = logging.getLogger("sed_fast.autotune")
 
 _WARMUP = 2
 _cache: Dict[Tuple, str] = {}
-_examples: Dict[str, Callable[[torch.device], Tuple[tuple, dict]]] = {}
 _lock = threading.RLock()
 _disk_loaded = False
 measurements = 0  # how many (op, device, bucket) measurements ran (tests read it)
@@ -49,13 +41,7 @@ def _iters() -> int:
     try:
         return max(1, int(os.environ.get("SED_FAST_AUTOTUNE_ITERS", "5")))
     except ValueError:
-        return 5
-
-
-def register_example_inputs(op: str, factory: Callable[[torch.device], Tuple[tuple, dict]]) -> None:
-    """Representative inputs for ``op`` (``factory(device) -> (args, kwargs)``), used when the
-    registry calls the chooser without the call's own inputs."""
-    _examples[op] = factory
+        raise ValueError(f"SED_FAST_AUTOTUNE_ITERS must be an int, got {os.environ['SED_FAST_AUTOTUNE_ITERS']!r}") from None
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -119,24 +105,6 @@ def measuring_allowed(device: torch.device, args: Sequence = (), kwargs: Optiona
     return not (_is_fake(tuple(args)) or _is_fake(tuple((kwargs or {}).values())))
 
 
-def _supports(op: str, backend: str, args: Sequence, kwargs: dict) -> bool:
-    fn = _backend._impls.get(op, {}).get(backend)
-    check = getattr(fn, "supports", None)
-    if check is None or args is None:
-        return True
-    try:
-        return bool(check(*args, **kwargs))
-    except Exception:
-        return False
-
-
-def _preferred(op: str, candidates: Sequence[str], args, kwargs) -> str:
-    for name in candidates:
-        if _supports(op, name, args, kwargs):
-            return name
-    return candidates[-1]
-
-
 # -- measuring -------------------------------------------------------------------------------------
 
 def time_backend(fn: Callable, args: Sequence, kwargs: dict, device: torch.device,
@@ -155,58 +123,44 @@ def time_backend(fn: Callable, args: Sequence, kwargs: dict, device: torch.devic
         return start.elapsed_time(stop) / iters
 
 
-def _measure(op: str, device: torch.device, candidates: Sequence[str], args, kwargs) -> str:
+def _measure(op: str, device: torch.device, candidates: Dict[str, Callable], args, kwargs) -> str:
     global measurements
     timings: Dict[str, float] = {}
-    for name in candidates:
-        if not _supports(op, name, args, kwargs):
-            continue
+    for name, fn in candidates.items():
         try:
-            timings[name] = time_backend(_backend._impls[op][name], args, kwargs, device)
+            timings[name] = time_backend(fn, args, kwargs, device)
         except Exception as exc:  # a backend that fails is not chosen
-            logger.warning("sed_fast auto backend: %s backend of %s failed on these inputs (%s: %s); "
+            logger.warning("sed_fast autotune: %s backend of %s failed on these inputs (%s: %s); "
                            "not using it for them", name, op, type(exc).__name__, exc)
     measurements += 1
     if not timings:
-        return candidates[-1]
+        return list(candidates)[-1]
     best = min(timings, key=timings.get)
-    logger.info("sed_fast auto backend for %s on %s: %s (%s)", op, _device_name(device), best,
+    logger.info("sed_fast autotune for %s on %s: %s (%s)", op, _device_name(device), best,
                 ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
     return best
 
 
-def choose(op: str, device: torch.device, candidates: Sequence[str], args: Optional[Sequence] = None,
+def choose(op: str, device: torch.device, candidates: Dict[str, Callable], args: Sequence = (),
            kwargs: Optional[dict] = None) -> str:
-    """The chooser installed for ``"auto"``: see the module docstring."""
+    """The fastest of ``candidates`` (name -> function, each able to take the inputs, in preference
+    order) for this input bucket: measured once, then cached (see the module docstring)."""
     device = torch.device(device)
-    candidates = list(candidates)
-    if len(candidates) == 1:
-        return candidates[0]
+    names = list(candidates)
+    if len(names) == 1:
+        return names[0]
     kwargs = dict(kwargs or {})
-    if args is None and op in _examples:
-        example_inputs = True
-    else:
-        example_inputs = False
-    bucket = ("example",) if args is None else shape_bucket(args, kwargs)
     try:
-        key = (op, _device_name(device), bucket, tuple(candidates))
-    except Exception:
-        return _preferred(op, candidates, args, kwargs)
+        key = (op, _device_name(device), shape_bucket(args, kwargs), tuple(names))
+    except Exception:  # noqa: BLE001 - no device name (no CUDA): nothing to measure on
+        return names[0]
     with _lock:
         _load_disk_cache()
         hit = _cache.get(key)
         if hit is not None and hit in candidates:
             return hit
-        if args is None and not example_inputs:
-            return _preferred(op, candidates, None, {})
-        if not measuring_allowed(device, args or (), kwargs):
-            return _preferred(op, candidates, args, kwargs)
-        if example_inputs:
-            try:
-                args, kwargs = _examples[op](device)
-            except Exception as exc:
-                logger.warning("sed_fast auto backend: example inputs of %s failed (%s)", op, exc)
-                return _preferred(op, candidates, None, {})
+        if not measuring_allowed(device, args, kwargs):
+            return names[0]
         best = _measure(op, device, candidates, args, kwargs)
         _cache[key] = best
         _save_disk_cache()
@@ -229,24 +183,18 @@ def cached_choices() -> Dict[Tuple, str]:
 # -- optional disk cache ---------------------------------------------------------------------------
 
 def _disk_cache_on() -> bool:
-    return os.environ.get("SED_FAST_AUTOTUNE_CACHE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("SED_FAST_AUTOTUNE_CACHE", False)
 
 
 def _disk_cache_path() -> Path:
-    root = os.environ.get("SED_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sed_fast")
     try:
         import triton
         triton_version = triton.__version__
-    except Exception:
+    except Exception:  # noqa: BLE001
         triton_version = "none"
-    try:
-        from . import _cuda
-        ext = _cuda.extension_tag()
-    except Exception:
-        ext = "none"
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-triton{triton_version}-{ext}"
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-triton{triton_version}"
     tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
-    return Path(root) / "autotune" / f"backend_choices-{tag}.json"
+    return cache_root() / "autotune" / f"backend_choices-{tag}.json"
 
 
 def _encode(key: Tuple) -> str:
@@ -288,8 +236,3 @@ def _save_disk_cache() -> None:
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache is no reason to fail
         logger.debug("sed_fast auto backend: cannot write %s (%s)", path, exc)
-
-
-def install() -> None:
-    """Make :func:`choose` the ``"auto"`` policy on CUDA."""
-    _backend.set_auto_chooser(choose)

@@ -1,0 +1,234 @@
+"""Which implementation runs an op: backends as data.
+
+Each op (``cost_map``, ``dwconv_layernorm``, ...) is one ``sed_fast::`` custom op whose body asks
+:func:`resolve` for a function to run. An op has up to three :class:`Backend`s:
+
+* ``"torch"``  -- the plain PyTorch reference (any device);
+* ``"triton"`` -- the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+* ``"cuda"``   -- the hand-written CUDA C++ kernel from ``csrc/`` (CUDA tensors, extension built).
+
+A backend says why it cannot run (``unavailable(device)``) or cannot take a call's inputs
+(``not_supported_reasons(*args)``), in words; an error lists every backend's reasons.
+
+The backend of an op comes from, in order: :func:`set_backend`, ``SED_FAST_BACKEND_<OP>``,
+``SED_FAST_BACKEND``, else ``"auto"``: the first usable backend in the order cuda, triton, torch,
+or, with timing-based choice switched on (:func:`set_autotune` or ``SED_FAST_AUTOTUNE=1``; CUDA
+only), the fastest one measured on the call's own inputs (:mod:`.autotune`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..envvars import env_flag
+from . import autotune
+
+BACKENDS = ("cuda", "triton", "torch")  # the order "auto" prefers
+REQUESTS = ("auto",) + BACKENDS
+
+# Options every Triton launch passes. FMA contraction on, stated rather than inherited: the default
+# up to Triton 3.9, which warns that 3.10 turns it off unless asked; the kernels' accuracy assumes it.
+TRITON_LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def _no_reasons(*args, **kwargs) -> List[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    ``unavailable(device)``: why it cannot run on ``device`` (None when it can).
+    ``not_supported_reasons(*args, **kwargs)``: why it cannot take these inputs ([] when it can).
+    """
+
+    name: str
+    fn: Callable
+    unavailable: Callable[[torch.device], Optional[str]]
+    not_supported_reasons: Callable[..., List[str]] = field(default=_no_reasons)
+
+    def reasons(self, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
+        why = self.unavailable(device)
+        if why is not None:
+            return [why]
+        try:
+            return list(self.not_supported_reasons(*args, **(kwargs or {})))
+        except Exception as error:  # noqa: BLE001 - a check that cannot even look is a reason
+            return [f"its input check failed: {type(error).__name__}: {error}"]
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the one asked for) can run an op on these inputs."""
+
+
+_backends: Dict[str, Dict[str, Backend]] = {}
+_overrides: Dict[str, str] = {}
+_autotune_override: Optional[bool] = None
+_cost_models: Dict[str, Callable[..., int]] = {}
+
+
+# -- Triton's mode -----------------------------------------------------------------------------------
+def triton_interpreter_on() -> bool:
+    """True when TRITON_INTERPRET asks for the interpreter now."""
+    return env_flag("TRITON_INTERPRET", False)
+
+
+def _probe_interpreter_mode() -> bool:
+    try:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # noqa: BLE001 - no (usable) Triton: nothing runs interpreted
+        return False
+
+    def _probe():
+        pass
+
+    return isinstance(triton.jit(_probe), InterpretedFunction)
+
+
+# Triton decides interpreted-or-compiled when a kernel is decorated, from TRITON_INTERPRET at that
+# moment, and its own library functions were decorated when it was imported: probe once, now, as
+# the kernel modules (imported right after this one) are decorated.
+_INTERPRETER_MODE = _probe_interpreter_mode()
+
+
+def triton_interpreter_mode() -> bool:
+    """True when the Triton kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at
+    import): then every kernel runs interpreted, in the whole process, for every device."""
+    return _INTERPRETER_MODE
+
+
+def _default_unavailable(name: str) -> Callable[[torch.device], Optional[str]]:
+    if name == "torch":
+        return lambda device: None
+    if name == "triton":
+        def triton_unavailable(device: torch.device) -> Optional[str]:
+            if device.type == "cuda":
+                return None
+            if device.type == "cpu" and triton_interpreter_mode() and triton_interpreter_on():
+                return None
+            return f"Triton kernels run on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), not on {device}"
+        return triton_unavailable
+    return lambda device: None if device.type == "cuda" else f"the CUDA kernels need a CUDA tensor, not {device}"
+
+
+# -- registering ---------------------------------------------------------------------------------------
+def register_impl(op: str, backend: str, fn: Callable,
+                  unavailable: Optional[Callable[[torch.device], Optional[str]]] = None,
+                  not_supported_reasons: Optional[Callable[..., List[str]]] = None) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op`` (see :class:`Backend`; by default
+    torch runs everywhere, triton on CUDA or under the interpreter, cuda on CUDA)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    _backends.setdefault(op, {})[backend] = Backend(
+        backend, fn, unavailable or _default_unavailable(backend), not_supported_reasons or _no_reasons)
+
+
+def backend(op: str, name: str) -> Backend:
+    """The registered :class:`Backend` ``name`` of ``op``."""
+    return _known(op)[name]
+
+
+def ops() -> List[str]:
+    return sorted(_backends)
+
+
+def _known(op: str) -> Dict[str, Backend]:
+    if op not in _backends:
+        raise ValueError(f"unknown op {op!r}; known ops: {', '.join(ops())}")
+    return _backends[op]
+
+
+# -- choosing ------------------------------------------------------------------------------------------
+def set_backend(op: str, name: Optional[str]) -> None:
+    """Force backend ``name`` for ``op`` (``op="all"`` for every op); ``None`` clears the override."""
+    if name is not None and name not in REQUESTS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(REQUESTS)}")
+    for each in (ops() if op == "all" else [op]):
+        _known(each)
+        if name is None:
+            _overrides.pop(each, None)
+        else:
+            _overrides[each] = name
+
+
+def requested_backend(op: str) -> str:
+    """The backend asked for ``op`` (may be ``"auto"``), before it is checked."""
+    if op in _overrides:
+        return _overrides[op]
+    variable = f"SED_FAST_BACKEND_{op.upper()}"
+    value = os.environ.get(variable) or os.environ.get("SED_FAST_BACKEND") or "auto"
+    value = value.strip().lower()
+    if value not in REQUESTS:
+        raise ValueError(f"{variable} / SED_FAST_BACKEND = {value!r} is not one of {', '.join(REQUESTS)}")
+    return value
+
+
+def set_autotune(enabled: Optional[bool]) -> None:
+    """Switch the timing-based choice of "auto" on or off (None: follow ``SED_FAST_AUTOTUNE``)."""
+    global _autotune_override
+    _autotune_override = enabled
+
+
+def autotune_enabled() -> bool:
+    return _autotune_override if _autotune_override is not None else env_flag("SED_FAST_AUTOTUNE", False)
+
+
+def usable_backends(op: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
+    """The backends of ``op`` that can run these inputs on ``device``, in the order "auto" prefers."""
+    device = torch.device(device)
+    known = _known(op)
+    return [name for name in BACKENDS if name in known and not known[name].reasons(device, args, kwargs)]
+
+
+def _why_not(op: str, device: torch.device, names, args, kwargs) -> str:
+    known = _known(op)
+    return "; ".join(f"{name}: {', '.join(known[name].reasons(device, args, kwargs)) or 'ok'}"
+                     for name in names if name in known)
+
+
+def resolve_name(op: str, device: torch.device, args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> str:
+    """The name of the backend that runs ``op`` on ``device`` for these inputs."""
+    device = torch.device(device)
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    known = _known(op)
+    wanted = requested_backend(op)
+    if wanted != "auto":
+        if wanted not in known:
+            raise BackendError(f"backend {wanted!r} was requested for op {op!r}, which has none "
+                               f"(it has: {', '.join(n for n in BACKENDS if n in known)})")
+        reasons = known[wanted].reasons(device, args, kwargs)
+        if reasons:
+            raise BackendError(f"backend {wanted!r} was requested for op {op!r} but cannot run here: "
+                               f"{'; '.join(reasons)} (other backends: "
+                               f"{_why_not(op, device, [n for n in BACKENDS if n != wanted], args, kwargs)})")
+        return wanted
+    candidates = usable_backends(op, device, args, kwargs)
+    if not candidates:
+        raise BackendError(f"no backend of op {op!r} can run these inputs on {device}: "
+                           f"{_why_not(op, device, BACKENDS, args, kwargs)}")
+    if len(candidates) > 1 and device.type == "cuda" and (args or kwargs) and autotune_enabled():
+        return autotune.choose(op, device, {name: known[name].fn for name in candidates}, args, kwargs)
+    return candidates[0]
+
+
+def resolve(op: str, device: torch.device, args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> Callable:
+    """The function to run ``op`` on ``device`` for these inputs (pass them: the choice may
+    depend on them)."""
+    return _known(op)[resolve_name(op, device, args, kwargs)].fn
+
+
+# -- cost models -----------------------------------------------------------------------------------
+def register_cost_model(op: str, flops_of_call: Callable[..., int]) -> None:
+    """Register ``flops_of_call(*op_args) -> int``: the FLOPs (or comparisons) of one call of ``op``,
+    from the kernel's own cost model (profilers read it: custom ops are opaque to torch's counter)."""
+    _cost_models[op] = flops_of_call
+
+
+def cost_model(op: str) -> Optional[Callable[..., int]]:
+    """The FLOP count of a call of ``op`` (see :func:`register_cost_model`), or None."""
+    return _cost_models.get(op)
