@@ -262,6 +262,12 @@ def test_usage_errors(tmp_path, custom):
     assert code == 2 and "--impl fast" in err
     code, _, err = run_eval([*custom, "--out", tmp_path / "o", *COMMON, "--batch-size", "0"])
     assert code == 2 and "--batch-size" in err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run_eval([*custom, "--out", tmp_path / "o", "--checkpoint", bad, *COMMON[1:]])
+    assert code == 2 and "bad.pth" in err and "Traceback" not in err
+    code, _, err = run_eval([*custom, "--out", tmp_path / "o", "--checkpoint", tmp_path / "none.pth", *COMMON[1:]])
+    assert code == 2 and "not found" in err
     code, out, _ = run_eval(["--help"])
     assert code == 0 and "--legacy-miou" in out and "torchrun" in out
 
