@@ -63,7 +63,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "profile": ("sed_fast.bench.profile", "per-stage profile (see `sed-fast profile --help`)"),
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
-                                "compile every Triton kernel for a GPU architecture, without a GPU")}
+                                "compile every Triton kernel for a GPU architecture, without a GPU"),
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
 _PROG = "sed-fast"
 
 

@@ -1,0 +1,465 @@
+"""``sed-fast eval``: the official metrics on the official datasets, in one process or many.
+
+    sed-fast eval ade150 --checkpoint sed_model_base.pth --out eval/ade150
+    sed-fast eval --images imgs/ --labels labels/ --vocab classes.txt --ignore 255 --random-weights --out o/
+    torchrun --nproc-per-node 8 -m sed_fast eval pc459 --checkpoint ... --out eval/pc459
+
+Exit codes: 0 evaluated; 1 the evaluation failed (an unreadable image, invalid label values, no
+labelled pixel at all...); 2 usage error (bad option, missing dataset folder, unusable resume file):
+nothing was evaluated; 130 interrupted (what was finished is saved: rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_PROG = "sed-fast eval"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: nothing is evaluated, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import _DTYPES
+    from .datasets import DATASETS
+
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Evaluate SED on a segmentation dataset with detectron2's SemSegEvaluator metrics (mIoU, "
+                    "fwIoU, mACC, pACC, per-class IoU and ACC). Writes log.txt (with the official copypaste: "
+                    "lines), results.json, results.md, confusion.npy and per_class_iou.png to --out. Runs under "
+                    "torchrun for many GPUs or machines.",
+        epilog="Datasets are read from --data-root (default $DETECTRON2_DATASETS, else ./datasets) in the layout "
+               "of the official datasets/prepare_*.py scripts.")
+    data = parser.add_argument_group("dataset")
+    data.add_argument("dataset", nargs="?", metavar="DATASET",
+                      help=f"an official evaluation set: {', '.join(DATASETS)}; or leave out and give --images, "
+                           "--labels, --vocab and --ignore")
+    data.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default $DETECTRON2_DATASETS, "
+                                                         "else datasets)")
+    data.add_argument("--images", metavar="DIR", help="custom dataset: folder of images")
+    data.add_argument("--labels", metavar="DIR", help="custom dataset: folder of label maps (PNG/TIFF, class index "
+                                                      "per pixel), paired with the images by file stem")
+    data.add_argument("--vocab", metavar="NAME|FILE|LIST", help="custom dataset: the class names (built-in name, "
+                                                                "file, or comma-separated list); label value i is class i")
+    data.add_argument("--ignore", type=int, metavar="N", help="custom dataset: the label value of unlabelled pixels")
+    data.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (sorted by file stem)")
+    data.add_argument("--invalid-labels", choices=("error", "ignore"), default="error",
+                      help="a label value that is neither a class nor the ignore value: stop with an error (default) "
+                           "or ignore those pixels, counted in the report")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint (model_final.pth)")
+    model.add_argument("--random-weights", action="store_true",
+                       help="run without a checkpoint (random weights: meaningless figures, for tests and benchmarks)")
+    model.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0; every process of "
+                                                          "a torchrun job builds the same ones)")
+    model.add_argument("--variant", default="b", help="b (SED-B) or l (SED-L); default b")
+    model.add_argument("--impl", choices=("fast", "reference"), default="fast", help="implementation (default fast)")
+    model.add_argument("--compare", choices=("reference",), default=None,
+                       help="also evaluate the reference implementation (same weights, same images) and report "
+                            "both metric sets, the pixel agreement of their labels and the classes whose IoU differs")
+    model.add_argument("--iou-tolerance", type=float, default=0.0, metavar="PP",
+                       help="with --compare: list the classes whose IoU differs by more than PP percentage points "
+                            "(default 0: any difference)")
+    model.add_argument("--cer-topk", type=int, default=None, metavar="K",
+                       help="category early rejection keeping the per-pixel top-K classes (default: exact)")
+    model.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
+                       help="compute dtype (default float32, the official precision)")
+    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available; under "
+                                                      "torchrun each process takes cuda:LOCAL_RANK)")
+    model.add_argument("--resolution", type=int, default=768, metavar="PX",
+                       help="encoder input side, a multiple of 32 (official: 768)")
+    model.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    run.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per model call (default 1)")
+    run.add_argument("--workers", type=int, default=None, metavar="W",
+                     help="image decoding processes per evaluating process (default: up to 8, the CPUs shared "
+                          "among the processes of this machine; 0 decodes in the main process)")
+    run.add_argument("--save-every", type=int, default=100, metavar="N",
+                     help="save the running state every N images over all processes (default 100; 0: only at the end)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the evaluation saved in --out (same settings); starts afresh if there is none")
+    run.add_argument("--overwrite", action="store_true", help="start over even if --out holds a saved evaluation")
+    run.add_argument("--legacy-miou", action="store_true",
+                     help="detectron2 <= 0.6's mIoU: classes predicted but absent from the ground truth count as "
+                          "IoU 0 (lower on PC-459/ADE-847; both rules are in results.json)")
+    run.add_argument("--no-plot", action="store_true", help="do not write per_class_iou.png")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="S",
+                     help="seconds between progress lines when stderr is not a terminal (default 30)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress or info lines (results still printed)")
+    run.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``sed-fast eval`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args([str(a) for a in argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    from .datasets import DatasetError
+    from .state import StateError
+
+    try:
+        return _run(args)
+    except (UsageError, StateError) as error:
+        _error(str(error), args)
+        return EXIT_USAGE
+    except DatasetError as error:
+        _error(str(error) + _resume_hint(args), args)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted" + (_resume_hint(args) or f"; nothing was saved in {args.out}"), args)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
+        _error(f"{type(error).__name__}: {error}" + _resume_hint(args), args)
+        if not args.debug:
+            print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _resume_hint(args) -> str:
+    from .state import STATE_FILE
+
+    path = Path(os.path.expanduser(args.out)) / STATE_FILE
+    if not path.exists():
+        return ""
+    return f" (the images finished so far are saved in {path}: rerun the same command with --resume to continue)"
+
+
+def _error(message: str, args) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+
+
+# -- options -------------------------------------------------------------------------------------
+def _check_options(args):
+    import torch
+
+    from ..cli import _DTYPES
+    from ..config import variant_spec
+
+    try:
+        spec = variant_spec(args.variant)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.resolution < 32 or args.resolution % 32:
+        raise UsageError(f"--resolution must be a positive multiple of 32 (official: 768), got {args.resolution}")
+    if args.cer_topk is not None and args.cer_topk < 1:
+        raise UsageError(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--save-every", args.save_every, 0), ("--limit", args.limit, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    if args.iou_tolerance < 0:
+        raise UsageError(f"--iou-tolerance must be >= 0, got {args.iou_tolerance}")
+    if args.compare and args.impl == "reference":
+        raise UsageError("--compare reference compares the fast implementation with the reference: use --impl fast")
+    if args.checkpoint is None and not args.random_weights:
+        raise UsageError("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
+                         "sed_model_base.pth), or --random-weights to run with random weights "
+                         "(meaningless figures, for tests and benchmarks only)")
+    if args.checkpoint is not None and args.random_weights:
+        raise UsageError("--checkpoint and --random-weights exclude each other")
+    if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).is_file():
+        raise UsageError(f"checkpoint file not found: {args.checkpoint}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    custom = [args.images, args.labels, args.vocab, args.ignore]
+    if args.dataset is not None and any(v is not None for v in custom):
+        raise UsageError("give either a dataset name or --images/--labels/--vocab/--ignore, not both")
+    if args.dataset is None and not all(v is not None for v in custom):
+        raise UsageError("no dataset: give a dataset name (ade150, ade847, pc59, pc459, voc20, voc20b, coco) or all "
+                         "of --images, --labels, --vocab and --ignore")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device is not None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+        device_type = args.device.split(":")[0]
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    return spec, getattr(torch, _DTYPES[args.dtype]), device_type
+
+
+def _device(args, device_type: str, ctx):
+    import torch
+
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if ctx.distributed:
+        if args.device is not None and ":" in args.device:
+            raise UsageError(f"--device {args.device}: under torchrun each process uses cuda:LOCAL_RANK; pass "
+                             "--device cuda (or nothing)")
+        return torch.device("cuda", ctx.local_rank)
+    device = torch.device(args.device or "cuda")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _default_workers() -> int:
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+def _load_dataset(args):
+    from ..vocabulary import parse_vocabulary_arg
+    from .datasets import DatasetError, custom_dataset, resolve_dataset
+
+    try:
+        if args.dataset is not None:
+            dataset = resolve_dataset(args.dataset, args.data_root)
+        else:
+            try:
+                names = parse_vocabulary_arg(args.vocab)
+            except Exception as error:  # noqa: BLE001 - a bad --vocab, whatever the reason
+                raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
+            dataset = custom_dataset(args.images, args.labels, names, args.ignore)
+    except DatasetError as error:
+        raise UsageError(str(error)) from error
+    if args.limit is not None:
+        dataset.samples = dataset.samples[:args.limit]
+    return dataset
+
+
+def _fingerprint(items: Sequence[str]) -> str:
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(item.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _settings(args, dataset, spec, device) -> dict:
+    """What a resumed run must share with the saved one: everything that changes a figure."""
+    from ..cli import _DTYPES
+
+    # The images by file stem: a copy of the dataset elsewhere resumes, and a label map fixed after
+    # an "invalid label" error (not finished yet) does not block the resume.
+    stems = [sample.stem for sample in dataset.samples]
+    if args.checkpoint is not None:
+        path = Path(os.path.expanduser(args.checkpoint)).resolve()
+        weights = f"{path} ({path.stat().st_size} bytes, modified {int(path.stat().st_mtime)})"
+    else:
+        weights = f"random (seed {args.seed})"
+    return {"dataset": dataset.spec.name, "images": f"{len(stems)} images, stems sha1 {_fingerprint(stems)[:16]}",
+            "num_classes": dataset.num_classes, "vocabulary": f"sha1 {_fingerprint(dataset.vocabulary)[:16]}",
+            "class_names": f"sha1 {_fingerprint(dataset.class_names)[:16]}",
+            "ignore_label": dataset.spec.ignore_label, "background_from": dataset.spec.background_from,
+            "invalid_labels": args.invalid_labels, "variant": spec.name, "impl": args.impl, "compare": args.compare,
+            "weights": weights, "dtype": _DTYPES[args.dtype], "cer_topk": args.cer_topk, "resolution": args.resolution,
+            "device_type": device.type}
+
+
+# -- model ---------------------------------------------------------------------------------------
+def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -> Dict[str, object]:
+
+    import sed_fast.api as api
+    from ..checkpoint import CheckpointError
+
+    state_dict = None
+    if args.checkpoint is not None:
+        from ..cli import UsageError as SegmentUsageError, _read_checkpoint
+        try:
+            state_dict = _read_checkpoint(args.checkpoint)
+        except SegmentUsageError as error:
+            raise UsageError(str(error)) from error
+
+    def build(impl: str):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", api.RandomWeightsWarning)  # said once, below
+            return api.build_sed(spec.name, impl=impl, checkpoint=state_dict, device=device, dtype=dtype,
+                                 cer_topk=args.cer_topk, clip_resolution=args.resolution,
+                                 text_cache=not args.no_text_cache, seed=args.seed)
+
+    start = time.perf_counter()
+    impl = "reference" if args.compare else args.impl
+    try:
+        first = build(impl)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001
+        if impl != "fast":
+            raise
+        raise UsageError(f"the fast implementation cannot be built ({type(error).__name__}: {error}); "
+                         "use --impl reference") from error
+    state_dict = None  # the weights are in the model now
+    info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {device}) in {time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    # Rank 0 first: it fills the on-disk text cache that the other processes then read.
+    if not ctx.is_main:
+        ctx.barrier()
+    first.set_vocabulary(vocabulary, progress=False if (args.quiet or not ctx.is_main) else None)
+    if ctx.is_main:
+        ctx.barrier()
+    info(f"vocabulary: {len(vocabulary)} classes ({time.perf_counter() - start:.1f} s)")
+    if not args.compare:
+        return {impl: first}
+    from ..models.fast import SEDFast
+    try:
+        fast = SEDFast.from_reference(first)
+    except Exception as error:  # noqa: BLE001
+        raise UsageError(f"the fast implementation cannot be built ({type(error).__name__}: {error})") from error
+    return {"fast": fast, "reference": first}
+
+
+# -- run -----------------------------------------------------------------------------------------
+def _run(args) -> int:
+    from . import distributed, report, runner, state as state_mod
+    from .metrics import compute_metrics, copypaste_lines
+
+    wall_start = time.perf_counter()
+    spec, dtype, device_type = _check_options(args)
+    dataset = _load_dataset(args)
+    out_dir = Path(os.path.expanduser(args.out))
+    ctx = distributed.setup(device_type)
+    try:
+        device = _device(args, device_type, ctx)
+        quiet = args.quiet or not ctx.is_main
+        info = (lambda message: None) if quiet else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
+        log: List[str] = []
+
+        def note(message: str) -> None:
+            log.append(report.log_line(message))
+            info(message)
+
+        note(f"dataset {dataset.spec.name}: {len(dataset.samples)} images with labels "
+             f"(images without a label: {len(dataset.images_without_label)}; labels without an image: "
+             f"{len(dataset.labels_without_image)}) from {dataset.image_dir} and {dataset.label_dir}")
+        if dataset.labels_without_image and ctx.is_main:
+            print(f"{_PROG}: warning: {len(dataset.labels_without_image)} label map(s) have no image and are not "
+                  f"evaluated (e.g. {', '.join(dataset.labels_without_image[:3])})", file=sys.stderr)
+        settings = _settings(args, dataset, spec, device)
+        state_file = state_mod.state_path(out_dir)
+
+        # Rank 0 owns the output folder: it decides whether to resume and tells the others which
+        # images are finished (all they need of the state), or why nothing can be evaluated.
+        state, decision = None, None
+        if ctx.is_main:
+            try:
+                state = _prepare_state(args, out_dir, state_file, settings, dataset, state_mod, runner, note)
+                decision = ("ok", list(state.finished))
+            except (UsageError, state_mod.StateError) as error:
+                decision = ("error", str(error))
+        decision = ctx.broadcast_object(decision)
+        if decision[0] == "error":
+            raise UsageError(decision[1])
+        if not ctx.is_main:
+            state = runner.new_state(settings, [], dataset.num_classes)
+            state.finished = decision[1]
+        if args.random_weights and ctx.is_main:
+            print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every figure of this run is "
+                  "meaningless and is marked as such", file=sys.stderr)
+
+        models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info)
+        if ctx.is_main:
+            for name in models:
+                state.confusion.setdefault(name, runner.new_state(settings, [name], dataset.num_classes).confusion[name])
+        before = len(state.finished)
+        eval_start = time.perf_counter()
+        state = runner.evaluate(models, dataset, state, ctx=ctx, device=device, state_file=state_file if ctx.is_main else None,
+                                batch_size=args.batch_size,
+                                workers=args.workers if args.workers is not None else _default_workers(),
+                                save_every=args.save_every, invalid_labels=args.invalid_labels, progress=not quiet,
+                                progress_interval=args.progress_every)
+        eval_seconds = time.perf_counter() - eval_start
+        if not ctx.is_main:
+            return EXIT_OK
+
+        session_images = len(state.finished) - before
+        confusion = {name: state.confusion[name].numpy() for name in models}
+        config = {key: getattr(args, key) for key in ("variant", "impl", "compare", "cer_topk", "dtype", "resolution",
+                                                       "batch_size", "workers", "seed", "limit", "invalid_labels",
+                                                       "legacy_miou", "data_root")}
+        config.update(random_weights=args.checkpoint is None, world_size=ctx.world_size,
+                      checkpoint=str(Path(os.path.expanduser(args.checkpoint)).resolve()) if args.checkpoint else None,
+                      official_resolution=args.resolution == 768, settings=settings,
+                      preprocess=getattr(next(iter(models.values())), "preprocess", None))
+        env = report.environment(device)
+        env["git"] = report.git_commit()
+        timing = {"wall_seconds_this_session": time.perf_counter() - wall_start,
+                  "eval_seconds_this_session": eval_seconds, "images_this_session": session_images,
+                  "images_per_second_this_session": session_images / eval_seconds if eval_seconds > 0 and session_images else None,
+                  "eval_seconds_all_sessions": state.seconds, "resumed_images": before}
+        counts = {"evaluated": len(state.finished), "in_dataset": len(dataset.samples),
+                  "images_without_label": len(dataset.images_without_label),
+                  "labels_without_image": len(dataset.labels_without_image)}
+        results = report.build_results(confusion=confusion, class_names=dataset.class_names, legacy=args.legacy_miou,
+                                       config=config, dataset=dataset.describe(), counts=counts, timing=timing,
+                                       env=env, counters=state.counters, iou_tolerance=args.iou_tolerance)
+        lines = []
+        for position, name in enumerate(results["models"]):
+            detectron2 = compute_metrics(confusion[name], dataset.class_names, legacy=args.legacy_miou)
+            task = "sem_seg" if position == 0 else f"sem_seg[{name}]"
+            if len(models) > 1:
+                lines.append(f"model {name}:")
+            lines.extend(copypaste_lines(detectron2, task=task))
+        invalid = state.counters.get("invalid_label_pixels", 0)
+        if invalid:
+            note(f"{invalid} label pixel(s) had values that are neither a class nor the ignore label; ignored "
+                 "(--invalid-labels ignore)")
+        if "comparison" in results:
+            c = results["comparison"]
+            note(f"labels of fast and reference agree on {100 * (c['pixel_agreement'] or 0):.4f}% of "
+                 f"{c['pixels_compared']} pixels; {len(c['classes_with_different_iou'])} class(es) differ in IoU")
+        note(f"evaluated {len(state.finished)} images ({session_images} in this session, "
+             f"{timing['images_per_second_this_session'] or 0:.2f} images/s)")
+        log.extend(report.log_line(line) for line in lines)
+        for line in lines:
+            print(line, flush=True)
+        for message in report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot):
+            print(f"{_PROG}: {message}", file=sys.stderr)
+        info(f"results in {out_dir} (results.json, results.md, log.txt)")
+        if args.random_weights:
+            print(f"{_PROG}: WARNING: these figures were made with RANDOM WEIGHTS", file=sys.stderr)
+        first = next(iter(results["models"].values()))
+        if first["summary"]["mIoU"] is None:
+            print(f"{_PROG}: error: no labelled pixel in the {len(state.finished)} image(s): the metrics are "
+                  "undefined", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
+def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, dataset, state_mod, runner, note):
+    """Rank 0: the state to start from (a resumed one, or new); creates --out."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
+    if not out_dir.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder")
+    model_names = ["fast", "reference"] if args.compare else [args.impl]
+    if state_file.exists() and args.resume:
+        state = state_mod.load_state(state_file)
+        state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file)
+        note(f"resuming: {len(state.finished)} of {len(dataset.samples)} images already evaluated ({state_file})")
+        return state
+    if state_file.exists() and not args.overwrite:
+        raise UsageError(f"{out_dir} holds a saved evaluation ({state_file.name}): pass --resume to continue it, "
+                         "--overwrite to start over, or another --out")
+    if args.resume:
+        note(f"--resume: no saved evaluation in {out_dir}; starting from the first image")
+    for stale in ("results.json", "results.md", "log.txt", "per_class_iou.png", "confusion.npy"):
+        if (out_dir / stale).exists():
+            (out_dir / stale).unlink()
+    state = runner.new_state(settings, model_names, dataset.num_classes)
+    return state

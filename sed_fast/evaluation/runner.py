@@ -1,0 +1,252 @@
+"""The evaluation loop: decode in loader workers, predict labels, accumulate confusion matrices.
+
+Per process: its shard of the images still to do (:func:`distributed.shard`), read by a
+``DataLoader`` (``workers`` processes, pinned memory on CUDA), ``batch_size`` images at a time
+through :func:`predict`; each image's (H, W) labels go into a confusion matrix on the device
+(``torch.bincount``), so no full-size (T, H, W) score tensor leaves the model and nothing but the
+label maps is copied. At every sync point (each ``save_every`` images over all processes, and at
+the end) the new counts of all processes are summed (all-reduce) and rank 0 saves the state, so an
+interrupted run loses at most ``save_every`` images. Every process passes the same number of sync
+points whatever the length of its shard, as collectives require.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .datasets import DatasetError, EvalDataset, ResolvedDataset, collate
+from .distributed import Context, shard
+from .metrics import ConfusionMatrix
+from .state import EvalState, save_state
+
+__all__ = ["predict", "evaluate", "Progress", "COUNTERS"]
+
+#: Counters kept with the confusion matrices (summed over processes and sessions).
+COUNTERS = ("invalid_label_pixels", "agree_pixels", "compared_pixels", "agree_labelled_pixels",
+            "compared_labelled_pixels")
+
+
+def predict(model, images: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The model's label maps of ``images`` ((3, H_i, W_i) uint8 RGB): a list of (H_i, W_i) int64
+    class indices at each image's size (argmax over the classes, first index on ties).
+
+    The single place the evaluation calls a model: ``predict_labels`` applies the official
+    test-time resize and never holds the full-size (T, H, W) scores.
+    """
+    return model.predict_labels(images)
+
+
+class Progress:
+    """Images done, images/s and ETA: a tqdm bar on a terminal, else one line every ``interval`` s
+    (logs, pipes), also when tqdm is not installed."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = "sed-fast eval", interval: float = 30.0,
+                 stream=None):
+        self.total = total
+        self.done = 0
+        self.enabled = enabled and total > 0
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.desc = desc
+        self.start = time.perf_counter()
+        self.last = self.start
+        self.bar = None
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(count)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.interval or self.done == self.total:
+            self.last = now
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: Optional[float] = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta = _clock(left) if left == left else "?"
+        return (f"{self.desc}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
+                f"{rate:.2f} images/s, elapsed {_clock(elapsed)}, ETA {eta}")
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def sync_plan(todo: int, world_size: int, batch_size: int, save_every: int):
+    """(images per process between sync points, number of sync points), equal on all processes.
+
+    The step is a multiple of the batch size so that every process reaches each sync point after
+    whole batches; ``save_every`` <= 0 means a single sync point at the end.
+    """
+    longest = math.ceil(todo / world_size)
+    if longest == 0:
+        return batch_size, 0
+    if save_every <= 0:
+        return longest, 1
+    step = max(1, math.ceil(save_every / world_size))
+    step = math.ceil(step / batch_size) * batch_size
+    return step, math.ceil(longest / step)
+
+
+def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state: EvalState, *, ctx: Context,
+             device: torch.device, state_file=None, batch_size: int = 1, workers: int = 0, save_every: int = 0,
+             invalid_labels: str = "error", progress: bool = True, progress_interval: float = 30.0,
+             on_batch: Optional[Callable[[int], None]] = None) -> EvalState:
+    """Evaluate the images of ``dataset`` not yet in ``state.finished`` with each of ``models``
+    (``{"model": m}``, or ``{"fast": f, "reference": r}`` to compare); update and return ``state``
+    (complete on rank 0; the other ranks only contribute their counts).
+
+    ``state_file``: where rank 0 saves the state at each sync point (None: not saved).
+    """
+    samples = dataset.samples
+    finished = set(state.finished)
+    todo = [i for i, sample in enumerate(samples) if sample.stem not in finished]
+    mine = shard(todo, ctx.rank, ctx.world_size)
+    step, syncs = sync_plan(len(todo), ctx.world_size, batch_size, save_every)
+    num_classes = dataset.num_classes
+
+    loader = torch.utils.data.DataLoader(
+        EvalDataset(samples, mine, num_classes, dataset.spec.ignore_label, invalid_labels),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers > 0 else None)
+    batches = iter(loader)
+    matrices = {name: ConfusionMatrix(num_classes, device, dataset.spec.background_from) for name in models}
+    counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+    done: List[str] = []  # stems finished since the last sync
+    bar = Progress(len(mine), progress and ctx.is_main, interval=progress_interval,
+                   desc="sed-fast eval" + (f" (rank 0 of {ctx.world_size})" if ctx.distributed else ""))
+    session_start = time.perf_counter()
+    seconds_before = state.seconds
+    processed = 0
+
+    def merge() -> None:
+        """Sum the new counts of all processes into ``state`` (rank 0) and save it."""
+        for name, matrix in matrices.items():
+            total = ctx.all_reduce_sum(matrix.matrix)
+            if ctx.is_main:
+                state.confusion[name] = state.confusion[name] + total.cpu()
+            matrix.matrix.zero_()
+        totals = ctx.all_reduce_sum(counters).cpu().tolist()
+        counters.zero_()
+        stems = [stem for part in ctx.all_gather_objects(list(done)) for stem in part]
+        done.clear()
+        if ctx.is_main:
+            for key, value in zip(COUNTERS, totals):
+                state.counters[key] = int(state.counters.get(key, 0)) + int(value)
+            state.finished.extend(stems)
+            state.seconds = seconds_before + (time.perf_counter() - session_start)
+            state.complete = len(state.finished) == len(samples)
+            if state_file is not None:
+                save_state(state_file, state)
+
+    # A batch's counts and its stems are added together (``adding``); an error anywhere else
+    # leaves the running counts consistent with ``done``, so one process can still save them.
+    adding = False
+    try:
+        for sync in range(syncs):
+            target = min((sync + 1) * step, len(mine))
+            while processed < target:
+                batch = next(batches)
+                updates, extra = _process(batch, models, matrices, counters, device, num_classes)
+                adding = True
+                for name, delta in updates.items():
+                    matrices[name].matrix += delta
+                counters += extra
+                done.extend(batch["stem"])
+                adding = False
+                processed += len(batch["stem"])
+                bar.update(len(batch["stem"]))
+                if on_batch is not None:
+                    on_batch(processed)
+            merge()
+        if syncs == 0:
+            merge()
+    except BaseException:
+        # One process (no collective to wait for): save what is finished before stopping, on an
+        # interrupt as on an unreadable image. Under torchrun the last sync point's save stands.
+        if not ctx.distributed and not adding and state_file is not None:
+            try:
+                merge()
+            except Exception as save_error:  # noqa: BLE001 - the first error is the one to report
+                bar.write(f"sed-fast eval: warning: could not save the finished images ({save_error}); "
+                          "the last periodic save stands")
+        raise
+    finally:
+        bar.close()
+        del batches
+    return state
+
+
+def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int):
+    """One batch's confusion-matrix increments per model and counter increments (not yet added)."""
+    for error in batch["error"]:
+        if error is not None:  # the loader names the file and the problem
+            raise DatasetError(error)
+    images = [image.to(device, non_blocking=True) for image in batch["image"]]
+    labels = [label.to(device, non_blocking=True) for label in batch["label"]]
+    predictions = {}
+    for name, model in models.items():
+        predictions[name] = predict(model, images)
+        if len(predictions[name]) != len(images):
+            raise RuntimeError(f"the {name} model returned {len(predictions[name])} label maps for {len(images)} images")
+    updates = {}
+    for name, preds in predictions.items():
+        matrix = matrices[name]
+        delta = torch.zeros_like(matrix.matrix)
+        for stem, pred, gt in zip(batch["stem"], preds, labels):
+            if tuple(pred.shape) != tuple(gt.shape):
+                raise RuntimeError(f"{stem}: the {name} model's labels are {tuple(pred.shape)}, the ground truth "
+                                   f"{tuple(gt.shape)}")
+            delta += _confusion(matrix, pred, gt)
+        updates[name] = delta
+    extra = torch.zeros_like(counters)
+    extra[0] = sum(int(n) for n in batch["invalid"])
+    if len(predictions) == 2:
+        first, second = predictions.values()
+        for a, b, gt in zip(first, second, labels):
+            same = a.to(device) == b.to(device)
+            labelled = gt != num_classes
+            extra[1] += same.sum()
+            extra[2] += same.numel()
+            extra[3] += (same & labelled).sum()
+            extra[4] += labelled.sum()
+    return updates, extra
+
+
+def _confusion(matrix: ConfusionMatrix, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    from .metrics import confusion_from_labels
+    return confusion_from_labels(matrix.map_prediction(pred), gt, matrix.num_classes)
+
+
+def new_state(settings: dict, model_names: Sequence[str], num_classes: int) -> EvalState:
+    size = num_classes + 1
+    return EvalState(settings=settings,
+                     confusion={name: torch.zeros(size, size, dtype=torch.int64) for name in model_names},
+                     counters={key: 0 for key in COUNTERS})

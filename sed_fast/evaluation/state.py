@@ -1,0 +1,115 @@
+"""The resumable state of an evaluation: the running confusion matrices and the finished images.
+
+Saved atomically (temporary file + ``os.replace``) as ``<out>/eval_state.pt`` every
+``--save-every`` images and at the end; ``--resume`` loads it, checks that it was made with the same
+settings (every setting that changes a figure: dataset, images, vocabulary, model, precision...;
+not the batch size, workers or number of processes), and evaluates only the images not finished.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from ._files import atomic_write_bytes
+
+__all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences"]
+
+STATE_FILE = "eval_state.pt"
+_FORMAT = "sed_fast.evaluation.state"
+_VERSION = 1
+
+
+class StateError(Exception):
+    """A resume file that cannot be used: corrupt, from another tool or version, other settings."""
+
+
+@dataclass
+class EvalState:
+    settings: dict
+    confusion: Dict[str, torch.Tensor]  # model name ("model", or "fast"/"reference") -> (N+1, N+1) int64
+    finished: List[str] = field(default_factory=list)  # stems, in the order they were merged
+    counters: Dict[str, int] = field(default_factory=dict)  # invalid label pixels, label agreement
+    seconds: float = 0.0  # evaluation time spent on the finished images, over all sessions
+    complete: bool = False
+
+
+def save_state(path: Path, state: EvalState) -> None:
+    payload = {"format": _FORMAT, "version": _VERSION, "settings": state.settings,
+               "confusion": {k: v.detach().to("cpu", torch.int64) for k, v in state.confusion.items()},
+               "finished": list(state.finished), "counters": dict(state.counters), "seconds": float(state.seconds),
+               "complete": bool(state.complete)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path) -> EvalState:
+    """The state in ``path``; :class:`StateError` with the reason if it is unusable."""
+    hint = f"delete {path} (or pass --overwrite) to start the evaluation over"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated, garbage, or not a torch file
+        raise StateError(f"the resume file {path} is corrupt or not an evaluation state "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {hint}") from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise StateError(f"{path} is not a sed-fast evaluation state; {hint}")
+    if payload.get("version") != _VERSION:
+        raise StateError(f"{path} has state format version {payload.get('version')!r}, this sed-fast reads "
+                         f"version {_VERSION}; {hint}")
+    try:
+        state = EvalState(settings=dict(payload["settings"]), confusion=dict(payload["confusion"]),
+                          finished=[str(s) for s in payload["finished"]], counters=dict(payload["counters"]),
+                          seconds=float(payload["seconds"]), complete=bool(payload["complete"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise StateError(f"the resume file {path} is incomplete ({type(error).__name__}: {error}); {hint}") from None
+    size = int(state.settings.get("num_classes", -1)) + 1
+    for name, matrix in state.confusion.items():
+        if not isinstance(matrix, torch.Tensor) or matrix.dtype != torch.int64 or tuple(matrix.shape) != (size, size):
+            raise StateError(f"the resume file {path} holds a malformed confusion matrix {name!r}; {hint}")
+        if bool((matrix < 0).any()):
+            raise StateError(f"the resume file {path} holds negative counts in {name!r}; {hint}")
+    if len(set(state.finished)) != len(state.finished):
+        raise StateError(f"the resume file {path} lists an image twice; {hint}")
+    return state
+
+
+def settings_differences(saved: dict, current: dict) -> List[str]:
+    """Human-readable differences, one per setting: ``"impl: 'fast' in the resume file, 'reference' now"``."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            out.append(f"{key}: {_short(saved.get(key, '(not set)'))} in the resume file, "
+                       f"{_short(current.get(key, '(not set)'))} now")
+    return out
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def state_path(out_dir: Path) -> Path:
+    return Path(out_dir) / STATE_FILE
+
+
+def exists(out_dir: Path) -> bool:
+    return os.path.exists(state_path(out_dir))
+
+
+def check_resumable(state: EvalState, settings: dict, stems: List[str], path: Optional[Path] = None) -> None:
+    differences = settings_differences(state.settings, settings)
+    if differences:
+        raise StateError(f"cannot resume {path or 'the evaluation'}: it was made with other settings: "
+                         + "; ".join(differences) + ". Rerun with the same settings, or pass --overwrite "
+                         "(or another --out) to start over")
+    unknown = sorted(set(state.finished) - set(stems))
+    if unknown:
+        raise StateError(f"cannot resume {path or 'the evaluation'}: {len(unknown)} finished image(s) are not in "
+                         f"the dataset now (e.g. {unknown[0]!r})")
