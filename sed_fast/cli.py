@@ -16,7 +16,8 @@ folder and renamed into place, so each file is either the complete new one or th
 never a truncated mix (and a symbolic link of the same name is replaced, not written through).
 A signal that arrives while an image's files are being written takes effect once they and the
 summary are written. ``summary.json`` is written when the run starts and rewritten after each image
-(once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end, with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
+(once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end,
+with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
 (``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
 ``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
 summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
@@ -442,7 +443,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
             inputs.append(_Input(path, missing="file not found"))
     if not any(item.missing is None for item in inputs):
         raise UsageError("no images found in " + " ".join(repr(s) for s in specs)
-                         + f" (image files, folders of {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files, or glob patterns)")
+                         + f" (image files, folders of {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files, "
+                           "or glob patterns)")
     _assign_stems(inputs)
     return inputs
 

@@ -259,7 +259,7 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
-    matplotlib = pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
     import matplotlib.image
     for png in ("latency_vs_classes.png", "stages.png"):
         path = tmp_path / png
@@ -277,7 +277,7 @@ def test_report_flags_wrong_rows(tmp_path):
                error=None)
     common.append_rows(tmp_path / "e2e.jsonl", [row])
     assert report.main(["--results-dir", str(tmp_path), "--no-plots"]) == 0
-    line = [l for l in (tmp_path / "report.md").read_text().splitlines() if l.startswith("| SED-B | fast")][0]
+    line = [x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith("| SED-B | fast")][0]
     assert "WRONG OUTPUT" in line and "| 3.0" not in line
 
 

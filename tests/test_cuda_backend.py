@@ -195,7 +195,8 @@ def test_topk_union_reject_backends(backend, case, kind, dtype):
         with _forced_backend("topk_union_reject", backend):
             got = mod.topk_union_reject(aux, k)
         for name, g, e in zip(("kept_mask", "flat_idx", "class_offsets"), got, expected):
-            assert g.dtype == e.dtype and g.shape == e.shape, f"{name}: {g.dtype}{tuple(g.shape)} vs {e.dtype}{tuple(e.shape)}"
+            assert g.dtype == e.dtype and g.shape == e.shape, \
+                f"{name}: {g.dtype}{tuple(g.shape)} vs {e.dtype}{tuple(e.shape)}"
             assert g.device == aux.device, f"{name} on {g.device}"
             assert torch.equal(g.cpu(), e.cpu()), f"{name} differs from the reference (poison {poison:#x})"
 

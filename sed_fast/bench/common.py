@@ -11,7 +11,8 @@ Timing
 Device peaks
     Measured once per device name and cached in ``<results dir>/device_peaks.json``: copy bandwidth
     (a large device-to-device copy; read + write bytes / time) and matmul throughput (a large bf16 and
-    a float32 matmul with TF32 off on CUDA; a float32 matmul on CPU), from the 20th-percentile time. They are achievable peaks on
+    a float32 matmul with TF32 off on CUDA; a float32 matmul on CPU), from the 20th-percentile time.
+    They are achievable peaks on
     this machine, not datasheet numbers, and are used as the denominators of "% of peak".
 
 Result rows
@@ -261,7 +262,8 @@ def time_wall(fn: Callable[[], object], device: Union[str, torch.device] = "cpu"
     return summarize(times)
 
 
-def time_do_bench(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+def time_do_bench(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25,
+                  rep_ms: float = 100) -> Timing:
     """``triton.testing.do_bench`` (L2 flushed between calls); falls back to CUDA events."""
     try:
         from triton.testing import do_bench
@@ -294,7 +296,7 @@ def measure_device_peaks(device: Union[str, torch.device]) -> Dict[str, object]:
     source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     target = torch.empty_like(source)
     copy = time_fn(lambda: target.copy_(source), device, warmup=3, reps=20 if cuda else 10)
-    del source, target
+    source = target = None  # free them before the matmuls
     matmul: Dict[str, float] = {}
     sizes = {"bfloat16": 8192, "float32": 4096} if cuda else {"float32": 1024}
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -305,7 +307,7 @@ def measure_device_peaks(device: Union[str, torch.device]) -> Dict[str, object]:
             b = torch.randn(n, n, device=device, dtype=DTYPES[name])
             timing = time_fn(lambda: torch.mm(a, b), device, warmup=3, reps=10 if cuda else 5)
             matmul[name] = 2 * n ** 3 / (timing.p20_ms * 1e-3) / 1e12  # a peak: the fast end
-            del a, b
+            a = b = None
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     if "float16" not in matmul and "bfloat16" in matmul:

@@ -426,7 +426,7 @@ def markdown(rows: Sequence[CompiledKernel], failures: Sequence[FailedCase], arc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.compile_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sed-fast compile-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGET_LIMITS),
                         help="compute capability to compile for (default 90: H100/H200)")
     parser.add_argument("--classes", default="150,847", help="class counts T (default 150,847)")

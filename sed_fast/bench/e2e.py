@@ -47,7 +47,8 @@ images and setting, computed in the same run image by image. ``max_abs_diff_vs_r
 max |difference| (with rejection: over the classes kept by both; ``kept_mismatch`` counts the
 (image, class) pairs kept by only one). A row is ``valid`` when the difference is within
 ``common.E2E_TOLERANCE`` (float32 1e-4, bfloat16 5e-2, float16 2e-2; float32 with ``--tf32`` 1e-2)
-and, for float32, the kept sets agree (16-bit and TF32 rows may keep other near-tied classes). An invalid row keeps its time only in
+and, for float32, the kept sets agree (16-bit and TF32 rows may keep other near-tied classes). An
+invalid row keeps its time only in
 ``unchecked_median_ms``: ``median_ms`` is null, it is not a result. If the reference itself
 cannot run (out of memory), rows are unchecked (``valid`` null).
 
@@ -228,7 +229,8 @@ class ReferenceOutputs:
             got = scores[b]
             expected = expected.to(got.device)
             if got.shape != expected.shape:
-                raise ValueError(f"scores shape {tuple(got.shape)} differs from the reference's {tuple(expected.shape)}")
+                raise ValueError(f"scores shape {tuple(got.shape)} differs from the reference's "
+                                 f"{tuple(expected.shape)}")
             if rejecting:
                 kept_got = got.flatten(1).amax(1) > 0
                 kept_expected = expected.flatten(1).amax(1) > 0
@@ -434,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny CPU run: SED-B, clip resolution 64, 64x64 images, voc20, batch 1, k=1, kept 4")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results-dir", default=None, help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
+    parser.add_argument("--results-dir", default=None,
+                        help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--name", default="e2e", help="results file name (<name>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     return parser
@@ -484,7 +487,8 @@ def settings_for(impl: str, settings: Sequence[Setting], args) -> List[Setting]:
         wanted = set(common.parse_list(args.autocast_settings))
     else:
         return list(settings)
-    kinds = {s: ("kept" if s.kept_classes is not None else "cer" if s.cer_topk is not None else "exact") for s in settings}
+    kinds = {s: ("kept" if s.kept_classes is not None else "cer" if s.cer_topk is not None else "exact")
+             for s in settings}
     return [s for s in settings if kinds[s] in wanted]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 

@@ -328,7 +328,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, kernels, kern
             row["speedup_vs_official"] = None
         rows.append(row)
         del out
-    del inputs, ref_out
+    inputs = ref_out = None  # free them before the next case
     common.free_memory(device)
     return rows
 
@@ -352,7 +352,8 @@ def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
         line = (f"{r['op']:<18} {r['shape'][:34]:<34} {r['dtype']:<9} {impl[:17]:<17} "
                 f"{common.fmt(r.get('median_ms'), 3):>10} {common.fmt(r.get('gb_per_s'), 1):>8} "
                 f"{common.fmt(r.get('tflop_per_s'), 2):>8} {peak:>6} "
-                f"{common.fmt(r.get('speedup_vs_official'), 2):>8} {common.fmt(r.get('max_abs_diff_vs_reference'), 6):>9}  {ok}")
+                f"{common.fmt(r.get('speedup_vs_official'), 2):>8} "
+                f"{common.fmt(r.get('max_abs_diff_vs_reference'), 6):>9}  {ok}")
         if r.get("error"):
             line += f"  ({r['error'][:80]})"
         print(line, file=file)
@@ -360,7 +361,8 @@ def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.kernels",
-                                     description="Per-kernel benchmark of the sed_fast ops against the official PyTorch code.")
+                                     description="Per-kernel benchmark of the sed_fast ops against the official "
+                                                 "PyTorch code.")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")
     parser.add_argument("--classes", default=None, help="comma-separated class counts T (default 150,847; smoke 5,9)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes: float32,bfloat16,float16")
@@ -369,9 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats (CPU, seconds)")
     parser.add_argument("--target-seconds", type=float, default=None, help="timed seconds per measurement")
     parser.add_argument("--reps", type=int, default=None, help="exact number of timed calls (default: adaptive)")
-    parser.add_argument("--time-budget", type=float, default=None, help="stop starting new cases after this many seconds")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop starting new cases after this many seconds")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls/convolutions (default off)")
-    parser.add_argument("--results-dir", default=None, help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
+    parser.add_argument("--results-dir", default=None,
+                        help="folder of the results (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--name", default="kernels", help="results file name (<name>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print only, write no results")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's; --smoke: 1)")

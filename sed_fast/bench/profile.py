@@ -120,7 +120,8 @@ def breakdown(stage_ms: Dict[str, float], depths: Dict[str, int], order: Sequenc
 
 def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: str, file=None) -> None:
     print(title, file=file)
-    header = f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>9}"
+    header = (f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} "
+              f"{'%peak':>9}")
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
@@ -134,7 +135,8 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
         share = f"{100 * r['share']:.1f}%" if r.get("share") is not None else ""
         gflop = r["flops"] / 1e9 if r.get("flops") else None
         mbytes = r["bytes"] / 1e6 if r.get("bytes") else None
-        print(f"{name:<30} {common.fmt(r['ms'], 3):>9} {share:>7} {common.fmt(gflop, 2):>9} {common.fmt(mbytes, 1):>10} "
+        print(f"{name:<30} {common.fmt(r['ms'], 3):>9} {share:>7} {common.fmt(gflop, 2):>9} "
+              f"{common.fmt(mbytes, 1):>10} "
               f"{common.fmt(r.get('tflop_per_s'), 2):>8} {common.fmt(r.get('gb_per_s'), 1):>8} {peak:>9}", file=file)
     shares = sum(r["share"] for r in rows if r.get("share") is not None)
     print(f"{'total (median forward)':<30} {common.fmt(total_ms, 3):>9} {100 * shares:>6.1f}%", file=file)

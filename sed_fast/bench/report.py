@@ -198,7 +198,8 @@ def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
     lines = ["# SED benchmark report", ""]
     envs = OrderedDict()
     for r in rows:
-        envs[(r.get("device"), r.get("torch"), r.get("triton"), r.get("cuda"), r.get("git_commit"))] = r.get("timestamp")
+        key = (r.get("device"), r.get("torch"), r.get("triton"), r.get("cuda"), r.get("git_commit"))
+        envs[key] = r.get("timestamp")
     lines += ["Environments:", ""]
     lines += _table(["device", "torch", "triton", "CUDA", "commit", "last run"],
                     [list(k) + [v] for k, v in envs.items()])
@@ -348,7 +349,8 @@ def print_summary(rows, file=None) -> None:
             speedup = f"{ref / r['median_ms']:.2f}x" if ref and r.get("median_ms") else "-"
             config = (f"SED-{str(r.get('variant')).upper()} {r.get('impl')} {_dtype(r)} {r.get('vocab')} "
                       f"B={r.get('batch')} {_setting(r)}")
-            print(f"{config[:58]:<58} {common.fmt(r.get('median_ms'), 1):>10} {speedup:>7}  {_status(r)[:60]}", file=file)
+            print(f"{config[:58]:<58} {common.fmt(r.get('median_ms'), 1):>10} {speedup:>7}  {_status(r)[:60]}",
+                  file=file)
     kernels = [r for r in rows if r.get("kind") == "kernel" and r.get("impl") == "sed_fast"]
     if kernels:
         print(f"\n{'kernel (auto backend) vs official':<58} {'median ms':>10} {'speedup':>7}  status", file=file)
@@ -360,9 +362,10 @@ def print_summary(rows, file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.report", description="Markdown + PNG report of benchmark results.")
+    parser = argparse.ArgumentParser(prog="sed-fast report", description="Markdown + PNG report of benchmark results.")
     parser.add_argument("files", nargs="*", help=".jsonl files or folders (default: the results folder)")
-    parser.add_argument("--results-dir", default=None, help="results folder (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
+    parser.add_argument("--results-dir", default=None,
+                        help="results folder (default ./sed_fast_results, or $SED_FAST_RESULTS_DIR)")
     parser.add_argument("--out", default=None, help="output folder (default: the results folder)")
     parser.add_argument("--name", default="report", help="Markdown file name (<name>.md)")
     parser.add_argument("--no-plots", action="store_true", help="write the Markdown only")

@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--images", metavar="DIR", help="custom dataset: folder of images")
     data.add_argument("--labels", metavar="DIR", help="custom dataset: folder of label maps (PNG/TIFF, class index "
                                                       "per pixel), paired with the images by file stem")
-    data.add_argument("--vocab", metavar="NAME|FILE|LIST", help="custom dataset: the class names (built-in name, "
-                                                                "file, or comma-separated list); label value i is class i")
+    data.add_argument("--vocab", metavar="NAME|FILE|LIST",
+                      help="custom dataset: the class names (built-in name, file, or comma-separated list); "
+                           "label value i is class i")
     data.add_argument("--ignore", type=int, metavar="N", help="custom dataset: the label value of unlabelled pixels")
     data.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N images (sorted by file stem)")
     data.add_argument("--invalid-labels", choices=("error", "ignore"), default="error",
@@ -371,11 +372,12 @@ def _run(args) -> int:
         models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info)
         if ctx.is_main:
             for name in models:
-                state.confusion.setdefault(name, runner.new_state(settings, [name], dataset.num_classes).confusion[name])
+                fresh = runner.new_state(settings, [name], dataset.num_classes)
+                state.confusion.setdefault(name, fresh.confusion[name])
         before = len(state.finished)
         eval_start = time.perf_counter()
-        state = runner.evaluate(models, dataset, state, ctx=ctx, device=device, state_file=state_file if ctx.is_main else None,
-                                batch_size=args.batch_size,
+        state = runner.evaluate(models, dataset, state, ctx=ctx, device=device,
+                                state_file=state_file if ctx.is_main else None, batch_size=args.batch_size,
                                 workers=args.workers if args.workers is not None else _default_workers(),
                                 save_every=args.save_every, invalid_labels=args.invalid_labels, progress=not quiet,
                                 progress_interval=args.progress_every)
@@ -396,7 +398,8 @@ def _run(args) -> int:
         env["git"] = report.git_commit()
         timing = {"wall_seconds_this_session": time.perf_counter() - wall_start,
                   "eval_seconds_this_session": eval_seconds, "images_this_session": session_images,
-                  "images_per_second_this_session": session_images / eval_seconds if eval_seconds > 0 and session_images else None,
+                  "images_per_second_this_session":
+                      session_images / eval_seconds if eval_seconds > 0 and session_images else None,
                   "eval_seconds_all_sessions": state.seconds, "resumed_images": before}
         counts = {"evaluated": len(state.finished), "in_dataset": len(dataset.samples),
                   "images_without_label": len(dataset.images_without_label),

@@ -146,8 +146,11 @@ def markdown(results: dict) -> str:
     lines.append("")
     if "comparison" in results:
         c = results["comparison"]
-        lines += [f"Pixel agreement of the labels: {_fmt(100 * c['pixel_agreement'] if c['pixel_agreement'] is not None else None, 4)}% "
-                  f"of {c['pixels_compared']} pixels ({_fmt(100 * c['pixel_agreement_labelled'] if c['pixel_agreement_labelled'] is not None else None, 4)}% "
+        def percent(value):
+            return _fmt(100 * value if value is not None else None, 4)
+
+        lines += [f"Pixel agreement of the labels: {percent(c['pixel_agreement'])}% "
+                  f"of {c['pixels_compared']} pixels ({percent(c['pixel_agreement_labelled'])}% "
                   f"of the labelled ones). Classes whose IoU differs by more than {c['iou_tolerance']}: "
                   f"{len(c['classes_with_different_iou'])}.", ""]
         if c["classes_with_different_iou"]:
@@ -227,7 +230,8 @@ def write_reports(out_dir: Path, results: dict, confusion: Dict[str, np.ndarray]
     """Write every output file; return the messages to show (skipped plot)."""
     out_dir = Path(out_dir)
     messages = []
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    text = json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    atomic_write_text(out_dir / "results.json", text)
     atomic_write_text(out_dir / "results.md", markdown(results))
     for name, conf in confusion.items():
         buffer = io.BytesIO()

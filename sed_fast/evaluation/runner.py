@@ -215,7 +215,8 @@ def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torc
     for name, model in models.items():
         predictions[name] = predict(model, images)
         if len(predictions[name]) != len(images):
-            raise RuntimeError(f"the {name} model returned {len(predictions[name])} label maps for {len(images)} images")
+            raise RuntimeError(f"the {name} model returned {len(predictions[name])} label maps for "
+                               f"{len(images)} images")
     updates = {}
     for name, preds in predictions.items():
         matrix = matrices[name]

@@ -56,8 +56,9 @@ def load_state(path: Path) -> EvalState:
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - truncated, garbage, or not a torch file
+        first_line = str(error).splitlines()[0] if str(error) else ""
         raise StateError(f"the resume file {path} is corrupt or not an evaluation state "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); {hint}") from None
+                         f"({type(error).__name__}: {first_line}); {hint}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise StateError(f"{path} is not a sed-fast evaluation state; {hint}")
     if payload.get("version") != _VERSION:

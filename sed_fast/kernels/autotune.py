@@ -41,7 +41,8 @@ def _iters() -> int:
     try:
         return max(1, int(os.environ.get("SED_FAST_AUTOTUNE_ITERS", "5")))
     except ValueError:
-        raise ValueError(f"SED_FAST_AUTOTUNE_ITERS must be an int, got {os.environ['SED_FAST_AUTOTUNE_ITERS']!r}") from None
+        value = os.environ["SED_FAST_AUTOTUNE_ITERS"]
+        raise ValueError(f"SED_FAST_AUTOTUNE_ITERS must be an int, got {value!r}") from None
 
 
 # -- keys ------------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias) -> None:
         raise ValueError("x has C = 0 channels")
     if dw_weight.dim() != 4 or dw_weight.shape[0] != channels or dw_weight.shape[1] != 1 \
             or dw_weight.shape[2] != dw_weight.shape[3] or dw_weight.shape[2] % 2 == 0:
-        raise ValueError(f"dw_weight must be (C, 1, K, K) with C={channels} and K odd, got shape {tuple(dw_weight.shape)}")
+        raise ValueError(f"dw_weight must be (C, 1, K, K) with C={channels} and K odd, "
+                         f"got shape {tuple(dw_weight.shape)}")
     for name in ("dw_bias", "ln_weight", "ln_bias"):
         if tuple(tensors[name].shape) != (channels,):
             raise ValueError(f"{name} must be ({channels},), got shape {tuple(tensors[name].shape)}")

@@ -183,7 +183,6 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     kept_mask, flat_idx, offsets = out if out is not None else _new_outputs(aux_logits)
     threshold = torch.empty((batch, num_pixels), dtype=torch.float32, device=aux_logits.device)
     rounds = min(k, classes)
-    device = aux_logits.device
 
     # Pixel blocks sized for about 128 programs: 64-pixel blocks gave a 24x24 map only 9 programs,
     # each looping over all T classes k times.

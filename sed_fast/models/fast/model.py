@@ -65,7 +65,8 @@ class SEDFast(SEDBase):
         # The reference structure with the decoder swapped; new wrappers, so that a shared
         # reference model keeps its own decoder.
         predictor = self.sem_seg_head.predictor
-        self.sem_seg_head = _SemSegHead(_Predictor(predictor.clip_model, FastDecoder.from_reference(predictor.transformer)))
+        decoder = FastDecoder.from_reference(predictor.transformer)
+        self.sem_seg_head = _SemSegHead(_Predictor(predictor.clip_model, decoder))
         self.chunk_bytes = chunk_bytes
         self.validate_inputs = validate_inputs
         self.cuda_graphs = cuda_graphs
