@@ -64,12 +64,14 @@ if (( DRY )); then
   DEVICE=cpu
   E2E=(--device cpu --smoke --variants b --image-size 64 --clip-resolution 64 --max-reps 2 --no-stages)
   KERNELS=(--device cpu --smoke --reps 2)
+  COMPILE=(--compile-mode eager)  # dynamo tracing only: inductor on a CPU takes minutes
   VOCABS=random5,random3
   PYTEST_SELECTION=(tests/test_layering.py)
 else
   DEVICE=cuda
   E2E=(--device cuda --variants b --image-size 768 --clip-resolution 768 --max-reps 20 --target-seconds 0.6 --no-stages)
   KERNELS=(--device cuda --classes 150,847)
+  COMPILE=(--compile-mode default)
   VOCABS=ade847,ade150
   PYTEST_SELECTION=(-m gpu tests/kernels tests/test_cuda_backend.py tests/test_fast_model.py
                     --ignore=tests/kernels/test_compile_for_gpu.py)
@@ -125,7 +127,7 @@ else
   run "kernels" 70 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes float32,bfloat16 \
     --backends --time-budget 55
   run "e2e reference torch.compile" 90 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --vocabs "${VOCABS##*,}" \
-    --impls reference+compile --cer-topk "" --kept-classes "" --compile-min-seconds 0
+    --impls reference+compile --cer-topk "" --kept-classes "" --compile-min-seconds 0 "${COMPILE[@]}"
   run "e2e batch 8" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 8 --vocabs "${VOCABS##*,}" \
     --impls reference,fast --fast-dtypes bfloat16 --cer-topk "" --kept-classes 32
   run "e2e SED-L" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --variants l --vocabs "${VOCABS%%,*}" \

@@ -45,6 +45,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .files import atomic_write
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -140,9 +142,6 @@ class _OutputFolder:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        umask = os.umask(0)
-        os.umask(umask)
-        self.mode = 0o666 & ~umask  # what open() would give: mkstemp makes files 0600
 
     def probe(self) -> None:
         """Raise OSError unless a file can be created (and removed) in the folder."""
@@ -152,19 +151,7 @@ class _OutputFolder:
 
     def write(self, name: str, save: Callable) -> Path:
         """``save(binary_file)`` writes the content; returns the final path."""
-        target = self.folder / name
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                save(handle)
-            os.chmod(tmp, self.mode)
-            os.replace(tmp, target)
-            tmp = None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-        return target
+        return atomic_write(self.folder / name, save)
 
     def write_json(self, name: str, data) -> Path:
         # backslashreplace: a path with undecodable bytes (surrogate escapes) becomes a \udcXX escape
@@ -317,44 +304,54 @@ def _run_segment(args: argparse.Namespace) -> int:
 
 
 def _check_options(args: argparse.Namespace):
-    """Validate the cheap options; return (variant spec, torch dtype, device or None)."""
-    import torch
-
-    from .models.encoder import variant_spec
-
-    try:
-        spec = variant_spec(args.variant)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if args.resolution < 32 or args.resolution % 32:
-        raise UsageError(f"--resolution must be a positive multiple of 32 (official: 768), got {args.resolution}")
-    if args.cer_topk is not None and args.cer_topk < 1:
-        raise UsageError(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
+    """Validate the cheap options of ``segment``; return (variant spec, torch dtype, device or None)."""
+    spec, dtype, device = check_model_options(args)
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_environment()
+    return spec, dtype, device
+
+
+def check_model_options(args: argparse.Namespace, error=None):
+    """The model options every command shares (``--variant``, ``--resolution``, ``--cer-topk``,
+    ``--dtype``, ``--device``, ``--checkpoint`` / ``--random-weights``), checked; returns
+    (variant spec, torch dtype, torch device or None). Problems raise ``error`` (default
+    :class:`UsageError`) with a one-line message."""
+    import torch
+
+    from .config import variant_spec
+
+    error = error or UsageError
+    try:
+        spec = variant_spec(args.variant)
+    except ValueError as problem:
+        raise error(str(problem)) from None
+    if args.resolution < 32 or args.resolution % 32:
+        raise error(f"--resolution must be a positive multiple of 32 (official: 768), got {args.resolution}")
+    if args.cer_topk is not None and args.cer_topk < 1:
+        raise error(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
     dtype = getattr(torch, _DTYPES[args.dtype])
     device = None
     if args.device is not None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+            raise error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
         if args.device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+                raise error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
             index = int(args.device.split(":")[1]) if ":" in args.device else 0
             if index >= torch.cuda.device_count():
-                raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+                raise error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
         device = torch.device(args.device)
-    _check_environment()
     if args.checkpoint is None and not args.random_weights:
-        raise UsageError("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
-                         "sed_model_base.pth), or --random-weights to run with random weights "
-                         "(meaningless output, for tests and benchmarks only)")
+        raise error("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
+                    "sed_model_base.pth), or --random-weights to run with random weights "
+                    "(meaningless output, for tests and benchmarks only)")
     if args.checkpoint is not None and args.random_weights:
-        raise UsageError("--checkpoint and --random-weights exclude each other")
-    if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).exists():
-        raise UsageError(f"checkpoint file not found: {args.checkpoint}")
+        raise error("--checkpoint and --random-weights exclude each other")
+    if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).is_file():
+        raise error(f"checkpoint file not found: {args.checkpoint}")
     return spec, dtype, device
 
 

@@ -44,7 +44,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,6 +55,7 @@ from torch import nn
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
 from .envvars import cache_root, env_flag, env_number
+from .files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
            "default_cache_dir", "cache_enabled", "cache_limit_bytes", "check_tokenized_duplicates",
@@ -346,27 +346,15 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
 
 
 def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int) -> None:
-    tmp = None
     embeddings = embeddings.detach().cpu().contiguous()
+    entry = {"format": _FORMAT_VERSION, "key": key, "names": list(names), "sha256": _payload_digest(embeddings),
+             "embeddings": embeddings}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": _FORMAT_VERSION, "key": key, "names": list(names),
-                        "sha256": _payload_digest(embeddings), "embeddings": embeddings}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda handle: torch.save(entry, handle), fsync=True)
     except OSError as error:
         warnings.warn(f"could not write the text-embedding cache {path}: {error}", RuntimeWarning, stacklevel=3)
         return
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     _evict(path.parent, keep=path, limit=limit)
 
 

@@ -1,4 +1,5 @@
 """State-dict layout, checkpoint loading and its errors."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -8,9 +9,17 @@ import torch
 import sed_fast
 from sed_fast.checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_state_dict, save_checkpoint
 
-OFFICIAL_SHAPES = json.loads((Path(__file__).parent / "official_state_dict_shapes.json").read_text())
+# The released checkpoints' keys and shapes: the package's copy (the checkpoint code reads it to name
+# variants), pinned to the official fixture's sha256 so that a change to it fails here.
+SHAPES_FILE = Path(sed_fast.__file__).parent / "data" / "official_state_dict_shapes.json"
+SHAPES_SHA256 = "4e1dd1afdeace0b40473d0d16398e2ec98b978806072762d803373c35543bd01"
+OFFICIAL_SHAPES = json.loads(SHAPES_FILE.read_text())
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
+
+
+def test_the_shapes_file_is_the_official_fixture():
+    assert hashlib.sha256(SHAPES_FILE.read_bytes()).hexdigest() == SHAPES_SHA256
 
 
 @pytest.mark.parametrize("variant,official", [("b", "sed-b"), ("l", "sed-l")])

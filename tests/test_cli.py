@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sed_fast import cli
-from sed_fast.images import as_image_list
+from fake_model import FakeModel as _FakeModel
 from sed_fast.visualize import (class_areas, colorize, draw_legend, label_image, overlay, palette,
                                 render_overlay)
 
@@ -136,24 +135,6 @@ def test_overlay_has_legend_and_banner(good_run):
             assert tuple(colours[c["index"]].tolist()) in legend_colours
         top = pixels[:3].reshape(-1, 3)  # the red random-weights banner
         assert (np.all(top == (200, 0, 0), axis=1)).mean() > 0.5
-
-
-class _FakeModel:
-    """Stands in for SED where only the CLI's control flow is under test (no weights, instant)."""
-    device = torch.device("cpu")
-    random_weights = True
-
-    def set_vocabulary(self, names, progress=None):
-        self.class_names = list(names)
-        return self.class_names
-
-    def __call__(self, images):
-        batch = as_image_list(images)  # the model's own input checks
-        generator = torch.Generator().manual_seed(0)
-        return [torch.rand(len(self.class_names), *size, generator=generator) for size in batch.sizes]
-
-    def predict_labels(self, images):
-        return [scores.argmax(0) for scores in self(images)]
 
 
 # -- failures ----------------------------------------------------------------------------------

@@ -195,3 +195,22 @@ def test_cuda_graph_encoder_replays_the_same_result(reference, images):
     second = _run(graphed, images.cuda().flip(-1))  # replays with new input
     assert (first - _run(eager, images.cuda())).abs().max() <= 1e-5
     assert (second - _run(eager, images.cuda().flip(-1))).abs().max() <= 1e-5
+
+
+def test_fused_weights_follow_the_weights(reference, images):
+    """The fast layers' fused qkv and split DoubleConv weights are derived once, and derived again
+    when the weights change in place (load_state_dict): the fast model then equals a reference
+    with the new weights."""
+    fast = SEDFast.from_reference(copy.deepcopy(reference))
+    layer = fast.decoder.decoder1
+    before = layer.attention._qkv(*(p for m in (layer.attention.attention.q, layer.attention.attention.k,
+                                                layer.attention.attention.v) for p in (m.weight, m.bias)))
+    _run(fast, images)
+    again = layer.attention._qkv(*(p for m in (layer.attention.attention.q, layer.attention.attention.k,
+                                               layer.attention.attention.v) for p in (m.weight, m.bias)))
+    assert again[0] is before[0], "derived weights must be kept while the weights do not change"
+    torch.manual_seed(7)
+    other = sed_fast.build_sed("b", device="cpu", clip_resolution=64, seed=7)
+    other.text_embeddings, other.class_names = reference.text_embeddings, reference.class_names
+    fast.load_state_dict(other.state_dict())
+    assert (_run(fast, images) - _run(other, images)).abs().max() <= 1e-4

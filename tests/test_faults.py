@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fake_model import FakeModel
 from sed_fast import cli
 from sed_fast.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
 
@@ -54,19 +55,6 @@ def _assert_folder_is_whole(out: Path) -> dict:
         for name in record.get("outputs", {}).values():
             assert (out / name).is_file(), name
     return summary
-
-
-class FakeModel:
-    """Stands in for SED where only the CLI's file handling is under test."""
-    device = torch.device("cpu")
-    random_weights = True
-
-    def set_vocabulary(self, names, progress=None):
-        self.class_names = list(names)
-        return self.class_names
-
-    def __call__(self, images):
-        return torch.rand(1, len(self.class_names), *images.shape[-2:], generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
@@ -227,7 +215,7 @@ _SIGNAL_SCRIPT = textwrap.dedent("""
             calls["model"] += 1
             if mode == "model" and calls["model"] == at:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return torch.rand(1, len(self.class_names), *images.shape[-2:])
+            return [torch.rand(len(self.class_names), *image.shape[-2:]) for image in images]
 
     sed_fast.api.build_sed = lambda variant, **kwargs: Fake()
     if mode == "write":  # the signal arrives while an image's first file is being written

@@ -328,7 +328,10 @@ def run_row(impl: str, model, dtype_name: str, setting: Setting, images: torch.T
             if compile_mode is not None:
                 import torch._dynamo as dynamo
                 dynamo.reset()
-                target = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+                if compile_mode == "eager":  # dynamo tracing only, no code generation (quick CPU checks)
+                    target = torch.compile(model, backend="eager")
+                else:
+                    target = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
                 start = time.perf_counter()
                 scores = target(images)
                 common.synchronize(device)
@@ -416,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--autocast-settings", default="exact,cer",
                         help="settings of reference+autocast: any of exact, cer, kept (default exact,cer)")
     parser.add_argument("--compile-settings", default="exact", help="settings of reference+compile (default exact)")
-    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode (default, max-autotune, ...; eager: trace only, no code generation)")
     parser.add_argument("--compile-min-seconds", type=float, default=120.0,
                         help="with --time-budget: start a compile row only if this much time is left")
     parser.add_argument("--image-size", type=int, default=768, help="input image side (default 768)")

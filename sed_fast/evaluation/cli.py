@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import sys
 import time
 import traceback
@@ -153,17 +152,9 @@ def _error(message: str, args) -> None:
 def _check_options(args):
     import torch
 
-    from ..cli import _DTYPES
-    from ..config import variant_spec
+    from ..cli import check_model_options
 
-    try:
-        spec = variant_spec(args.variant)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if args.resolution < 32 or args.resolution % 32:
-        raise UsageError(f"--resolution must be a positive multiple of 32 (official: 768), got {args.resolution}")
-    if args.cer_topk is not None and args.cer_topk < 1:
-        raise UsageError(f"--cer-topk must be >= 1 (leave it out for exact decoding), got {args.cer_topk}")
+    spec, dtype, device = check_model_options(args, error=UsageError)
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--save-every", args.save_every, 0), ("--limit", args.limit, 1)):
         if value is not None and value < low:
@@ -172,14 +163,6 @@ def _check_options(args):
         raise UsageError(f"--iou-tolerance must be >= 0, got {args.iou_tolerance}")
     if args.compare and args.impl == "reference":
         raise UsageError("--compare reference compares the fast implementation with the reference: use --impl fast")
-    if args.checkpoint is None and not args.random_weights:
-        raise UsageError("no --checkpoint given. Pass the official SED checkpoint (e.g. --checkpoint "
-                         "sed_model_base.pth), or --random-weights to run with random weights "
-                         "(meaningless figures, for tests and benchmarks only)")
-    if args.checkpoint is not None and args.random_weights:
-        raise UsageError("--checkpoint and --random-weights exclude each other")
-    if args.checkpoint is not None and not Path(os.path.expanduser(args.checkpoint)).is_file():
-        raise UsageError(f"checkpoint file not found: {args.checkpoint}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     custom = [args.images, args.labels, args.vocab, args.ignore]
@@ -188,15 +171,8 @@ def _check_options(args):
     if args.dataset is None and not all(v is not None for v in custom):
         raise UsageError("no dataset: give a dataset name (ade150, ade847, pc59, pc459, voc20, voc20b, coco) or all "
                          "of --images, --labels, --vocab and --ignore")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device is not None:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-            raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-        device_type = args.device.split(":")[0]
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    return spec, getattr(torch, _DTYPES[args.dtype]), device_type
-
+    device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return spec, dtype, device_type
 
 def _device(args, device_type: str, ctx):
     import torch

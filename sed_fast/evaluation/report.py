@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._files import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 from .metrics import compute_metrics, per_class, summary
 
 __all__ = ["build_results", "write_reports", "log_line", "environment", "git_commit", "plot_per_class_iou"]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 __all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences"]
 
@@ -45,7 +45,7 @@ def save_state(path: Path, state: EvalState) -> None:
                "complete": bool(state.complete)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), fsync=True)
 
 
 def load_state(path: Path) -> EvalState:
