@@ -10,7 +10,8 @@
 # hangs is recorded and the next one runs. The budget (GPU_PASS_BUDGET, default 280 s per call)
 # leaves room inside a 300 s device call. $OUT gets at most 8 files, no sub-folders:
 #   call 1: log1.txt, e2e.jsonl, env.json, status1.txt, report.md, latency_vs_classes.png, stages.png
-#   call 2: log2.txt, kernels.jsonl (+ e2e.jsonl rows, report), status2.txt
+#   call 2: log2.txt, kernels.jsonl (the kernels and the resize against PIL; + e2e.jsonl rows, report),
+#   status2.txt
 # Call 1, in priority order (ade847 and ade150, SED-B, 768x768, batch 1, exact decoding):
 #   the CUDA extension build (in the background, timed), the reference rows (fp32 TF32 off, fp32
 #   TF32 on: the official setting, bf16 autocast), the op and fast-model tests on CUDA, the fast rows
@@ -126,6 +127,8 @@ else
   export SED_FAST_JIT_BUILD=0
   run "kernels" 70 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes float32,bfloat16 \
     --backends --time-budget 55
+  run "resize vs PIL" 30 python3 benchmarks/resize_vs_pil.py --device "$DEVICE" --reps "$(( DRY ? 3 : 100 ))" \
+    --out "$OUT/kernels.jsonl"
   run "e2e reference torch.compile" 90 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --vocabs "${VOCABS##*,}" \
     --impls reference+compile --cer-topk "" --kept-classes "" --compile-min-seconds 0 "${COMPILE[@]}"
   run "e2e batch 8" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 8 --vocabs "${VOCABS##*,}" \

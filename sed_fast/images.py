@@ -14,16 +14,14 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
+from .errors import PixelRangeWarning
+
 MIN_IMAGE_SIDE = 32
 #: Float pixels outside this range are refused: a scale other than 0..255 (a small margin allows
 #: the overshoot of a bicubic resize done by the caller).
 PIXEL_LIMITS = (-1.0, 256.0)
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-class PixelRangeWarning(UserWarning):
-    """A float image whose values all lie in [0, 1]: probably a 0..1 image where 0..255 is expected."""
 
 
 @dataclass

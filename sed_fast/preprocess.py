@@ -52,7 +52,7 @@ def official_resize(image: torch.Tensor, short_edge: int = OFFICIAL_SHORT_EDGE, 
             non-uint8 arrays.
         short_edge, max_size: the resize rule (:func:`official_resize_shape`).
         horizontal_first: uint8 only, the order of Pillow's two passes (see :func:`pil_bilinear_resize`;
-            None: the installed Pillow 13's rule, True: Pillow before 13).
+            None: the installed Pillow's order, True: horizontal first as every Pillow before 13).
 
     Returns:
         (3, new_h, new_w) contiguous, in the image's dtype.

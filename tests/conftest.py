@@ -1,5 +1,6 @@
 """Shared test set-up: seeds, a private text-embedding cache, the --run-slow option."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -7,6 +8,23 @@ import torch
 
 # Tests never write into the user's cache.
 os.environ.setdefault("SED_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="sed_fast_test_cache_"))
+
+# Triton fixes interpreted-or-compiled when it is imported. Without a GPU (or with TRITON_INTERPRET=1
+# asked) it is imported here, before any test module can import it, in interpreter mode, so that the
+# kernel tests can run the kernels on CPU tensors (see tests/kernels/conftest.py); the variable is
+# restored, so that other tests keep the torch path on CPU.
+if (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available()) \
+        and "triton" not in sys.modules:
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401  (imported in interpreter mode)
+        import sed_fast.kernels  # noqa: F401  (the kernels too)
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
 
 
 def pytest_addoption(parser):

@@ -227,6 +227,18 @@ def _output_like(image: torch.Tensor, new_h: int, new_w: int) -> torch.Tensor:
     return torch.empty((image.shape[0], new_h, new_w), dtype=torch.uint8, device=image.device)
 
 
+def _pillow_orders_passes() -> bool:
+    """True when the installed Pillow (13 or newer) chooses the pass order by the sizes."""
+    try:
+        import PIL
+        return int(PIL.__version__.split(".")[0]) >= 13
+    except (ImportError, ValueError):
+        return True
+
+
+INSTALLED_PILLOW_ORDERS_PASSES = _pillow_orders_passes()
+
+
 def pillow_horizontal_first(height: int, width: int, new_h: int, new_w: int) -> bool:
     """Pillow 13's pass order for a whole-image resize: the vertical pass runs first when the height
     shrinks by more than twice as many pixels as the width does, ``H - new_h > max(0, 2 * (W - new_w))``;
@@ -362,14 +374,16 @@ def pil_bilinear_resize(image: torch.Tensor, size: Sequence[int],
             image is read in place), any device.
         size: (new_h, new_w), each >= 1. Up- and downscaling (Pillow's bilinear antialiases when shrinking).
         horizontal_first: the order of the two passes, which changes some pixels by one level when
-            both dimensions change. None (default): Pillow 13's rule (:func:`pillow_horizontal_first`),
-            equal to the Pillow installed here; True: always horizontal first, as every Pillow before
-            13.0 (the Pillow of the original SED evaluation); False: always vertical first.
+            both dimensions change. None (default): that of the Pillow installed here, so the result
+            equals what detectron2 computes on this machine (Pillow >= 13: :func:`pillow_horizontal_first`;
+            before 13, such as the Pillow of the original SED evaluation: horizontal first); True:
+            always horizontal first; False: always vertical first.
 
     Returns:
         uint8 (C, new_h, new_w) contiguous, a new tensor (a copy when the size is unchanged).
     """
     new_h, new_w = _check_inputs(image, size)
     if horizontal_first is None:
-        horizontal_first = pillow_horizontal_first(image.shape[1], image.shape[2], new_h, new_w)
+        horizontal_first = (not INSTALLED_PILLOW_ORDERS_PASSES
+                            or pillow_horizontal_first(image.shape[1], image.shape[2], new_h, new_w))
     return _pil_bilinear_resize_op(image, new_h, new_w, bool(horizontal_first))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..images import (Images, ImageList, as_image_list, check_images, check_pixel_values,  # noqa: F401
                       pixel_extremes)
+from ..errors import NonFiniteScoresError
 from ..preprocess import official_resize
 from ..stages import stage
 from .decoder import EVAL_POOLING, SEDDecoder
@@ -37,10 +38,6 @@ class _SemSegHead(nn.Module):
     def __init__(self, predictor: _Predictor):
         super().__init__()
         self.predictor = predictor
-
-
-class NonFiniteScoresError(FloatingPointError):
-    """The model produced NaN or infinite scores (non-finite weights or inputs)."""
 
 
 class SEDBase(nn.Module):

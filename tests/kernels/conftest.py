@@ -4,7 +4,7 @@ Triton fixes its mode when it is imported: with TRITON_INTERPRET=1 every ``trito
 (Triton's own ``tl.sum``... included) is interpreted, for every device, for the whole process.
 So one pytest process checks the kernels either through the interpreter or compiled:
 
-* no CUDA device, or TRITON_INTERPRET=1 given: interpreter mode. Triton is imported here with the
+* no CUDA device, or TRITON_INTERPRET=1 given: interpreter mode. Triton is imported (by tests/conftest.py) with the
   variable set, which is then restored, so that other test directories in the same session keep
   the fast torch path on CPU; ``cpu-interpreter`` tests set it again while they run (the backend
   registry offers "triton" for CPU tensors only then). ``cuda`` tests are skipped.
@@ -14,25 +14,13 @@ So one pytest process checks the kernels either through the interpreter or compi
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-_INTERPRET_ASKED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-if (_INTERPRET_ASKED or not HAS_CUDA) and "triton" not in sys.modules:
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton  # noqa: F401  (imported in interpreter mode)
-    import sed_fast.kernels  # noqa: F401  (the kernels too)
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
 
-from sed_fast.kernels import dispatch  # noqa: E402
+from sed_fast.kernels import dispatch  # noqa: E402  (tests/conftest.py imported Triton in its mode)
 
 
 INTERPRETER_MODE = dispatch.triton_interpreter_mode()
