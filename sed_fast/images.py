@@ -115,14 +115,3 @@ def check_pixel_values(extremes: torch.Tensor) -> None:
     if high <= 1.0:
         warnings.warn(f"every float image lies within [0, 1] (values {low:.3g}..{high:.3g}), but the model takes "
                       "RGB in 0..255: multiply by 255 if these are 0..1 images", PixelRangeWarning, stacklevel=3)
-
-
-def check_images(images: Images) -> torch.Tensor:
-    """A (B, 3, H, W) / (3, H, W) batch checked in form and values, as a float (B, 3, H, W) tensor
-    (uint8 converted); for callers that need one tensor of one size."""
-    batch = as_image_list(images)
-    if not batch.as_batch:
-        raise TypeError("check_images takes a tensor (B, 3, H, W) or (3, H, W)")
-    check_pixel_values(pixel_extremes(batch))
-    stacked = torch.stack(batch.images)
-    return stacked.float() if stacked.dtype == torch.uint8 else stacked

@@ -125,3 +125,26 @@ def test_non_finite_weights_raise_instead_of_scoring(impl):
         model.decoder.head.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteScoresError, match="NaN or infinite"):
         model(_raw(40, 40, 0))
+
+
+def test_when_pixel_values_are_checked(models, monkeypatch):
+    """The reference checks pixel values before any work; the fast model after the forward (no
+    early host sync), or not at all with validate_inputs=False."""
+    bad = torch.full((3, 40, 40), 1000.0)
+    reference, fast = models["reference"], models["fast"]
+    ran = []
+    real_segment = reference.segment
+    monkeypatch.setattr(reference, "segment", lambda clip: ran.append("reference") or real_segment(clip))
+    with pytest.raises(ValueError, match="0..255"):
+        reference(bad)
+    assert ran == []
+    real_fast_segment = fast.segment
+    monkeypatch.setattr(fast, "segment", lambda clip: ran.append("fast") or real_fast_segment(clip))
+    with pytest.raises(ValueError, match="0..255"):
+        fast(bad)
+    assert ran == ["fast"]
+    fast.validate_inputs = False
+    try:
+        assert fast(bad).shape == (1, len(VOCAB), 40, 40)
+    finally:
+        fast.validate_inputs = True

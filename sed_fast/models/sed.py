@@ -1,7 +1,12 @@
-"""The reference SED model: CLIP ConvNeXt encoder + SED decoder, in plain PyTorch.
+"""The SED model: the test-time pipeline every implementation shares, and the reference.
 
-``SEDReference`` reproduces the official evaluation output (``sem_seg``: sigmoid scores resized to
-the input image size). Its state dict has exactly the official key names
+:class:`SEDBase` takes raw images to scores as the official demo and evaluation do: input checks,
+the official resize (``preprocess="official"``), CLIP normalisation and the 768x768 resize, the
+encoder, the decoder (``decode``, per implementation), and the scores resized back to each image's
+own size (``forward``) or the class map without full-size scores (``predict_labels``).
+
+:class:`SEDReference` decodes with the reference decoder and reproduces the official output
+(``sem_seg``). The state dict has exactly the official key names
 (``sem_seg_head.predictor.clip_model.*``, ``sem_seg_head.predictor.transformer.*``).
 """
 from __future__ import annotations
@@ -12,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..images import (Images, ImageList, as_image_list, check_images, check_pixel_values,  # noqa: F401
-                      pixel_extremes)
+from ..images import Images, ImageList, as_image_list, check_pixel_values, pixel_extremes
 from ..errors import NonFiniteScoresError
 from ..preprocess import official_resize
 from ..stages import stage
@@ -158,13 +162,14 @@ class SEDBase(nn.Module):
     def _run(self, batch: ImageList) -> torch.Tensor:
         """Check the input's values, run the model: scores (B, T, h, w) at the decoder's resolution."""
         self._text_for_decoder()  # no vocabulary: fail before any work
-        extremes = pixel_extremes(batch)
-        if not self.defer_value_checks:
+        when = self.value_checks
+        extremes = pixel_extremes(batch) if when != "off" else None
+        if when == "early":
             check_pixel_values(extremes)
         with stage("preprocess"):
             clip_images = self.clip_input(batch)
         scores = self.segment(clip_images)
-        if self.defer_value_checks:  # read once the device is done anyway: no early sync
+        if when == "late":  # read once the device is done anyway: no early sync
             check_pixel_values(extremes)
         if not bool(torch.isfinite(scores).all()):
             bad = int((~torch.isfinite(scores)).sum())
@@ -227,7 +232,9 @@ class SEDBase(nn.Module):
         """Scores at the decoder's resolution -> the input image size (bilinear, as officially)."""
         return F.interpolate(scores, size=tuple(size), mode="bilinear", align_corners=False)
 
-    defer_value_checks = False
+    #: When the input's pixel values are checked (NaN/inf, outside 0..255): "early" (before any
+    #: work), "late" (after the forward, without an early host sync) or "off".
+    value_checks = "early"
 
 
 class SEDReference(SEDBase):

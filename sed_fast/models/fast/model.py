@@ -88,8 +88,8 @@ class SEDFast(SEDBase):
         return fast
 
     @property
-    def defer_value_checks(self) -> bool:
-        return self.validate_inputs
+    def value_checks(self) -> str:
+        return "late" if self.validate_inputs else "off"
 
     def decode(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         res2, res3, res4, res5 = features
