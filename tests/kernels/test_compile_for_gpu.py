@@ -113,7 +113,7 @@ def test_the_report_catches_a_kernel_the_interpreter_accepts(tmp_path):
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         import tiny_dot
-        from benchmarks import compile_report as cr
+        from sed_fast.bench import compile_report as cr
         rows, failures = cr.compile_cases([cr.Case("tiny dot", tiny_dot.launch)], [torch.float16], 90, usage=False)
         print("FAILURES", len(failures), "ROWS", len(rows))
         print(failures[0].error if failures else "")
