@@ -15,8 +15,8 @@ The Triton kernel: grid (pixel blocks, heads, images). A program streams its ima
 one class per step (the loop bound is read from ``class_offsets``: no recompilation per L): first
 accumulating KV (BLOCK_P x d x d) and ksum in fp32 registers, then applying them to each q_t and
 writing out_t. Tiles are loaded directly in the 3D (pixel, i, j) layout of the state (k, q as
-(P, d, 1), v, out as (P, 1, d)): loaded as 2D tiles and broadcast, each step converted layouts
-through shared memory (16-40 barriers in the SASS on sm_90; now 3). q, k and v are read once per
+(P, d, 1), v, out as (P, 1, d)): 2D tiles broadcast into it would convert layouts through shared
+memory at every class step (16-40 barriers in the SASS on sm_90, against 3). q, k and v are read once per
 pass; they may be strided views (e.g. the ``qkv.split(C, dim=-1)`` of one (total_T, P, 3C) tensor):
 the row and pixel strides go to the kernel, only the channel stride must be 1 (else it is copied).
 """
@@ -126,9 +126,9 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_P=block_p, BLOCK_D=block_d,
-            # 8 warps, not 4: the class loops are latency-bound (Triton does not pipeline their loads),
-            # so resident warps matter; at 4 warps ptxas used 166-230 registers (8-12 warps per SM),
-            # at 8 it uses 80-102 (16 per SM), no spills (benchmarks/compile_report.py).
+            # 8 warps: the class loops are latency-bound (Triton does not pipeline their loads), so
+            # resident warps matter; 8 warps take 80-102 registers each (16 warps per SM), 4 would
+            # take 166-230 (8-12 per SM); no spills either way (sed-fast compile-report).
             num_warps=8,
             **dispatch.TRITON_LAUNCH_OPTIONS,
         )

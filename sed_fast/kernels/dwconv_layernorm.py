@@ -57,9 +57,9 @@ def _dwconv_layernorm_kernel(
     x_image = x_ptr + image.to(tl.int64) * stride_n
     channel_offsets = c[None, :] * stride_c
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
-    # One loop over the K*K taps, not two static ranges: fully unrolled, the 81 tile loads drove
-    # ptxas to 32 registers and 21-27 KB of spill stores per thread for 16-bit inputs on sm_90 (fp32:
-    # 255 registers and spills); as a loop: 72-94 registers, no spills (benchmarks/compile_report.py).
+    # One loop over the K*K taps, not two static ranges: unrolled, the 81 tile loads need more
+    # registers than sm_90 has (21-27 KB of spills per thread in 16-bit); as a loop, 72-94
+    # registers and no spills (sed-fast compile-report).
     for tap_index in range(KSIZE * KSIZE):
         ky = tap_index // KSIZE
         kx = tap_index - ky * KSIZE

@@ -184,8 +184,8 @@ def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
     threshold = torch.empty((batch, num_pixels), dtype=torch.float32, device=aux_logits.device)
     rounds = min(k, classes)
 
-    # Pixel blocks sized for about 128 programs: 64-pixel blocks gave a 24x24 map only 9 programs,
-    # each looping over all T classes k times.
+    # Pixel blocks sized for about 128 programs: with fixed 64-pixel blocks a 24x24 map would get
+    # only 9 programs, each looping over all T classes k times.
     block_pix = max(16, min(64, triton.next_power_of_2(triton.cdiv(num_pixels * batch, 128))))
     block_t = max(16, min(64, triton.next_power_of_2(classes)))
     with _device_context(aux_logits):
