@@ -36,6 +36,7 @@ import torch
 from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
 from ..envvars import cache_root, env_flag
 from . import dispatch
+from .topk_union_reject import check_topk
 
 logger = logging.getLogger("sed_fast.cuda")
 
@@ -272,10 +273,7 @@ def _require_loaded() -> None:
 def topk_union_reject_cuda(aux_logits: torch.Tensor, k: int):
     """(kept_mask (B, T) bool, flat_idx (B*T,) int32, class_offsets (B+1,) int32); see
     sed_fast.kernels.topk_union_reject."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"topk_union_reject: k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"topk_union_reject: k must be >= 1, got {k}")
+    check_topk(k)
     if aux_logits.dim() != 4:
         raise ValueError(f"topk_union_reject: aux_logits must be (B, T, h, w), got shape {tuple(aux_logits.shape)}")
     if aux_logits.shape[1] == 0:

@@ -88,10 +88,6 @@ def _class_attention_kernel(
         tl.store(out_tile + row64 * stride_ot, out.to(out_ptr.dtype.element_ty), mask=mask_j)
 
 
-
-
-
-
 def _pick_blocks(num_pixels: int, head_dim: int):
     """About 8K fp32 of KV state per program: 8 pixels at d=32, 32 at d=16, 128 at d=8."""
     block_d = triton.next_power_of_2(head_dim)

@@ -95,18 +95,12 @@ def _cost_map_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-
-
-
-
 def _pick_blocks(num_pixels: int, num_rows: int, dim: int):
     """Tile sizes: powers of two >= 16 (tl.dot), as large as the problem allows."""
     block_m = max(16, min(64, triton.next_power_of_2(num_pixels)))
     block_n = max(16, min(128, triton.next_power_of_2(num_rows)))
     block_k = max(16, min(64, triton.next_power_of_2(dim)))
     return block_m, block_n, block_k
-
-
 
 
 def _output_like(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -87,10 +87,6 @@ def _dwconv_layernorm_kernel(
              mask=pix_ok[:, None] & c_ok[None, :])
 
 
-
-
-
-
 def _pick_blocks(channels: int, width: int):
     """(BLOCK_H, BLOCK_W, BLOCK_C): all channels, about 4096 fp32 accumulators per program."""
     block_c = max(16, triton.next_power_of_2(channels))

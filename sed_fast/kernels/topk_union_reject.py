@@ -153,10 +153,6 @@ def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, row_numel, stride_x_row, num_ro
     tl.store(out_ptr + row.to(tl.int64) * row_numel + offs, values, mask=mask)
 
 
-
-
-
-
 def _device_context(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -167,8 +163,6 @@ def _new_outputs(aux_logits: torch.Tensor):
     return (torch.empty((batch, classes), dtype=torch.bool, device=device),
             torch.empty((batch * classes,), dtype=torch.int32, device=device),
             torch.empty((batch + 1,), dtype=torch.int32, device=device))
-
-
 
 
 def topk_union_reject_triton(aux_logits: torch.Tensor, k: int,
