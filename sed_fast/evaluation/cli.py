@@ -113,10 +113,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
     from .datasets import DatasetError
+    from .runner import quiet_loader_shutdown
     from .state import StateError
 
     try:
-        return _run(args)
+        with quiet_loader_shutdown():
+            return _run(args)
     except (UsageError, StateError) as error:
         _error(str(error), args)
         return EXIT_USAGE

@@ -11,9 +11,14 @@ points whatever the length of its shard, as collectives require.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
 import sys
+import threading
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -115,6 +120,34 @@ def sync_plan(todo: int, world_size: int, batch_size: int, save_every: int):
     return step, math.ceil(longest / step)
 
 
+def _is_resource_sharer_noise(args) -> bool:
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
+    return any(frame.filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")) for frame in frames)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Set up a loader worker: Ctrl-C (a terminal sends it to the whole process group) is left to
+    the main process, which saves the state and stops the workers; and a worker being stopped
+    while the main process fetches a batch's shared file descriptors from it (multiprocessing's
+    resource sharer thread) does not print that thread's traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = threading.excepthook
+    threading.excepthook = lambda args: None if _is_resource_sharer_noise(args) else previous(args)
+
+
+@contextlib.contextmanager
+def quiet_loader_shutdown():
+    """The main process's side of :func:`_worker_init`: while loader workers are stopped after an
+    interrupt, a resource-sharer connection cut short is noise, not an error of the run. Other
+    threads' exceptions are reported as usual."""
+    previous = threading.excepthook
+    threading.excepthook = lambda args: None if _is_resource_sharer_noise(args) else previous(args)
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state: EvalState, *, ctx: Context,
              device: torch.device, state_file=None, batch_size: int = 1, workers: int = 0, save_every: int = 0,
              invalid_labels: str = "error", progress: bool = True, progress_interval: float = 30.0,
@@ -135,7 +168,8 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     loader = torch.utils.data.DataLoader(
         EvalDataset(samples, mine, num_classes, dataset.spec.ignore_label, invalid_labels),
         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if workers > 0 else None)
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None)
     batches = iter(loader)
     matrices = {name: ConfusionMatrix(num_classes, device, dataset.spec.background_from) for name in models}
     counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
