@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
@@ -120,32 +119,39 @@ def sync_plan(todo: int, world_size: int, batch_size: int, save_every: int):
     return step, math.ceil(longest / step)
 
 
-def _is_resource_sharer_noise(args) -> bool:
-    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback is not None else []
+def _from_resource_sharer(tb) -> bool:
+    frames = traceback.extract_tb(tb) if tb is not None else []
     return any(frame.filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")) for frame in frames)
+
+
+def _quiet_excepthook(previous):
+    """``sys.excepthook`` without multiprocessing's resource-sharer noise (its serving thread
+    reports a connection cut short through ``sys.excepthook`` itself)."""
+    def hook(exc_type, exc, tb):
+        if not _from_resource_sharer(tb):
+            previous(exc_type, exc, tb)
+    return hook
 
 
 def _worker_init(worker_id: int) -> None:
     """Set up a loader worker: Ctrl-C (a terminal sends it to the whole process group) is left to
-    the main process, which saves the state and stops the workers; and a worker being stopped
-    while the main process fetches a batch's shared file descriptors from it (multiprocessing's
-    resource sharer thread) does not print that thread's traceback."""
+    the main process, which saves the state and stops the workers; and a worker stopped while the
+    main process fetches a batch's shared file descriptors from it (multiprocessing's resource
+    sharer) does not print the sharer's traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    previous = threading.excepthook
-    threading.excepthook = lambda args: None if _is_resource_sharer_noise(args) else previous(args)
+    sys.excepthook = _quiet_excepthook(sys.excepthook)
 
 
 @contextlib.contextmanager
 def quiet_loader_shutdown():
-    """The main process's side of :func:`_worker_init`: while loader workers are stopped after an
-    interrupt, a resource-sharer connection cut short is noise, not an error of the run. Other
-    threads' exceptions are reported as usual."""
-    previous = threading.excepthook
-    threading.excepthook = lambda args: None if _is_resource_sharer_noise(args) else previous(args)
+    """The main process's side of :func:`_worker_init`, while the run lasts. Other exceptions are
+    reported as usual."""
+    previous = sys.excepthook
+    sys.excepthook = _quiet_excepthook(previous)
     try:
         yield
     finally:
-        threading.excepthook = previous
+        sys.excepthook = previous
 
 
 def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state: EvalState, *, ctx: Context,
