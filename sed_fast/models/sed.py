@@ -121,9 +121,12 @@ class SEDBase(nn.Module):
         self.class_names = list(names)
         return self.class_names
 
-    def _text_for_decoder(self) -> torch.Tensor:
+    def _require_vocabulary(self) -> None:
         if self.text_embeddings is None:
             raise RuntimeError("no vocabulary set: call model.set_vocabulary(names) before segmenting")
+
+    def _text_for_decoder(self) -> torch.Tensor:
+        self._require_vocabulary()
         return self.text_embeddings.to(self.dtype)
 
     # -- image side ------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class SEDBase(nn.Module):
     @torch.no_grad()
     def _run(self, batch: ImageList) -> torch.Tensor:
         """Check the input's values, run the model: scores (B, T, h, w) at the decoder's resolution."""
-        self._text_for_decoder()  # no vocabulary: fail before any work
+        self._require_vocabulary()  # fail before any work (the text itself is read once, by segment)
         when = self.value_checks
         extremes = pixel_extremes(batch) if when != "off" else None
         if when == "early":
