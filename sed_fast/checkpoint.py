@@ -30,7 +30,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .envvars import env_flag
+from .envvars import env_value
 
 _SHAPES_FILE = Path(__file__).parent / "data" / "official_state_dict_shapes.json"
 _SHOW = 5  # how many keys of each kind an error message lists
@@ -54,7 +54,7 @@ def official_shapes() -> Dict[str, Dict[str, list]]:
 def trust_checkpoints() -> bool:
     """Whether ``SED_FAST_TRUST_CHECKPOINTS`` allows full unpickling (default off; a value that is
     not a boolean word raises ``ValueError``)."""
-    return env_flag("SED_FAST_TRUST_CHECKPOINTS", False)
+    return env_value("SED_FAST_TRUST_CHECKPOINTS")
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
