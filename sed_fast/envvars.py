@@ -137,7 +137,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("DETECTRON2_DATASETS", "text", None, "datasets"),
     Variable("SED_FAST_RESULTS_DIR", "folder", None, "./sed_fast_results", bad="<a file>"),
     Variable("SED_FAST_BENCH_DEVICE", "text", None, "cpu"),
-    Variable("SED_FAST_MAX_PIXELS", "integer", None, "Pillow's limit, 178956970 (0: no limit)", minimum=0,
+    Variable("SED_FAST_MAX_PIXELS", "integer", None, "Pillow's MAX_IMAGE_PIXELS (0: no limit)", minimum=0,
              bad="-1"),
     Variable("OUT", "text", None, "out/gpu_pass"),
     Variable("GPU_PASS_BUDGET", "integer", 280, "280", minimum=1, bad="soon"),
