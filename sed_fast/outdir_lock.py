@@ -172,7 +172,8 @@ def holder(folder: PathLike) -> Optional[dict]:
     """Who holds ``folder``'s lock: the lock file's ``pid``, ``host``, ``command``, ``started_at``
     and ``held`` (True: the lock is held now; False: the file is left by a run that is over, or
     is being written; None: cannot tell, e.g. another host's run without ``flock``). None when
-    there is no lock file."""
+    there is no lock file. (The test takes a shared lock for an instant; a run starting then
+    retries for a moment before it calls the folder busy.)"""
     path = Path(folder) / LOCK_NAME
     if not path.exists():
         return None
@@ -217,6 +218,19 @@ def _wait_for_info(path: Path, attempts: int = 20) -> Optional[dict]:
     return _read_info(path)
 
 
+def _flock_briefly(fd: int, attempts: int = 5) -> None:
+    """``flock(LOCK_EX)`` without waiting on a real holder: a few quick retries ride out a
+    :func:`holder` check's instant shared lock."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as error:
+            if error.errno not in _BUSY or attempt == attempts - 1:
+                raise
+            time.sleep(0.02)
+
+
 def _take_flock(folder: Path, path: Path) -> Optional[tuple]:
     """(fd, previous info) with the flock held on the file now at ``path``; None if flock is not
     supported here. Raises :class:`OutputDirBusy` when another process holds it."""
@@ -227,7 +241,7 @@ def _take_flock(folder: Path, path: Path) -> Optional[tuple]:
             raise OutputDirError(f"cannot create the lock file {path} ({_describe(error)}): make the output "
                                  "folder writable or choose another") from error
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_briefly(fd)
         except OSError as error:
             os.close(fd)
             if error.errno in _NO_FLOCK:
