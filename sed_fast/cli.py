@@ -7,8 +7,10 @@
 Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
 ``summary.json`` and on stderr; the others are still processed) or an unexpected error stopped the
 run; 2 usage error (bad option, vocabulary, checkpoint, environment variable, no images, an output
-folder that cannot be written): nothing is segmented; 130 interrupted by SIGINT (Ctrl-C); 143
-terminated by SIGTERM. Errors are one-line messages; ``--debug`` adds the Python traceback.
+folder that cannot be written or that another run is using): nothing is segmented; 130 interrupted
+by SIGINT (Ctrl-C); 143 terminated by SIGTERM; 129 SIGHUP (the terminal closed; not under
+``nohup``, whose ignoring of it is kept). Errors are one-line messages; ``--debug`` adds the Python
+traceback.
 
 What an interrupted or failed run leaves in ``--out``: every output file (``*_labels.png``,
 ``*_overlay.png``, ``*_scores.npy``, ``summary.json``) is written to a temporary file in the same
@@ -18,9 +20,14 @@ A signal that arrives while an image's files are being written takes effect once
 summary are written. ``summary.json`` is written when the run starts and rewritten after each image
 (once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end,
 with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
-(``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
-``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
-summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
+(``exit_code`` 129/130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
+``run_id``, ``pid``, ``host`` and ``started_at`` say which run wrote it, so a run into a used folder
+replaces the old summary at its start. When the final rewrite fails (a full disk) a compact final
+summary (no per-image records, ``summary_error``) overwrites the file in place; a run killed
+outright (SIGKILL) leaves ``"running"``, which :func:`read_summary` reads as ``"interrupted"`` once
+that process no longer holds the folder. One run at a time per ``--out``
+(:mod:`sed_fast.outdir_lock`): a second one exits with code 2 naming the first one's PID.
+Output names keep at most 100 bytes of the input's stem (longer stems get a
 short hash instead of the rest).
 """
 from __future__ import annotations
@@ -35,6 +42,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -52,6 +60,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 128 + 2  # 130, as a shell reports a Ctrl-C
 EXIT_SIGTERM = 128 + 15  # 143
+EXIT_SIGHUP = 128 + 1  # 129
 
 _STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
@@ -92,8 +101,8 @@ def _signal_name(signum: int) -> str:
 
 
 class _Signals:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; inside :meth:`deferred`
-    they wait until the block ends, so a group of file writes is never cut halfway."""
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread; inside
+    :meth:`deferred` they wait until the block ends, so a group of file writes is never cut halfway."""
 
     def __init__(self):
         self.depth = 0
@@ -101,10 +110,12 @@ class _Signals:
         self.previous = {}
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
             if signum is None:
                 continue
             try:
+                if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # nohup: the terminal closing must not stop the run
                 self.previous[signum] = signal.signal(signum, self._handle)
             except (ValueError, OSError):  # not the main thread: the default handling stays
                 pass
@@ -596,19 +607,20 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {_describe(error)}") from error
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out} is not a folder")
-    output = _OutputFolder(out_dir)
-    try:
-        output.probe()
-    except OSError as error:
-        raise UsageError(f"--out {args.out}: cannot write in this folder ({_describe(error)}); choose another "
-                         "--out or make it writable") from error
+    from .outdir_lock import OutputDirError, exclusive_output_dir
 
+    with contextlib.ExitStack() as held:
+        try:  # writable, and no other run in it, before the model is built
+            held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} segment --out {args.out}"))
+        except OutputDirError as error:
+            raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir)
+
+
+def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: List[str], inputs: List[_Input],
+                    out_dir: Path) -> int:
+    """``segment`` into ``out_dir``, which this process holds."""
+    output = _OutputFolder(out_dir)
     random_weights = args.checkpoint is None
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
@@ -620,6 +632,8 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         "status": "running",
         "exit_code": None,
         "run_id": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "started_at": _now(),
         "finished_at": None,
         "sed_fast_version": __version__,
@@ -648,7 +662,9 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         path = out_dir / "summary.json"
         # After an image: a write that takes over 10 ms (a summary of thousands of images) is skipped
         # while the previous one is recent relative to its cost: rewriting stays under ~5% of the run.
-        if not force and timing["cost"] > 0.01 and time.perf_counter() - timing["last"] < 20 * timing["cost"]:
+        # (Only past 100 records: a small summary is always rewritten, however busy the machine.)
+        if not force and len(records) > 100 and timing["cost"] > 0.01 and \
+                time.perf_counter() - timing["last"] < 20 * timing["cost"]:
             return path
         with signals.deferred():
             start = time.perf_counter()
@@ -656,6 +672,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             timing["last"], timing["cost"] = time.perf_counter(), time.perf_counter() - start
         return path
 
+    save_summary.summary, save_summary.path = summary, out_dir / "summary.json"  # for _save_final
     summary_path = save_summary()  # replaces a previous run's summary before any work
     try:
         checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
@@ -709,20 +726,26 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             progress.close()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
-        save_summary(status="interrupted", exit_code=code, signal=_signal_name(code - 128), finished_at=_now(),
-                     num_not_processed=len(inputs) - len(records))
+        _save_final(save_summary, status="interrupted", exit_code=code, signal=_signal_name(code - 128),
+                    finished_at=_now(), num_not_processed=len(inputs) - len(records))
         raise
     except UsageError as error:
-        save_summary(status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
         raise
     except Exception as error:
-        save_summary(status="failed", exit_code=EXIT_FAILED, error=f"{type(error).__name__}: {_describe(error)}",
-                     finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED,
+                    error=f"{type(error).__name__}: {_describe(error)}", finished_at=_now())
+        raise
+    except BaseException as error:  # SystemExit, GeneratorExit...: the summary does not stay "running"
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED, error=type(error).__name__,
+                    finished_at=_now())
         raise
 
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
-    save_summary(status="complete", exit_code=code, finished_at=_now())
+    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=_now()):
+        code = EXIT_FAILED  # the outputs are there, their summary is not
+        _finish_in_place(summary_path, dict(summary, exit_code=code))
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
@@ -736,6 +759,80 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _save_final(save_summary: Callable, **changes) -> bool:
+    """Write the final summary; when that fails (a full disk), overwrite the file in place with a
+    compact one (:func:`_finish_in_place`) and say so rather than raise over the error that stopped
+    the run. Returns whether the full summary was written."""
+    try:
+        save_summary(**changes)
+        return True
+    except OSError as error:
+        summary = save_summary.summary
+        summary["summary_error"] = f"summary.json could not be rewritten in full: {_describe(error)}"
+        written = _finish_in_place(save_summary.path, summary)
+        _warn(f"could not write the final summary.json ({_describe(error)}); "
+              + ("a compact one without the per-image records is in its place" if written else
+                 "it still shows an earlier state"))
+        return False
+
+
+_FINAL_KEYS = ("status", "exit_code", "run_id", "pid", "host", "started_at", "finished_at", "error", "signal",
+               "summary_error", "num_inputs", "num_images", "num_ok", "num_failed", "num_not_processed")
+
+
+def _finish_in_place(path: Path, summary: dict) -> bool:
+    """Overwrite the existing ``path`` in place with ``summary`` less its per-image records (or,
+    if that is longer than the file, its status fields alone): rewriting a file's allocated blocks
+    needs no free space, where the atomic rewrite (a new file) does. Returns whether it was written."""
+    compact = dict({k: v for k, v in summary.items() if k != "images"}, images=None)
+    minimal = dict({k: summary[k] for k in _FINAL_KEYS if k in summary}, images=None)
+    try:
+        with open(path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            for record in (compact, minimal):
+                data = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+                if len(data) <= size:
+                    handle.seek(0)
+                    handle.write(data)
+                    handle.truncate()
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def read_summary(path) -> dict:
+    """A ``summary.json`` (a file or its folder) as written by ``segment``; a summary that still says
+    ``"running"`` although its run has ended (killed, its host lost power) reads as
+    ``"interrupted"`` with ``"exit_code": None`` and a ``"note"``. The run is known to be live when it
+    still holds its output folder's lock, or, without a lock to test, when its PID exists on this host."""
+    from .outdir_lock import holder, pid_alive
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("status") != "running":
+        return summary
+    pid, host = summary.get("pid"), summary.get("host")
+    if pid is None:  # written by an older sed-fast: nothing to check
+        return summary
+    lock = holder(path.parent)
+    if lock is not None and (lock.get("pid"), lock.get("host")) == (pid, host) and lock.get("held") is not None:
+        alive = lock["held"]
+    elif host == socket.gethostname():
+        alive = pid_alive(pid)
+    else:
+        alive = None
+    if alive is False:
+        summary = dict(summary, status="interrupted", exit_code=None,
+                       note=f"the run (PID {summary.get('pid')} on {summary.get('host')}) ended without finishing "
+                            "this summary (killed, or its machine stopped)")
+    return summary
 
 
 def _segment_batch(model, items: List[_Input], class_names: List[str], args, random_weights: bool):
