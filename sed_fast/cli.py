@@ -250,9 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _hint_dash_names(argv: Sequence[str]) -> None:
     """After a usage error: an argument that starts with '-' but names a file (``-dash.png``) was
     taken for an option; say how to pass it."""
-    options = {"--version", "-h", "--help", "--vocab", "--vocabulary", "--checkpoint", "--random-weights",
-               "--variant", "--impl", "--cer-topk", "--dtype", "--device", "--resolution", "--out", "--save-scores",
-               "--batch-size", "--max-pixels", "--alpha", "--no-text-cache", "--quiet", "-q", "--debug"}
+    options = set()
+    for action in build_parser()._actions:  # the top level, then each subcommand's own options
+        options |= set(action.option_strings)
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, argparse.ArgumentParser):
+                options |= {name for each in sub._actions for name in each.option_strings}
     for arg in argv:
         arg = str(arg)
         if arg == "--":

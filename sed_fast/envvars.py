@@ -9,6 +9,9 @@ A boolean variable accepts ``1/true/yes/on`` and ``0/false/no/off`` (any case, s
 ignored); unset or empty means its default, anything else is an error (a typo in a security switch
 must not silently mean "on"). Variables read by other programs (Triton, torch's extension builder,
 shell scripts) are checked against what those programs accept.
+
+A new variable needs a row in the README's table and an entry in :data:`VARIABLES` (with a ``bad``
+value it refuses, unless it is free text): ``tests/test_envvars.py`` fails while the two differ.
 """
 from __future__ import annotations
 
