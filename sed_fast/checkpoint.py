@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .envvars import cache_root, env_flag
+from .envvars import cache_root, env_value
 from .files import atomic_write_text
 
 _SHAPES_FILE = Path(__file__).parent / "data" / "official_state_dict_shapes.json"
@@ -67,7 +67,7 @@ def official_shapes() -> Dict[str, Dict[str, list]]:
 def trust_checkpoints() -> bool:
     """Whether ``SED_FAST_TRUST_CHECKPOINTS`` allows full unpickling (default off; a value that is
     not a boolean word raises ``ValueError``)."""
-    return env_flag("SED_FAST_TRUST_CHECKPOINTS", False)
+    return env_value("SED_FAST_TRUST_CHECKPOINTS")
 
 
 def file_identity(path: Union[str, os.PathLike]) -> dict:

@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help", "--version"} & set(map(str, argv)) and not _environment_ok():
+        return EXIT_USAGE
     if argv and argv[0] in _EXTERNAL:
         return _dispatch_external(argv[0], argv[1:])
     parser = build_parser()
@@ -321,7 +323,6 @@ def _check_options(args: argparse.Namespace):
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_environment()
     return spec, dtype, device
 
 
@@ -366,16 +367,18 @@ def check_model_options(args: argparse.Namespace, error=None):
     return spec, dtype, device
 
 
-def _check_environment() -> None:
-    """Parse the environment variables now: a malformed one is a usage error before any work."""
-    from .checkpoint import trust_checkpoints
-    from .text import cache_enabled, cache_limit_bytes
+def _environment_ok() -> bool:
+    """Every command parses every environment variable first (sed_fast.envvars): a malformed one
+    is one usage error before any work, not a failure of each image later."""
+    from .envvars import EnvError, check_environment
 
-    for read in (trust_checkpoints, cache_enabled, cache_limit_bytes):
-        try:
-            read()
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    try:
+        for warning in check_environment():
+            _warn(warning)
+    except EnvError as error:
+        _error(str(error))
+        return False
+    return True
 
 
 def _load_vocabulary(text: str) -> List[str]:
