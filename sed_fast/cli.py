@@ -56,6 +56,7 @@ EXIT_SIGTERM = 128 + 15  # 143
 _STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -412,6 +413,10 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
 
     def add_folder(folder: Path) -> None:
         found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+        videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if videos:  # not silently: the user may expect their frames to be segmented
+            _warn(f"skipped {len(videos)} video file(s) in {folder} ({', '.join(videos[:5])}"
+                  f"{', ...' if len(videos) > 5 else ''}): segment reads images only")
         if not found and not quiet:
             _warn(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
         for p in found:

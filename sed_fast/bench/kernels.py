@@ -360,7 +360,7 @@ def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.kernels",
+    parser = argparse.ArgumentParser(prog="sed-fast bench-kernels",
                                      description="Per-kernel benchmark of the sed_fast ops against the official "
                                                  "PyTorch code.")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")

@@ -79,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_kineto():
+    """Without CUDA, keep the profiler library (Kineto) quiet: it asks the CUDA driver for devices
+    whatever activities are profiled and logs ``ERROR: gpuGetDeviceCount failed with code 35``
+    (and ``USDT`` lines) on a CPU-only machine. Its level is read when profiling starts; a
+    ``KINETO_LOG_LEVEL`` set by the user wins."""
+    import os
+
+    if torch.cuda.is_available() or "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = "6"  # above ERROR (4) and Kineto's USDT lines (5)
+    try:
+        yield
+    finally:
+        os.environ.pop("KINETO_LOG_LEVEL", None)
+
+
 def build_model(args, device: torch.device):
     import sed_fast
     torch.manual_seed(args.seed)
@@ -246,12 +264,13 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(2):
-                with recording(device) as recorder, instrument(model):
-                    forward()
-                    recorder.times_ms()
-        prof.export_chrome_trace(args.trace)
+        with _quiet_kineto():
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(2):
+                    with recording(device) as recorder, instrument(model):
+                        forward()
+                        recorder.times_ms()
+            prof.export_chrome_trace(args.trace)
 
     rows = breakdown(stage_ms, depths, order, total_ms, flops, nbytes, peaks, compute_dtype)
     env = common.environment(device)
