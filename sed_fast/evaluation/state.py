@@ -36,13 +36,14 @@ class EvalState:
     counters: Dict[str, int] = field(default_factory=dict)  # invalid label pixels, label agreement
     seconds: float = 0.0  # evaluation time spent on the finished images, over all sessions
     complete: bool = False
+    skipped: List[List[str]] = field(default_factory=list)  # [stem, error] left out by --skip-unreadable
 
 
 def save_state(path: Path, state: EvalState) -> None:
     payload = {"format": _FORMAT, "version": _VERSION, "settings": state.settings,
                "confusion": {k: v.detach().to("cpu", torch.int64) for k, v in state.confusion.items()},
                "finished": list(state.finished), "counters": dict(state.counters), "seconds": float(state.seconds),
-               "complete": bool(state.complete)}
+               "complete": bool(state.complete), "skipped": [list(entry) for entry in state.skipped]}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fsync=True)
@@ -67,7 +68,8 @@ def load_state(path: Path) -> EvalState:
     try:
         state = EvalState(settings=dict(payload["settings"]), confusion=dict(payload["confusion"]),
                           finished=[str(s) for s in payload["finished"]], counters=dict(payload["counters"]),
-                          seconds=float(payload["seconds"]), complete=bool(payload["complete"]))
+                          seconds=float(payload["seconds"]), complete=bool(payload["complete"]),
+                          skipped=[[str(part) for part in entry] for entry in payload.get("skipped", [])])
     except (KeyError, TypeError, ValueError) as error:
         raise StateError(f"the resume file {path} is incomplete ({type(error).__name__}: {error}); {hint}") from None
     size = int(state.settings.get("num_classes", -1)) + 1
