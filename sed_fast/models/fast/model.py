@@ -96,6 +96,14 @@ class SEDFast(SEDBase):
         return self.decoder(dense, text, (res5, res4, res3, res2), rejection=self.rejection,
                             budget=self._budget(dense.device))
 
+    def training_logits(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]):
+        res2, res3, res4, res5 = features
+        return self.decoder.logits(dense, text, (res5, res4, res3, res2), pooling=self.train_pooling_size,
+                                   budget=self._budget(dense.device))
+
+    def _encode_for_training(self, clip_images: torch.Tensor):
+        return self.encode_image(clip_images.contiguous(memory_format=torch.channels_last))
+
     def _encode(self, images: torch.Tensor):
         """The image encoder on channels-last input, replayed from a CUDA graph when
         ``cuda_graphs`` is on (CUDA only).
