@@ -291,3 +291,15 @@ def test_no_vocabulary_is_refused(batch):
     model.text_embeddings = None
     with pytest.raises(RuntimeError, match="no vocabulary"):
         model.losses(*batch)
+
+
+def test_losses_decode_every_class_whatever_cer_topk(reference64, batch, reference_result):
+    """No rejection while training: cer_topk changes inference only."""
+    expected_losses, _ = reference_result
+    reference64.cer_topk = 1
+    try:
+        losses = reference64.losses(*batch)
+    finally:
+        reference64.cer_topk = None
+    for key in LOSS_KEYS:
+        assert float(losses[key].detach()) == pytest.approx(float(expected_losses[key]), rel=1e-12)
