@@ -271,6 +271,17 @@ def _cost_map_case(classes: int, dim: int, variant: str) -> Case:
     return Case(f"cost_map SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
 
 
+def _cost_map_backward_case(classes: int, dim: int, variant: str) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.cost_map_backward import cost_map_backward_triton
+        img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
+        text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
+        grad = torch.empty((classes, PROMPTS, COST_SIZE, COST_SIZE), dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        cost_map_backward_triton(grad, img, text, True, True, True)
+    return Case(f"cost_map backward SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
+
+
 def _dwconv_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_triton
@@ -324,6 +335,7 @@ def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
                          _pil_resize_case(3000, 1000, 1920, 640, horizontal_first=False)]
     for t in classes:
         cases += [_cost_map_case(t, VARIANT_DIMS[v], v) for v in variants]
+        cases += [_cost_map_backward_case(t, VARIANT_DIMS[v], v) for v in variants]
         for channels, side in LEVELS:
             cases += [_dwconv_case(t, channels, side), _class_attention_case(t, channels, side),
                       _rejection_case(t, side), _gather_case(t, channels, side)]
