@@ -302,6 +302,17 @@ def _class_attention_case(classes: int, channels: int, side: int) -> Case:
     return Case(f"class_attention T={classes} P={side * side} C={channels}", launch)
 
 
+def _class_attention_backward_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.class_attention_backward import class_attention_backward_triton
+        qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)
+        q, k, v = qkv.split(channels, dim=-1)
+        grad = torch.empty((classes, side * side, channels), dtype=dtype)
+        offsets = torch.tensor([0, classes], dtype=torch.int32)
+        class_attention_backward_triton(grad, q, k, v, offsets, num_heads=4, eps=1e-6)
+    return Case(f"class_attention backward T={classes} P={side * side} C={channels}", launch)
+
+
 def _rejection_case(classes: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.topk_union_reject import topk_union_reject_triton
@@ -338,6 +349,7 @@ def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
         cases += [_cost_map_backward_case(t, VARIANT_DIMS[v], v) for v in variants]
         for channels, side in LEVELS:
             cases += [_dwconv_case(t, channels, side), _class_attention_case(t, channels, side),
+                      _class_attention_backward_case(t, channels, side),
                       _rejection_case(t, side), _gather_case(t, channels, side)]
     return cases
 
