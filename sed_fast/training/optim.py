@@ -89,7 +89,6 @@ def param_groups(model: torch.nn.Module, config: SolverConfig) -> List[Dict]:
 
 def build_optimizer(model: torch.nn.Module, config: SolverConfig) -> torch.optim.AdamW:
     groups = param_groups(model, config)
-    # foreach=False: the same arithmetic on every device and thread count (resume bit for bit).
     return torch.optim.AdamW(groups, lr=config.base_lr, betas=(0.9, 0.999), eps=1e-8, foreach=None)
 
 
