@@ -43,7 +43,12 @@ def checkpoint_name(done: int, max_iter: int) -> str:
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator a training process draws from (plain types and tensors, so that the state
+    file loads with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)),
+             "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -51,7 +56,8 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -94,7 +100,7 @@ def load_training(out_dir: Path):
         if not needed.is_file():
             raise StateError(f"{out_dir / LAST_CHECKPOINT} names {path.name} but {needed} is missing; {hint}")
     try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, garbage, not a torch file
         raise StateError(f"the resumable state {state_path} is corrupt ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}); {hint}") from None
