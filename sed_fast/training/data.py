@@ -120,7 +120,11 @@ class _Reader:
         if tuple(label.shape) != tuple(image_size):
             raise DatasetError(f"{sample.stem}: the image is {image_size[1]}x{image_size[0]} but its label map "
                                f"{sample.label.name} is {label.shape[1]}x{label.shape[0]} (width x height)")
-        map_label(label, self.num_classes, self.ignore_label, "error", where=str(sample.label))
+        try:
+            map_label(label, self.num_classes, self.ignore_label, "error", where=str(sample.label))
+        except DatasetError as error:  # the same check as sed-fast eval, without its --invalid-labels hint
+            raise DatasetError(str(error).split(" (pass --invalid-labels")[0]
+                               + f" (the vocabulary has {self.num_classes} names)") from None
 
 
 class TrainDataset(torch.utils.data.Dataset):

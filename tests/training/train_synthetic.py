@@ -79,13 +79,17 @@ def cached_build(monkeypatch):
     real = cli._build_model
 
     def build(args, spec, device, state_dict, vocabulary):
-        if state_dict is not None:
-            return real(args, spec, device, state_dict, vocabulary)
+        from sed_fast.checkpoint import load_checkpoint
+
         key = (args.impl, args.resolution, args.seed, tuple(vocabulary))
         if key not in _MODELS:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _MODELS[key] = real(args, spec, device, None, vocabulary)
-        return copy.deepcopy(_MODELS[key])
+        model = copy.deepcopy(_MODELS[key])
+        if state_dict is not None:
+            load_checkpoint(model, state_dict)
+            model.random_weights = False
+        return model
 
     monkeypatch.setattr(cli, "_build_model", build)

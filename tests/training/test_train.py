@@ -1,0 +1,292 @@
+"""``sed-fast train`` on a tiny real setting: SED-B with random weights at --resolution 64, three
+classes, 32x32 crops, a few iterations.
+
+One uninterrupted run is the yardstick: its loss falls, its checkpoints load strictly through
+``build_sed`` and carry the official keys, a run resumed from its periodic checkpoint ends with the
+same weights bit for bit, and so does a run stopped by SIGTERM and resumed. A two-process gloo run
+takes the same steps as one process with the whole batch.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train_synthetic import CLASSES, cached_build, patch_losses, write_dataset
+from sed_fast.training import cli as train_cli
+from sed_fast.training.augment import (AugmentConfig, augment, bgr_to_hsv, hsv_to_bgr, pad_to_divisibility,
+                                       resize_shortest_edge_shape, sample_rngs)
+from sed_fast.training.data import DataOrder, rank_positions
+from sed_fast.training.optim import lr_factor
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def _common(images, labels, out, *extra):
+    return ["--images", str(images), "--labels", str(labels), "--vocab", ",".join(CLASSES), "--ignore", "255",
+            "--random-weights", "--resolution", "64", "--crop-size", "32", "--min-size-train", "40",
+            "--size-divisibility", "32", "--impl", "reference", "--device", "cpu", "--workers", "0",
+            "--progress-every", "0", "--no-plot", "--quiet", "--out", str(out), *extra]
+
+
+# The yardstick: 6 iterations with the CLIP tower at the full lr (the tests' losses train it alone),
+# a checkpoint every 3.
+RUN = ["--max-iter", "6", "--ims-per-batch", "2", "--save-every", "3", "--base-lr", "5e-4",
+       "--clip-multiplier", "1", "--clip-value", "1"]
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    return write_dataset(root, count=4)
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    patch_losses(monkeypatch)
+    cached_build(monkeypatch)
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): the same arithmetic
+
+
+@pytest.fixture(scope="module")
+def yardstick(tmp_path_factory, data):
+    mp = pytest.MonkeyPatch()
+    try:
+        patch_losses(mp)
+        cached_build(mp)
+        torch.set_num_threads(1)
+        out = tmp_path_factory.mktemp("yardstick") / "out"
+        assert train_cli.main(_common(*data, out, *RUN)) == 0
+        yield out
+    finally:
+        mp.undo()
+
+
+# -- augmentation and data order (no model) ---------------------------------------------------------
+def test_resize_shape_follows_detectron2():
+    assert resize_shortest_edge_shape(480, 640, 768, 2666) == (768, 1024)
+    assert resize_shortest_edge_shape(100, 1000, 768, 2666) == (267, 2666)  # the long side capped
+    assert resize_shortest_edge_shape(641, 427, 768, 2666) == (1153, 768)
+
+
+def test_augment_is_a_function_of_seed_and_position():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    label = rng.integers(0, 3, (50, 70))
+    label[:5] = 255
+    config = AugmentConfig(min_size_train=(60,), crop_size=(40, 40), size_divisibility=32)
+    a = augment(image, label, config, 255, *sample_rngs(1, 7))
+    b = augment(image, label, config, 255, *sample_rngs(1, 7))
+    c = augment(image, label, config, 255, *sample_rngs(1, 8))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert a[0].shape == (40, 40, 3) and a[1].shape == (40, 40)
+    assert not (np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1]))
+    assert set(np.unique(a[1])) <= {0, 1, 2, 255}  # nearest: no new label values
+    img, lab = pad_to_divisibility(torch.from_numpy(a[0].transpose(2, 0, 1).copy()), torch.from_numpy(a[1]), 32, 255)
+    assert tuple(lab.shape) == (64, 64) and (lab[40:] == 255).all() and (img[:, :, 40:] == 128).all()
+
+
+def test_hsv_round_trip_and_known_values():
+    # OpenCV's 8-bit HSV: pure red, green, blue, grey.
+    bgr = np.array([[[0, 0, 255], [0, 255, 0], [255, 0, 0], [128, 128, 128]]], dtype=np.uint8)
+    assert bgr_to_hsv(bgr).tolist() == [[[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128]]]
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    back = hsv_to_bgr(bgr_to_hsv(colours)).astype(int)
+    assert np.abs(back - colours).max() <= 8  # H has 180 steps: a round trip is close, not exact
+
+
+def test_data_order_is_detectron2s_and_splits_the_global_batch():
+    order = DataOrder(5, seed=3)
+    generator = torch.Generator()
+    generator.manual_seed(3)
+    expected = torch.randperm(5, generator=generator).tolist() + torch.randperm(5, generator=generator).tolist()
+    assert [order(p) for p in range(10)] == expected
+    for iteration in range(3):
+        whole = rank_positions(iteration, 4, 0, 1)
+        parts = rank_positions(iteration, 2, 0, 2) + rank_positions(iteration, 2, 1, 2)
+        assert sorted(parts) == whole
+
+
+def test_cosine_schedule_without_warmup():
+    assert lr_factor(0, 100) == 1.0
+    assert abs(lr_factor(50, 100) - 0.5) < 1e-12
+    assert lr_factor(100, 100) < 1e-12
+
+
+# -- bad input: clear errors before the first iteration -----------------------------------------------
+def test_label_outside_vocabulary_is_refused(tmp_path, capsys):
+    images, labels = write_dataset(tmp_path, count=2)
+    Image.fromarray(np.full((48, 64), 7, dtype=np.uint8), mode="L").save(labels / "img01.png")
+    assert train_cli.main(_common(images, labels, tmp_path / "out", "--max-iter", "1")) == 2
+    message = capsys.readouterr().err
+    assert "img01.png" in message and "label values 7" in message
+
+
+def test_mismatched_sizes_and_empty_sets_are_refused(tmp_path, capsys):
+    images, labels = write_dataset(tmp_path, count=2)
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8), mode="L").save(labels / "img00.png")
+    assert train_cli.main(_common(images, labels, tmp_path / "out", "--max-iter", "1")) == 2
+    assert "img00" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_cli.main(_common(empty, labels, tmp_path / "out2", "--max-iter", "1")) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert train_cli.main(_common(images, labels, tmp_path / "out3", "--ims-per-batch", "0")) == 2
+
+
+def test_non_finite_loss_stops_naming_the_iteration(tmp_path, data, patched, monkeypatch, capsys):
+    from sed_fast.training import loop
+
+    calls = []
+    real = loop._compute_losses
+
+    def poisoned(model, images, labels, ignore_value):
+        losses = real(model, images, labels, ignore_value)
+        calls.append(1)
+        if len(calls) == 2:
+            losses["loss_sem_seg_2"] = losses["loss_sem_seg_2"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loop, "_compute_losses", poisoned)
+    out = tmp_path / "out"
+    assert train_cli.main(_common(*data, out, "--max-iter", "3", "--ims-per-batch", "1", "--save-every", "1")) == 1
+    message = capsys.readouterr().err
+    assert "iteration 1: non-finite loss" in message and "loss_sem_seg_2=nan" in message
+    assert "model_0000000.pth" in message  # the last good checkpoint is named
+    assert not (out / "model_0000001.pth").exists() and not (out / "model_final.pth").exists()
+    good = _weights(out / "model_0000000.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+# -- the yardstick run ---------------------------------------------------------------------------------
+def test_loss_falls_and_outputs_are_written(yardstick):
+    records = [json.loads(line) for line in (yardstick / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(6))
+    for key in ("loss_sem_seg_0", "loss_sem_seg_3", "total_loss", "lr", "grad_norm", "time", "data_time",
+                "peak_memory_mb"):
+        assert all(key in r for r in records), key
+    first = np.mean([r["total_loss"] for r in records[:2]])
+    last = np.mean([r["total_loss"] for r in records[-2:]])
+    assert last < 0.9 * first, (first, last)
+    assert records[0]["lr"] == pytest.approx(5e-4) and records[3]["lr"] == pytest.approx(2.5e-4)
+    assert "iter 6/6" in (yardstick / "log.txt").read_text()
+    assert (yardstick / "last_checkpoint").read_text().strip() == "model_final.pth"
+
+
+def test_checkpoint_is_official_and_loads_strictly_with_build_sed(yardstick):
+    from sed_fast.api import build_sed
+    from sed_fast.checkpoint import official_shapes
+
+    saved = _weights(yardstick / "model_final.pth")
+    assert set(saved) == {"model", "iteration"} and saved["iteration"] == 5
+    official = official_shapes()["sed-b"]
+    assert set(saved["model"]) == set(official)
+    assert all(list(saved["model"][k].shape) == list(shape) for k, shape in official.items())
+    model = build_sed("b", impl="reference", checkpoint=yardstick / "model_final.pth", device="cpu",
+                      clip_resolution=64, text_cache=False)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved["model"][k]) for k in saved["model"])
+    assert _weights(yardstick / "model_0000002.pth")["iteration"] == 2
+
+
+def test_resume_from_a_periodic_checkpoint_is_bit_for_bit(yardstick, tmp_path, data, patched):
+    out = tmp_path / "out"
+    shutil.copytree(yardstick, out)
+    for name in ("model_final.pth", "model_final.pth.state.pt"):
+        (out / name).unlink()
+    (out / "last_checkpoint").write_text("model_0000002.pth\n")
+    assert train_cli.main(_common(*data, out, *RUN, "--resume")) == 0
+    expected, got = _weights(yardstick / "model_final.pth")["model"], _weights(out / "model_final.pth")["model"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(6))  # the metrics after the state are redone once
+
+
+def test_resume_refuses_other_settings_naming_them(yardstick, tmp_path, data, patched, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(yardstick, out)
+    changed = [a if a != "5e-4" else "1e-3" for a in RUN] + ["--no-flip"]
+    assert train_cli.main(_common(*data, out, *changed, "--resume")) == 2
+    message = capsys.readouterr().err
+    assert "base_lr: 0.0005 in the resume file, 0.001 now" in message and "flip: True" in message
+    assert train_cli.main(_common(*data, out, *RUN)) == 2  # neither --resume nor --overwrite
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child process is POSIX")
+def test_sigterm_saves_a_resumable_state(yardstick, tmp_path, data):
+    out = tmp_path / "out"
+    args = _common(*data, out, *RUN)
+    args.remove("--quiet")
+    child = subprocess.Popen([sys.executable, str(HERE / "run_train.py"), *args], cwd=ROOT, env=_env(),
+                             stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if "iter 1/6" in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    rest, _ = child.communicate(timeout=600)
+    seen.append(rest)
+    assert child.returncode == 128 + signal.SIGTERM, "".join(seen)
+    assert "--resume" in "".join(seen)
+    name = (out / "last_checkpoint").read_text().strip()
+    stopped_at = _weights(out / name)["iteration"]
+    assert 0 <= stopped_at < 5 and (out / (name + ".state.pt")).exists()
+    assert not list(out.glob(".*.tmp"))  # no half-written file
+    resumed = subprocess.run([sys.executable, str(HERE / "run_train.py"), *args, "--resume"], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = _weights(yardstick / "model_final.pth")["model"], _weights(out / "model_final.pth")["model"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_two_gloo_processes_take_the_steps_of_one(tmp_path, data, patched):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("no gloo backend in this PyTorch build")
+    dist_args = ["--max-iter", "2", "--ims-per-batch", "2", "--save-every", "0", "--drop-path", "0"]
+    one = tmp_path / "one"
+    assert train_cli.main(_common(*data, one, *dist_args)) == 0
+    two = tmp_path / "two"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(HERE / "run_train.py"), *_common(*data, two, *dist_args)], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    del started
+    a, b = _weights(one / "model_final.pth")["model"], _weights(two / "model_final.pth")["model"]
+    initial = train_synthetic_initial(a)
+    moved = max((a[k] - initial[k]).abs().max().item() for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-5 and worst <= 1e-6, (moved, worst)
+    lines_one = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lines_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(lines_one, lines_two):
+        assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5)
+
+
+def train_synthetic_initial(reference):
+    """The random initial weights of the runs (seed 0) at the keys of ``reference``."""
+    import train_synthetic
+
+    model = next(iter(train_synthetic._MODELS.values()))
+    state = model.state_dict()
+    return {k: state[k] for k in reference}
