@@ -11,8 +11,11 @@ for the colours):
 
 * the image is resized with PIL's bilinear filter (uint8), the label map with
   ``F.interpolate(mode="nearest")`` on float64, as ``ResizeTransform`` does for a ``double`` array;
-* the colour changes convert to HSV and back with OpenCV's 8-bit formulas (``cv2.cvtColor``
-  ``COLOR_BGR2HSV`` / ``COLOR_HSV2BGR``), reimplemented here in numpy (OpenCV is not a dependency).
+* the colour changes convert to HSV and back as ``cv2.cvtColor`` does for uint8, reimplemented in
+  numpy (OpenCV is not a dependency): BGR->HSV is OpenCV's integer formula, equal to
+  cv2 4.10 / 5.1 on every pixel checked; HSV->BGR is OpenCV's float formula, rounded, which
+  differs from cv2's 8-bit path by at most 1 level on about 7 pixels in 10 (cv2 rounds
+  otherwise), far below the random colour jitter itself.
 
 Randomness: every sample draws from its own ``numpy.random.RandomState`` and ``random.Random``,
 seeded from (run seed, position of the sample in the data stream), so an augmented sample does not
@@ -156,12 +159,12 @@ _SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 
 
 
 def hsv_to_bgr(image: np.ndarray) -> np.ndarray:
-    """``cv2.cvtColor(image, cv2.COLOR_HSV2BGR)`` for uint8 (H in 0..179): OpenCV's float32 formula
-    (``HSV2RGB_native``, hscale 6/180, then ``saturate_cast<uchar>(x * 255)``)."""
+    """``cv2.cvtColor(image, cv2.COLOR_HSV2BGR)`` for uint8 (H in 0..179), within 1 level: OpenCV's
+    float ``HSV2RGB_native`` (hscale 6/180, S scaled by 1/255, V in 0..255), rounded half to even."""
     f32 = np.float32
     h = image[..., 0].astype(f32) * f32(6.0 / 180.0)
     s = image[..., 1].astype(f32) * f32(1.0 / 255.0)
-    v = image[..., 2].astype(f32) * f32(1.0 / 255.0)
+    v = image[..., 2].astype(f32)
     h = np.fmod(h, f32(6.0))
     sector = np.floor(h).astype(np.int64)
     h = h - sector.astype(f32)
@@ -175,7 +178,7 @@ def hsv_to_bgr(image: np.ndarray) -> np.ndarray:
     for channel in range(3):
         chosen = np.take_along_axis(tab, _SECTORS[sector, channel][..., None], axis=-1)[..., 0]
         out[..., channel] = np.where(gray, v, chosen)
-    return np.clip(np.rint(out * f32(255.0)), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _convert(img: np.ndarray, alpha: float = 1, beta: float = 0) -> np.ndarray:
