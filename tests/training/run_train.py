@@ -1,4 +1,4 @@
-"""``sed-fast train`` in a subprocess (torchrun, signals), with the tests' losses where needed."""
+"""``sed-fast train`` in a subprocess (torchrun, signals) with the tests' tiny model."""
 import sys
 from pathlib import Path
 
@@ -6,7 +6,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_synthetic  # noqa: E402
 
-train_synthetic.patch_losses()
+train_synthetic.tiny_build()
 
 from sed_fast.training.cli import main  # noqa: E402
 

@@ -93,3 +93,112 @@ def cached_build(monkeypatch):
         return model
 
     monkeypatch.setattr(cli, "_build_model", build)
+
+
+# -- a tiny trainable stand-in for SED (the tool's machinery: resume, signals, DDP, checks) ----------
+class DropPath(torch.nn.Module):
+    """timm's stochastic depth (same name and ``drop_prob``): draws from the global torch RNG."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class _Visual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.block = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.stem(x)))
+        return x + self.drop_path(torch.relu(self.block(x)))
+
+
+class _Clip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visual = _Visual()
+        self.transformer = torch.nn.Linear(4, 4)  # the text tower: frozen in training
+        self.logit_scale = torch.nn.Parameter(torch.ones([]))
+
+
+class _Up(torch.nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.cnext = torch.nn.Module()
+        self.cnext.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Conv2d(8, classes, 1)
+
+
+class TinySED(torch.nn.Module):
+    """Module names as SED's (``sem_seg_head.predictor.clip_model.visual``, ``...transformer``)."""
+
+    def __init__(self, classes: int, clip_resolution: int = 32):
+        super().__init__()
+        self.sem_seg_head = torch.nn.Module()
+        self.sem_seg_head.predictor = torch.nn.Module()
+        self.sem_seg_head.predictor.clip_model = _Clip()
+        self.sem_seg_head.predictor.transformer = _Up(classes)
+        self.clip_resolution = clip_resolution
+        self.class_names = []
+
+    @property
+    def clip_model(self):
+        return self.sem_seg_head.predictor.clip_model
+
+    @property
+    def decoder(self):
+        return self.sem_seg_head.predictor.transformer
+
+    def set_vocabulary(self, names):
+        self.class_names = list(names)
+        return self.class_names
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name, p in self.named_parameters():
+            p.requires_grad_("visual" in name or "predictor.transformer" in name)
+        return self
+
+    def losses(self, images, labels, *, ignore_value=255):
+        x = F.interpolate(images.float() / 255.0 - 0.5, size=(self.clip_resolution,) * 2, mode="bilinear",
+                          align_corners=False)
+        features = self.clip_model.visual(x)
+        features = self.decoder.cnext.norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        logits = self.decoder.head(features)
+        out = {}
+        for i in range(4):
+            head = logits if i == 0 else logits.detach() * 0 + logits * (0.5 ** i)
+            up = F.interpolate(head, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            valid = labels != ignore_value
+            target = F.one_hot(torch.where(valid, labels, 0), up.shape[1]).permute(0, 3, 1, 2).float()
+            out[f"loss_sem_seg_{i}"] = F.binary_cross_entropy_with_logits(up, target * valid[:, None])
+        return out
+
+
+def tiny_build(monkeypatch=None):
+    """``sed-fast train`` builds :class:`TinySED` (seeded by --seed) instead of SED."""
+    from sed_fast.training import cli
+
+    def build(args, spec, device, state_dict, vocabulary):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = TinySED(len(vocabulary))
+        if state_dict is not None:
+            model.load_state_dict(state_dict, strict=True)
+        model.set_vocabulary(vocabulary)
+        return model
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(cli, "_build_model", build)
+    else:
+        cli._build_model = build
