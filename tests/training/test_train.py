@@ -268,6 +268,22 @@ def test_two_gloo_processes_take_the_steps_of_one(tmp_path, data, tiny):
         assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5, abs=1e-7)
 
 
+def test_evaluation_during_training_joins_the_metrics_and_leaves_the_steps_alone(tmp_path, data, tiny):
+    images, labels = data
+    args = ["--max-iter", "10", "--ims-per-batch", "2", "--save-every", "0", "--base-lr", "1e-2"]
+    plain = tmp_path / "plain"
+    assert train_cli.main(_common(*data, plain, *args)) == 0
+    evaluated = tmp_path / "evaluated"
+    assert train_cli.main(_common(*data, evaluated, *args, "--eval-every", "5", "--eval-images", str(images),
+                                  "--eval-labels", str(labels), "--eval-vocab", ",".join(CLASSES),
+                                  "--eval-ignore", "255")) == 0
+    records = [json.loads(x) for x in (evaluated / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "eval/mIoU" in r] == [4, 9]
+    assert all(0.0 <= records[i]["eval/mIoU"] <= 100.0 for i in (4, 9))
+    # Drop path is on: the evaluation must not move the training's random streams.
+    assert _same(_weights(plain / "model_final.pth")["model"], _weights(evaluated / "model_final.pth")["model"])
+
+
 # -- the real SED-B ------------------------------------------------------------------------------------
 def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, monkeypatch):
     """One iteration of SED-B (random weights; the training losses, or the tests' stand-in while the

@@ -169,12 +169,20 @@ class TinySED(torch.nn.Module):
             p.requires_grad_("visual" in name or "predictor.transformer" in name)
         return self
 
-    def losses(self, images, labels, *, ignore_value=255):
+    def _logits(self, images):
         x = F.interpolate(images.float() / 255.0 - 0.5, size=(self.clip_resolution,) * 2, mode="bilinear",
                           align_corners=False)
         features = self.clip_model.visual(x)
         features = self.decoder.cnext.norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        logits = self.decoder.head(features)
+        return self.decoder.head(features)
+
+    @torch.no_grad()
+    def predict_labels(self, images):
+        return [F.interpolate(self._logits(image[None]), size=image.shape[-2:], mode="bilinear",
+                              align_corners=False)[0].argmax(0) for image in images]
+
+    def losses(self, images, labels, *, ignore_value=255):
+        logits = self._logits(images)
         out = {}
         for i in range(4):
             head = logits if i == 0 else logits.detach() * 0 + logits * (0.5 ** i)
