@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--resolution", type=int, default=768, metavar="PX",
                        help="encoder input side, a multiple of 32 (official: 768)")
     model.add_argument("--drop-path", type=float, default=None, metavar="P",
-                       help="stochastic depth of the CLIP ConvNeXt's last block, the others linearly less as timm "
-                            "spreads it (default: the open_clip config's, 0.1)")
+                       help="stochastic depth of the CLIP ConvNeXt trunk, rising linearly to P over its blocks as "
+                            "timm spreads it (default: the model's, as the official code configures CLIP)")
     model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
 
     run = parser.add_argument_group("run")
@@ -364,22 +364,28 @@ def _prepare_model(model, args):
                          "sed_fast with the training losses")
     model.train()
     if args.drop_path is not None:
-        # timm spreads the rate linearly over the blocks (0 .. rate); scale that schedule.
-        paths = [m for m in model.clip_model.visual.modules()
-                 if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob")]
-        if not paths:
-            raise UsageError("--drop-path: the CLIP visual tower has no DropPath modules")
-        if not hasattr(model, "_official_drop_probs"):
-            model._official_drop_probs = [float(m.drop_prob) for m in paths]
-        top = max(model._official_drop_probs) or 1.0
-        for module, official in zip(paths, model._official_drop_probs):
-            module.drop_prob = official / top * args.drop_path
+        _set_drop_path(model, args.drop_path)
     if args.activation_checkpointing:
         decoder = model.decoder
         if not hasattr(decoder, "activation_checkpointing"):
             raise UsageError("--activation-checkpointing: this decoder has no activation checkpointing")
         decoder.activation_checkpointing = True
     return model
+
+
+def _set_drop_path(model, rate: float) -> None:
+    """Stochastic depth of the CLIP image tower's trunk at ``rate``, spread as timm does (rates
+    rising linearly from 0 over the blocks); active in training mode only."""
+    import torch
+    from timm.layers import DropPath
+
+    trunk = getattr(model.clip_model.visual, "trunk", None)
+    blocks = [block for stage in getattr(trunk, "stages", []) for block in getattr(stage, "blocks", [])
+              if hasattr(block, "drop_path")]
+    if not blocks:
+        raise UsageError("--drop-path: the CLIP image tower has no ConvNeXt blocks with stochastic depth")
+    for block, value in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+        block.drop_path = DropPath(value) if value > 0 else torch.nn.Identity()
 
 
 # -- run -----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train_synthetic import CLASSES, cached_build, patch_losses, tiny_build, write_dataset
+from train_synthetic import CLASSES, TinySED, cached_build, patch_losses, tiny_build, write_dataset
 from sed_fast.training import cli as train_cli
 from sed_fast.training.augment import (AugmentConfig, augment, bgr_to_hsv, hsv_to_bgr, pad_to_divisibility,
                                        resize_shortest_edge_shape, sample_rngs)
@@ -248,8 +248,10 @@ def test_sigterm_saves_a_resumable_state(yardstick, tmp_path, data):
 def test_two_gloo_processes_take_the_steps_of_one(tmp_path, data, tiny):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("no gloo backend in this PyTorch build")
-    dist_args = ["--max-iter", "8", "--ims-per-batch", "4", "--save-every", "0", "--drop-path", "0",
-                 "--base-lr", "1e-2", "--clip-multiplier", "1"]
+    # A few small steps: Adam's update of an element whose gradient is ~0 is +-lr whatever its
+    # rounding, so long runs at a large lr drift apart by chaos, not by a different computation.
+    dist_args = ["--max-iter", "3", "--ims-per-batch", "4", "--save-every", "0", "--drop-path", "0",
+                 "--base-lr", "1e-3", "--clip-multiplier", "1"]
     one = tmp_path / "one"
     assert train_cli.main(_common(*data, one, *dist_args)) == 0
     two = tmp_path / "two"
@@ -258,12 +260,15 @@ def test_two_gloo_processes_take_the_steps_of_one(tmp_path, data, tiny):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _weights(one / "model_final.pth")["model"], _weights(two / "model_final.pth")["model"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        initial = TinySED(len(CLASSES)).state_dict()
+    moved = max((a[k] - initial[k]).abs().max().item() for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= 1e-5, worst
+    assert moved > 1e-3 and worst <= 1e-6, (moved, worst)
     lines_one = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     lines_two = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines_one) == len(lines_two) == 8
-    assert lines_one[-1]["total_loss"] < lines_one[0]["total_loss"]  # the steps did something
+    assert len(lines_one) == len(lines_two) == 3
     for x, y in zip(lines_one, lines_two):
         assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5, abs=1e-7)
 
@@ -313,5 +318,7 @@ def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, mo
     assert where[prefix + "transformer.decoder1.cnext.norm.weight"] == (2e-4, 1e-4)  # official: not a norm type
     assert where[prefix + "transformer.decoder1.attention.norm1.weight"] == (2e-4, 0.0)
     visual_norms = [n for n in where if n.startswith(prefix + "clip_model.visual") and ".norm." in n]
-    assert visual_norms and all(where[n] == (2e-6, 0.0) for n in visual_norms)
+    assert visual_norms and all(where[n][0] == pytest.approx(2e-6) and where[n][1] == 0.0 for n in visual_norms)
+    visual_convs = [n for n in where if n.startswith(prefix + "clip_model.visual") and "conv_dw.weight" in n]
+    assert visual_convs and all(where[n][1] == 1e-4 for n in visual_convs)
     assert all(p.requires_grad for g in groups for p in g["params"])

@@ -96,31 +96,32 @@ def cached_build(monkeypatch):
 
 
 # -- a tiny trainable stand-in for SED (the tool's machinery: resume, signals, DDP, checks) ----------
-class DropPath(torch.nn.Module):
-    """timm's stochastic depth (same name and ``drop_prob``): draws from the global torch RNG."""
-
-    def __init__(self, drop_prob: float):
+class _Block(torch.nn.Module):
+    def __init__(self):
         super().__init__()
-        self.drop_prob = drop_prob
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        from timm.layers import DropPath
+        self.drop_path = DropPath(0.1)  # stochastic depth: draws from the global torch RNG
 
     def forward(self, x):
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(1 - self.drop_prob)
-        return x * keep / (1 - self.drop_prob)
+        return x + self.drop_path(torch.relu(self.conv(x)))
 
 
 class _Visual(torch.nn.Module):
+    """A ConvNeXt-like trunk: ``trunk.stages[i].blocks[j].drop_path`` as timm's."""
+
     def __init__(self):
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.norm = torch.nn.GroupNorm(2, 8)
-        self.block = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.drop_path = DropPath(0.1)
+        self.trunk = torch.nn.Module()
+        stage = torch.nn.Module()
+        stage.blocks = torch.nn.Sequential(_Block(), _Block())
+        self.trunk.stages = torch.nn.ModuleList([stage])
 
     def forward(self, x):
         x = torch.relu(self.norm(self.stem(x)))
-        return x + self.drop_path(torch.relu(self.block(x)))
+        return self.trunk.stages[0].blocks(x)
 
 
 class _Clip(torch.nn.Module):
