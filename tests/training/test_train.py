@@ -102,6 +102,20 @@ def test_augment_is_a_function_of_seed_and_position():
     assert tuple(lab.shape) == (64, 64) and (lab[40:] == 255).all() and (img[:, :, 40:] == 128).all()
 
 
+def test_category_area_constraint_avoids_single_class_crops():
+    label = np.zeros((40, 40), dtype=np.int64)
+    label[:, 30:] = 1  # most 20x20 windows hold class 0 alone
+    config = AugmentConfig(min_size_train=(0,), crop_size=(20, 20), single_category_max_area=0.9,
+                           color_aug_ssd=False, flip=False, size_divisibility=0)
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    mixed = 0
+    for position in range(20):
+        _, crop = augment(image, label, config, 255, *sample_rngs(0, position))
+        counts = np.bincount(crop.ravel(), minlength=2)
+        mixed += int(counts.max() < 0.9 * counts.sum())
+    assert mixed >= 15  # 10 tries per sample: almost always a window with both classes
+
+
 def test_hsv_round_trip_and_known_values():
     # OpenCV's 8-bit HSV: pure red, green, blue, grey.
     bgr = np.array([[[0, 0, 255], [0, 255, 0], [255, 0, 0], [128, 128, 128]]], dtype=np.uint8)
@@ -271,6 +285,18 @@ def test_two_gloo_processes_take_the_steps_of_one(tmp_path, data, tiny):
     assert len(lines_one) == len(lines_two) == 3
     for x, y in zip(lines_one, lines_two):
         assert x["total_loss"] == pytest.approx(y["total_loss"], rel=1e-5, abs=1e-7)
+
+
+def test_loader_workers_and_bf16_autocast(tmp_path, data, tiny):
+    args = ["--max-iter", "4", "--ims-per-batch", "2", "--save-every", "0"]
+    assert train_cli.main(_common(*data, tmp_path / "w0", *args)) == 0
+    assert train_cli.main(_common(*data, tmp_path / "w2", *args, "--workers", "2")) == 0  # the last --workers wins
+    # The data (order and augmentation) do not depend on the loader workers.
+    assert _same(_weights(tmp_path / "w0" / "model_final.pth")["model"],
+                 _weights(tmp_path / "w2" / "model_final.pth")["model"])
+    assert train_cli.main(_common(*data, tmp_path / "bf16", *args, "--dtype", "bf16")) == 0
+    weights = _weights(tmp_path / "bf16" / "model_final.pth")["model"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
 
 
 def test_evaluation_during_training_joins_the_metrics_and_leaves_the_steps_alone(tmp_path, data, tiny):
