@@ -138,6 +138,17 @@ def test_data_order_is_detectron2s_and_splits_the_global_batch():
         assert sorted(parts) == whole
 
 
+def test_loss_curve_png(tmp_path):
+    from sed_fast.training.plot import _pil_curve, loss_curve
+
+    history = [{"iteration": i, "total_loss": 2.0 / (1 + i), "loss_sem_seg_0": 1.0 / (1 + i)} for i in range(30)]
+    loss_curve(history, tmp_path / "curve.png")  # matplotlib when installed, else the PIL drawing
+    _pil_curve([r["iteration"] for r in history], [r["total_loss"] for r in history], tmp_path / "pil.png")
+    for name in ("curve.png", "pil.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size[0] >= 400
+
+
 def test_cosine_schedule_without_warmup():
     assert lr_factor(0, 100) == 1.0
     assert abs(lr_factor(50, 100) - 0.5) < 1e-12
