@@ -78,7 +78,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
-             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
+             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)")}
 _PROG = "sed-fast"
 
 
