@@ -113,3 +113,12 @@ def test_clip_request(segmenter, tmp_path):
 def test_build_app_has_the_random_weights_notice(segmenter):
     app = serve_app.build_app(segmenter)
     assert "RANDOM WEIGHTS" in str(app.config)
+
+
+def test_serve_command_usage_errors(capsys):
+    from sed_fast import cli
+
+    assert cli.main(["serve", "--port", "70000"]) == cli.EXIT_USAGE
+    assert "--port must be in 0..65535" in capsys.readouterr().err
+    assert cli.main(["serve", "--checkpoint", "/no/such/model.pth"]) == cli.EXIT_USAGE
+    assert "checkpoint file not found" in capsys.readouterr().err
