@@ -2,7 +2,7 @@
 # The GPU pass, in two device calls of at most ~5 minutes each (run from the repository root):
 #
 #   bash benchmarks/gpu_pass.sh 1            # call 1: build, CUDA tests, the headline end-to-end rows
-#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, sanitizer
+#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, sanitizer
 #   bash benchmarks/gpu_pass.sh --dry-run 1  # every step of call 1 at tiny sizes on the CPU (CI runs it)
 #
 # Every step runs in its own process (an illegal memory access poisons its process's CUDA context,
@@ -140,6 +140,12 @@ else
     --impls reference,fast --fast-dtypes bfloat16 --cer-topk "" --kept-classes 32
   run "e2e SED-L" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --variants l --vocabs "${VOCABS%%,*}" \
     --impls reference,fast --fast-dtypes bfloat16 --cer-topk "" --kept-classes ""
+  if python3 -c "import av" > /dev/null 2>&1; then  # decode + model + encode vs model only, rows in kernels.jsonl
+    run "video throughput" 40 python3 benchmarks/video_throughput.py --device "$DEVICE" --out "$OUT/kernels.jsonl" \
+      $( (( DRY )) && echo "--frames 6 --width 96 --height 64 --batch-size 3 --classes 5 --resolution 64" )
+  else
+    record "video throughput: skipped (PyAV is not installed: add its wheel to .whl/)"
+  fi
   if (( DRY )); then
     record "sanitizer memcheck: skipped (dry run: no GPU)"
   else

@@ -79,7 +79,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
              "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
-             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)")}
+             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
+             "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names")}
 _PROG = "sed-fast"
 
 
@@ -194,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
                     "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
                     "143 terminated (SIGTERM).")
-    seg.add_argument("images", nargs="+", metavar="IMAGES",
-                     help="image files, folders (their images, sorted) or glob patterns (quoted)")
+    seg.add_argument("images", nargs="*", metavar="IMAGES",
+                     help="image files, folders (their images, sorted) or glob patterns (quoted); or video "
+                          "files / stream URLs (see the video options)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
                      help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
                           "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
     seg.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+    from .video.options import add_arguments as add_video_arguments
+    add_video_arguments(seg)
 
     for name, (_, help_text) in _EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -575,6 +579,14 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     signals = signals or _Signals()
     run_start = time.perf_counter()
     spec, dtype, device = _check_options(args)
+    from .video.options import image_run_problem, wants_video
+    if wants_video(args):
+        from .video.cli import segment_videos
+        return segment_videos(args, signals)
+    if image_run_problem(args):
+        raise UsageError(image_run_problem(args))
+    if not args.images:
+        raise UsageError("no images given: segment IMAGES... (or video files, a stream URL, --camera N)")
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
