@@ -67,7 +67,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
-             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
 _PROG = "sed-fast"
 
 
