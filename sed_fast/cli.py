@@ -65,6 +65,7 @@ EXIT_SIGHUP = 128 + 1  # 129
 _STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -73,10 +74,14 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "bench": ("sed_fast.bench.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
              "bench-kernels": ("sed_fast.bench.kernels", "per-kernel benchmark (see `sed-fast bench-kernels --help`)"),
              "profile": ("sed_fast.bench.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "bench-train": ("sed_fast.bench.train_step", "training-step benchmark: forward+backward time and memory"),
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
-             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
+             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
+             "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
 _PROG = "sed-fast"
 
 
@@ -182,14 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment", help="segment images with a vocabulary; write label maps, overlays and a summary",
         description="Segment images with an open vocabulary. Writes, per image, <stem>_labels.png "
-                    "(class index per pixel: 8-bit PNG for up to 256 classes, else 16-bit), "
-                    "<stem>_overlay.png (image blended with class colours and a legend) and, with "
-                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json (rewritten as "
-                    "the run goes, with its status). Each file is written whole or not at all. "
+                    "(class index per pixel: for up to 256 classes a palette PNG, the pixel values the class "
+                    "indices and shown in the class colours; else 16-bit grey), "
+                    "<stem>_overlay.png (image blended with class colours and a legend), with --save-label-npy "
+                    "<stem>_labels.npy and with --save-scores <stem>_scores.npy (float16, T x H x W); and "
+                    "summary.json (rewritten as the run goes, with its status). Each file is written whole or "
+                    "not at all. A reused --out: nothing is deleted; the output files of an earlier run that "
+                    "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
                     "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
                     "143 terminated (SIGTERM).")
-    seg.add_argument("images", nargs="+", metavar="IMAGES",
-                     help="image files, folders (their images, sorted) or glob patterns (quoted)")
+    seg.add_argument("images", nargs="*", metavar="IMAGES",
+                     help="image files, folders (their images, sorted) or glob patterns (quoted); or video "
+                          "files / stream URLs (see the video options)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
                      help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
                           "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")
@@ -211,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--save-scores", action="store_true",
                      help="also write <stem>_scores.npy (float16; needs the full-size scores in memory: without "
                           "it only the class map is computed)")
+    seg.add_argument("--save-label-npy", action="store_true",
+                     help="also write <stem>_labels.npy (H x W class indices, uint8 or uint16)")
     seg.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="images per forward (of any sizes: each is resized to the encoder's input; default 1)")
     seg.add_argument("--max-pixels", type=int, default=None, metavar="N",
@@ -221,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
     seg.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+    from .video.options import add_arguments as add_video_arguments
+    add_video_arguments(seg)
 
     for name, (_, help_text) in _EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -466,6 +479,10 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
         for p in folder.iterdir():
             skip_special(p)
         found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+        videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if videos:  # not silently: the user may expect their frames to be segmented
+            _warn(f"skipped {len(videos)} video file(s) in {folder} ({', '.join(videos[:5])}"
+                  f"{', ...' if len(videos) > 5 else ''}): segment reads images only")
         if not found and not quiet:
             _warn(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
         for p in found:
@@ -606,7 +623,16 @@ def _read_checkpoint(path_text: str):
 
 def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> int:
     signals = signals or _Signals()
+    run_start = time.perf_counter()
     spec, dtype, device = _check_options(args)
+    from .video.options import image_run_problem, wants_video
+    if wants_video(args):
+        from .video.cli import segment_videos
+        return segment_videos(args, signals)
+    if image_run_problem(args):
+        raise UsageError(image_run_problem(args))
+    if not args.images:
+        raise UsageError("no images given: segment IMAGES... (or video files, a stream URL, --camera N)")
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
@@ -617,12 +643,13 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} segment --out {args.out}"))
         except OutputDirError as error:
             raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
-        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir)
+        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir, run_start)
 
 
 def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: List[str], inputs: List[_Input],
-                    out_dir: Path) -> int:
-    """``segment`` into ``out_dir``, which this process holds."""
+                    out_dir: Path, run_start: float) -> int:
+    """``segment`` into ``out_dir``, which this process holds (``run_start``: the command's start,
+    for the total time)."""
     output = _OutputFolder(out_dir)
     random_weights = args.checkpoint is None
     if random_weights:
@@ -652,6 +679,7 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
         "official_resolution": args.resolution == 768,
         "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
         "num_inputs": len(inputs),
+        "stale_files": _stale_outputs(out_dir, inputs),
         "images": [],
     }
     records: List[dict] = summary["images"]  # type: ignore[assignment]
@@ -677,6 +705,11 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
 
     save_summary.summary, save_summary.path = summary, out_dir / "summary.json"  # for _save_final
     summary_path = save_summary()  # replaces a previous run's summary before any work
+    stale = summary["stale_files"]
+    if stale:
+        _warn(f"--out {args.out} holds {len(stale)} output file(s) of an earlier run that this run does not "
+              f"rewrite ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): kept, and listed in "
+              f"{summary_path.name} as stale_files")
     try:
         checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
         start = time.perf_counter()
@@ -746,7 +779,9 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
 
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
-    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=_now()):
+    seconds = time.perf_counter() - run_start
+    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=_now(),
+                       seconds_total=round(seconds, 3)):
         code = EXIT_FAILED  # the outputs are there, their summary is not
         _finish_in_place(summary_path, dict(summary, exit_code=code))
     if failed:
@@ -754,10 +789,27 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
                + (f"; ... ({len(failed) - 5} more)" if len(failed) > 5 else "")
                + f" (see {summary_path})")
-    info(f"{summary['num_ok']} of {len(records)} image(s) segmented; outputs in {out_dir}")
+    info(f"{summary['num_ok']} of {len(records)} image(s) segmented in {seconds:.1f} s in all (model, vocabulary "
+         f"and images); outputs in {out_dir}")
     if random_weights:
         print(f"{_PROG}: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
     return code
+
+
+_OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_scores.npy", "_labels.npy")
+
+
+def _stale_outputs(out_dir: Path, inputs: List[_Input]) -> List[str]:
+    """Names of the files in ``out_dir`` that look like segment's outputs (``<stem>_labels.png``...)
+    but are not this run's: an earlier run's, kept beside the new summary."""
+    mine = {item.stem + suffix for item in inputs for suffix in _OUTPUT_SUFFIXES}
+    try:
+        names = sorted(entry.name for entry in os.scandir(out_dir) if entry.is_file(follow_symlinks=False)
+                       or entry.is_symlink())
+    except OSError:
+        return []
+    return [name for name in names if name.endswith(_OUTPUT_SUFFIXES) and not name.startswith(".")
+            and name not in mine]
 
 
 def _now() -> str:
@@ -929,6 +981,7 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
     labels = labels.astype(label_dtype, copy=False)
     result = {
+        "num_classes": len(class_names),
         "labels": labels,
         "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
         "scores": scores.to(torch.float16).cpu().numpy() if scores is not None else None,
@@ -953,15 +1006,17 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
 def _write_outputs(output: _OutputFolder, item: _Input, result: dict, args, random_weights: bool) -> dict:
     """Write one image's files (each atomically); returns its summary record."""
     import numpy as np
-    from PIL import Image
-
-    from .visualize import png_info
+    from .visualize import label_map_image, png_info
 
     outputs = {}
     name = f"{item.stem}_labels.png"
-    output.write(name, lambda handle: Image.fromarray(result["labels"]).save(
-        handle, format="PNG", pnginfo=png_info(random_weights)))
+    picture = label_map_image(result["labels"], result["num_classes"])
+    output.write(name, lambda handle: picture.save(handle, format="PNG", pnginfo=png_info(random_weights)))
     outputs["labels"] = name
+    if getattr(args, "save_label_npy", False):
+        name = f"{item.stem}_labels.npy"
+        output.write(name, lambda handle: np.save(handle, result["labels"]))
+        outputs["labels_npy"] = name
     name = f"{item.stem}_overlay.png"
     output.write(name, lambda handle: result["overlay"].save(handle, format="PNG", pnginfo=png_info(random_weights)))
     outputs["overlay"] = name

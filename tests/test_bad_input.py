@@ -203,7 +203,7 @@ def test_peak_memory_per_pixel_of_a_large_image(tmp_path):
     print(f"peak {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB: {per_pixel:.2f} bytes per pixel")
     assert per_pixel <= 12, f"{per_pixel:.1f} bytes per input pixel above the model's own memory"
     with Image.open(tmp_path / "o_large" / "large_labels.png") as labels:
-        assert labels.size == (width, height) and labels.mode == "L"
+        assert labels.size == (width, height) and labels.mode in ("L", "P")
 
 
 # -- 3. wide greyscale --------------------------------------------------------------------------
@@ -274,3 +274,16 @@ def test_dash_file_name_gets_a_hint(tmp_path, fake_build, monkeypatch):
     assert code == 0, err
     code, err = run_main(["segment", "./-dash.png", *ARGS, "--out", "o2"])
     assert code == 0, err
+
+
+@needs_fifo
+def test_video_source_refuses_a_fifo(tmp_path):
+    pytest.importorskip("av")
+    from sed_fast.video.io import SourceError, open_source
+
+    os.mkfifo(tmp_path / "clip.mp4")
+    with pytest.raises(SourceError, match=r"clip\.mp4 is a named pipe"):
+        open_source(str(tmp_path / "clip.mp4"))
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    with pytest.raises(SourceError, match="loop of symbolic links"):
+        open_source(str(tmp_path / "loop.mp4"))

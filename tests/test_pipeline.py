@@ -19,7 +19,7 @@ VOCAB = ["cat", "dog", "grass", "sky"]
 
 @pytest.fixture(scope="module")
 def models():
-    reference = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    reference = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
     reference.set_vocabulary(VOCAB)
     return {"reference": reference, "fast": SEDFast.from_reference(reference)}
 

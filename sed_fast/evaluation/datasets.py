@@ -242,13 +242,28 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
 _apply_exif_orientation = apply_exif_orientation
 
 
-def read_label(path: Union[str, os.PathLike]) -> np.ndarray:
-    """A label map as detectron2's evaluator reads it: ``np.array(Image.open(f), dtype=int)``
-    (a regular file, within the pixel limit)."""
+_INDEX_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I", "1")
+_COLOUR_MODES = ("RGB", "RGBA", "P")
+
+
+def read_label(path: Union[str, os.PathLike], palette=None, ignore_label: Optional[int] = None,
+               invalid: str = "error") -> np.ndarray:
+    """A label map as detectron2's evaluator reads it: ``np.array(Image.open(f), dtype=int)`` (a
+    regular file, within the pixel limit).
+
+    With ``palette`` (:class:`sed_fast.evaluation.palette.Palette`), colour label maps (RGB, RGBA,
+    palette-mode) are read by colour: class index, ``ignore_label``, or -1 for a colour the
+    palette lacks (an error naming it unless ``invalid="ignore"``)."""
     with open_image(path, what="label map") as image:
-        if image.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
+        if palette is not None and image.mode in _COLOUR_MODES:
+            rgb = np.asarray(image.convert("RGB"))
+            return palette.apply(rgb, ignore_label, invalid, where=str(path))
+        if image.mode not in _INDEX_MODES:
+            hint = (" (a colour-coded label map: pass --label-palette FILE, one 'R G B name' line per class in "
+                    "vocabulary order, or --palette-from DATASET; see sed_fast/evaluation/README.md)"
+                    if image.mode in ("RGB", "RGBA") else "")
             raise DatasetError(f"{path}: a label map must be a single-channel image (class index per pixel), "
-                               f"got PIL mode {image.mode}")
+                               f"got PIL mode {image.mode}{hint}")
         return np.array(image, dtype=np.int64)
 
 
@@ -284,12 +299,13 @@ class EvalDataset:
     """
 
     def __init__(self, samples: Sequence[Sample], indices: Sequence[int], num_classes: int, ignore_label: int,
-                 invalid_labels: str = "error"):
+                 invalid_labels: str = "error", palette=None):
         self.samples = list(samples)
         self.indices = list(indices)
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.invalid_labels = invalid_labels
+        self.palette = palette
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -299,13 +315,16 @@ class EvalDataset:
         process reports it in one clear line rather than as a worker-process traceback."""
         index = self.indices[position]
         sample = self.samples[index]
-        item = {"index": index, "stem": sample.stem, "image": None, "label": None, "invalid": 0, "error": None}
+        item = {"index": index, "stem": sample.stem, "image": None, "label": None, "invalid": 0, "error": None,
+                "unreadable": False}
         try:
             item.update(self._read(sample))
-        except DatasetError as error:
+        except InvalidLabelError as error:  # readable, with values outside the classes: --invalid-labels
             item["error"] = str(error)
+        except DatasetError as error:
+            item.update(error=str(error), unreadable=True)
         except Exception as error:  # noqa: BLE001 - name the files, whatever the reason
-            item["error"] = f"{sample.stem}: {type(error).__name__}: {error}"
+            item.update(error=f"{sample.stem}: {type(error).__name__}: {error}", unreadable=True)
         return item
 
     def _read(self, sample: Sample) -> dict:
@@ -316,7 +335,7 @@ class EvalDataset:
         except Exception as error:  # noqa: BLE001
             raise DatasetError(f"cannot read the image {sample.image}: {type(error).__name__}: {error}") from error
         try:
-            label = read_label(sample.label)
+            label = read_label(sample.label, self.palette, self.ignore_label, self.invalid_labels)
         except DatasetError:
             raise
         except Exception as error:  # noqa: BLE001

@@ -43,13 +43,15 @@ class EvalState:
     # "vocabulary" / "class_names" -> the names (the settings hold their hashes): a refused resume
     # says which names changed
     names: Dict[str, List[str]] = field(default_factory=dict)
+    skipped: List[List[str]] = field(default_factory=list)  # [stem, error] left out by --skip-unreadable
 
 
 def save_state(path: Path, state: EvalState) -> None:
     payload = {"format": _FORMAT, "version": _VERSION, "settings": state.settings,
                "confusion": {k: v.detach().to("cpu", torch.int64) for k, v in state.confusion.items()},
                "finished": list(state.finished), "counters": dict(state.counters), "seconds": float(state.seconds),
-               "complete": bool(state.complete), "names": {k: list(v) for k, v in state.names.items()}}
+               "complete": bool(state.complete), "names": {k: list(v) for k, v in state.names.items()},
+               "skipped": [list(entry) for entry in state.skipped]}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fsync=True)
@@ -75,7 +77,8 @@ def load_state(path: Path) -> EvalState:
         state = EvalState(settings=dict(payload["settings"]), confusion=dict(payload["confusion"]),
                           finished=[str(s) for s in payload["finished"]], counters=dict(payload["counters"]),
                           seconds=float(payload["seconds"]), complete=bool(payload["complete"]),
-                          names={str(k): [str(n) for n in v] for k, v in dict(payload.get("names") or {}).items()})
+                          names={str(k): [str(n) for n in v] for k, v in dict(payload.get("names") or {}).items()},
+                          skipped=[[str(part) for part in entry] for entry in payload.get("skipped", [])])
     except (KeyError, TypeError, ValueError) as error:
         raise StateError(f"the resume file {path} is incomplete ({type(error).__name__}: {error}); {hint}") from None
     size = int(state.settings.get("num_classes", -1)) + 1

@@ -14,12 +14,16 @@ The backend of an op comes from, in order: :func:`set_backend`, ``SED_FAST_BACKE
 ``SED_FAST_BACKEND``, else ``"auto"``: the first usable backend in the order cuda, triton, torch,
 or, with timing-based choice switched on (:func:`set_autotune` or ``SED_FAST_AUTOTUNE=1``; CUDA
 only), the fastest one measured on the call's own inputs (:mod:`.autotune`).
+
+A backend found to disagree with its reference (``sed-fast doctor`` checks each one) can be
+excluded for the rest of the process with :func:`exclude`: "auto" then never picks it, and asking
+for it by name is an error that says why.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -69,6 +73,7 @@ _backends: Dict[str, Dict[str, Backend]] = {}
 _overrides: Dict[str, str] = {}
 _autotune_override: Optional[bool] = None
 _cost_models: Dict[str, Callable[..., int]] = {}
+_excluded: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why it is not to be used
 
 
 # -- Triton's mode -----------------------------------------------------------------------------------
@@ -143,6 +148,31 @@ def _known(op: str) -> Dict[str, Backend]:
     return _backends[op]
 
 
+# -- excluding -----------------------------------------------------------------------------------------
+def exclude(op: str, name: str, reason: str) -> None:
+    """Never choose backend ``name`` of ``op`` again in this process (e.g. it disagreed with its
+    reference); ``reason`` is quoted by every error that mentions it."""
+    if name not in _known(op):
+        raise ValueError(f"op {op!r} has no backend {name!r}")
+    _excluded[(op, name)] = reason
+
+
+def include(op: str, name: str) -> None:
+    """Undo :func:`exclude` for backend ``name`` of ``op``."""
+    _excluded.pop((op, name), None)
+
+
+def excluded() -> Dict[Tuple[str, str], str]:
+    """The excluded (op, backend) pairs and why."""
+    return dict(_excluded)
+
+
+def _reasons(op: str, name: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
+    if (op, name) in _excluded:
+        return [f"excluded in this process: {_excluded[(op, name)]}"]
+    return _known(op)[name].reasons(device, args, kwargs)
+
+
 # -- choosing ------------------------------------------------------------------------------------------
 def set_backend(op: str, name: Optional[str]) -> None:
     """Force backend ``name`` for ``op`` (``op="all"`` for every op); ``None`` clears the override."""
@@ -179,12 +209,20 @@ def usable_backends(op: str, device: torch.device, args: tuple = (), kwargs: Opt
     """The backends of ``op`` that can run these inputs on ``device``, in the order "auto" prefers."""
     device = torch.device(device)
     known = _known(op)
-    return [name for name in BACKENDS if name in known and not known[name].reasons(device, args, kwargs)]
+    return [name for name in BACKENDS if name in known and not _reasons(op, name, device, args, kwargs)]
+
+
+def available_backends(op: str, device: torch.device) -> List[str]:
+    """The backends of ``op`` that can run on ``device`` (whatever the inputs), in the order "auto" prefers."""
+    device = torch.device(device)
+    known = _known(op)
+    return [name for name in BACKENDS if name in known and (op, name) not in _excluded
+            and known[name].unavailable(device) is None]
 
 
 def _why_not(op: str, device: torch.device, names, args, kwargs) -> str:
     known = _known(op)
-    return "; ".join(f"{name}: {', '.join(known[name].reasons(device, args, kwargs)) or 'ok'}"
+    return "; ".join(f"{name}: {', '.join(_reasons(op, name, device, args, kwargs)) or 'ok'}"
                      for name in names if name in known)
 
 
@@ -198,7 +236,7 @@ def resolve_name(op: str, device: torch.device, args: Optional[tuple] = None, kw
         if wanted not in known:
             raise BackendError(f"backend {wanted!r} was requested for op {op!r}, which has none "
                                f"(it has: {', '.join(n for n in BACKENDS if n in known)})")
-        reasons = known[wanted].reasons(device, args, kwargs)
+        reasons = _reasons(op, wanted, device, args, kwargs)
         if reasons:
             raise BackendError(f"backend {wanted!r} was requested for op {op!r} but cannot run here: "
                                f"{'; '.join(reasons)} (other backends: "

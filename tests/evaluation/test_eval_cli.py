@@ -72,7 +72,7 @@ def test_each_layout_end_to_end(tmp_path, shared_build, tiny_datasets, name):
     assert "1 label map(s) have no image" in stderr
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == {"evaluated": 3, "in_dataset": 3, "images_without_label": 1,
-                                 "labels_without_image": 1}
+                                 "labels_without_image": 1, "skipped_unreadable": 0}
     dataset = resolve_dataset(name, root)
     assert [s.stem for s in dataset.samples] == stems
     conf = np.load(out / "confusion.npy")
@@ -305,7 +305,8 @@ def test_invalid_labels_and_all_ignore(tmp_path, shared_build):
     write_label(labels / "a.png", label, ".png")
     args = ["--images", images, "--labels", labels, "--vocab", ",".join(TINY), "--ignore", "255", *COMMON]
     code, _, err = run_eval([*args, "--out", tmp_path / "o1"])
-    assert code == 1 and "a.png" in err and "label values 7" in err and "Traceback" not in err
+    assert code == 2 and "a.png" in err and "label values 7" in err and "Traceback" not in err  # bad input
+    assert "--invalid-labels ignore" in err and "--resume" not in err
     code, _, err = run_eval([*args, "--out", tmp_path / "o2", "--invalid-labels", "ignore"])
     assert code == 1 and "no labelled pixel" in err  # all pixels ignored: metrics undefined, said so
     results = json.loads((tmp_path / "o2" / "results.json").read_text())
