@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train_synthetic import CLASSES, TinySED, cached_build, patch_losses, tiny_build, write_dataset
+from train_synthetic import CLASSES, TinySED, cached_build, tiny_build, write_dataset
 from sed_fast.training import cli as train_cli
 from sed_fast.training.augment import (AugmentConfig, augment, bgr_to_hsv, hsv_to_bgr, pad_to_divisibility,
                                        resize_shortest_edge_shape, sample_rngs)
@@ -327,14 +327,13 @@ def test_evaluation_during_training_joins_the_metrics_and_leaves_the_steps_alone
 
 # -- the real SED-B ------------------------------------------------------------------------------------
 def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, monkeypatch):
-    """One iteration of SED-B (random weights; the training losses, or the tests' stand-in while the
-    models have none): the checkpoint has exactly the official keys and shapes and loads strictly
-    through build_sed; the parameter groups follow the official rules."""
+    """One iteration of SED-B (random weights, the official losses): the checkpoint has exactly the
+    official keys and shapes and loads strictly through build_sed; the parameter groups follow the
+    official rules."""
     from sed_fast.api import build_sed
     from sed_fast.checkpoint import official_shapes
     from sed_fast.training.optim import SolverConfig, param_groups
 
-    patch_losses(monkeypatch)
     cached_build(monkeypatch)
     out = tmp_path / "out"
     assert train_cli.main(_common(*data, out, "--max-iter", "1", "--ims-per-batch", "1", "--save-every", "0")) == 0
@@ -358,3 +357,21 @@ def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, mo
     visual_convs = [n for n in where if n.startswith(prefix + "clip_model.visual") and "conv_dw.weight" in n]
     assert visual_convs and all(where[n][1] == 1e-4 for n in visual_convs)
     assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_colour_label_maps_through_a_palette(tmp_path, tiny, capsys):
+    """Colour-coded label maps are read as ``sed-fast eval`` reads them (--label-palette)."""
+    images, labels = write_dataset(tmp_path, count=2)
+    colours = {0: (10, 10, 200), 1: (10, 200, 10), 2: (200, 10, 10), 255: (0, 0, 0)}
+    for path in labels.glob("*.png"):
+        index = np.array(Image.open(path))
+        rgb = np.zeros(index.shape + (3,), dtype=np.uint8)
+        for value, colour in colours.items():
+            rgb[index == value] = colour
+        Image.fromarray(rgb).save(path)
+    palette = tmp_path / "palette.txt"
+    palette.write_text("10 10 200 sky\n10 200 10 grass\n200 10 10 road\nignore 0 0 0\n")
+    args = _common(images, labels, tmp_path / "out", "--max-iter", "2", "--ims-per-batch", "1", "--save-every", "0")
+    assert train_cli.main(args) == 2  # without the palette: refused before the first iteration
+    assert "--label-palette" in capsys.readouterr().err
+    assert train_cli.main(args + ["--label-palette", str(palette)]) == 0
