@@ -339,7 +339,8 @@ def _fingerprint(items: Sequence[str]) -> str:
 
 
 def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: int) -> dict:
-    """What a resumed run must share with the saved one: everything that changes the weights."""
+    """What a resumed run must share with the saved one: everything that changes the weights (not
+    the workers, the save period or the progress options)."""
     if args.checkpoint is not None:
         path = Path(os.path.expanduser(args.checkpoint)).resolve()
         weights = f"{path} ({path.stat().st_size} bytes)"
@@ -356,11 +357,12 @@ def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: i
                 "seed": args.seed, "device_type": device_type, "world_size": world_size}
     for key in ("min_size_train", "max_size_train", "min_size_train_sampling", "crop_size", "single_category_max_area",
                 "color_aug_ssd", "flip", "size_divisibility", "max_iter", "ims_per_batch", "base_lr", "weight_decay",
-                "weight_decay_norm", "clip_multiplier", "clip_value", "eval_every"):
+                "weight_decay_norm", "clip_multiplier", "clip_value"):
         value = getattr(args, key)
         settings[key] = list(value) if isinstance(value, (list, tuple)) else value
-    settings["eval"] = (None if eval_dataset is None else
-                        f"{eval_dataset.spec.name}: {len(eval_dataset.samples)} images")
+    # Not the evaluation set nor its period: evaluating does not change the steps (a resumed run
+    # may evaluate on another set, or stop evaluating).
+    del eval_dataset
     return settings
 
 
