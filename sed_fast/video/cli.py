@@ -25,7 +25,9 @@ from .run import VideoOptions, segment_video
 
 def _stem(spec: str, used: set) -> str:
     if is_stream_url(spec):
-        base = _cli._safe(spec.split("://", 1)[1])
+        rest = spec.split("://", 1)[1].split("?", 1)[0]
+        suffix = Path(rest).suffix
+        base = _cli._safe(rest[:-len(suffix)] if suffix.lower() in VIDEO_EXTENSIONS else rest)
     else:
         base = _cli._safe(Path(spec).stem)
     candidate, k = base, 2

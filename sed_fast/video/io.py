@@ -133,7 +133,9 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
         raise SourceError(f"{label} has no video stream" + (" (an audio file?)" if container.streams.audio else ""))
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame + slice threads in the decoder
-    live = kind != "file"
+    # A camera is live; so is a stream without a known length (RTSP, UDP, a live HLS); a file served
+    # over HTTP is read whole, at the decoder's pace.
+    live = kind == "camera" or (kind == "url" and not (stream.frames or container.duration))
     rate = stream.average_rate or stream.guessed_rate or getattr(stream, "base_rate", None)
     rate = Fraction(rate) if rate else (DEFAULT_LIVE_RATE if live else None)
     if rate is None or rate <= 0:

@@ -284,3 +284,38 @@ def test_usage_errors(tmp_path, clip):
     assert code == cli.EXIT_USAGE and "--every must be >= 1" in err
     code, err = run_main(["segment", *ARGS, "--out", tmp_path / "o"])
     assert code == cli.EXIT_USAGE and "no images given" in err
+
+
+def test_video_served_over_http(tmp_path, monkeypatch, clip):
+    import functools
+    import http.server
+    import threading
+
+    use_model(monkeypatch, FakeModel())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
+        out = tmp_path / "out"
+        code, err = run_main(["segment", url, *ARGS, "--out", out])
+    finally:
+        server.shutdown()
+    assert code == cli.EXIT_OK, err
+    record = read_summary(out)["videos"][0]
+    assert record["live"] is False and record["frames_written"] == 7 and record["dropped_frames"] == 0
+    overlay = out / f"127.0.0.1_{server.server_address[1]}_shapes_overlay.mp4"
+    assert record["outputs"]["overlay"] == overlay.name, record["outputs"]
+    assert len(decode(overlay)[0]) == 7
+
+
+def test_odd_frame_size_keeps_its_size(tmp_path, monkeypatch):
+    use_model(monkeypatch, FakeModel())
+    clip = write_clip(tmp_path / "odd.mp4", frames=3, pix_fmt="yuv444p", width=97, height=65)
+    out = tmp_path / "out"
+    code, err = run_main(["segment", clip, *ARGS, "--out", out])
+    assert code == cli.EXIT_OK, err
+    frames, _, width, height = decode(out / "odd_overlay.mp4")
+    assert (len(frames), width, height) == (3, 97, 65)
