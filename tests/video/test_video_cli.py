@@ -319,3 +319,19 @@ def test_odd_frame_size_keeps_its_size(tmp_path, monkeypatch):
     assert code == cli.EXIT_OK, err
     frames, _, width, height = decode(out / "odd_overlay.mp4")
     assert (len(frames), width, height) == (3, 97, 65)
+
+
+def test_several_videos_one_missing(tmp_path, monkeypatch, clip):
+    use_model(monkeypatch, FakeModel())
+    other = tmp_path / "sub"
+    other.mkdir()
+    second = write_clip(other / clip.name, frames=2)  # the same stem: outputs must not collide
+    out = tmp_path / "out"
+    code, err = run_main(["segment", clip, tmp_path / "missing.mp4", second, *ARGS, "--out", out])
+    assert code == cli.EXIT_FAILED
+    assert "video file not found" in err
+    records = read_summary(out)["videos"]
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert records[0]["outputs"]["overlay"] != records[2]["outputs"]["overlay"]
+    assert len(decode(out / records[0]["outputs"]["overlay"])[0]) == 7
+    assert len(decode(out / records[2]["outputs"]["overlay"])[0]) == 2
