@@ -104,7 +104,6 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
     av = import_av()
     from . import is_stream_url
 
-    options = {}
     if camera:
         device = f"/dev/video{spec}"
         label, kind, fmt = f"camera {spec} ({device})", "camera", "v4l2"
@@ -124,7 +123,7 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
         if path.is_dir():
             raise SourceError(f"{spec} is a folder, not a video file")
     try:
-        container = av.open(target, "r", format=fmt, options=options,
+        container = av.open(target, "r", format=fmt,
                             timeout=None if kind == "file" else (timeout_s, timeout_s))
     except (OSError, ValueError, av.error.FFmpegError) as error:  # av's errors are OSError/ValueError too
         raise _open_error(label, error, kind) from None
@@ -254,9 +253,11 @@ class FrameReader(threading.Thread):
                     self.frames.put(_END, timeout=0.1)
                     break
                 except queue.Full:
-                    if self.stop_event.is_set():
+                    if self.stop_event.is_set() or self.source.live:  # a live source waits for nobody
                         try:
                             self.frames.get_nowait()
+                            if not self.stop_event.is_set():
+                                self.stats.dropped += 1
                         except queue.Empty:
                             pass
 

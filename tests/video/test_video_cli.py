@@ -335,3 +335,18 @@ def test_several_videos_one_missing(tmp_path, monkeypatch, clip):
     assert records[0]["outputs"]["overlay"] != records[2]["outputs"]["overlay"]
     assert len(decode(out / records[0]["outputs"]["overlay"])[0]) == 7
     assert len(decode(out / records[2]["outputs"]["overlay"])[0]) == 2
+
+
+def test_live_source_drops_frames_when_the_model_lags(clip):
+    source = video_io.open_source(str(clip))
+    source.live = True  # as a camera: the reader never waits for the model
+    reader = video_io.FrameReader(source, capacity=2)
+    reader.start()
+    reader.join(timeout=30)  # nobody reads: the queue fills and the oldest frames go
+    received = []
+    while (frame := reader.get()) is not None:
+        received.append(frame.index)
+    source.close()
+    stats = reader.stats
+    assert stats.decoded == 7 and stats.dropped > 0
+    assert len(received) + stats.dropped == 7 and received == sorted(received) and received[-1] == 6
