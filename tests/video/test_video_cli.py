@@ -350,3 +350,12 @@ def test_live_source_drops_frames_when_the_model_lags(clip):
     stats = reader.stats
     assert stats.decoded == 7 and stats.dropped > 0
     assert len(received) + stats.dropped == 7 and received == sorted(received) and received[-1] == 6
+
+
+def test_output_folder_held_by_another_run_is_a_usage_error(tmp_path, clip):
+    from sed_fast.outdir_lock import exclusive_output_dir
+
+    out = tmp_path / "out"
+    with exclusive_output_dir(out, "another run"):
+        code, err = run_main(["segment", clip, *ARGS, "--out", out])
+    assert code == cli.EXIT_USAGE and str(os.getpid()) in err, err
