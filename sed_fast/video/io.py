@@ -122,6 +122,12 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
             raise SourceError(f"video file not found: {spec}")
         if path.is_dir():
             raise SourceError(f"{spec} is a folder, not a video file")
+        from ..image_files import InputFileError, check_regular_file
+
+        try:  # a FIFO or a device would block the decoder, as for images
+            check_regular_file(path, "video")
+        except (InputFileError, OSError) as error:
+            raise SourceError(str(error)) from None
     try:
         container = av.open(target, "r", format=fmt,
                             timeout=None if kind == "file" else (timeout_s, timeout_s))

@@ -359,3 +359,10 @@ def test_output_folder_held_by_another_run_is_a_usage_error(tmp_path, clip):
     with exclusive_output_dir(out, "another run"):
         code, err = run_main(["segment", clip, *ARGS, "--out", out])
     assert code == cli.EXIT_USAGE and str(os.getpid()) in err, err
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    code, err = run_main(["segment", fifo, *ARGS, "--out", tmp_path / "out"])
+    assert code == cli.EXIT_USAGE and "named pipe (FIFO), not a regular file" in err, err
