@@ -46,6 +46,15 @@ NORM_MODULE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatc
 LOSS_KEYS = ("loss_sem_seg_0", "loss_sem_seg_1", "loss_sem_seg_2", "loss_sem_seg_3")
 #: Bytes of upsampled class scores that ``predict_labels`` holds at a time (a chunk of classes).
 LABEL_CHUNK_BYTES = 256 << 20
+#: From this many output pixels on, ``predict_labels`` upsamples one class at a time, so that its
+#: peak is ~9 bytes per pixel (one float32 plane, the best score, the compact labels).
+LARGE_LABEL_PIXELS = 8 << 20
+_LABEL_BAND_ELEMENTS = 1 << 20  # pixels compared at a time (band-sized temporaries only)
+
+
+def label_dtype_for(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype that holds the class indices 0..num_classes-1."""
+    return torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32768 else torch.int32
 
 
 class _Predictor(nn.Module):
@@ -219,25 +228,46 @@ class SEDBase(nn.Module):
             return [self._resize_scores(scores[i:i + 1], size)[0] for i, size in enumerate(batch.sizes)]
 
     @torch.no_grad()
-    def predict_labels(self, images: Images, return_scores: bool = False):
+    def predict_labels(self, images: Images, return_scores: bool = False,
+                       label_dtype: Optional[torch.dtype] = torch.int64):
         """The class index of every pixel at each image's own size: ``scores.argmax`` over the
         classes (the first class on ties), without holding the (T, H, W) scores at full size.
 
-        ``images`` as for :meth:`forward`. Returns a list of (H_i, W_i) int64 label maps (for a
-        batch tensor, one (B, H, W) tensor); with ``return_scores``, also the winning scores
-        (float32, same shapes). Peak memory beyond the decoder: ~12 bytes per output pixel plus
-        :data:`LABEL_CHUNK_BYTES` of upsampled scores.
+        ``images`` as for :meth:`forward`. Returns a list of (H_i, W_i) label maps (for a batch
+        tensor, one (B, H, W) tensor) of ``label_dtype``: int64 by default, None for the smallest
+        integer dtype that holds the class count (:func:`label_dtype_for`: uint8 up to 256
+        classes), which is what is computed; with ``return_scores``, also the winning scores
+        (float32, same shapes). Peak memory beyond the decoder: at most :data:`LABEL_CHUNK_BYTES`
+        of upsampled scores, and ~9 bytes per output pixel for images of
+        :data:`LARGE_LABEL_PIXELS` or more (plus 8 for int64 labels).
         """
+        scores, sizes = self.decoder_scores(images)
+        return self.labels_at_sizes(scores, sizes, return_scores, label_dtype,
+                                    as_batch=isinstance(images, torch.Tensor))
+
+    @torch.no_grad()
+    def decoder_scores(self, images: Images):
+        """(scores (B, T, h, w) at the decoder's resolution, [(H_i, W_i)] the images' sizes): the
+        first half of :meth:`predict_labels`. A caller can let go of large images before the
+        second half, :meth:`labels_at_sizes`, which needs only these."""
         batch = as_image_list(images)
-        scores = self._run(batch)
+        return self._run(batch), batch.sizes
+
+    @torch.no_grad()
+    def labels_at_sizes(self, scores: torch.Tensor, sizes, return_scores: bool = False,
+                        label_dtype: Optional[torch.dtype] = torch.int64, as_batch: bool = False):
+        """The second half of :meth:`predict_labels`: label maps at ``sizes`` from
+        :meth:`decoder_scores`' scores (``as_batch``: stacked into one tensor)."""
         labels, best = [], []
         with stage("resize"):
-            for i, size in enumerate(batch.sizes):
-                image_labels, image_best = labels_from_scores(scores[i], size)
+            for i, size in enumerate(sizes):
+                image_labels, image_best = labels_from_scores(scores[i], size, label_dtype=label_dtype)
                 labels.append(image_labels)
-                best.append(image_best)
-        if batch.as_batch:
-            labels, best = torch.stack(labels), torch.stack(best)
+                best.append(image_best if return_scores else None)
+                del image_best
+        if as_batch:
+            labels = torch.stack(labels)
+            best = torch.stack(best) if return_scores else best
         return (labels, best) if return_scores else labels
 
     def _check_scores_fit(self, batch: ImageList) -> None:
@@ -478,25 +508,55 @@ class SEDReference(SEDBase):
         return [logits, *aux]
 
 
-def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUNK_BYTES):
-    """(T, h, w) scores -> (labels (H, W) int64, winning score (H, W) float32) at ``size``, equal
-    to ``F.interpolate(scores)`` then argmax (first index on ties), upsampling a chunk of classes
-    at a time."""
+def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUNK_BYTES,
+                       label_dtype: Optional[torch.dtype] = torch.int64):
+    """(T, h, w) scores -> (labels (H, W), winning score (H, W) float32) at ``size``, equal to
+    ``F.interpolate(scores)`` then argmax (first index on ties).
+
+    Each class plane is ``F.interpolate``'s own output, a chunk of classes at a time (on CPU,
+    ``F.interpolate`` of a chunk can differ by one ulp from the same classes interpolated all
+    together: its vectorised paths depend on the channel count) (at most ``chunk_bytes``; one class from
+    :data:`LARGE_LABEL_PIXELS` output pixels on); the running maximum is kept in place band by
+    band, so no other full-size temporary exists. The labels are computed in the smallest dtype
+    that holds the class count and returned as ``label_dtype`` (None: that smallest dtype)."""
     height, width = size
-    step = max(1, chunk_bytes // max(1, 4 * height * width))
+    classes = scores.shape[0]
+    compact = label_dtype_for(classes)
+    step = 1 if height * width >= LARGE_LABEL_PIXELS else max(1, chunk_bytes // max(1, 4 * height * width))
+    rows = max(1, _LABEL_BAND_ELEMENTS // max(1, width))
     best = labels = None
-    for first in range(0, scores.shape[0], step):
+    for first in range(0, classes, step):
         upsampled = F.interpolate(scores[None, first:first + step], size=(height, width), mode="bilinear",
                                   align_corners=False)[0]
-        index = upsampled.argmax(0)
-        value = upsampled.gather(0, index[None])[0]
+        if best is None and upsampled.shape[0] == 1:  # the first plane is the running maximum itself
+            best = upsampled[0]
+            labels = torch.zeros((height, width), dtype=compact, device=scores.device)
+            del upsampled
+            continue
+        fresh = best is None
+        if fresh:
+            best = torch.empty((height, width), dtype=upsampled.dtype, device=scores.device)
+            labels = torch.empty((height, width), dtype=compact, device=scores.device)
+        for top in range(0, height, rows):
+            band = upsampled[:, top:top + rows]
+            best_band, label_band = best[top:top + rows], labels[top:top + rows]
+            if band.shape[0] == 1:
+                better = band[0] > best_band  # strictly: on ties the earlier class keeps the pixel
+                label_band.masked_fill_(better, first)
+                torch.maximum(best_band, band[0], out=best_band)
+                continue
+            index = band.argmax(0)
+            value = band.gather(0, index[None])[0]
+            if fresh:
+                best_band.copy_(value)
+                label_band.copy_(index)
+            else:
+                better = value > best_band
+                label_band.copy_(torch.where(better, (index + first).to(compact), label_band))
+                best_band.copy_(torch.where(better, value, best_band))
         del upsampled
-        if best is None:
-            best, labels = value, index
-        else:
-            better = value > best  # strictly: on ties the earlier class keeps the pixel
-            best = torch.where(better, value, best)
-            labels = torch.where(better, index + first, labels)
+    if label_dtype is not None and label_dtype != compact:
+        labels = labels.to(label_dtype)
     return labels, best
 
 

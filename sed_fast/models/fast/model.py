@@ -15,7 +15,6 @@ each rejection step and one read of the input and score checks at the end.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 from ... import kernels
 from ...config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
-from ...envvars import env_number
+from ...envvars import env_value
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
 
@@ -31,10 +30,8 @@ _DEFAULT_CPU_CHUNK_BYTES = 512 << 20
 
 
 def _chunk_bytes_from_env() -> Optional[int]:
-    if not os.environ.get("SED_FAST_CHUNK_MB", "").strip():
-        return None
-    megabytes = env_number("SED_FAST_CHUNK_MB", 0.0, minimum=1e-3)
-    return int(megabytes * (1 << 20))
+    megabytes = env_value("SED_FAST_CHUNK_MB")
+    return None if megabytes is None else int(megabytes * (1 << 20))
 
 
 class SEDFast(SEDBase):
