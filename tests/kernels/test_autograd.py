@@ -210,3 +210,21 @@ def test_gather_gradient_sums_repeated_rows_in_the_input_layout(generator):
     (expected,) = torch.autograd.grad(x[index[:3].long()], x, grad)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_kernel_benchmark_has_backward_rows(tmp_path):
+    """``sed_fast.bench.kernels --ops <op>_backward``: forward + backward rows, gradients checked."""
+    import json
+
+    from sed_fast.bench import kernels as bench
+
+    assert bench.main(["--smoke", "--classes", "3", "--reps", "1", "--results-dir", str(tmp_path),
+                       "--ops", ",".join(bench.BACKWARD_OPS), "--dtypes", "float32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["op"] for r in rows} == set(bench.BACKWARD_OPS)
+    assert len(rows) == 2 * (1 + 2 + 2)  # official + op: the cost map once, the others at 2 smoke levels
+    for row in rows:
+        assert row["error"] is None and row["valid"] is True, row
+        assert row["median_ms"] > 0 and row["bytes"] > 0
+        if row["impl"] == "sed_fast":
+            assert row["backend"] == "torch" and 0 <= row["max_abs_diff_vs_reference"] <= 1e-4
