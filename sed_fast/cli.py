@@ -7,8 +7,10 @@
 Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
 ``summary.json`` and on stderr; the others are still processed) or an unexpected error stopped the
 run; 2 usage error (bad option, vocabulary, checkpoint, environment variable, no images, an output
-folder that cannot be written): nothing is segmented; 130 interrupted by SIGINT (Ctrl-C); 143
-terminated by SIGTERM. Errors are one-line messages; ``--debug`` adds the Python traceback.
+folder that cannot be written or that another run is using): nothing is segmented; 130 interrupted
+by SIGINT (Ctrl-C); 143 terminated by SIGTERM; 129 SIGHUP (the terminal closed; not under
+``nohup``, whose ignoring of it is kept). Errors are one-line messages; ``--debug`` adds the Python
+traceback.
 
 What an interrupted or failed run leaves in ``--out``: every output file (``*_labels.png``,
 ``*_overlay.png``, ``*_scores.npy``, ``summary.json``) is written to a temporary file in the same
@@ -18,9 +20,14 @@ A signal that arrives while an image's files are being written takes effect once
 summary are written. ``summary.json`` is written when the run starts and rewritten after each image
 (once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end,
 with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
-(``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
-``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
-summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
+(``exit_code`` 129/130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
+``run_id``, ``pid``, ``host`` and ``started_at`` say which run wrote it, so a run into a used folder
+replaces the old summary at its start. When the final rewrite fails (a full disk) a compact final
+summary (no per-image records, ``summary_error``) overwrites the file in place; a run killed
+outright (SIGKILL) leaves ``"running"``, which :func:`read_summary` reads as ``"interrupted"`` once
+that process no longer holds the folder. One run at a time per ``--out``
+(:mod:`sed_fast.outdir_lock`): a second one exits with code 2 naming the first one's PID.
+Output names keep at most 100 bytes of the input's stem (longer stems get a
 short hash instead of the rest).
 """
 from __future__ import annotations
@@ -35,6 +42,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -52,10 +60,12 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 128 + 2  # 130, as a shell reports a Ctrl-C
 EXIT_SIGTERM = 128 + 15  # 143
+EXIT_SIGHUP = 128 + 1  # 129
 
 _STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -64,10 +74,14 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "bench": ("sed_fast.bench.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
              "bench-kernels": ("sed_fast.bench.kernels", "per-kernel benchmark (see `sed-fast bench-kernels --help`)"),
              "profile": ("sed_fast.bench.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "bench-train": ("sed_fast.bench.train_step", "training-step benchmark: forward+backward time and memory"),
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
-             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
+             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
+             "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
 _PROG = "sed-fast"
 
 
@@ -92,8 +106,8 @@ def _signal_name(signum: int) -> str:
 
 
 class _Signals:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; inside :meth:`deferred`
-    they wait until the block ends, so a group of file writes is never cut halfway."""
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread; inside
+    :meth:`deferred` they wait until the block ends, so a group of file writes is never cut halfway."""
 
     def __init__(self):
         self.depth = 0
@@ -101,10 +115,12 @@ class _Signals:
         self.previous = {}
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
             if signum is None:
                 continue
             try:
+                if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # nohup: the terminal closing must not stop the run
                 self.previous[signum] = signal.signal(signum, self._handle)
             except (ValueError, OSError):  # not the main thread: the default handling stays
                 pass
@@ -171,14 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment", help="segment images with a vocabulary; write label maps, overlays and a summary",
         description="Segment images with an open vocabulary. Writes, per image, <stem>_labels.png "
-                    "(class index per pixel: 8-bit PNG for up to 256 classes, else 16-bit), "
-                    "<stem>_overlay.png (image blended with class colours and a legend) and, with "
-                    "--save-scores, <stem>_scores.npy (float16, T x H x W); and summary.json (rewritten as "
-                    "the run goes, with its status). Each file is written whole or not at all. "
+                    "(class index per pixel: for up to 256 classes a palette PNG, the pixel values the class "
+                    "indices and shown in the class colours; else 16-bit grey), "
+                    "<stem>_overlay.png (image blended with class colours and a legend), with --save-label-npy "
+                    "<stem>_labels.npy and with --save-scores <stem>_scores.npy (float16, T x H x W); and "
+                    "summary.json (rewritten as the run goes, with its status). Each file is written whole or "
+                    "not at all. A reused --out: nothing is deleted; the output files of an earlier run that "
+                    "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
                     "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
                     "143 terminated (SIGTERM).")
-    seg.add_argument("images", nargs="+", metavar="IMAGES",
-                     help="image files, folders (their images, sorted) or glob patterns (quoted)")
+    seg.add_argument("images", nargs="*", metavar="IMAGES",
+                     help="image files, folders (their images, sorted) or glob patterns (quoted); or video "
+                          "files / stream URLs (see the video options)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
                      help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
                           "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")
@@ -200,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--save-scores", action="store_true",
                      help="also write <stem>_scores.npy (float16; needs the full-size scores in memory: without "
                           "it only the class map is computed)")
+    seg.add_argument("--save-label-npy", action="store_true",
+                     help="also write <stem>_labels.npy (H x W class indices, uint8 or uint16)")
     seg.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="images per forward (of any sizes: each is resized to the encoder's input; default 1)")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
     seg.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+    from .video.options import add_arguments as add_video_arguments
+    add_video_arguments(seg)
 
     for name, (_, help_text) in _EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -215,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help", "--version"} & set(map(str, argv)) and not _environment_ok():
+        return EXIT_USAGE
     if argv and argv[0] in _EXTERNAL:
         return _dispatch_external(argv[0], argv[1:])
     parser = build_parser()
@@ -310,7 +336,6 @@ def _check_options(args: argparse.Namespace):
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_environment()
     return spec, dtype, device
 
 
@@ -355,16 +380,18 @@ def check_model_options(args: argparse.Namespace, error=None):
     return spec, dtype, device
 
 
-def _check_environment() -> None:
-    """Parse the environment variables now: a malformed one is a usage error before any work."""
-    from .checkpoint import trust_checkpoints
-    from .text import cache_enabled, cache_limit_bytes
+def _environment_ok() -> bool:
+    """Every command parses every environment variable first (sed_fast.envvars): a malformed one
+    is one usage error before any work, not a failure of each image later."""
+    from .envvars import EnvError, check_environment
 
-    for read in (trust_checkpoints, cache_enabled, cache_limit_bytes):
-        try:
-            read()
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    try:
+        for warning in check_environment():
+            _warn(warning)
+    except EnvError as error:
+        _error(str(error))
+        return False
+    return True
 
 
 def _load_vocabulary(text: str) -> List[str]:
@@ -412,6 +439,10 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
 
     def add_folder(folder: Path) -> None:
         found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
+        videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if videos:  # not silently: the user may expect their frames to be segmented
+            _warn(f"skipped {len(videos)} video file(s) in {folder} ({', '.join(videos[:5])}"
+                  f"{', ...' if len(videos) > 5 else ''}): segment reads images only")
         if not found and not quiet:
             _warn(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
         for p in found:
@@ -547,23 +578,34 @@ def _read_checkpoint(path_text: str):
 
 def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> int:
     signals = signals or _Signals()
+    run_start = time.perf_counter()
     spec, dtype, device = _check_options(args)
+    from .video.options import image_run_problem, wants_video
+    if wants_video(args):
+        from .video.cli import segment_videos
+        return segment_videos(args, signals)
+    if image_run_problem(args):
+        raise UsageError(image_run_problem(args))
+    if not args.images:
+        raise UsageError("no images given: segment IMAGES... (or video files, a stream URL, --camera N)")
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {_describe(error)}") from error
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out} is not a folder")
-    output = _OutputFolder(out_dir)
-    try:
-        output.probe()
-    except OSError as error:
-        raise UsageError(f"--out {args.out}: cannot write in this folder ({_describe(error)}); choose another "
-                         "--out or make it writable") from error
+    from .outdir_lock import OutputDirError, exclusive_output_dir
 
+    with contextlib.ExitStack() as held:
+        try:  # writable, and no other run in it, before the model is built
+            held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} segment --out {args.out}"))
+        except OutputDirError as error:
+            raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir, run_start)
+
+
+def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: List[str], inputs: List[_Input],
+                    out_dir: Path, run_start: float) -> int:
+    """``segment`` into ``out_dir``, which this process holds (``run_start``: the command's start,
+    for the total time)."""
+    output = _OutputFolder(out_dir)
     random_weights = args.checkpoint is None
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
@@ -575,6 +617,8 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         "status": "running",
         "exit_code": None,
         "run_id": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "started_at": _now(),
         "finished_at": None,
         "sed_fast_version": __version__,
@@ -590,6 +634,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         "official_resolution": args.resolution == 768,
         "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
         "num_inputs": len(inputs),
+        "stale_files": _stale_outputs(out_dir, inputs),
         "images": [],
     }
     records: List[dict] = summary["images"]  # type: ignore[assignment]
@@ -603,7 +648,9 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         path = out_dir / "summary.json"
         # After an image: a write that takes over 10 ms (a summary of thousands of images) is skipped
         # while the previous one is recent relative to its cost: rewriting stays under ~5% of the run.
-        if not force and timing["cost"] > 0.01 and time.perf_counter() - timing["last"] < 20 * timing["cost"]:
+        # (Only past 100 records: a small summary is always rewritten, however busy the machine.)
+        if not force and len(records) > 100 and timing["cost"] > 0.01 and \
+                time.perf_counter() - timing["last"] < 20 * timing["cost"]:
             return path
         with signals.deferred():
             start = time.perf_counter()
@@ -611,7 +658,13 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             timing["last"], timing["cost"] = time.perf_counter(), time.perf_counter() - start
         return path
 
+    save_summary.summary, save_summary.path = summary, out_dir / "summary.json"  # for _save_final
     summary_path = save_summary()  # replaces a previous run's summary before any work
+    stale = summary["stale_files"]
+    if stale:
+        _warn(f"--out {args.out} holds {len(stale)} output file(s) of an earlier run that this run does not "
+              f"rewrite ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): kept, and listed in "
+              f"{summary_path.name} as stale_files")
     try:
         checkpoint_state = None if random_weights else _read_checkpoint(args.checkpoint)
         start = time.perf_counter()
@@ -662,33 +715,132 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             progress.close()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
-        save_summary(status="interrupted", exit_code=code, signal=_signal_name(code - 128), finished_at=_now(),
-                     num_not_processed=len(inputs) - len(records))
+        _save_final(save_summary, status="interrupted", exit_code=code, signal=_signal_name(code - 128),
+                    finished_at=_now(), num_not_processed=len(inputs) - len(records))
         raise
     except UsageError as error:
-        save_summary(status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
         raise
     except Exception as error:
-        save_summary(status="failed", exit_code=EXIT_FAILED, error=f"{type(error).__name__}: {_describe(error)}",
-                     finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED,
+                    error=f"{type(error).__name__}: {_describe(error)}", finished_at=_now())
+        raise
+    except BaseException as error:  # SystemExit, GeneratorExit...: the summary does not stay "running"
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED, error=type(error).__name__,
+                    finished_at=_now())
         raise
 
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
-    save_summary(status="complete", exit_code=code, finished_at=_now())
+    seconds = time.perf_counter() - run_start
+    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=_now(),
+                       seconds_total=round(seconds, 3)):
+        code = EXIT_FAILED  # the outputs are there, their summary is not
+        _finish_in_place(summary_path, dict(summary, exit_code=code))
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
                + (f"; ... ({len(failed) - 5} more)" if len(failed) > 5 else "")
                + f" (see {summary_path})")
-    info(f"{summary['num_ok']} of {len(records)} image(s) segmented; outputs in {out_dir}")
+    info(f"{summary['num_ok']} of {len(records)} image(s) segmented in {seconds:.1f} s in all (model, vocabulary "
+         f"and images); outputs in {out_dir}")
     if random_weights:
         print(f"{_PROG}: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
     return code
 
 
+_OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_scores.npy", "_labels.npy")
+
+
+def _stale_outputs(out_dir: Path, inputs: List[_Input]) -> List[str]:
+    """Names of the files in ``out_dir`` that look like segment's outputs (``<stem>_labels.png``...)
+    but are not this run's: an earlier run's, kept beside the new summary."""
+    mine = {item.stem + suffix for item in inputs for suffix in _OUTPUT_SUFFIXES}
+    try:
+        names = sorted(entry.name for entry in os.scandir(out_dir) if entry.is_file(follow_symlinks=False)
+                       or entry.is_symlink())
+    except OSError:
+        return []
+    return [name for name in names if name.endswith(_OUTPUT_SUFFIXES) and not name.startswith(".")
+            and name not in mine]
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _save_final(save_summary: Callable, **changes) -> bool:
+    """Write the final summary; when that fails (a full disk), overwrite the file in place with a
+    compact one (:func:`_finish_in_place`) and say so rather than raise over the error that stopped
+    the run. Returns whether the full summary was written."""
+    try:
+        save_summary(**changes)
+        return True
+    except OSError as error:
+        summary = save_summary.summary
+        summary["summary_error"] = f"summary.json could not be rewritten in full: {_describe(error)}"
+        written = _finish_in_place(save_summary.path, summary)
+        _warn(f"could not write the final summary.json ({_describe(error)}); "
+              + ("a compact one without the per-image records is in its place" if written else
+                 "it still shows an earlier state"))
+        return False
+
+
+_FINAL_KEYS = ("status", "exit_code", "run_id", "pid", "host", "started_at", "finished_at", "error", "signal",
+               "summary_error", "num_inputs", "num_images", "num_ok", "num_failed", "num_not_processed")
+
+
+def _finish_in_place(path: Path, summary: dict) -> bool:
+    """Overwrite the existing ``path`` in place with ``summary`` less its per-image records (or,
+    if that is longer than the file, its status fields alone): rewriting a file's allocated blocks
+    needs no free space, where the atomic rewrite (a new file) does. Returns whether it was written."""
+    compact = dict({k: v for k, v in summary.items() if k != "images"}, images=None)
+    minimal = dict({k: summary[k] for k in _FINAL_KEYS if k in summary}, images=None)
+    try:
+        with open(path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            for record in (compact, minimal):
+                data = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+                if len(data) <= size:
+                    handle.seek(0)
+                    handle.write(data)
+                    handle.truncate()
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def read_summary(path) -> dict:
+    """A ``summary.json`` (a file or its folder) as written by ``segment``; a summary that still says
+    ``"running"`` although its run has ended (killed, its host lost power) reads as
+    ``"interrupted"`` with ``"exit_code": None`` and a ``"note"``. The run is known to be live when it
+    still holds its output folder's lock, or, without a lock to test, when its PID exists on this host."""
+    from .outdir_lock import holder, pid_alive
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("status") != "running":
+        return summary
+    pid, host = summary.get("pid"), summary.get("host")
+    if pid is None:  # written by an older sed-fast: nothing to check
+        return summary
+    lock = holder(path.parent)
+    if lock is not None and (lock.get("pid"), lock.get("host")) == (pid, host) and lock.get("held") is not None:
+        alive = lock["held"]
+    elif host == socket.gethostname():
+        alive = pid_alive(pid)
+    else:
+        alive = None
+    if alive is False:
+        summary = dict(summary, status="interrupted", exit_code=None,
+                       note=f"the run (PID {summary.get('pid')} on {summary.get('host')}) ended without finishing "
+                            "this summary (killed, or its machine stopped)")
+    return summary
 
 
 def _segment_batch(model, items: List[_Input], class_names: List[str], args, random_weights: bool):
@@ -750,6 +902,7 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
     height, width = labels.shape
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
     result = {
+        "num_classes": len(class_names),
         "labels": labels.astype(label_dtype),
         "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
         "scores": scores.to(torch.float16).cpu().numpy() if scores is not None else None,
@@ -770,15 +923,17 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
 def _write_outputs(output: _OutputFolder, item: _Input, result: dict, args, random_weights: bool) -> dict:
     """Write one image's files (each atomically); returns its summary record."""
     import numpy as np
-    from PIL import Image
-
-    from .visualize import png_info
+    from .visualize import label_map_image, png_info
 
     outputs = {}
     name = f"{item.stem}_labels.png"
-    output.write(name, lambda handle: Image.fromarray(result["labels"]).save(
-        handle, format="PNG", pnginfo=png_info(random_weights)))
+    picture = label_map_image(result["labels"], result["num_classes"])
+    output.write(name, lambda handle: picture.save(handle, format="PNG", pnginfo=png_info(random_weights)))
     outputs["labels"] = name
+    if getattr(args, "save_label_npy", False):
+        name = f"{item.stem}_labels.npy"
+        output.write(name, lambda handle: np.save(handle, result["labels"]))
+        outputs["labels_npy"] = name
     name = f"{item.stem}_overlay.png"
     output.write(name, lambda handle: result["overlay"].save(handle, format="PNG", pnginfo=png_info(random_weights)))
     outputs["overlay"] = name

@@ -54,7 +54,7 @@ from torch import nn
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
-from .envvars import cache_root, env_flag, env_number
+from .envvars import cache_root, env_value
 from .files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
@@ -69,7 +69,6 @@ PROMPT_TEMPLATES: Tuple[str, ...] = tuple(template("{}") for template in _OPENAI
 Template = Union[str, Callable[[str], str]]
 
 _FORMAT_VERSION = 2  # 2: entries carry the sha256 of the embeddings' bytes
-_DEFAULT_CACHE_MB = 2048
 _PROGRESS_SECONDS = 10.0  # interval of the progress lines written when no progress bar is shown
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
                     "attn_mask")
@@ -244,13 +243,13 @@ def default_cache_dir() -> Path:
 def cache_enabled(cache: Optional[bool] = True) -> bool:
     """Whether the text cache is used: not when ``cache`` is False or ``SED_FAST_TEXT_CACHE`` is off
     (``0/false/no/off``; a value that is not a boolean word raises ``ValueError``)."""
-    enabled = env_flag("SED_FAST_TEXT_CACHE", True)
+    enabled = env_value("SED_FAST_TEXT_CACHE")
     return enabled and cache is not False
 
 
 def cache_limit_bytes() -> int:
     """The text cache's size cap: ``SED_FAST_TEXT_CACHE_MB`` (a number, default 2048) megabytes, in bytes."""
-    return int(env_number("SED_FAST_TEXT_CACHE_MB", _DEFAULT_CACHE_MB, minimum=0) * (1 << 20))
+    return int(env_value("SED_FAST_TEXT_CACHE_MB") * (1 << 20))
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:

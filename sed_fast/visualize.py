@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 Colour = Tuple[int, int, int]
 
-__all__ = ["palette", "class_colour", "label_image", "class_areas", "colorize", "overlay",
+__all__ = ["palette", "class_colour", "label_image", "label_map_image", "class_areas", "colorize", "overlay",
            "draw_legend", "legend_entries", "render_overlay", "draw_banner", "png_info", "PNG_MARKER_KEY",
            "RANDOM_WEIGHTS_MARKER"]
 
@@ -74,6 +74,25 @@ def label_image(scores) -> np.ndarray:
     if scores.ndim != 3:
         raise ValueError(f"scores must have shape (T, H, W), got {scores.shape}")
     return scores.argmax(axis=0).astype(np.int64)
+
+
+def label_map_image(labels: np.ndarray, num_classes: int, colours: Optional[np.ndarray] = None) -> Image.Image:
+    """A label map (H, W) as the image to save as PNG: for up to 256 classes a palette image
+    (mode ``P``) whose pixel values are the class indices, unchanged, shown in the class colours
+    (``palette(num_classes)`` unless ``colours``: a viewer shows the classes, ``np.array(Image.open(f))``
+    gives the indices); for more classes a 16-bit grey image (PNG has no 16-bit palette)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must have shape (H, W), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= max(num_classes, 1)):
+        raise ValueError(f"labels must be class indices in 0..{num_classes - 1}")
+    if num_classes > 256:
+        return Image.fromarray(labels.astype(np.uint16))
+    image = Image.fromarray(labels.astype(np.uint8))  # "L"; putpalette makes it "P", values unchanged
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[:num_classes] = palette(num_classes) if colours is None else np.asarray(colours, dtype=np.uint8)[:num_classes]
+    image.putpalette(table.ravel().tolist())
+    return image
 
 
 def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:

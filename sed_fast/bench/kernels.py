@@ -45,8 +45,10 @@ only (training freezes the text). The output checked is every gradient; bytes an
 nominal: the forward's x 2 for the cost map (one backward matmul), x 3 for the others (input and
 parameter gradients).
 
-Achieved rates are these bytes / time and FLOPs / time; "% peak" divides by the device peaks of
-``sed_fast.bench.common`` (measured copy bandwidth, measured matmul rate of the dtype). A row is
+Achieved rates are these bytes / time and FLOPs / time; "% peak" divides by the datasheet peaks
+of the device model (``sed_fast.bench.common.DATASHEET_PEAKS``: DRAM bandwidth, dense FLOP/s of the
+dtype; the bytes are the least a kernel must move and CUDA timing flushes the L2 cache between
+calls, so no correct row exceeds 100%); on other devices (every CPU) there is none. A row is
 ``valid`` when its output matches the official output: max |diff| <= tolerance * max(1, max |official|)
 (tolerance 1e-4 float32, 3e-2 bfloat16, 5e-3 float16), identical kept sets for the rejection and
 identical rows for the gather. Rows are appended to ``<results dir>/kernels.jsonl``.
@@ -430,7 +432,7 @@ def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sed_fast.bench.kernels",
+    parser = argparse.ArgumentParser(prog="sed-fast bench-kernels",
                                      description="Per-kernel benchmark of the sed_fast ops against the official "
                                                  "PyTorch code.")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops (default: all: {','.join(OPS)})")
@@ -477,9 +479,14 @@ def _run(args, device: torch.device) -> int:
     else:
         timing = {"warmup": 3, "reps": args.reps, "target_s": args.target_seconds or 0.3}
     out_dir = None if args.no_save else common.results_dir(args.results_dir)
-    peaks = common.device_peaks(device, out_dir) if out_dir else common.measure_device_peaks(device)
-    print(f"device: {common.device_name(device)}; peaks: copy {peaks['copy_gb_per_s']:.1f} GB/s, matmul "
-          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks["matmul_tflop_per_s"].items()))
+    measured = common.device_peaks(device, out_dir) if out_dir else common.measure_device_peaks(device)
+    peaks = common.datasheet_peaks(device)  # % of peak only against a datasheet, which nothing exceeds
+    print(f"device: {common.device_name(device)}; measured: copy {measured['copy_gb_per_s']:.1f} GB/s, matmul "
+          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in measured["matmul_tflop_per_s"].items())
+          + (f"; % peak against the {peaks['source']}" if peaks else "; no datasheet peak for this device: no % peak"))
+    if args.tf32:
+        peaks = peaks and dict(peaks, matmul_tflop_per_s=dict(peaks["matmul_tflop_per_s"],
+                                                              float32=peaks["matmul_tflop_per_s"]["tf32"]))
     kernels, kernels_error = _import_kernels()
     if kernels_error:
         print(f"warning: {kernels_error}", file=sys.stderr)
