@@ -135,6 +135,8 @@ else
   export SED_FAST_JIT_BUILD=0
   run "kernels" 70 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes float32,bfloat16 \
     --backends --time-budget 55
+  run "kernels backward" 35 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes bfloat16 \
+    --ops cost_map_backward,dwconv_layernorm_backward,class_attention_backward --time-budget 25
   run "resize vs PIL" 30 python3 benchmarks/resize_vs_pil.py --device "$DEVICE" --reps "$(( DRY ? 3 : 100 ))" \
     --out "$OUT/kernels.jsonl"
   run "e2e reference torch.compile" 90 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --vocabs "${VOCABS##*,}" \

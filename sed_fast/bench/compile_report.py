@@ -292,6 +292,17 @@ def _dwconv_case(classes: int, channels: int, side: int) -> Case:
     return Case(f"dwconv_layernorm N={classes} C={channels} {side}x{side}", launch)
 
 
+def _dwconv_backward_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.dwconv_layernorm_backward import dwconv_layernorm_backward_triton
+        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
+        vector = torch.empty((channels,), dtype=dtype)
+        grad = torch.empty((classes, side, side, channels), dtype=dtype)
+        dwconv_layernorm_backward_triton(grad, x, weight, vector, vector, vector, 1e-6)
+    return Case(f"dwconv_layernorm backward N={classes} C={channels} {side}x{side}", launch)
+
+
 def _class_attention_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.class_attention import class_attention_triton
@@ -348,7 +359,8 @@ def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
         cases += [_cost_map_case(t, VARIANT_DIMS[v], v) for v in variants]
         cases += [_cost_map_backward_case(t, VARIANT_DIMS[v], v) for v in variants]
         for channels, side in LEVELS:
-            cases += [_dwconv_case(t, channels, side), _class_attention_case(t, channels, side),
+            cases += [_dwconv_case(t, channels, side), _dwconv_backward_case(t, channels, side),
+                      _class_attention_case(t, channels, side),
                       _class_attention_backward_case(t, channels, side),
                       _rejection_case(t, side), _gather_case(t, channels, side)]
     return cases

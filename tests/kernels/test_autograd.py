@@ -129,13 +129,13 @@ def _with_grad(*tensors):
 @pytest.mark.interpreter
 def test_opcheck_with_autograd(monkeypatch, generator):
     """opcheck, test_autograd_registration included (inputs that require grad), on every
-    differentiable op and on each backward op."""
+    differentiable op and on each backward op (their Triton backends here: the interpreter is on)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     img, text = _cost_inputs(generator)
     for channels_last in (True, False):
         torch.library.opcheck(torch.ops.sed_fast.cost_map.default, (*_with_grad(img, text), channels_last))
     torch.library.opcheck(torch.ops.sed_fast.cost_map.default, (_with_grad(img)[0], text, True))
-    dw = _dwconv_inputs(generator)
+    dw = _dwconv_inputs(generator, channels=4, kernel_size=3)  # small: opcheck runs it many times
     torch.library.opcheck(torch.ops.sed_fast.dwconv_layernorm.default, (*_with_grad(*dw), 1e-6))
     attention = _attention_inputs(generator)
     torch.library.opcheck(torch.ops.sed_fast.class_attention.default, (*_with_grad(*attention), 4, 1e-6))
@@ -145,7 +145,7 @@ def test_opcheck_with_autograd(monkeypatch, generator):
     grad = torch.randn(6, 7, 3, 5, generator=generator)
     for needs in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.sed_fast.cost_map_backward.default, (grad, img, text, True, *needs))
-    grad = torch.randn(3, 6, 7, 12, generator=generator)
+    grad = torch.randn(3, 6, 7, 4, generator=generator)
     torch.library.opcheck(torch.ops.sed_fast.dwconv_layernorm_backward.default, (grad, *dw, 1e-6))
     grad = torch.randn(7, 5, 16, generator=generator)
     torch.library.opcheck(torch.ops.sed_fast.class_attention_backward.default, (grad, *attention, 4, 1e-6))
@@ -210,3 +210,42 @@ def test_gather_gradient_sums_repeated_rows_in_the_input_layout(generator):
     (expected,) = torch.autograd.grad(x[index[:3].long()], x, grad)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_kernel_benchmark_has_backward_rows(tmp_path):
+    """``sed_fast.bench.kernels --ops <op>_backward``: forward + backward rows, gradients checked."""
+    import json
+
+    from sed_fast.bench import kernels as bench
+
+    assert bench.main(["--smoke", "--classes", "3", "--reps", "1", "--results-dir", str(tmp_path),
+                       "--ops", ",".join(bench.BACKWARD_OPS), "--dtypes", "float32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "kernels.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["op"] for r in rows} == set(bench.BACKWARD_OPS)
+    assert len(rows) == 2 * (1 + 2 + 2)  # official + op: the cost map once, the others at 2 smoke levels
+    for row in rows:
+        assert row["error"] is None and row["valid"] is True, row
+        assert row["median_ms"] > 0 and row["bytes"] > 0
+        if row["impl"] == "sed_fast":
+            assert row["backend"] == "torch" and 0 <= row["max_abs_diff_vs_reference"] <= 1e-4
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_the_forward_saves_only_its_inputs(op, generator):
+    """Nothing the size of an activation is kept for the backward beyond the op's own inputs (the
+    backward recomputes): every saved tensor is an input (its storage)."""
+    make, fast, _ = CASES[op]
+    inputs = _with_grad(*make(generator, torch.float32))
+    storages = {t.untyped_storage().data_ptr() for t in inputs}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fast(*inputs)
+    assert saved, "nothing saved: the backward could not recompute"
+    for t in saved:
+        assert t.untyped_storage().data_ptr() in storages, f"saved a non-input {tuple(t.shape)}"
+    assert out.requires_grad
