@@ -628,7 +628,8 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     from .video.options import image_run_problem, wants_video
     if wants_video(args):
         from .video.cli import segment_videos
-        return segment_videos(args, signals)
+        with _hold_out(args):  # one run per --out for videos too
+            return segment_videos(args, signals)
     if image_run_problem(args):
         raise UsageError(image_run_problem(args))
     if not args.images:
@@ -636,14 +637,23 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
+    with _hold_out(args):  # writable, and no other run in it, before the model is built
+        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir, run_start)
+
+
+@contextlib.contextmanager
+def _hold_out(args: argparse.Namespace):
+    """Hold ``--out`` for this run (:func:`sed_fast.outdir_lock.exclusive_output_dir`); its
+    problems (not writable, another run in it) are usage errors."""
     from .outdir_lock import OutputDirError, exclusive_output_dir
 
+    out_dir = Path(os.path.expanduser(args.out))
     with contextlib.ExitStack() as held:
-        try:  # writable, and no other run in it, before the model is built
+        try:
             held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} segment --out {args.out}"))
         except OutputDirError as error:
             raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
-        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir, run_start)
+        yield out_dir
 
 
 def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: List[str], inputs: List[_Input],

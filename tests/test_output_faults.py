@@ -150,6 +150,14 @@ def test_segment_into_a_held_folder_exits_2_naming_the_pid(tmp_path, fake_build)
     assert not (out / "summary.json").exists()
 
 
+def test_segment_of_a_video_into_a_held_folder_exits_2_naming_the_pid(tmp_path, fake_build):
+    out = tmp_path / "out"
+    with holding(out) as child:  # refused before the video is even opened
+        code, err = run_main(["segment", tmp_path / "clip.mp4", *FAKE_ARGS, "--out", out])
+    assert code == 2 and f"PID {child.pid}" in err and "--out" in err and "Traceback" not in err, err
+    assert fake_build == []
+
+
 # -- a read-only and a full file system -------------------------------------------------------------
 def test_segment_on_a_read_only_file_system_exits_2_before_the_model(tmp_path, fake_build):
     with tmpfs(tmp_path / "ro", 256) as out:
