@@ -426,6 +426,7 @@ def _run(args) -> int:
     eval_dataset = _load_eval_data(args)
     out_dir = Path(os.path.expanduser(args.out))
     ctx = distributed.setup(device_type)
+    held = contextlib.ExitStack()  # rank 0's lock on --out, released when the run ends, however it ends
     try:
         if args.ims_per_batch % ctx.world_size:
             raise UsageError(f"--ims-per-batch {args.ims_per_batch} is not a multiple of the {ctx.world_size} "
@@ -440,7 +441,11 @@ def _run(args) -> int:
         decision = None
         if ctx.is_main:
             try:
+                lock = _hold_output(held, args, out_dir, spec)
                 decision = ("ok", _prepare_out(args, out_dir, settings, state_mod, loop_mod))
+                if lock.previous:  # after _prepare_out: a fresh run's log starts there
+                    io.note(f"took over the lock of {out_dir} left by PID {lock.previous.get('pid')} on "
+                            f"{lock.previous.get('host')}, which is no longer running")
             except (UsageError, state_mod.StateError) as error:
                 decision = ("error", str(error))
         decision = ctx.broadcast_object(decision)
@@ -542,7 +547,10 @@ def _run(args) -> int:
         io.note(f"done: {args.max_iter} iterations; weights in {out_dir / 'model_final.pth'}")
         return EXIT_OK
     finally:
-        ctx.close()
+        try:
+            ctx.close()
+        finally:
+            held.close()
 
 
 class _WorkerInit:
@@ -575,6 +583,28 @@ def _device(args, device_type: str, ctx):
     if ctx.distributed:
         return torch.device("cuda", ctx.local_rank)
     return torch.device(args.device or "cuda")
+
+
+# Parameters of the released models (CLIP image and text towers + decoder), for the space check.
+_PARAMETERS = {"b": 181_000_000, "l": 400_000_000}
+
+
+def _needed_bytes(spec) -> int:
+    """Free space one more checkpoint needs: fp32 weights (model_*.pth) and their state file
+    (Adam's two moments and the rest): about four times the parameter bytes."""
+    return 4 * 4 * _PARAMETERS.get(spec.name, max(_PARAMETERS.values()))
+
+
+def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, spec):
+    """Rank 0: take --out for this run (writable, space for a checkpoint, no other run in it)."""
+    from ..outdir_lock import OutputDirError, exclusive_output_dir
+
+    try:
+        lock = held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} --out {args.out}",
+                                                       need_bytes=_needed_bytes(spec)))
+    except OutputDirError as error:
+        raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+    return lock
 
 
 def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
