@@ -353,24 +353,8 @@ class SEDBase(nn.Module):
         weight decay 1e-4, norm 0, CLIP x0.01, full-model gradient clipping at L2 norm 0.01
         (:data:`sed_fast.config.TRAIN_GRAD_CLIP_NORM`).
         """
-        groups: Dict[str, dict] = {}
-        seen = set()
-        norms = {id(module) for module in self.modules() if is_official_norm(module, self.decoder)}
-        for module_name, module in self.named_modules():
-            for param_name, parameter in module.named_parameters(recurse=False):
-                if not parameter.requires_grad or id(parameter) in seen:
-                    continue
-                seen.add(id(parameter))
-                clip = "clip_model" in module_name
-                norm = id(module) in norms
-                key = ("clip" if clip else "decoder") + ("_norm" if norm else "")
-                group = groups.setdefault(key, {
-                    "name": key, "params": [], "param_names": [],
-                    "lr": base_lr * (clip_multiplier if clip else 1.0),
-                    "weight_decay": weight_decay_norm if norm else weight_decay})
-                group["params"].append(parameter)
-                group["param_names"].append(f"{module_name}.{param_name}" if module_name else param_name)
-        return [groups[key] for key in ("clip", "clip_norm", "decoder", "decoder_norm") if key in groups]
+        return trainable_parameter_groups(self, self.decoder, base_lr=base_lr, weight_decay=weight_decay,
+                                          weight_decay_norm=weight_decay_norm, clip_multiplier=clip_multiplier)
 
     def training_input(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB 0..255 crops -> the encoder input (B, 3, S, S) float32, as the official
@@ -442,6 +426,32 @@ class SEDBase(nn.Module):
         mean (float32) of the logits resized bilinearly to (H, W) against one-hot targets that are
         zero at ignored pixels."""
         return official_segmentation_loss(logits, labels, ignore_value)
+
+
+def trainable_parameter_groups(model: nn.Module, decoder: nn.Module, base_lr: float = TRAIN_BASE_LR,
+                               weight_decay: float = TRAIN_WEIGHT_DECAY,
+                               weight_decay_norm: float = TRAIN_WEIGHT_DECAY_NORM,
+                               clip_multiplier: float = TRAIN_CLIP_MULTIPLIER) -> List[dict]:
+    """:meth:`SEDBase.trainable_parameter_groups` of ``model`` whose decoder is ``decoder``: the
+    one place of the official optimizer's rules, for SED and for stand-ins with its module names."""
+    groups: Dict[str, dict] = {}
+    seen = set()
+    norms = {id(module) for module in model.modules() if is_official_norm(module, decoder)}
+    for module_name, module in model.named_modules():
+        for param_name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            clip = "clip_model" in module_name
+            norm = id(module) in norms
+            key = ("clip" if clip else "decoder") + ("_norm" if norm else "")
+            group = groups.setdefault(key, {
+                "name": key, "params": [], "param_names": [],
+                "lr": base_lr * (clip_multiplier if clip else 1.0),
+                "weight_decay": weight_decay_norm if norm else weight_decay})
+            group["params"].append(parameter)
+            group["param_names"].append(f"{module_name}.{param_name}" if module_name else param_name)
+    return [groups[key] for key in ("clip", "clip_norm", "decoder", "decoder_norm") if key in groups]
 
 
 def is_official_norm(module: nn.Module, decoder: nn.Module) -> bool:

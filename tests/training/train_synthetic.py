@@ -101,8 +101,8 @@ class _Clip(torch.nn.Module):
 class _Up(torch.nn.Module):
     def __init__(self, classes):
         super().__init__()
-        self.cnext = torch.nn.Module()
-        self.cnext.norm = torch.nn.LayerNorm(8)
+        from sed_fast.models.decoder import ConvNextBlock
+        self.cnext = ConvNextBlock(8, kernel_size=3)  # SED's class: its norm keeps the weight decay
         self.head = torch.nn.Conv2d(8, classes, 1)
 
 
@@ -132,6 +132,11 @@ class TinySED(torch.nn.Module):
         self.class_names = list(names)
         return self.class_names
 
+    def trainable_parameter_groups(self, **solver):
+        """SED's own grouping (the real function, not a copy)."""
+        from sed_fast.models.sed import trainable_parameter_groups
+        return trainable_parameter_groups(self, self.decoder, **solver)
+
     def train(self, mode=True):
         super().train(mode)
         for name, p in self.named_parameters():
@@ -142,7 +147,7 @@ class TinySED(torch.nn.Module):
         x = F.interpolate(images.float() / 255.0 - 0.5, size=(self.clip_resolution,) * 2, mode="bilinear",
                           align_corners=False)
         features = self.clip_model.visual(x)
-        features = self.decoder.cnext.norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        features = self.decoder.cnext(features)
         return self.decoder.head(features)
 
     @torch.no_grad()
