@@ -2,7 +2,7 @@
 # The GPU pass, in two device calls of at most ~5 minutes each (run from the repository root):
 #
 #   bash benchmarks/gpu_pass.sh 1            # call 1: build, CUDA tests, the headline end-to-end rows
-#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, sanitizer
+#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, training, sanitizer
 #   bash benchmarks/gpu_pass.sh --dry-run 1  # every step of call 1 at tiny sizes on the CPU (CI runs it)
 #
 # Every step runs in its own process (an illegal memory access poisons its process's CUDA context,
@@ -139,8 +139,6 @@ else
     --ops cost_map_backward,dwconv_layernorm_backward,class_attention_backward --time-budget 25
   run "resize vs PIL" 30 python3 benchmarks/resize_vs_pil.py --device "$DEVICE" --reps "$(( DRY ? 3 : 100 ))" \
     --out "$OUT/kernels.jsonl"
-  # Training step (SED-B, 768 crop, 171 classes, batch 1): reference vs fast, checkpointing off/on.
-  run "train step" 60 python3 -m sed_fast.bench.train_step "${TRAIN[@]}" --out "$OUT/kernels.jsonl"
   run "e2e reference torch.compile" 90 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --vocabs "${VOCABS##*,}" \
     --impls reference+compile --cer-topk "" --kept-classes "" --compile-min-seconds 0 "${COMPILE[@]}"
   run "e2e batch 8" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 8 --vocabs "${VOCABS##*,}" \
@@ -153,6 +151,8 @@ else
   else
     record "video throughput: skipped (PyAV is not installed: add its wheel to .whl/)"
   fi
+  # Training step (SED-B, 768 crop, 171 classes, batch 1): reference vs fast, checkpointing off/on.
+  run "train step" 45 python3 -m sed_fast.bench.train_step "${TRAIN[@]}" --out "$OUT/kernels.jsonl"
   if (( DRY )); then
     record "sanitizer memcheck: skipped (dry run: no GPU)"
   else

@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write <stem>_labels.npy (H x W class indices, uint8 or uint16)")
     seg.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="images per forward (of any sizes: each is resized to the encoder's input; default 1)")
+    seg.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                     help="refuse images of more than N pixels (width x height; 0: no limit; default "
+                          "SED_FAST_MAX_PIXELS, else Pillow's MAX_IMAGE_PIXELS): a guard against decompression "
+                          "bombs; segmenting takes about 12 bytes of memory per pixel")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
@@ -247,11 +251,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, argparse usage errors
+        if exit_.code == EXIT_USAGE:
+            _hint_dash_names(argv)
         return _exit_code(exit_.code)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     return _run_segment(args)
+
+
+def _hint_dash_names(argv: Sequence[str]) -> None:
+    """After a usage error: an argument that starts with '-' but names a file (``-dash.png``) was
+    taken for an option; say how to pass it."""
+    options = set()
+    for action in build_parser()._actions:  # the top level, then each subcommand's own options
+        options |= set(action.option_strings)
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, argparse.ArgumentParser):
+                options |= {name for each in sub._actions for name in each.option_strings}
+    for arg in argv:
+        arg = str(arg)
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if (len(arg) > 1 and arg.startswith("-") and name not in options and not re.fullmatch(r"-\d.*", arg)
+                and (os.path.lexists(arg) or Path(arg).suffix.lower() in IMAGE_EXTENSIONS or os.sep in arg)):
+            print(f"{_PROG}: hint: {arg!r} starts with '-', so it was read as an option; to pass it as a file "
+                  f"write ./{arg}, or put it at the end after --  (e.g. ... --out DIR -- {arg})", file=sys.stderr)
 
 
 def _exit_code(code) -> int:
@@ -336,6 +362,8 @@ def _check_options(args: argparse.Namespace):
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise UsageError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     return spec, dtype, device
 
 
@@ -428,6 +456,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
     Paths that do not exist and patterns that match no image are kept as missing entries (they are
     reported as failed images). Raises :class:`UsageError` when no existing image is found at all.
     """
+    from .image_files import InputFileError, check_regular_file
+
     inputs: List[_Input] = []
     seen = set()
 
@@ -437,7 +467,17 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
             seen.add(key)
             inputs.append(_Input(path))
 
+    def skip_special(path: Path) -> None:
+        """An image name that is no regular file (a FIFO, a link loop...) is never opened: say so."""
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_file() and not path.is_dir():
+            try:
+                check_regular_file(path)
+            except (InputFileError, OSError) as error:
+                _warn(f"skipping {error}")
+
     def add_folder(folder: Path) -> None:
+        for p in folder.iterdir():
+            skip_special(p)
         found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
         videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
         if videos:  # not silently: the user may expect their frames to be segmented
@@ -453,7 +493,11 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
         path = Path(expanded)
         if path.is_dir():
             add_folder(path)
-        elif path.exists():
+        elif os.path.lexists(expanded):  # also a link loop or a link to nothing: said so, not "not found"
+            try:
+                check_regular_file(path)
+            except (InputFileError, OSError) as error:
+                raise UsageError(f"{error}. Nothing was segmented") from None
             add(path)
         elif _GLOB_CHARS.search(expanded):
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
@@ -465,6 +509,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
                 elif _is_image_file(match):
                     add(match)
                     images.append(match)
+                else:
+                    skip_special(match)
             if not images:
                 inputs.append(_Input(path, missing="no image matches this pattern"))
         else:
@@ -517,16 +563,15 @@ def _assign_stems(inputs: List[_Input]) -> None:
         item.stem = candidate
 
 
-def load_image(path: Path):
-    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it:
-    EXIF orientation applied, then ``convert("RGB")`` (gray, RGBA, palette, CMYK alike)."""
-    from PIL import Image, ImageOps
+def load_image(path: Path, max_pixels: Optional[int] = None):
+    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it
+    (:func:`sed_fast.image_files.read_rgb`: regular files only, the pixel limit, EXIF orientation
+    applied, frame 0, wide greyscale that would be clipped refused)."""
+    from PIL import Image
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        with warnings.catch_warnings():  # Pillow suggests RGBA for palette images with transparency
-            warnings.simplefilter("ignore", UserWarning)
-            return image.convert("RGB")
+    from .image_files import read_rgb
+
+    return Image.fromarray(read_rgb(path, max_pixels)[0])
 
 
 def _build_model(args, spec, dtype, device, checkpoint_state):
@@ -689,6 +734,8 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
                 try:
                     if isinstance(result, BaseException):
                         raise result
+                    if "note" in result["record"]:
+                        _report_note(progress, item, result["record"]["note"])
                     with signals.deferred():  # this image's files and the summary, whole
                         record.update(_write_outputs(output, item, result, args, random_weights))
                         records.append(record)
@@ -847,25 +894,25 @@ def _segment_batch(model, items: List[_Input], class_names: List[str], args, ran
     """Segment a batch of images in one forward (the list API: any sizes); yields (item, result or
     the exception that stopped this image). A failed forward is retried image by image, so that a
     bad image fails alone."""
-    import numpy as np
-    import torch
+    from .image_files import read_rgb
 
     start = time.perf_counter()
-    loaded = []
+    loaded = []  # [item, (H, W, 3) uint8 pixels or None once let go, ImageInfo]
     for item in items:
         if item.missing is not None:
             yield item, FileNotFoundError(item.missing)
             continue
         try:
-            image = load_image(item.path)
+            pixels, image_info = read_rgb(item.path, args.max_pixels)
         except Exception as error:  # noqa: BLE001 - reported as this image's failure
             yield item, error
             continue
-        loaded.append((item, image, torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)))
+        loaded.append([item, pixels, image_info])
+        del pixels
     if not loaded:
         return
     try:
-        predictions = _predict(model, [pixels for _, _, pixels in loaded], args.save_scores)
+        predictions = _predict(model, loaded, args.save_scores)
     except KeyboardInterrupt:
         raise
     except Exception as error:  # noqa: BLE001
@@ -873,40 +920,73 @@ def _segment_batch(model, items: List[_Input], class_names: List[str], args, ran
             yield loaded[0][0], error
             return
         _free_device_memory(error)
-        for item, _, _ in loaded:  # find which image fails
+        items = [item for item, _, _ in loaded]
+        del loaded
+        for item in items:  # find which image fails
             yield from _segment_batch(model, [item], class_names, args, random_weights)
         return
     seconds = (time.perf_counter() - start) / len(loaded)
-    for (item, image, _), (labels, scores) in zip(loaded, predictions):
-        yield item, _result(image, labels.cpu().numpy(), scores, class_names, args, random_weights, seconds)
+    for entry, (labels, scores) in zip(loaded, predictions):
+        item, pixels, image_info = entry
+        entry[1] = None
+        try:
+            if pixels is None:  # let go while the labels were made: read again for the overlay
+                pixels, again = read_rgb(item.path, args.max_pixels)
+                if (again.height, again.width) != (image_info.height, image_info.width):
+                    raise ValueError(f"the file changed while it was segmented ({image_info.width}x"
+                                     f"{image_info.height}, now {again.width}x{again.height})")
+            result = _result(pixels, labels.cpu().numpy(), scores, class_names, args, random_weights, seconds,
+                             image_info)
+        except Exception as error:  # noqa: BLE001 - reported as this image's failure
+            result = error
+        del pixels, labels, scores
+        yield item, result
 
 
-def _predict(model, images, save_scores: bool):
-    """[(labels (H, W), scores (T, H, W) or None)] for a list of (3, H, W) uint8 images: the
-    class map alone (``predict_labels``) unless the scores are to be saved."""
-    images = [image.to(model.device) for image in images]
+#: Images of this many pixels or more are let go while their labels are made and read again for the
+#: overlay: their peak memory stays near 9 bytes per pixel rather than 12.
+_REREAD_PIXELS = 8 << 20
+
+
+def _predict(model, loaded: List[list], save_scores: bool):
+    """[(labels (H, W), scores (T, H, W) or None)] for the loaded images ([item, pixels, info]):
+    the class map alone, in the smallest integer dtype, unless the scores are to be saved. The
+    pixels of large images are dropped from ``loaded`` once the model no longer needs them."""
+    import torch
+
+    images = [torch.from_numpy(pixels).permute(2, 0, 1).to(model.device) for _, pixels, _ in loaded]
     if save_scores:
         return [(scores.argmax(0), scores) for scores in model(images)]
-    return [(labels, None) for labels in model.predict_labels(images)]
+    if not hasattr(model, "decoder_scores"):  # a model with the plain API
+        return [(labels, None) for labels in model.predict_labels(images)]
+    scores, sizes = model.decoder_scores(images)
+    del images
+    for entry in loaded:
+        if entry[1].shape[0] * entry[1].shape[1] >= _REREAD_PIXELS:
+            entry[1] = None
+    return [(labels, None) for labels in model.labels_at_sizes(scores, sizes, label_dtype=None)]
 
 
-def _result(image, labels, scores, class_names: List[str], args, random_weights: bool, seconds: float) -> dict:
-    """What one image's outputs are made of (nothing is written here)."""
+def _result(image, labels, scores, class_names: List[str], args, random_weights: bool, seconds: float,
+            image_info=None) -> dict:
+    """What one image's outputs are made of (nothing is written here). ``image``: (H, W, 3)
+    uint8; ``labels``: (H, W) integer class indices."""
     import numpy as np
     import torch
 
     from .visualize import class_areas, render_overlay
     from .vocabulary import display_name
 
-    labels = labels.astype(np.int64)
     height, width = labels.shape
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
+    labels = labels.astype(label_dtype, copy=False)
     result = {
         "num_classes": len(class_names),
-        "labels": labels.astype(label_dtype),
+        "labels": labels,
         "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
         "scores": scores.to(torch.float16).cpu().numpy() if scores is not None else None,
     }
+    del image
     areas = class_areas(labels, len(class_names))
     total = max(int(areas.sum()), 1)
     present = sorted((int(i) for i in np.flatnonzero(areas)), key=lambda i: (-int(areas[i]), i))
@@ -917,6 +997,9 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
         "classes": [{"index": i, "name": class_names[i], "display_name": display_name(class_names[i]),
                      "share": round(float(areas[i]) / total, 6)} for i in present],
     }
+    if image_info is not None and image_info.frames > 1:
+        result["record"].update(frame=image_info.frame, num_frames=image_info.frames, note=(
+            f"{image_info.frame_note}: only this frame of the {image_info.format or ''} file is segmented"))
     return result
 
 
@@ -963,6 +1046,15 @@ def _progress(total: int, disable: bool):
         except ImportError:
             pass
     return None
+
+
+def _report_note(progress, item: _Input, message: str) -> None:
+    text = f"{_PROG}: warning: {item.path}: {message}"
+    write = getattr(progress, "write", None)
+    if write is not None:
+        write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
 
 
 def _report_failure(progress, item: _Input, message: str) -> None:

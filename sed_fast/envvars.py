@@ -9,6 +9,9 @@ A boolean variable accepts ``1/true/yes/on`` and ``0/false/no/off`` (any case, s
 ignored); unset or empty means its default, anything else is an error (a typo in a security switch
 must not silently mean "on"). Variables read by other programs (Triton, torch's extension builder,
 shell scripts) are checked against what those programs accept.
+
+A new variable needs a row in the README's table and an entry in :data:`VARIABLES` (with a ``bad``
+value it refuses, unless it is free text): ``tests/test_envvars.py`` fails while the two differ.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ _TRITON_TRUE = ("1", "true", "on")
 _TRITON_FALSE = ("0", "false", "off")
 
 #: The ops of sed_fast.kernels.dispatch (a test checks this list against the registered ops).
-BACKEND_OPS = ("class_attention", "cost_map", "dwconv_layernorm", "gather_rows", "pil_bilinear_resize",
-               "topk_union_reject")
+BACKEND_OPS = ("class_attention", "class_attention_backward", "cost_map", "cost_map_backward", "dwconv_layernorm",
+               "dwconv_layernorm_backward", "gather_rows", "pil_bilinear_resize", "topk_union_reject",
+               "upsample_bce_loss", "upsample_bce_loss_backward")
 _BACKENDS = ("auto", "cuda", "triton", "torch")
 _ARCH = r"(\d+\.\d+a?|Kepler|Kepler\+Tesla|Maxwell|Maxwell\+Tegra|Pascal|Volta|Turing|Ampere|Ada|Hopper)(\+PTX)?"
 _ARCHS = re.compile(rf"\s*{_ARCH}([;\s]+{_ARCH})*\s*")
@@ -147,6 +151,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("SANITIZER_TESTS", "text", None, "the CUDA-backend cases"),
     Variable("SANITIZER_KERNELS", "text", None, "all"),
     _flag("SED_FAST_SANITIZER", False),
+    Variable("KINETO_LOG_LEVEL", "integer", None, "6 without CUDA", minimum=0, bad="quiet"),
 )}
 _OP_PREFIX = "SED_FAST_BACKEND_"
 

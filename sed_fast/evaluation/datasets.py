@@ -149,9 +149,15 @@ def _list_files(folder: Path, extensions: Tuple[str, ...], what: str) -> Dict[st
     found: Dict[str, Path] = {}
     for entry in os.scandir(folder):
         suffix = os.path.splitext(entry.name)[1].lower()
-        if suffix not in extensions or entry.is_dir():
+        if suffix not in extensions:
             continue
-        if not entry.is_file():  # a FIFO would hang a loader worker; a link loop or to nothing is an error
+        try:
+            kind_ok, folder_entry = entry.is_file(), entry.is_dir()
+        except OSError:  # e.g. a loop of symbolic links
+            kind_ok, folder_entry = False, False
+        if folder_entry:
+            continue
+        if not kind_ok:  # a FIFO would hang a loader worker; a link loop or to nothing is an error
             try:
                 check_regular_file(entry.path, what)
             except (InputFileError, OSError) as error:

@@ -28,7 +28,7 @@ from ..preprocess import official_resize
 from ..stages import stage
 from ..config import (TRAIN_BASE_LR, TRAIN_CLIP_MULTIPLIER, TRAIN_IGNORE_VALUE, TRAIN_POOLING,
                       TRAIN_SIZE_DIVISIBILITY, TRAIN_WEIGHT_DECAY, TRAIN_WEIGHT_DECAY_NORM)
-from .decoder import EVAL_POOLING, SEDDecoder
+from .decoder import EVAL_POOLING, ConvNextBlock, SEDDecoder
 from .rejection import RejectionRule, TopKUnion, rule_for_topk
 from .encoder import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_RESOLUTION, VariantSpec, create_clip_model,
                       create_tokenizer, dense_image_features, preprocess_images, set_train_regularisation)
@@ -343,8 +343,10 @@ class SEDBase(nn.Module):
         Each trainable parameter, once: learning rate ``base_lr``, times ``clip_multiplier`` for a
         parameter of a module under ``clip_model``; weight decay ``weight_decay``, or
         ``weight_decay_norm`` for the parameters of norm layers (:data:`NORM_MODULE_TYPES`, as
-        isinstance: timm's LayerNorm / LayerNorm2d and the decoder's GroupNorm / LayerNorm count;
-        ConvNeXt's layer-scale ``gamma`` does not). Returns a list of dicts with the keys
+        isinstance: timm's LayerNorm / LayerNorm2d and the decoder's GroupNorm and class-attention
+        LayerNorms count; ConvNeXt's layer-scale ``gamma`` does not, nor does the norm of the
+        decoder's ConvNeXt blocks, a plain ``nn.Module`` LayerNorm in the official code, which
+        therefore takes ``weight_decay``: :func:`is_official_norm`). Returns a list of dicts with the keys
         ``name`` (``"clip"``, ``"clip_norm"``, ``"decoder"``, ``"decoder_norm"``; empty groups
         left out), ``params``, ``param_names`` (state-dict names), ``lr``, ``weight_decay``: ready
         for ``torch.optim.AdamW(groups, lr=base_lr)``. The official defaults: AdamW, base_lr 2e-4,
@@ -353,13 +355,14 @@ class SEDBase(nn.Module):
         """
         groups: Dict[str, dict] = {}
         seen = set()
+        norms = {id(module) for module in self.modules() if is_official_norm(module, self.decoder)}
         for module_name, module in self.named_modules():
             for param_name, parameter in module.named_parameters(recurse=False):
                 if not parameter.requires_grad or id(parameter) in seen:
                     continue
                 seen.add(id(parameter))
                 clip = "clip_model" in module_name
-                norm = isinstance(module, NORM_MODULE_TYPES)
+                norm = id(module) in norms
                 key = ("clip" if clip else "decoder") + ("_norm" if norm else "")
                 group = groups.setdefault(key, {
                     "name": key, "params": [], "param_names": [],
@@ -439,6 +442,15 @@ class SEDBase(nn.Module):
         mean (float32) of the logits resized bilinearly to (H, W) against one-hot targets that are
         zero at ignored pixels."""
         return official_segmentation_loss(logits, labels, ignore_value)
+
+
+def is_official_norm(module: nn.Module, decoder: nn.Module) -> bool:
+    """Whether the official optimizer sees ``module`` as a norm layer (weight decay
+    ``WEIGHT_DECAY_NORM``): an instance of :data:`NORM_MODULE_TYPES`, except the LayerNorm of
+    the decoder's ConvNeXt blocks (the official ``convnext.LayerNorm`` is a plain nn.Module)."""
+    if not isinstance(module, NORM_MODULE_TYPES):
+        return False
+    return not any(module is block.norm for block in decoder.modules() if isinstance(block, ConvNextBlock))
 
 
 def official_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_value: int) -> torch.Tensor:

@@ -357,7 +357,7 @@ def launch_kwargs(host: str, port: Optional[int]) -> dict:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     return dict(server_name=host, server_port=port, share=False, inbrowser=False, show_error=False,
-                theme=theme, quiet=True)
+                theme=theme, quiet=True, max_file_size="300mb")  # uploads beyond it are refused by Gradio
 
 
 def sample_classes() -> Sequence[str]:

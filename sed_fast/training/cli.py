@@ -15,7 +15,9 @@ by SIGINT/SIGTERM after saving a resumable state (rerun with --resume).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import os
 import sys
 import time
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--ignore", type=int, metavar="N", help="custom training set: the label value of unlabelled "
                                                               "pixels (MODEL.SEM_SEG_HEAD.IGNORE_VALUE)")
     data.add_argument("--limit", type=int, metavar="N", help="train on the first N pairs only (sorted by stem)")
+    data.add_argument("--label-palette", metavar="FILE",
+                      help="read colour-coded (RGB) label maps, as sed-fast eval: one 'R G B name' line per class in "
+                           "vocabulary order, 'ignore R G B' lines for unlabelled colours")
+    data.add_argument("--palette-from", metavar="DATASET",
+                      help="read colour label maps with a built-in dataset's official palette (voc20, voc20b)")
     data.add_argument("--skip-data-check", action="store_true",
                       help="do not read every label map before the first iteration (errors then stop training "
                            "when the bad file comes up)")
@@ -116,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="encoder input side, a multiple of 32 (official: 768)")
     model.add_argument("--drop-path", type=float, default=None, metavar="P",
                        help="stochastic depth of the CLIP ConvNeXt trunk, rising linearly to P over its blocks as "
-                            "timm spreads it (default: the model's, as the official code configures CLIP)")
+                            "timm spreads it (default: the variant's, as the official code's CLIP configs: "
+                            "SED-B 0, SED-L 0.1)")
     model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
 
     run = parser.add_argument_group("run")
@@ -291,17 +299,32 @@ def _load_train_data(args):
         raise UsageError(str(error)) from error
     if args.limit is not None:
         dataset.samples = dataset.samples[:args.limit]
+    from ..evaluation.cli import UsageError as EvalUsageError, _load_palette
+    try:
+        dataset.palette = _load_palette(args, dataset)
+    except EvalUsageError as error:
+        raise UsageError(str(error)) from error
     return dataset
 
 
 def _load_eval_data(args):
+    """The evaluation set, resolved by ``sed-fast eval``'s own options and code."""
     if args.eval_dataset is None and args.eval_images is None:
         return None
-    from ..evaluation.cli import UsageError as EvalUsageError, _load_dataset
+    from ..evaluation.cli import UsageError as EvalUsageError, _load_dataset, build_parser as eval_parser
 
-    ns = argparse.Namespace(dataset=args.eval_dataset, data_root=args.eval_data_root or args.data_root,
-                            images=args.eval_images, labels=args.eval_labels, vocab=args.eval_vocab,
-                            ignore=args.eval_ignore, limit=args.eval_limit)
+    if args.eval_dataset is not None:
+        argv = [args.eval_dataset]
+    else:
+        argv = ["--images", args.eval_images, "--labels", args.eval_labels, "--vocab", args.eval_vocab,
+                "--ignore", str(args.eval_ignore)]
+    root = args.eval_data_root or args.data_root
+    argv += (["--data-root", root] if root else []) + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as errors:
+            ns = eval_parser().parse_args(argv + ["--out", "unused", "--random-weights"])
+    except SystemExit:
+        raise UsageError(f"evaluation set: {errors.getvalue().strip().splitlines()[-1]}") from None
     try:
         return _load_dataset(ns)
     except EvalUsageError as error:
@@ -316,7 +339,8 @@ def _fingerprint(items: Sequence[str]) -> str:
 
 
 def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: int) -> dict:
-    """What a resumed run must share with the saved one: everything that changes the weights."""
+    """What a resumed run must share with the saved one: everything that changes the weights (not
+    the workers, the save period or the progress options)."""
     if args.checkpoint is not None:
         path = Path(os.path.expanduser(args.checkpoint)).resolve()
         weights = f"{path} ({path.stat().st_size} bytes)"
@@ -326,16 +350,19 @@ def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: i
     settings = {"dataset": dataset.spec.name, "pairs": f"{len(stems)} pairs, stems sha1 {_fingerprint(stems)}",
                 "vocabulary": f"{len(dataset.vocabulary)} names, sha1 {_fingerprint(dataset.vocabulary)}",
                 "ignore_label": dataset.spec.ignore_label, "variant": spec.name, "impl": args.impl,
+                "label_palette": (None if dataset.palette is None else
+                                  f"{args.label_palette or args.palette_from}"),
                 "dtype": _AUTOCAST[args.dtype] or "float32", "activation_checkpointing": args.activation_checkpointing,
                 "resolution": args.resolution, "drop_path": args.drop_path, "initial_weights": weights,
                 "seed": args.seed, "device_type": device_type, "world_size": world_size}
     for key in ("min_size_train", "max_size_train", "min_size_train_sampling", "crop_size", "single_category_max_area",
                 "color_aug_ssd", "flip", "size_divisibility", "max_iter", "ims_per_batch", "base_lr", "weight_decay",
-                "weight_decay_norm", "clip_multiplier", "clip_value", "eval_every"):
+                "weight_decay_norm", "clip_multiplier", "clip_value"):
         value = getattr(args, key)
         settings[key] = list(value) if isinstance(value, (list, tuple)) else value
-    settings["eval"] = (None if eval_dataset is None else
-                        f"{eval_dataset.spec.name}: {len(eval_dataset.samples)} images")
+    # Not the evaluation set nor its period: evaluating does not change the steps (a resumed run
+    # may evaluate on another set, or stop evaluating).
+    del eval_dataset
     return settings
 
 
@@ -359,9 +386,6 @@ def _build_model(args, spec, device, state_dict, vocabulary: List[str]):
 
 def _prepare_model(model, args):
     """Training mode, drop path, activation checkpointing; checks that the model can train."""
-    if not hasattr(model, "losses"):
-        raise UsageError("this sed_fast build's models have no training losses (model.losses): training needs "
-                         "sed_fast with the training losses")
     model.train()
     if args.drop_path is not None:
         _set_drop_path(model, args.drop_path)
@@ -374,18 +398,16 @@ def _prepare_model(model, args):
 
 
 def _set_drop_path(model, rate: float) -> None:
-    """Stochastic depth of the CLIP image tower's trunk at ``rate``, spread as timm does (rates
-    rising linearly from 0 over the blocks); active in training mode only."""
-    import torch
-    from timm.layers import DropPath
+    """Stochastic depth of the CLIP image tower at ``rate`` instead of the variant's, set as the
+    model sets its own (``set_train_regularisation``: timm's linear schedule over the blocks)."""
+    import dataclasses
 
-    trunk = getattr(model.clip_model.visual, "trunk", None)
-    blocks = [block for stage in getattr(trunk, "stages", []) for block in getattr(stage, "blocks", [])
-              if hasattr(block, "drop_path")]
-    if not blocks:
-        raise UsageError("--drop-path: the CLIP image tower has no ConvNeXt blocks with stochastic depth")
-    for block, value in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
-        block.drop_path = DropPath(value) if value > 0 else torch.nn.Identity()
+    from ..models.encoder import set_train_regularisation
+
+    try:
+        set_train_regularisation(model.clip_model, dataclasses.replace(model.spec, train_drop_path=rate))
+    except AttributeError as error:
+        raise UsageError(f"--drop-path: the CLIP image tower has no ConvNeXt trunk ({error})") from None
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -435,7 +457,7 @@ def _run(args) -> int:
             start = time.perf_counter()
             mine = distributed.shard(list(range(len(dataset.samples))), ctx.rank, ctx.world_size)
             errors, unlabelled = check_samples(dataset.samples, mine, len(dataset.vocabulary),
-                                               dataset.spec.ignore_label, workers)
+                                               dataset.spec.ignore_label, workers, palette=dataset.palette)
             gathered = ctx.all_gather_objects((errors, unlabelled))
             errors = [e for part in gathered for e in part[0]]
             unlabelled = sum(part[1] for part in gathered)
@@ -489,7 +511,7 @@ def _run(args) -> int:
             print(f"{_PROG}: note: starting from RANDOM WEIGHTS (--random-weights)", file=sys.stderr)
 
         train_data = TrainDataset(dataset.samples, len(dataset.vocabulary), dataset.spec.ignore_label,
-                                  augment_config, args.seed)
+                                  augment_config, args.seed, palette=dataset.palette)
 
         def loader_factory(first: int):
             generator = torch.Generator()

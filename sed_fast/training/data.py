@@ -99,18 +99,22 @@ class _Reader:
 
     num_classes: int
     ignore_label: int
+    palette: object = None  # sed_fast.evaluation.palette.Palette for colour label maps
+
+    def label(self, sample: Sample) -> np.ndarray:
+        try:
+            return read_label(sample.label, self.palette, self.ignore_label, "error")
+        except DatasetError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise DatasetError(f"cannot read the label map {sample.label}: {type(error).__name__}: {error}") from error
 
     def read(self, sample: Sample):
         try:
             image = read_image(sample.image)
         except Exception as error:  # noqa: BLE001
             raise DatasetError(f"cannot read the image {sample.image}: {type(error).__name__}: {error}") from error
-        try:
-            label = read_label(sample.label)
-        except DatasetError:
-            raise
-        except Exception as error:  # noqa: BLE001
-            raise DatasetError(f"cannot read the label map {sample.label}: {type(error).__name__}: {error}") from error
+        label = self.label(sample)
         self.check(sample, image.shape[:2], label)
         return image, label
 
@@ -135,9 +139,9 @@ class TrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], num_classes: int, ignore_label: int, config: AugmentConfig,
-                 seed: int):
+                 seed: int, palette=None):
         self.samples = list(samples)
-        self.reader = _Reader(num_classes, ignore_label)
+        self.reader = _Reader(num_classes, ignore_label, palette)
         self.ignore_label = ignore_label
         self.config = config
         self.seed = int(seed)
@@ -191,9 +195,10 @@ class _Collate:
 class _CheckDataset(torch.utils.data.Dataset):
     """Reads each label map and the image's size (its header and EXIF orientation, not its pixels)."""
 
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], num_classes: int, ignore_label: int):
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], num_classes: int, ignore_label: int,
+                 palette=None):
         self.samples, self.indices = list(samples), list(indices)
-        self.reader = _Reader(num_classes, ignore_label)
+        self.reader = _Reader(num_classes, ignore_label, palette)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -202,13 +207,7 @@ class _CheckDataset(torch.utils.data.Dataset):
         sample = self.samples[self.indices[position]]
         try:
             size = image_size(sample.image)
-            try:
-                label = read_label(sample.label)
-            except DatasetError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                raise DatasetError(f"cannot read the label map {sample.label}: {type(error).__name__}: "
-                                   f"{error}") from error
+            label = self.reader.label(sample)
             self.reader.check(sample, size, label)
             labelled = bool((label != self.reader.ignore_label).any())
             return sample.stem, None, labelled
@@ -219,10 +218,11 @@ class _CheckDataset(torch.utils.data.Dataset):
 
 
 def image_size(path) -> tuple:
-    """(H, W) of the image as ``read_image`` returns it (EXIF orientation applied), from its header."""
-    from PIL import Image
+    """(H, W) of the image as ``read_image`` returns it (EXIF orientation applied), from its header
+    (opened by the same checked reader: a regular file, within the pixel limit)."""
+    from ..image_files import open_image
 
-    with Image.open(path) as image:
+    with open_image(path) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(0x0112)
@@ -234,9 +234,10 @@ def image_size(path) -> tuple:
 
 
 def check_samples(samples: Sequence[Sample], indices: Sequence[int], num_classes: int, ignore_label: int,
-                  workers: int, limit_errors: int = 5):
+                  workers: int, limit_errors: int = 5, palette=None):
     """(errors (up to ``limit_errors`` messages), number of pairs with no labelled pixel) of ``indices``."""
-    loader = torch.utils.data.DataLoader(_CheckDataset(samples, indices, num_classes, ignore_label), batch_size=None,
+    loader = torch.utils.data.DataLoader(_CheckDataset(samples, indices, num_classes, ignore_label, palette),
+                                         batch_size=None,
                                          num_workers=workers, shuffle=False)
     errors: List[str] = []
     unlabelled = 0

@@ -14,10 +14,9 @@ writes, each file atomically (temporary file, then ``os.replace``):
 from __future__ import annotations
 
 import io
-import os
 import random
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -126,14 +125,3 @@ def check_settings(saved: dict, current: dict, path) -> None:
     if differences:
         raise StateError(f"cannot resume {path}: it was trained with other settings: " + "; ".join(differences)
                          + ". Rerun with the same settings, or pass --overwrite (or another --out) to start over")
-
-
-def all_states(out_dir: Path) -> List[Path]:
-    return sorted(Path(out_dir).glob("*" + STATE_SUFFIX))
-
-
-def remove_file(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

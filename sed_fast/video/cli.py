@@ -10,6 +10,7 @@ present over time (intervals of decoded-frame indices).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -25,7 +26,9 @@ from .run import VideoOptions, segment_video
 
 def _stem(spec: str, used: set) -> str:
     if is_stream_url(spec):
-        base = _cli._safe(spec.split("://", 1)[1])
+        rest = spec.split("://", 1)[1].split("?", 1)[0]
+        suffix = Path(rest).suffix
+        base = _cli._safe(rest[:-len(suffix)] if suffix.lower() in VIDEO_EXTENSIONS else rest)
     else:
         base = _cli._safe(Path(spec).stem)
     candidate, k = base, 2
@@ -66,11 +69,19 @@ def segment_videos(args: argparse.Namespace, signals) -> int:
     class_names = _cli._load_vocabulary(args.vocab)
     spec, dtype, device = _cli.check_model_options(args)
     out_dir = Path(args.out).expanduser()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _cli._OutputFolder(out_dir).probe()
-    except OSError as error:
-        raise UsageError(f"--out {args.out}: cannot write in this folder ({_cli._describe(error)})") from error
+    from ..outdir_lock import OutputDirError, exclusive_output_dir
+
+    with contextlib.ExitStack() as held:
+        try:  # writable, and no other run in it, before the model is built
+            held.enter_context(exclusive_output_dir(out_dir, f"sed-fast segment --out {args.out}"))
+        except OutputDirError as error:
+            raise UsageError(f"--out {args.out}: {_cli._describe(error)}") from error
+        return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir)
+
+
+def _segment_videos_locked(args, signals, videos: List[str], class_names: List[str], spec, dtype, device,
+                           out_dir: Path) -> int:
+    UsageError = _cli.UsageError
     output = _cli._OutputFolder(out_dir)
     info = (lambda message: None) if args.quiet else (lambda message: print(f"sed-fast: {message}", file=sys.stderr))
 

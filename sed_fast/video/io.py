@@ -19,6 +19,8 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
+from ..image_files import InputFileError, check_regular_file
+
 #: Encoders tried in order for the overlay video: H.264 (libx264) where PyAV's FFmpeg has it, else
 #: MPEG-4 part 2, which every FFmpeg build has.
 ENCODERS = ("libx264", "mpeg4")
@@ -104,7 +106,6 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
     av = import_av()
     from . import is_stream_url
 
-    options = {}
     if camera:
         device = f"/dev/video{spec}"
         label, kind, fmt = f"camera {spec} ({device})", "camera", "v4l2"
@@ -119,12 +120,16 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
     else:
         path = Path(os.path.expanduser(spec))
         label, kind, fmt, target = str(spec), "file", None, str(path)
-        if not path.exists():
+        if not path.exists() and not os.path.lexists(path):  # a link loop or to nothing: said below
             raise SourceError(f"video file not found: {spec}")
         if path.is_dir():
             raise SourceError(f"{spec} is a folder, not a video file")
+        try:  # a FIFO or device would block av.open: refused up front, naming it
+            check_regular_file(path, "video")
+        except (InputFileError, OSError) as error:
+            raise SourceError(str(error)) from None
     try:
-        container = av.open(target, "r", format=fmt, options=options,
+        container = av.open(target, "r", format=fmt,
                             timeout=None if kind == "file" else (timeout_s, timeout_s))
     except (OSError, ValueError, av.error.FFmpegError) as error:  # av's errors are OSError/ValueError too
         raise _open_error(label, error, kind) from None
@@ -133,7 +138,9 @@ def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> 
         raise SourceError(f"{label} has no video stream" + (" (an audio file?)" if container.streams.audio else ""))
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame + slice threads in the decoder
-    live = kind != "file"
+    # A camera is live; so is a stream without a known length (RTSP, UDP, a live HLS); a file served
+    # over HTTP is read whole, at the decoder's pace.
+    live = kind == "camera" or (kind == "url" and not (stream.frames or container.duration))
     rate = stream.average_rate or stream.guessed_rate or getattr(stream, "base_rate", None)
     rate = Fraction(rate) if rate else (DEFAULT_LIVE_RATE if live else None)
     if rate is None or rate <= 0:
@@ -252,9 +259,11 @@ class FrameReader(threading.Thread):
                     self.frames.put(_END, timeout=0.1)
                     break
                 except queue.Full:
-                    if self.stop_event.is_set():
+                    if self.stop_event.is_set() or self.source.live:  # a live source waits for nobody
                         try:
                             self.frames.get_nowait()
+                            if not self.stop_event.is_set():
+                                self.stats.dropped += 1
                         except queue.Empty:
                             pass
 

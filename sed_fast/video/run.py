@@ -12,7 +12,6 @@ import sys
 import time
 import zipfile
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -181,11 +180,17 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
          + ("" if encoder == "libx264" else " (libx264 is not in this PyAV's FFmpeg)"))
 
     reader = FrameReader(source, every=every, max_frames=options.max_frames, capacity=capacity)
-    writer = VideoWriter(out_dir / overlay_name, source.width, source.height, out_rate, encoder)
-    labels_sink = None
-    if options.save_labels:
-        labels_sink = _LabelSink(options.save_labels, out_dir, stem, len(class_names), options.random_weights)
-        record["outputs"]["labels"] = labels_sink.name
+    writer = labels_sink = None
+    try:
+        writer = VideoWriter(out_dir / overlay_name, source.width, source.height, out_rate, encoder)
+        if options.save_labels:
+            labels_sink = _LabelSink(options.save_labels, out_dir, stem, len(class_names), options.random_weights)
+            record["outputs"]["labels"] = labels_sink.name
+    except BaseException:
+        if writer is not None:
+            writer.close(keep=False)
+        source.close()
+        raise
     state = {"first_time": None, "written": 0, "segmented": 0}
 
     def handle(item) -> None:  # on the encoding thread
@@ -257,9 +262,8 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
             reader.join(timeout=5)
             if bar is not None:
                 bar.close()
-            keep = True
             try:
-                writer.close(keep=keep)
+                writer.close()
             finally:
                 if labels_sink is not None:
                     labels_sink.close()
@@ -295,7 +299,3 @@ def _progress_bar(total: Optional[int], enabled: bool):
     except ImportError:
         return None
     return tqdm(total=total, file=sys.stderr, unit="frame", desc="sed-fast", dynamic_ncols=True)
-
-
-def describe_rate(rate: Fraction) -> str:
-    return f"{float(rate):.3g}"

@@ -122,3 +122,10 @@ def test_serve_command_usage_errors(capsys):
     assert "--port must be in 0..65535" in capsys.readouterr().err
     assert cli.main(["serve", "--checkpoint", "/no/such/model.pth"]) == cli.EXIT_USAGE
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_demo_ui_is_serve(capsys):
+    from sed_fast import cli
+
+    assert cli.main(["demo", "--ui", "--port", "70000"]) == cli.EXIT_USAGE
+    assert "--port must be in 0..65535" in capsys.readouterr().err

@@ -143,3 +143,21 @@ def test_upload_type_classes_and_see_overlay_and_legend(browser, server, tmp_pat
     message = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#sed-legend .sed-error").text, 120,
                     "the error message")
     assert "notes.png is not an image" in message and "Traceback" not in browser.page_source
+
+
+def test_video_tab_segments_a_clip(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from video_clips import write_clip
+
+    clip = write_clip(tmp_path / "clip.mp4", frames=4)
+    browser.get(server)
+    tab = _wait(browser, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                    if b.text.strip() == "Video"], 60, "the Video tab")[0]
+    tab.click()
+    _upload(browser, "sed-clip-file", clip)
+    _type(browser, "sed-clip-classes", "sky, grass")
+    browser.find_element(By.ID, "sed-clip-run").click()
+    video = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#sed-clip-video video"), 240, "the overlay video")
+    assert video.get_attribute("src"), "the overlay video has no source"
+    timing = _wait(browser, lambda d: d.find_element(By.ID, "sed-clip-timing").text, 60, "the clip's timing")
+    assert "4 frames (96x64" in timing and "ms per frame" in timing, timing

@@ -284,3 +284,85 @@ def test_usage_errors(tmp_path, clip):
     assert code == cli.EXIT_USAGE and "--every must be >= 1" in err
     code, err = run_main(["segment", *ARGS, "--out", tmp_path / "o"])
     assert code == cli.EXIT_USAGE and "no images given" in err
+
+
+def test_video_served_over_http(tmp_path, monkeypatch, clip):
+    import functools
+    import http.server
+    import threading
+
+    use_model(monkeypatch, FakeModel())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
+        out = tmp_path / "out"
+        code, err = run_main(["segment", url, *ARGS, "--out", out])
+    finally:
+        server.shutdown()
+    assert code == cli.EXIT_OK, err
+    record = read_summary(out)["videos"][0]
+    assert record["live"] is False and record["frames_written"] == 7 and record["dropped_frames"] == 0
+    overlay = out / f"127.0.0.1_{server.server_address[1]}_shapes_overlay.mp4"
+    assert record["outputs"]["overlay"] == overlay.name, record["outputs"]
+    assert len(decode(overlay)[0]) == 7
+
+
+def test_odd_frame_size_keeps_its_size(tmp_path, monkeypatch):
+    use_model(monkeypatch, FakeModel())
+    clip = write_clip(tmp_path / "odd.mp4", frames=3, pix_fmt="yuv444p", width=97, height=65)
+    out = tmp_path / "out"
+    code, err = run_main(["segment", clip, *ARGS, "--out", out])
+    assert code == cli.EXIT_OK, err
+    frames, _, width, height = decode(out / "odd_overlay.mp4")
+    assert (len(frames), width, height) == (3, 97, 65)
+
+
+def test_several_videos_one_missing(tmp_path, monkeypatch, clip):
+    use_model(monkeypatch, FakeModel())
+    other = tmp_path / "sub"
+    other.mkdir()
+    second = write_clip(other / clip.name, frames=2)  # the same stem: outputs must not collide
+    out = tmp_path / "out"
+    code, err = run_main(["segment", clip, tmp_path / "missing.mp4", second, *ARGS, "--out", out])
+    assert code == cli.EXIT_FAILED
+    assert "video file not found" in err
+    records = read_summary(out)["videos"]
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert records[0]["outputs"]["overlay"] != records[2]["outputs"]["overlay"]
+    assert len(decode(out / records[0]["outputs"]["overlay"])[0]) == 7
+    assert len(decode(out / records[2]["outputs"]["overlay"])[0]) == 2
+
+
+def test_live_source_drops_frames_when_the_model_lags(clip):
+    source = video_io.open_source(str(clip))
+    source.live = True  # as a camera: the reader never waits for the model
+    reader = video_io.FrameReader(source, capacity=2)
+    reader.start()
+    reader.join(timeout=30)  # nobody reads: the queue fills and the oldest frames go
+    received = []
+    while (frame := reader.get()) is not None:
+        received.append(frame.index)
+    source.close()
+    stats = reader.stats
+    assert stats.decoded == 7 and stats.dropped > 0
+    assert len(received) + stats.dropped == 7 and received == sorted(received) and received[-1] == 6
+
+
+def test_output_folder_held_by_another_run_is_a_usage_error(tmp_path, clip):
+    from sed_fast.outdir_lock import exclusive_output_dir
+
+    out = tmp_path / "out"
+    with exclusive_output_dir(out, "another run"):
+        code, err = run_main(["segment", clip, *ARGS, "--out", out])
+    assert code == cli.EXIT_USAGE and str(os.getpid()) in err, err
+
+
+def test_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    code, err = run_main(["segment", fifo, *ARGS, "--out", tmp_path / "out"])
+    assert code == cli.EXIT_USAGE and "named pipe (FIFO), not a regular file" in err, err

@@ -187,11 +187,14 @@ class FastConvNextBlock(ConvNextBlock):
         out = None if recording else torch.empty_like(tokens)
         pieces = []
         dwconv_layernorm = _op("dwconv_layernorm", x.dtype)
+        # Under autocast x is 16-bit and the parameters float32: the op takes one dtype (a
+        # differentiable cast, as autocast itself casts a convolution's weight).
+        params = [p if p.dtype == x.dtype else p.to(x.dtype)
+                  for p in (self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias)]
         row_bytes = height * width * channels * x.element_size() * 7  # normed, 4C hidden, branch
         for start, stop in chunks(count, row_bytes, budget):
             with stage(f"{name}.dwconv"):
-                normed = dwconv_layernorm(x[start:stop], self.dwconv.weight, self.dwconv.bias,
-                                          self.norm.weight, self.norm.bias, self.norm.eps)
+                normed = dwconv_layernorm(x[start:stop], *params, self.norm.eps)
             with stage(f"{name}.convnext_mlp"):
                 hidden = F.gelu(F.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
                 branch = F.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
