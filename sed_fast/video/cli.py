@@ -10,7 +10,6 @@ present over time (intervals of decoded-frame indices).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 import traceback
@@ -44,7 +43,7 @@ def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> No
         raise UsageError("give videos or images, not both, in one run: " + ", ".join(repr(o) for o in others[:3])
                          + (" ..." if len(others) > 3 else "") + " are not videos ("
                          + "/".join(e[1:] for e in VIDEO_EXTENSIONS)
-                         + ")")
+                         + ", animated gif)")
     if args.camera is not None and videos:
         raise UsageError("--camera and video inputs exclude each other: run them separately")
     if args.camera is not None and args.camera < 0:
@@ -58,7 +57,8 @@ def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> No
 
 
 def segment_videos(args: argparse.Namespace, signals) -> int:
-    """The video run of ``segment`` (options already checked by the image path's checks)."""
+    """The video run of ``segment`` (options already checked by the image path's checks; ``--out``
+    held by the caller)."""
     UsageError = _cli.UsageError
     videos, others = split_inputs(args.images or [])
     _check(args, videos, others)
@@ -69,14 +69,9 @@ def segment_videos(args: argparse.Namespace, signals) -> int:
     class_names = _cli._load_vocabulary(args.vocab)
     spec, dtype, device = _cli.check_model_options(args)
     out_dir = Path(args.out).expanduser()
-    from ..outdir_lock import OutputDirError, exclusive_output_dir
-
-    with contextlib.ExitStack() as held:
-        try:  # writable, and no other run in it, before the model is built
-            held.enter_context(exclusive_output_dir(out_dir, f"sed-fast segment --out {args.out}"))
-        except OutputDirError as error:
-            raise UsageError(f"--out {args.out}: {_cli._describe(error)}") from error
-        return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir)
+    # --out is held by the caller (cli._segment, as for images): a second lock here, on another
+    # file description in this process, would find the folder busy with this very run.
+    return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir)
 
 
 def _segment_videos_locked(args, signals, videos: List[str], class_names: List[str], spec, dtype, device,
