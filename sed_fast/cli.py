@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "143 terminated (SIGTERM).")
     seg.add_argument("images", nargs="*", metavar="IMAGES",
                      help="image files, folders (their images, sorted) or glob patterns (quoted); or video "
-                          "files / stream URLs (see the video options)")
+                          "files / stream URLs (see the video options); an animated GIF file is segmented as a "
+                          "video, a still GIF as an image")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
                      help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
                           "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")

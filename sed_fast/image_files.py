@@ -13,7 +13,8 @@ pixel limit (:func:`max_pixels`: ``--max-pixels``, else ``SED_FAST_MAX_PIXELS``,
 ``DecompressionBombWarning``. Greyscale of more than 8 bits (``I;16``, ``I``, ``F``) is converted
 as detectron2 does when that is exact (every value in 0..255) and refused otherwise: detectron2's
 ``convert("RGB")`` clips every value above 255 to white, which nobody wants silently. Multi-frame
-files (animated GIF, multi-page TIFF) give frame 0; :class:`ImageInfo` says how many there are.
+files (animated GIF, multi-page TIFF) give frame 0; :class:`ImageInfo` says how many there are
+(``segment`` sends an animated GIF file to the video path instead: :func:`sed_fast.video.is_animated_gif`).
 """
 from __future__ import annotations
 

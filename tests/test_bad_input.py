@@ -249,7 +249,8 @@ def test_band_wise_reading_equals_pillow_convert(tmp_path, monkeypatch):
 
 
 # -- 4. several frames --------------------------------------------------------------------------
-@pytest.mark.parametrize("name, count", [("anim.gif", 3), ("pages.tif", 4)])
+# An animated GIF is a video now: tests/video/test_video_gif.py.
+@pytest.mark.parametrize("name, count", [("pages.tif", 4)])
 def test_first_frame_of_many_is_said(tmp_path, fake_build, name, count):
     frames = [Image.fromarray(np.full((40, 56, 3), 60 * i, np.uint8)) for i in range(count)]
     frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])

@@ -21,7 +21,7 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
-__all__ = ["VIDEO_EXTENSIONS", "is_stream_url", "is_video_file", "split_inputs"]
+__all__ = ["VIDEO_EXTENSIONS", "is_animated_gif", "is_stream_url", "is_video_file", "split_inputs"]
 
 
 def is_stream_url(text: str) -> bool:
@@ -33,10 +33,29 @@ def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
+def is_animated_gif(path: Path) -> bool:
+    """A ``.gif`` regular file of more than one frame (FFmpeg decodes those as videos); a still
+    GIF, a file Pillow cannot open or anything that is not a regular file is not (the image
+    path reports it)."""
+    if path.suffix.lower() != ".gif" or not path.is_file():
+        return False
+    import warnings
+
+    try:
+        from PIL import Image
+
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore")  # a decompression-bomb warning is the image path's to give
+            return image.format == "GIF" and int(getattr(image, "n_frames", 1) or 1) > 1
+    except Exception:  # noqa: BLE001 - unreadable: the image path says why
+        return False
+
+
 def split_inputs(specs: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(video inputs, other inputs) of the positional arguments of ``segment``: stream URLs, video
-    files, and the video files of folders and glob patterns are videos; the rest is left to the
-    image path (which reports what is missing)."""
+    files, animated GIFs named as files, and the video files of folders and glob patterns are
+    videos; the rest is left to the image path (which reports what is missing). Folders and
+    patterns list no GIF at all (not one of the image path's extensions either)."""
     videos: List[str] = []
     others: List[str] = []
     for spec in specs:
@@ -51,7 +70,7 @@ def split_inputs(specs: Sequence[str]) -> Tuple[List[str], List[str]]:
             if not found:
                 others.append(spec)
         elif path.exists():
-            (videos if is_video_file(path) else others).append(spec)
+            (videos if is_video_file(path) or is_animated_gif(path) else others).append(spec)
         elif _GLOB_CHARS.search(expanded):
             found = [m for m in sorted(glob.glob(expanded, recursive=True)) if is_video_file(Path(m))]
             videos.extend(found)
