@@ -68,7 +68,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
              "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
-             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end"),
+             "export": ("sed_fast.export.cli", "export SED with a baked-in vocabulary: AOTInductor .pt2 or ONNX")}
 _PROG = "sed-fast"
 
 
