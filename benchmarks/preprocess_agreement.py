@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     import sed_fast
 
     warnings.simplefilter("ignore")
-    model = sed_fast.build_sed("b", device="cpu")
+    model = sed_fast.build_sed("b", impl="reference", device="cpu")
     generator = torch.Generator().manual_seed(0)
     model.text_embeddings = F.normalize(torch.randn(args.classes, 80, 640, generator=generator), dim=-1)
     model.class_names = [f"class{i}" for i in range(args.classes)]

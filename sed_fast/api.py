@@ -19,11 +19,15 @@ class RandomWeightsWarning(UserWarning):
     """A model was built without a checkpoint: its outputs mean nothing."""
 
 
+class FastFallbackWarning(UserWarning):
+    """``build_sed`` without ``impl`` could not build the fast model and built the reference one."""
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_sed(variant: str = "b", *, impl: str = "reference",
+def build_sed(variant: str = "b", *, impl: Optional[str] = None,
               checkpoint: Optional[Union[str, os.PathLike, dict]] = None,
               device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
               cer_topk: Optional[int] = None, clip_resolution: int = CLIP_RESOLUTION,
@@ -33,7 +37,10 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
 
     Args:
         variant: ``"b"`` (ConvNeXt-B CLIP, SED-B) or ``"l"`` (ConvNeXt-L CLIP, SED-L).
-        impl: ``"reference"`` (plain PyTorch, official outputs) or ``"fast"`` (kernel-backed).
+        impl: ``"fast"`` (kernel-backed, the same outputs to float rounding) or ``"reference"``
+            (plain PyTorch, the official code's structure). ``None`` (the default, as ``sed-fast
+            segment``): fast, or the reference with a :class:`FastFallbackWarning` saying why if the
+            fast model cannot be built here; ``impl="fast"`` raises instead.
         checkpoint: path to an official checkpoint (detectron2 ``{"model": ...}`` or a bare state
             dict), or a loaded state dict. ``None`` gives random weights (benchmarks, tests) and a
             :class:`RandomWeightsWarning`; ``model.random_weights`` tells which.
@@ -52,6 +59,26 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
             the CPU); with ``checkpoint=None`` the same seed gives the same weights.
         impl_options: options of the chosen implementation (see its class).
     """
+    if impl is None:
+        try:
+            return _build(variant, "fast", checkpoint, device, dtype, cer_topk, clip_resolution, text_cache,
+                          preprocess, seed, impl_options)
+        except (KeyboardInterrupt, MemoryError, TypeError, ValueError):
+            raise  # interrupted, or an argument error: the reference model would refuse it too
+        except Exception as error:  # noqa: BLE001 - e.g. an import error of the kernel stack
+            from .checkpoint import CheckpointError
+            if isinstance(error, (CheckpointError, OSError)):
+                raise  # the checkpoint: the same for both models
+            warnings.warn(f"the fast SED model cannot be built ({type(error).__name__}: {error}); built the "
+                          "reference model instead (pass impl='fast' to get the error)", FastFallbackWarning,
+                          stacklevel=2)
+        impl = "reference"
+    return _build(variant, impl, checkpoint, device, dtype, cer_topk, clip_resolution, text_cache, preprocess,
+                  seed, impl_options)
+
+
+def _build(variant, impl, checkpoint, device, dtype, cer_topk, clip_resolution, text_cache, preprocess, seed,
+           impl_options) -> torch.nn.Module:
     from .checkpoint import load_checkpoint
 
     spec = variant_spec(variant)
@@ -78,5 +105,5 @@ def build_sed(variant: str = "b", *, impl: str = "reference",
     else:
         model.random_weights = True
         warnings.warn(f"SED-{spec.name.upper()} built with RANDOM weights (no checkpoint given, seed {seed}): "
-                      "its segmentations are meaningless", RandomWeightsWarning, stacklevel=2)
+                      "its segmentations are meaningless", RandomWeightsWarning, stacklevel=3)
     return model.to(device=device, dtype=dtype).eval()

@@ -17,7 +17,14 @@ What makes it fast (the official loop runs one 77-token forward per class: ~10 s
    so the pooled end-of-text token never attends to the padding after it: embedding, positional
    embedding ``[:L]``, the transformer with ``attn_mask[:L, :L]``, ``ln_final``, pooling and projection on
    L tokens give ``encode_text`` of the padded 77-token input (to float32 rounding, ~1e-7);
-3. results are cached on disk per (text-tower weights, names, templates, tokenizer) key.
+3. the prompts of one template share their first tokens (``a photo of a`` in ``a photo of a {}.``), and
+   in a causal transformer a token's states depend only on the tokens before it: each shared prefix is
+   run once, its per-layer keys and values are reused by every prompt of the template, and only the
+   rest of each prompt (the name, the end of the template) runs per prompt; the same arithmetic as the
+   whole prompt, to float32 rounding (~1e-7), and about 60% fewer token-layer passes for the 80
+   templates (a prompt averages ~9 tokens, ~5 of them shared); towers of another block structure take
+   the per-prompt path;
+4. results are cached on disk per (text-tower weights, names, templates, tokenizer) key.
 
 The cache: one ``<key>.pt`` file per vocabulary, holding the embeddings and the sha256 of their bytes,
 checked on every load (a file that fails the check, or cannot be parsed, is reported as corrupt,
@@ -50,11 +57,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
-from .envvars import cache_root, env_flag, env_number
+from .envvars import cache_root, env_value
 from .files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
@@ -68,8 +76,7 @@ PROMPT_TEMPLATES: Tuple[str, ...] = tuple(template("{}") for template in _OPENAI
 
 Template = Union[str, Callable[[str], str]]
 
-_FORMAT_VERSION = 2  # 2: entries carry the sha256 of the embeddings' bytes
-_DEFAULT_CACHE_MB = 2048
+_FORMAT_VERSION = 3  # 2: entries carry the sha256 of the embeddings' bytes; 3: and the warnings of their making
 _PROGRESS_SECONDS = 10.0  # interval of the progress lines written when no progress bar is shown
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
                     "attn_mask")
@@ -212,6 +219,90 @@ class _TextTower:
         return x.float()
 
 
+    def prefix_shareable(self) -> bool:
+        """Whether :meth:`encode_with_prefixes` is exact here: the trimmed forward is, and the
+        transformer is open_clip's stack of plain self-attention blocks."""
+        if not self.trimmable:
+            return False
+        try:
+            from open_clip.transformer import ResidualAttentionBlock
+        except ImportError:  # pragma: no cover - open_clip is a dependency
+            return False
+        transformer = self._float32_parts()[2]
+        blocks = getattr(transformer, "resblocks", None)
+        return (isinstance(blocks, nn.ModuleList) and len(blocks) > 0
+                and type(transformer).forward.__qualname__ == "Transformer.forward"
+                and all(type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+                        and isinstance(block.attn, nn.MultiheadAttention) and block.attn._qkv_same_embed_dim
+                        and block.attn.in_proj_bias is not None and block.attn.bias_k is None
+                        and not block.attn.add_zero_attn for block in blocks))
+
+    def prefix_states(self, prefixes: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per block, the attention keys and values (G, p, D) of the ``prefixes`` (G, p) tokens."""
+        token_embedding, positional_embedding, transformer, _, _, attn_mask = self._float32_parts()
+        length = prefixes.shape[1]
+        x = token_embedding(prefixes).to(torch.float32) + positional_embedding[:length].to(torch.float32)
+        mask = attn_mask[:length, :length]
+        states = []
+        for block in transformer.resblocks:
+            h = block.ln_1(x)
+            query, key, value = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+            states.append((key, value))
+            x = x + block.ls_1(_attention(block.attn, query, key, value, mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return states
+
+    def encode_with_prefixes(self, tokens: torch.Tensor, length: int, states, group: torch.Tensor) -> torch.Tensor:
+        """``encode(tokens)`` for rows whose first ``length`` tokens are those of prefix
+        ``group[i]`` (keys and values from :meth:`prefix_states`): only positions ``length..`` run,
+        their attention reading the prefix's keys and values."""
+        token_embedding, positional_embedding, transformer, ln_final, projection, attn_mask = \
+            self._float32_parts()
+        index = self.pool_index(tokens)
+        end = int(index.max().item()) + 1
+        x = token_embedding(tokens[:, length:end]).to(torch.float32)
+        x = x + positional_embedding[length:end].to(torch.float32)
+        mask = attn_mask[length:end, :end]  # the query at length + i sees keys 0 .. length + i
+        for block, (prefix_key, prefix_value) in zip(transformer.resblocks, states):
+            h = block.ln_1(x)
+            query, key, value = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+            key = torch.cat([prefix_key[group], key], dim=1)
+            value = torch.cat([prefix_value[group], value], dim=1)
+            x = x + block.ls_1(_attention(block.attn, query, key, value, mask))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), index - length]
+        if projection is not None:
+            x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return x.float()
+
+
+def _attention(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s output for projected (N, L, D) query, key and value: per-head
+    scaled dot-product attention with the additive ``mask``, then the output projection."""
+    heads = attn.num_heads
+    n, lq, d = query.shape
+
+    def split(t):
+        return t.reshape(n, t.shape[1], heads, d // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask.to(query.dtype))
+    return attn.out_proj(out.transpose(1, 2).reshape(n, lq, d))
+
+
+def _shared_prefixes(tokens: torch.Tensor, pool: torch.Tensor, groups: List[List[int]]):
+    """For each group of rows: the length of the tokens all its rows share, capped so every row
+    keeps its pooled token (and at least one token) after it."""
+    lengths = []
+    for rows in groups:
+        block = tokens[torch.as_tensor(rows)]
+        same = (block == block[:1]).all(dim=0)
+        shared = int(same.long().cumprod(0).sum().item())
+        lengths.append(max(0, min(shared, int(pool[torch.as_tensor(rows)].min().item()))))
+    return lengths
+
+
 def _is_causal_mask(mask) -> bool:
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
         return False
@@ -244,13 +335,13 @@ def default_cache_dir() -> Path:
 def cache_enabled(cache: Optional[bool] = True) -> bool:
     """Whether the text cache is used: not when ``cache`` is False or ``SED_FAST_TEXT_CACHE`` is off
     (``0/false/no/off``; a value that is not a boolean word raises ``ValueError``)."""
-    enabled = env_flag("SED_FAST_TEXT_CACHE", True)
+    enabled = env_value("SED_FAST_TEXT_CACHE")
     return enabled and cache is not False
 
 
 def cache_limit_bytes() -> int:
     """The text cache's size cap: ``SED_FAST_TEXT_CACHE_MB`` (a number, default 2048) megabytes, in bytes."""
-    return int(env_number("SED_FAST_TEXT_CACHE_MB", _DEFAULT_CACHE_MB, minimum=0) * (1 << 20))
+    return int(env_value("SED_FAST_TEXT_CACHE_MB") * (1 << 20))
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
@@ -311,7 +402,9 @@ def _payload_digest(embeddings: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, int]) -> Optional[torch.Tensor]:
+def _load_cached(path: Path, key: str, names: Sequence[str],
+                 shape: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, List[str]]]:
+    """(embeddings, the warnings given when they were computed) from a valid entry, else None."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -326,7 +419,9 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
         if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < _FORMAT_VERSION:
             return None  # written by an older version (no checksum): recomputed and replaced, silently
         embeddings = data["embeddings"]
-        valid = (data.get("format") == _FORMAT_VERSION and data.get("key") == key
+        notes = data.get("warnings")
+        valid = (isinstance(notes, list) and all(isinstance(note, str) for note in notes)
+                 and data.get("format") == _FORMAT_VERSION and data.get("key") == key
                  and list(data.get("names", ())) == list(names) and isinstance(embeddings, torch.Tensor)
                  and embeddings.dtype == torch.float32 and embeddings.ndim == 3
                  and tuple(embeddings.shape[:2]) == shape)
@@ -342,13 +437,14 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
         os.utime(path)  # a hit makes the entry recently used (eviction is by modification time)
     except OSError:
         pass
-    return embeddings
+    return embeddings, list(notes)
 
 
-def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int) -> None:
+def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int,
+                 notes: Sequence[str] = ()) -> None:
     embeddings = embeddings.detach().cpu().contiguous()
     entry = {"format": _FORMAT_VERSION, "key": key, "names": list(names), "sha256": _payload_digest(embeddings),
-             "embeddings": embeddings}
+             "embeddings": embeddings, "warnings": [str(note) for note in notes]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda handle: torch.save(entry, handle), fsync=True)
@@ -452,8 +548,10 @@ def _class_rows(names: Sequence[str], templates: Sequence[Template]):
     return per_class, list(unique)
 
 
-def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str], tokens: torch.Tensor) -> None:
-    """Refuse classes whose prompts all tokenize identically; warn about prompts cut at the context."""
+def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str],
+                  tokens: torch.Tensor) -> Optional[str]:
+    """Refuse classes whose prompts all tokenize identically; return the warning about prompts cut
+    at the context (None when none is cut)."""
     groups: Dict[bytes, List[int]] = {}
     for index, (rows, synonyms) in enumerate(per_class):
         signature = tokens[torch.as_tensor(rows)].numpy().tobytes() + synonyms.to_bytes(4, "little")
@@ -468,7 +566,7 @@ def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str]
             "would give identical output channels: remove or reword the duplicates")
     eot = getattr(tokenizer, "eot_token_id", None)
     if eot is None:  # not open_clip's tokenizer: no reliable way to see truncation
-        return
+        return None
     full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
     encode = getattr(tokenizer, "encode", None)
     if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
@@ -480,9 +578,10 @@ def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str]
         classes = sorted({i for i, (rows, _) in enumerate(per_class) if set(rows) & set(full)})
         shown = ", ".join(f"{names[i]!r} (index {i})" for i in classes[:5])
         more = f" ... and {len(classes) - 5} more" if len(classes) > 5 else ""
-        warnings.warn(f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
-                      f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
-                      "Shorten those class names", TruncatedPromptWarning, stacklevel=3)
+        return (f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
+                f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
+                "Shorten those class names")
+    return None
 
 
 def check_tokenized_duplicates(tokenizer, names: Sequence[str],
@@ -492,7 +591,50 @@ def check_tokenized_duplicates(tokenizer, names: Sequence[str],
     indices; warn (:class:`TruncatedPromptWarning`) about prompts cut at the context length."""
     names = list(names)
     per_class, prompts = _class_rows(names, tuple(templates))
-    _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
+    message = _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
+    if message:
+        warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
+
+
+def _encode_batches(tower: "_TextTower", tokens: torch.Tensor, per_class, num_templates: int, batch_size: int,
+                    trim_context: bool, device: torch.device):
+    """Yield (rows, their (n, D) features) for every distinct prompt, ``batch_size`` at a time.
+    Prompts are grouped by template and each template's shared prefix runs once (see the module
+    docstring) where the tower allows it; else batches of similar lengths run whole."""
+    pool = tower.pool_index(tokens)
+    if not (trim_context and tower.prefix_shareable()):
+        order = torch.argsort(pool, stable=True)  # similar lengths share a batch
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            yield rows, tower.encode(tokens[rows].to(device), trim_context=trim_context)
+        return
+    template_of: Dict[int, int] = {}
+    for rows, synonyms in per_class:
+        for k, row in enumerate(rows):
+            template_of.setdefault(row, k // synonyms)
+    groups: List[List[int]] = [[] for _ in range(num_templates)]
+    for row, template in sorted(template_of.items()):
+        groups[template].append(row)
+    groups = [rows for rows in groups if rows]
+    lengths = _shared_prefixes(tokens, pool, groups)
+    # One pass per prefix length: its prefixes' states once, then its rows by length, in batches.
+    for length in sorted(set(lengths)):
+        members = [g for g, n in enumerate(lengths) if n == length]
+        if length == 0:  # nothing shared (not so for open_clip tokens: every prompt starts with <start>)
+            rows = torch.as_tensor([row for g in members for row in groups[g]])
+            for start in range(0, len(rows), batch_size):
+                yield rows[start:start + batch_size], tower.encode(tokens[rows[start:start + batch_size]].to(device))
+            continue
+        prefixes = torch.stack([tokens[groups[g][0], :length] for g in members]).to(device)
+        states = tower.prefix_states(prefixes)
+        rows = torch.as_tensor([row for g in members for row in groups[g]])
+        group = torch.as_tensor([i for i, g in enumerate(members) for _ in groups[g]])
+        order = torch.argsort(pool[rows], stable=True)
+        rows, group = rows[order], group[order]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            yield chunk, tower.encode_with_prefixes(tokens[chunk].to(device), length, states,
+                                                    group[start:start + batch_size].to(device))
 
 
 def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
@@ -545,22 +687,26 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
             default_cache_dir() / f"{key}.pt"
         cached = _load_cached(path, key, names, (len(names), len(templates)))
         if cached is not None:
-            return cached.to(device)
+            embeddings, notes = cached
+            for message in notes:  # kept with the entry: a cache hit warns as the computation did
+                warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
+            return embeddings.to(device)
 
     # All prompts, each distinct string encoded once.
     per_class, prompts = _class_rows(names, templates)
     tokens = _tokenize(tokenizer, prompts)
-    _check_tokens(tokenizer, names, per_class, prompts, tokens)
+    message = _check_tokens(tokenizer, names, per_class, prompts, tokens)
+    notes = [message] if message else []
+    for note in notes:
+        warnings.warn(note, TruncatedPromptWarning, stacklevel=2)
     batches = (len(prompts) + batch_size - 1) // batch_size
     bar = _progress_bar(progress, batches, len(prompts))
     log = _ProgressLog(bar is None and progress is not False, len(prompts), len(names), announce=batches > 3)
     try:
-        order = torch.argsort(tower.pool_index(tokens), stable=True)  # similar lengths share a batch
         embeddings = None
         with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                rows = order[start:start + batch_size]
-                out = tower.encode(tokens[rows].to(device), trim_context=trim_context)
+            for rows, out in _encode_batches(tower, tokens, per_class, len(templates), batch_size, trim_context,
+                                             device):
                 out = out / out.norm(dim=-1, keepdim=True)
                 if embeddings is None:
                     embeddings = torch.empty(len(prompts), out.shape[-1], dtype=torch.float32, device=out.device)
@@ -583,5 +729,5 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
                 class_embeddings = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
             result[index] = class_embeddings
     if path is not None:
-        _save_cached(path, key, names, result, limit)
+        _save_cached(path, key, names, result, limit, notes)
     return result.to(device)

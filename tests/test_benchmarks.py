@@ -85,7 +85,9 @@ def test_kernel_benchmark_rows(results):
         assert row["impl"] in ("official", "sed_fast")
         assert row["error"] is None and row["valid"] is True
         assert 0 <= row["max_abs_diff_vs_reference"] <= 1e-4
-        assert row["bytes"] > 0 and row["gb_per_s"] > 0 and row["frac_peak_bw"] > 0
+        assert row["bytes"] > 0 and row["gb_per_s"] > 0
+        assert row["frac_peak_bw"] is None if common.datasheet_peaks(name=row["device"]) is None \
+            else 0 < row["frac_peak_bw"] <= 1  # % of peak only against a datasheet
         assert row["speedup_vs_official"] > 0
         if row["op"] in ("cost_map", "dwconv_layernorm", "class_attention"):
             assert row["flops"] > 0 and row["tflop_per_s"] > 0
@@ -204,9 +206,10 @@ def test_profile_lists_the_stages_with_shares_summing_to_100(results, name, stag
     listed = {line.split()[0] for line in text.splitlines() if line and not line.startswith(("-", " "))}
     for stage in stages + ["other"]:
         assert stage in listed, (stage, text)
-    shares = [float(m) for m in re.findall(r"^\S.*?\s(\d+\.\d)%", text, flags=re.M)[:-1]]
+    shares = [float(m) for m in re.findall(r"^\S.*?\s(\d+\.\d)%", text.split("\nsum of the rows")[0], flags=re.M)]
     assert abs(sum(shares) - 100.0) <= 0.1 * len(shares) + 0.5
-    assert re.search(r"^total \(median forward\)\s+\S+\s+100\.0%", text, flags=re.M)
+    assert re.search(r"^sum of the rows\s+\S+\s+100\.0%", text, flags=re.M)
+    assert re.search(r"^total \(median forward\)\s+\S+\s+the median of \d+ whole forwards", text, flags=re.M)
     record = json.loads((folder / f"{name}.json").read_text())
     top = [s for s in record["stages"] if s["depth"] == 0]
     assert abs(sum(s["share"] for s in top) - 1.0) < 1e-6

@@ -109,13 +109,13 @@ def test_non_tensor_entries_are_refused():
 
 def test_detectron2_round_trip_gives_the_same_model(tmp_path):
     torch.manual_seed(0)
-    source = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    source = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
     path = tmp_path / "model_final.pth"
     save_checkpoint(source, path, extra={"iteration": 123})
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"model", "iteration"}
     torch.manual_seed(1)
-    loaded = sed_fast.build_sed("b", device="cpu", clip_resolution=64, checkpoint=path)
+    loaded = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64, checkpoint=path)
     assert loaded.random_weights is False and source.random_weights is True
     for (k1, v1), (k2, v2) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
@@ -123,7 +123,7 @@ def test_detectron2_round_trip_gives_the_same_model(tmp_path):
     bare = tmp_path / "bare.pth"
     torch.save(raw["model"], bare)
     del raw
-    loaded_bare = sed_fast.build_sed("b", device="cpu", clip_resolution=64, checkpoint=bare)
+    loaded_bare = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64, checkpoint=bare)
     torch.manual_seed(2)
     dense = torch.randn(1, 640, 2, 2)
     stages = [torch.randn(1, c, s, s) for c, s in ((1024, 2), (512, 4), (256, 8), (128, 16))]
@@ -185,7 +185,7 @@ def test_damaged_file_does_not_suggest_trusting_it(tmp_path, monkeypatch, damage
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    return sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    return sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
 
 
 def _copy_state(model):

@@ -103,7 +103,8 @@ def test_label_maps(good_run):
         with Image.open(record["input"]) as source:
             size = source.size
         labels = load_png(good_run.out / record["outputs"]["labels"])
-        assert labels.mode == "L" and labels.size == size
+        assert labels.mode == "P" and labels.size == size  # indices as pixel values, shown in class colours
+        assert labels.getpalette()[:9] == palette(3).ravel().tolist()
         values = np.array(labels)
         assert values.max() < 3
         present = {c["index"] for c in record["classes"]}

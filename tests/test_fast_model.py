@@ -20,7 +20,7 @@ NUM_CLASSES = 9
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    model = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    model = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
     # Random unit text embeddings stand in for a vocabulary: the text tower is tested elsewhere.
     model.text_embeddings = F.normalize(torch.randn(NUM_CLASSES, 80, 640), dim=-1)
     model.class_names = [f"class{i}" for i in range(NUM_CLASSES)]
@@ -210,7 +210,7 @@ def test_fused_weights_follow_the_weights(reference, images):
                                                layer.attention.attention.v) for p in (m.weight, m.bias)))
     assert again[0] is before[0], "derived weights must be kept while the weights do not change"
     torch.manual_seed(7)
-    other = sed_fast.build_sed("b", device="cpu", clip_resolution=64, seed=7)
+    other = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64, seed=7)
     other.text_embeddings, other.class_names = reference.text_embeddings, reference.class_names
     fast.load_state_dict(other.state_dict())
     assert (_run(fast, images) - _run(other, images)).abs().max() <= 1e-4

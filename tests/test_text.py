@@ -1,5 +1,6 @@
 """Text embeddings: trimmed context == encode_text, official per-class loop, templates, on-disk cache."""
 import os
+import re
 import time
 import warnings
 
@@ -149,17 +150,49 @@ def test_encode_vocabulary_all_80_templates(clip_model, tokenizer):
 
 
 class _Counter:
-    """Wraps _TextTower.encode and counts its calls."""
+    """Wraps _TextTower.encode and encode_with_prefixes and counts their calls."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
         original = text_mod._TextTower.encode
+        with_prefixes = text_mod._TextTower.encode_with_prefixes
 
         def counting(tower, tokens, trim_context=True):
             self.calls += 1
             return original(tower, tokens, trim_context=trim_context)
 
+        def counting_prefixed(tower, *args):
+            self.calls += 1
+            return with_prefixes(tower, *args)
+
         monkeypatch.setattr(text_mod._TextTower, "encode", counting)
+        monkeypatch.setattr(text_mod._TextTower, "encode_with_prefixes", counting_prefixed)
+
+
+@pytest.mark.parametrize("batch_size", [5, 512])
+def test_shared_prefixes_run_once_and_give_the_per_prompt_embeddings(clip_model, tokenizer, monkeypatch, batch_size):
+    """Each template's shared first tokens run once; the embeddings equal running every prompt whole."""
+    names = ["cat", "traffic light", "person, individual, someone", "a photo of a dog", "x"]
+    templates = ("{}", "a photo of a {}.", "a bad photo of the {}.", "itap of a {}.", "{} in a photo.")
+    tower = text_mod._TextTower(clip_model)
+    assert tower.prefix_shareable()
+    run = []
+    original = text_mod._TextTower.encode_with_prefixes
+
+    def recording(self, tokens, length, states, group):
+        run.append((tokens.shape[0], int(self.pool_index(tokens).max()) + 1 - length))
+        return original(self, tokens, length, states, group)
+
+    monkeypatch.setattr(text_mod._TextTower, "encode_with_prefixes", recording)
+    got = encode_vocabulary(clip_model, tokenizer, names, templates=templates, batch_size=batch_size, cache=False,
+                            progress=False)
+    assert run and all(rows <= batch_size for rows, _ in run)
+    monkeypatch.setattr(text_mod._TextTower, "prefix_shareable", lambda self: False)
+    whole = encode_vocabulary(clip_model, tokenizer, names, templates=templates, batch_size=batch_size, cache=False,
+                              progress=False)
+    assert (got - whole).abs().max().item() <= 1e-6
+    ref = _official_class_embeddings(clip_model, tokenizer, names, templates)
+    assert (got - ref).abs().max().item() <= 1e-6
 
 
 def test_cache_hit_and_misses(tokenizer, tmp_path, monkeypatch):
@@ -229,13 +262,14 @@ def test_cache_disabled_by_env_and_argument(clip_model, tokenizer, tmp_path, mon
     counter = _Counter(monkeypatch)
     templates = PROMPT_TEMPLATES[:2]
     monkeypatch.setenv("SED_FAST_TEXT_CACHE", "0")
-    for _ in range(2):
-        encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
-    assert counter.calls == 2 and not list(tmp_path.iterdir())
+    encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    once = counter.calls  # the text tower's calls of one encoding (one per prefix length of the templates)
+    encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
+    assert once > 0 and counter.calls == 2 * once and not list(tmp_path.iterdir())
     monkeypatch.delenv("SED_FAST_TEXT_CACHE")
     for _ in range(2):
         encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path, cache=False)
-    assert counter.calls == 4 and not list(tmp_path.iterdir())
+    assert counter.calls == 4 * once and not list(tmp_path.iterdir())
 
 
 def test_default_cache_dir_from_env(clip_model, tokenizer, tmp_path, monkeypatch):
@@ -399,7 +433,8 @@ def test_progress_lines_without_a_terminal(clip_model, tokenizer, capsys, monkey
                       batch_size=4)
     err = capsys.readouterr().err
     assert "text embeddings: encoding 16 prompts of 2 classes" in err
-    assert "text embeddings: 4/16 prompts" in err and "16/16 prompts, done" in err
+    partial = [int(n) for n in re.findall(r"text embeddings: (\d+)/16 prompts, ", err)]
+    assert partial == sorted(partial) and partial[0] < 16 and "16/16 prompts, done" in err
     encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=PROMPT_TEMPLATES[:8], cache=False,
                       batch_size=4, progress=False)
     assert capsys.readouterr().err == ""
@@ -421,3 +456,22 @@ def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_pat
     assert torch.equal(again, first)
     assert torch.load(path, weights_only=True)["format"] == text_mod._FORMAT_VERSION
     assert not stale.exists()
+
+
+def test_truncation_warning_is_kept_with_the_cache_entry(clip_model, tokenizer, tmp_path, monkeypatch):
+    long_name = "a " + "very " * 80 + "long name"
+    args = dict(templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path, progress=False)
+    with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as computed:
+        first = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
+    with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as cached:
+        again = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)  # a cache hit
+    assert torch.equal(first, again)
+    assert [str(w.message) for w in computed] == [str(w.message) for w in cached]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", text_mod.TruncatedPromptWarning)
+        monkeypatch.undo()
+        encode_vocabulary(clip_model, tokenizer, ["cat"], **args)
+        monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
+        encode_vocabulary(clip_model, tokenizer, ["cat"], **args)  # hit: no warning either

@@ -9,11 +9,13 @@ Timing
     ``min_reps`` and ``max_reps`` (or exactly ``reps`` when given).
 
 Device peaks
-    Measured once per device name and cached in ``<results dir>/device_peaks.json``: copy bandwidth
-    (a large device-to-device copy; read + write bytes / time) and matmul throughput (a large bf16 and
-    a float32 matmul with TF32 off on CUDA; a float32 matmul on CPU), from the 20th-percentile time.
-    They are achievable peaks on
-    this machine, not datasheet numbers, and are used as the denominators of "% of peak".
+    "% of peak" divides by the datasheet peaks of the device model (:data:`DATASHEET_PEAKS`: dense
+    FLOP/s per precision and DRAM bytes/s of the GPUs listed there), which no measurement can
+    exceed; on any other device (every CPU, unlisted GPUs) no percentage is given. Measured rates
+    (a large device-to-device copy, read + write bytes / time; a large bf16 and float32 matmul with
+    TF32 off on CUDA, a float32 matmul on CPU; from the 20th-percentile time) are cached per device
+    name in ``<results dir>/device_peaks.json`` and printed for scale: they are what this machine
+    reached once, not an upper bound (small working sets run from cache faster than a large copy).
 
 Result rows
     JSON lines appended to ``<results dir>/<name>.jsonl``; every row starts with
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+
+from ..envvars import env_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for the git commit of a result
 #: Where results go when no folder is named: in the working directory, never inside the package
@@ -71,7 +75,7 @@ def parse_list(text: Optional[str], convert=str) -> list:
 
 def results_dir(path: Optional[Union[str, os.PathLike]] = None) -> Path:
     """The results folder: ``path``, else ``$SED_FAST_RESULTS_DIR``, else ``./sed_fast_results``."""
-    chosen = Path(path) if path else Path(os.environ.get("SED_FAST_RESULTS_DIR") or DEFAULT_RESULTS_DIR)
+    chosen = Path(path) if path else (env_value("SED_FAST_RESULTS_DIR") or Path(DEFAULT_RESULTS_DIR))
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 
@@ -125,12 +129,13 @@ _GIT_COMMIT: Optional[str] = None
 
 
 def environment(device: Union[str, torch.device]) -> Dict[str, object]:
-    """device, torch, triton, cuda, git_commit, timestamp (UTC, ISO 8601)."""
+    """device, threads, torch, triton, cuda, git_commit, timestamp (UTC, ISO 8601)."""
     global _GIT_COMMIT
     if _GIT_COMMIT is None:
         _GIT_COMMIT = git_commit()
     return {
         "device": device_name(device),
+        "threads": torch.get_num_threads(),  # CPU threads of torch (work per core differs with them)
         "torch": torch.__version__,
         "triton": _triton_version(),
         "cuda": torch.version.cuda,
@@ -340,6 +345,38 @@ def device_peaks(device: Union[str, torch.device], directory: Optional[Union[str
         tmp.write_text(json.dumps(cache, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     return cache[key]  # type: ignore[return-value]
+
+
+#: Datasheet peaks by ``torch.cuda.get_device_name()``: DRAM bandwidth (GB/s) and dense (no
+#: sparsity) FLOP/s per precision: "float32" without tensor cores (TF32 off), "tf32", 16-bit
+#: tensor cores. NVIDIA's H100 / H200 / A100 datasheets, boost clocks.
+DATASHEET_PEAKS: Dict[str, Dict[str, object]] = {
+    name: {"copy_gb_per_s": bandwidth,
+           "matmul_tflop_per_s": {"float32": fp32, "tf32": tf32, "bfloat16": half, "float16": half},
+           "source": f"{source} datasheet"}
+    for name, source, bandwidth, fp32, tf32, half in (
+        ("NVIDIA H100 80GB HBM3", "H100 SXM5", 3350.0, 67.0, 494.7, 989.4),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 2000.0, 51.0, 378.0, 756.0),
+        ("NVIDIA H200", "H200 SXM", 4800.0, 67.0, 494.7, 989.4),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM4 80GB", 2039.0, 19.5, 156.0, 312.0),
+        ("NVIDIA A100-SXM4-40GB", "A100 SXM4 40GB", 1555.0, 19.5, 156.0, 312.0),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB", 1935.0, 19.5, 156.0, 312.0),
+        ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB", 1555.0, 19.5, 156.0, 312.0),
+    )}
+
+
+def datasheet_peaks(device: Union[str, torch.device, None] = None, name: Optional[str] = None
+                    ) -> Optional[Dict[str, object]]:
+    """The datasheet peaks of ``device`` (or of the device model ``name``), None if not listed:
+    then no "% of peak" is given."""
+    name = name if name is not None else device_name(device)
+    return DATASHEET_PEAKS.get(str(name).strip())
+
+
+def precision_name(dtype: Union[str, torch.dtype], tf32: bool = False) -> str:
+    """The key of a peak: the dtype's name, ``"tf32"`` for float32 with TF32 allowed."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    return "tf32" if tf32 and name == "float32" else name
 
 
 def peak_flops(peaks: Dict[str, object], dtype: Union[str, torch.dtype]) -> Optional[float]:

@@ -7,8 +7,9 @@
 
 Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.stages``: CUDA
 events per stage on GPU, wall clock on CPU; NVTX ranges on CUDA), and prints for each stage its
-median time per forward, its share of the forward's median total time, and the achieved FLOP rate
-and bandwidth against the device peaks (``sed_fast.bench.common.device_peaks``).
+median time per forward, its share of the rows' sum, and the achieved FLOP rate and op traffic;
+``%peak`` is the FLOP rate over the device model's datasheet peak for the compute precision
+(``sed_fast.bench.common.DATASHEET_PEAKS``), none where the device is not listed (every CPU).
 
 Stages (both models use the same names; the reference is instrumented from outside by
 ``sed_fast.bench.instrument.instrument``): ``image_encoder``, ``text`` (cached embeddings, per forward),
@@ -16,14 +17,17 @@ Stages (both models use the same names; the reference is instrumented from outsi
 ``decoder{i}.dwconv`` (depthwise conv + LayerNorm), ``decoder{i}.convnext_mlp``,
 ``decoder{i}.class_attention``, ``decoder{i}.upsample``, ``decoder{i}.double_conv``; each
 rejection step ``reject{i}`` (aux head + rule + gathers; exact reference: ``aux_head{i}``),
-``head``, ``scatter`` (fast), ``resize``. ``other (outside stages)`` is the total minus the stages:
-input checks, the reference's boolean-index gathers, launches between stages. Shares add up to 100%.
+``head``, ``scatter`` (fast), ``resize``. ``other (outside stages)`` is, per forward, the forward's
+time minus its stages' (input checks, the reference's boolean-index gathers, launches between
+stages), then the median. Each row is a median over the forwards taken on its own, so the rows add
+up to about, not exactly, the median total (the footer gives both); shares are of the rows' sum and
+add up to 100%.
 
 FLOPs and bytes per stage come from one extra forward under ``sed_fast.bench.instrument.OpCounter``: FLOPs
 of matmuls / convolutions / the sed_fast kernels, bytes read and written by each op (unfused
-traffic: an upper bound of what a fused implementation must move, so a bandwidth rate above the
-device peak means the stage is better fused than the op-by-op model). ``%peak`` is the larger of
-the bandwidth and the FLOP-rate fractions.
+traffic: an upper bound of what a fused implementation must move, and more than the memory traffic
+where data stays in cache, so GB/s is not compared with the DRAM bandwidth). ``%peak`` is the FLOP
+rate's fraction of the datasheet peak, which a correct measurement cannot exceed.
 
 ``--trace FILE`` writes a ``torch.profiler`` Chrome trace of two forwards (chrome://tracing or
 Perfetto), with the stage ranges. ``--json FILE`` writes the breakdown; ``--save`` appends it as a
@@ -79,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_kineto():
+    """Without CUDA, keep the profiler library (Kineto) quiet: it asks the CUDA driver for devices
+    whatever activities are profiled and logs ``ERROR: gpuGetDeviceCount failed with code 35``
+    (and ``USDT`` lines) on a CPU-only machine. Its level is read when profiling starts; a
+    ``KINETO_LOG_LEVEL`` set by the user wins."""
+    import os
+
+    if torch.cuda.is_available() or "KINETO_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["KINETO_LOG_LEVEL"] = "6"  # above ERROR (4) and Kineto's USDT lines (5)
+    try:
+        yield
+    finally:
+        os.environ.pop("KINETO_LOG_LEVEL", None)
+
+
 def build_model(args, device: torch.device):
     import sed_fast
     torch.manual_seed(args.seed)
@@ -98,11 +120,15 @@ def build_model(args, device: torch.device):
 
 
 def breakdown(stage_ms: Dict[str, float], depths: Dict[str, int], order: Sequence[str], total_ms: float,
-              flops: Dict[str, float], nbytes: Dict[str, float], peaks, dtype) -> List[Dict[str, object]]:
-    """Rows (stage, ms, share, rates) for the top-level stages plus "other"; shares sum to 100%."""
+              flops: Dict[str, float], nbytes: Dict[str, float], peaks, dtype,
+              other_ms: Optional[float] = None) -> List[Dict[str, object]]:
+    """Rows (stage, ms, share, rates) for the top-level stages plus "other" (``other_ms``, the median
+    per-forward time outside the stages; default: the total minus the stages, at least 0); shares
+    are of the rows' sum and add up to 100%. ``peaks``: datasheet peaks or None (no % of peak)."""
     top = [name for name in order if depths.get(name, 0) == 0]
     tracked = sum(stage_ms.get(name, 0.0) for name in top)
-    total = max(total_ms, tracked)
+    other = max(0.0, total_ms - tracked) if other_ms is None else max(0.0, other_ms)
+    total = tracked + other
     rows = []
     for name in order:
         ms = stage_ms.get(name, 0.0)
@@ -110,27 +136,24 @@ def breakdown(stage_ms: Dict[str, float], depths: Dict[str, int], order: Sequenc
                "share": ms / total if total > 0 and depths.get(name, 0) == 0 else None,
                "flops": flops.get(name) or None, "bytes": nbytes.get(name) or None}
         row.update(common.rates(row["bytes"], row["flops"], ms, peaks, dtype))
+        row["frac_peak_bw"] = None  # op-by-op bytes are not DRAM traffic: see the module docstring
         rows.append(row)
-    other = total - tracked
     rows.append({"stage": OTHER, "depth": 0, "ms": other, "share": other / total if total > 0 else None,
                  "flops": None, "bytes": (nbytes.get("(none)") or None), "gb_per_s": None, "tflop_per_s": None,
                  "frac_peak_bw": None, "frac_peak_flops": None})
     return rows
 
 
-def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: str, file=None) -> None:
+def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: str, file=None,
+                    forwards: Optional[int] = None) -> None:
     print(title, file=file)
     header = (f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} "
               f"{'%peak':>9}")
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
-        fractions = [(r.get("frac_peak_bw"), "bw"), (r.get("frac_peak_flops"), "fl")]
-        fractions = [(f, k) for f, k in fractions if f is not None]
-        peak = "-"
-        if fractions:
-            f, k = max(fractions)
-            peak = f"{100 * f:.0f}% {k}"
+        fraction = r.get("frac_peak_flops")
+        peak = "-" if fraction is None else f"{100 * fraction:.0f}%" + ("!" if fraction > 1 else "")
         name = ("  " * int(r.get("depth") or 0) + str(r["stage"]))[:30]
         share = f"{100 * r['share']:.1f}%" if r.get("share") is not None else ""
         gflop = r["flops"] / 1e9 if r.get("flops") else None
@@ -139,7 +162,28 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
               f"{common.fmt(mbytes, 1):>10} "
               f"{common.fmt(r.get('tflop_per_s'), 2):>8} {common.fmt(r.get('gb_per_s'), 1):>8} {peak:>9}", file=file)
     shares = sum(r["share"] for r in rows if r.get("share") is not None)
-    print(f"{'total (median forward)':<30} {common.fmt(total_ms, 3):>9} {100 * shares:>6.1f}%", file=file)
+    summed = sum(r["ms"] for r in rows if r.get("depth", 0) == 0)
+    print(f"{'sum of the rows':<30} {common.fmt(summed, 3):>9} {100 * shares:>6.1f}%", file=file)
+    print(f"{'total (median forward)':<30} {common.fmt(total_ms, 3):>9}   the median of "
+          f"{forwards if forwards is not None else 'the'} whole forwards; each row is the median of that stage "
+          f"alone (other: of each forward's time outside the stages), so the rows add up to "
+          f"{100 * summed / total_ms if total_ms > 0 else 100:.1f}% of it", file=file)
+
+
+def peaks_note(device: str, peaks, precision: str, measured=None) -> str:
+    """What %peak means here, or why there is none."""
+    seen = ""
+    if measured:
+        seen = (f"measured here: copy {measured['copy_gb_per_s']:.0f} GB/s, matmul "
+                + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in measured["matmul_tflop_per_s"].items())
+                + " (what this machine reached once, not an upper bound)")
+    if not peaks:
+        return (f"%peak: none: no datasheet peak for {device} (listed: {', '.join(common.DATASHEET_PEAKS)})"
+                + (f"; {seen}" if seen else ""))
+    flops = common.peak_flops(peaks, precision)
+    return (f"%peak: the stage's FLOP rate over the {peaks['source']} peak of {flops:.1f} TFLOP/s ({precision}, "
+            f"dense); GB/s is op-by-op traffic, not compared with the {peaks['copy_gb_per_s']:.0f} GB/s DRAM "
+            "bandwidth (data in cache is counted again)" + (f"; {seen}" if seen else ""))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -200,6 +244,7 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
     common.synchronize(device)
 
     totals: List[float] = []
+    outside: List[float] = []  # per forward: its time minus its top-level stages'
     per_stage: Dict[str, List[float]] = {}
     calls: Dict[str, int] = {}
     depths: Dict[str, int] = {}
@@ -225,6 +270,8 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
             per_stage.setdefault(name, []).append(sum(times.get(name, [0.0])))
             calls[name] = len(times.get(name, []))
             depths[name] = min(depths.get(name, 99), recorder.depths.get(name, 0))
+        outside.append(totals[-1] - sum(sum(times.get(name, [0.0])) for name in recorder.order
+                                        if recorder.depths.get(name, 0) == 0))
     stage_ms = {name: common.quantile(values, 0.5) for name, values in per_stage.items()}
     total_ms = common.quantile(totals, 0.5)
 
@@ -236,24 +283,28 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
             forward()
         flops, nbytes = dict(counter.flops), dict(counter.bytes)
 
-    peaks = None
+    peaks = common.datasheet_peaks(device)  # the denominators of % of peak, or None: no percentage
+    measured = None
     try:
-        peaks = common.device_peaks(device, args.results_dir)
+        measured = common.device_peaks(device, args.results_dir)
     except Exception as error:  # noqa: BLE001 - the times are still worth printing
-        print(f"warning: device peaks unavailable: {error}", file=sys.stderr)
+        print(f"warning: could not measure the device's copy and matmul rates: {error}", file=sys.stderr)
 
     if args.trace:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(2):
-                with recording(device) as recorder, instrument(model):
-                    forward()
-                    recorder.times_ms()
-        prof.export_chrome_trace(args.trace)
+        with _quiet_kineto():
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(2):
+                    with recording(device) as recorder, instrument(model):
+                        forward()
+                        recorder.times_ms()
+            prof.export_chrome_trace(args.trace)
 
-    rows = breakdown(stage_ms, depths, order, total_ms, flops, nbytes, peaks, compute_dtype)
+    precision = common.precision_name(compute_dtype, tf32=args.tf32)
+    rows = breakdown(stage_ms, depths, order, total_ms, flops, nbytes, peaks, precision,
+                     other_ms=common.quantile(outside, 0.5))
     env = common.environment(device)
     setting = ("exact" if args.cer_topk is None and args.kept_classes is None else
                f"kept{args.kept_classes}" if args.kept_classes is not None else f"cer{args.cer_topk}")
@@ -263,11 +314,8 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
              + (" (autocast)" if autocast_dtype else "")
              + f", {args.vocab} (T={classes}), batch {args.batch}, {setting}, {args.image_size}px "
                f"(encoder at {args.clip_resolution}) on {env['device']}; median of {len(totals)} forwards")
-    print_breakdown(rows, total_ms, title)
-    if peaks:
-        print(f"peaks: copy {peaks['copy_gb_per_s']:.0f} GB/s, matmul "
-              + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks["matmul_tflop_per_s"].items())
-              + " (measured; benchmarks/common.py)")
+    print_breakdown(rows, total_ms, title, forwards=len(totals))
+    print(peaks_note(env["device"], peaks, precision, measured))
     if cuda:
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MB")
     record = dict(env, kind="profile", variant=args.variant, impl=impl,
@@ -276,6 +324,7 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
                   image_size=args.image_size, clip_resolution=args.clip_resolution, median_ms=total_ms,
                   p20_ms=common.quantile(totals, 0.2), p80_ms=common.quantile(totals, 0.8), reps=len(totals),
                   stages=rows, stages_ms={r["stage"]: r["ms"] for r in rows if r["depth"] == 0},
+                  peaks_source=peaks["source"] if peaks else None, precision=precision, tf32=bool(args.tf32),
                   calls=calls, config=title)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -87,9 +87,42 @@ def _setting(row) -> str:
     return "exact" if row.get("cer_topk") is None else f"cer{row['cer_topk']}"
 
 
+#: What makes two rows one run: the machine, the code, and every setting that changes the work or
+#: its speed but is not in a row's label (image size, encoder resolution, threads, TF32). Rows of
+#: different runs are shown in separate tables and never compared (no speed-up across them).
+RUN_FIELDS = ("device", "threads", "git_commit", "torch", "triton", "cuda", "image_size", "clip_resolution", "tf32")
+
+
+def run_key(row) -> Tuple:
+    return tuple(bool(row.get(f)) if f == "tf32" else row.get(f) for f in RUN_FIELDS)
+
+
+def group_runs(rows) -> "OrderedDict[Tuple, List[dict]]":
+    """Rows by :func:`run_key`, in order of first appearance."""
+    runs: "OrderedDict[Tuple, List[dict]]" = OrderedDict()
+    for row in rows:
+        runs.setdefault(run_key(row), []).append(row)
+    return runs
+
+
+def run_label(key: Tuple) -> str:
+    """The settings of a run in words (those a row has; kernel rows have no image size)."""
+    values = dict(zip(RUN_FIELDS, key))
+    parts = [str(values["device"])]
+    if values["threads"] is not None:
+        parts.append(f"{values['threads']} threads")
+    parts.append(f"commit {str(values['git_commit'])[:12]}")
+    if values["image_size"] is not None:
+        parts.append(f"image {values['image_size']}px")
+    if values["clip_resolution"] is not None:
+        parts.append(f"encoder {values['clip_resolution']}px")
+    parts.append(f"TF32 {'on' if values['tf32'] else 'off'}")
+    parts.append(f"torch {values['torch']}")
+    return ", ".join(parts)
+
+
 def _key(row) -> Tuple:
-    return (row.get("device"), row.get("variant"), row.get("batch"), row.get("vocab"), _setting(row),
-            row.get("image_size"), row.get("clip_resolution"), bool(row.get("tf32")))
+    return run_key(row) + (row.get("variant"), row.get("batch"), row.get("vocab"), _setting(row))
 
 
 def _dtype(row) -> str:
@@ -141,6 +174,7 @@ def e2e_table(rows) -> List[str]:
 
 
 def paper_table(rows) -> List[str]:
+    """The paper's figures beside ``rows`` (of one run: :func:`group_runs`)."""
     ours = defaultdict(dict)
     for r in rows:
         if r.get("kind") != "e2e" or r.get("variant") != "b" or r.get("batch") != 1 or not r.get("median_ms"):
@@ -196,28 +230,42 @@ def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     profiles = [r for r in rows if r.get("kind") == "profile"]
     lines = ["# SED benchmark report", ""]
-    envs = OrderedDict()
-    for r in rows:
-        key = (r.get("device"), r.get("torch"), r.get("triton"), r.get("cuda"), r.get("git_commit"))
-        envs[key] = r.get("timestamp")
-    lines += ["Environments:", ""]
-    lines += _table(["device", "torch", "triton", "CUDA", "commit", "last run"],
-                    [list(k) + [v] for k, v in envs.items()])
+    runs = group_runs(rows)
+    names = {key: f"run {i}" for i, key in enumerate(runs, 1)}
+    lines += ["Runs: rows measured on one machine, at one commit, with the same image size, encoder resolution, "
+              "threads and TF32. Each run has its own tables; speed-ups compare rows of one run only.", ""]
+    body = []
+    for key, group in runs.items():
+        values = dict(zip(RUN_FIELDS, key))
+        body.append([names[key]] + [common.fmt(values[f]) for f in RUN_FIELDS[:-1]]
+                    + ["on" if values["tf32"] else "off", len(group), max(str(r.get("timestamp")) for r in group)])
+    lines += _table(["run", "device", "threads", "commit", "torch", "triton", "CUDA", "image px", "encoder px",
+                     "TF32", "rows", "last row"], body)
     lines += ["", "Weights are random (no checkpoint): times are real, segmentations meaningless. float32 rows "
-              "run with TF32 off unless the row says tf32. Rows marked WRONG OUTPUT differ from the float32 "
+              "run with TF32 off unless the run says TF32 on. Rows marked WRONG OUTPUT differ from the float32 "
               "reference beyond the tolerance and are not results.", ""]
     if e2e:
-        lines += ["## End to end", ""] + e2e_table(e2e) + [""]
+        lines += ["## End to end", ""]
+        for key, group in group_runs(e2e).items():
+            lines += [f"### {names[key]}: {run_label(key)}", ""] + e2e_table(group) + [""]
         lines += [f"## Beside the paper (SED-B, 768x768, batch 1; paper: one {PAPER_GPU}, a DIFFERENT GPU)", "",
                   "The paper's CER rows come from trained weights that reject most classes; random weights keep "
                   "almost all, so compare the paper's k columns with our forced kept-class rows (kept32).", ""]
-        lines += paper_table(e2e) + [""]
+        official = [(key, group) for key, group in group_runs(e2e).items()
+                    if any(r.get("image_size") in (None, 768) and r.get("clip_resolution") in (None, 768)
+                           for r in group)]
+        for key, group in official or [(None, [])]:
+            if key is not None:
+                lines += [f"Ours: {names[key]} ({run_label(key)}).", ""]
+            lines += paper_table(group) + [""]
     if kernels:
-        lines += ["## Kernels", ""] + kernel_table(kernels) + [""]
+        lines += ["## Kernels", ""]
+        for key, group in group_runs(kernels).items():
+            lines += [f"### {names[key]}: {run_label(key)}", ""] + kernel_table(group) + [""]
     if profiles:
         lines += ["## Profiles", ""]
         for row in profiles:
-            lines += profile_section(row) + [""]
+            lines += [f"{names[run_key(row)]}: {run_label(run_key(row))}", ""] + profile_section(row) + [""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -233,15 +281,16 @@ def _pyplot():
 
 def plot_latency(path: Path, rows) -> bool:
     valid = [r for r in rows if r.get("kind", "e2e") == "e2e" and r.get("median_ms") and r.get("T")]
+    runs = {key: i for i, key in enumerate(group_runs(valid), 1)}
     panels = OrderedDict()
-    for r in valid:
-        panels.setdefault((r.get("variant"), r.get("batch")), []).append(r)
+    for r in valid:  # one panel per run: lines never join rows of different runs
+        panels.setdefault((r.get("variant"), r.get("batch"), run_key(r)), []).append(r)
     if not panels:
-        panels[("b", 1)] = []
+        panels[("b", 1, None)] = []
     plt = _pyplot()
     count = len(panels)
     fig, axes = plt.subplots(1, count, figsize=(7 * count, 5.5), squeeze=False)
-    for ax, ((variant, batch), group) in zip(axes[0], panels.items()):
+    for ax, ((variant, batch, key), group) in zip(axes[0], panels.items()):
         series = OrderedDict()
         for r in sorted(group, key=lambda r: r["T"]):
             series.setdefault(_series_label(r), {})[r["T"]] = r["median_ms"]
@@ -251,7 +300,9 @@ def plot_latency(path: Path, rows) -> bool:
             xs = sorted(points)
             style = "-o" if "fast" in label else "-s"
             ax.plot(xs, [points[x] for x in xs], style, label=label, markersize=4)
-        if variant == "b" and batch == 1:
+        official = key is None or (dict(zip(RUN_FIELDS, key)).get("image_size") in (None, 768)
+                                   and dict(zip(RUN_FIELDS, key)).get("clip_resolution") in (None, 768))
+        if variant == "b" and batch == 1 and official:
             for i, k in enumerate(PAPER_KS):
                 xs = [c for c, _ in PAPER_LATENCY_MS.values()]
                 ys = [v[i] for _, v in PAPER_LATENCY_MS.values()]
@@ -261,8 +312,8 @@ def plot_latency(path: Path, rows) -> bool:
         ax.set_yscale("log")
         ax.set_xlabel("number of classes T")
         ax.set_ylabel("median latency (ms)")
-        device = group[0].get("device") if group else "?"
-        ax.set_title(f"SED-{str(variant).upper()}, batch {batch} ({device})", fontsize=9)
+        where = f"run {runs[key]}: {run_label(key)}" if key is not None else "no rows"
+        ax.set_title(f"SED-{str(variant).upper()}, batch {batch}\n({where})", fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper left")
@@ -314,8 +365,10 @@ def plot_stages(path: Path, rows, max_bars: int = 24) -> bool:
         for g in parts:
             if g not in groups:
                 groups.append(g)
+    runs = {key: i for i, key in enumerate(group_runs(candidates), 1)}
     labels = [f"{'[profile] ' if r.get('kind') == 'profile' else ''}{r.get('impl')} {_dtype(r)}\n"
-              f"{r.get('vocab')} B={r.get('batch')} {_setting(r)}" for r in candidates]
+              f"{r.get('vocab')} B={r.get('batch')} {_setting(r)}\nrun {runs[run_key(r)]} {r.get('image_size')}px"
+              for r in candidates]
     colors = plt.get_cmap("tab20").colors
     bottoms = [0.0] * len(bars)
     for i, g in enumerate(groups):
@@ -342,9 +395,10 @@ def print_summary(rows, file=None) -> None:
     """A short text table: end-to-end rows with speed-up, then the auto-backend kernel speed-ups."""
     e2e = [r for r in rows if r.get("kind", "e2e") == "e2e"]
     refs = _reference_times(e2e)
-    if e2e:
+    for number, (key, group) in enumerate(group_runs(e2e).items(), 1):
+        print(f"run {number}: {run_label(key)}", file=file)
         print(f"{'config':<58} {'median ms':>10} {'vs ref':>7}  status", file=file)
-        for r in e2e:
+        for r in group:
             ref = refs.get(_key(r))
             speedup = f"{ref / r['median_ms']:.2f}x" if ref and r.get("median_ms") else "-"
             config = (f"SED-{str(r.get('variant')).upper()} {r.get('impl')} {_dtype(r)} {r.get('vocab')} "

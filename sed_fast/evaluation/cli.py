@@ -4,13 +4,20 @@
     sed-fast eval --images imgs/ --labels labels/ --vocab classes.txt --ignore 255 --random-weights --out o/
     torchrun --nproc-per-node 8 -m sed_fast eval pc459 --checkpoint ... --out eval/pc459
 
-Exit codes: 0 evaluated; 1 the evaluation failed (an unreadable image, invalid label values, no
-labelled pixel at all...); 2 usage error (bad option, missing dataset folder, unusable resume file):
-nothing was evaluated; 130 interrupted (what was finished is saved: rerun with --resume).
+Exit codes: 0 evaluated; 1 the evaluation failed (no labelled pixel at all, an unexpected error);
+2 bad input: a usage error (bad option, missing dataset folder, unusable resume file, an --out that
+cannot be written or lacks the space for the state, an --out another run is using: nothing was
+evaluated) or a file of the dataset that cannot be used (an unreadable image or label map, invalid
+label values: the message says which fix applies); 130 interrupted (what was finished is saved:
+rerun with --resume).
+
+Rank 0 holds ``--out`` for the whole run (:func:`sed_fast.outdir_lock.exclusive_output_dir`): a
+second evaluation into the same folder stops at once, naming the PID of the first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -57,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--invalid-labels", choices=("error", "ignore"), default="error",
                       help="a label value that is neither a class nor the ignore value: stop with an error (default) "
                            "or ignore those pixels, counted in the report")
+    data.add_argument("--label-palette", metavar="FILE",
+                      help="read colour-coded (RGB) label maps: FILE has one 'R G B name' (or 'R,G,B') line per "
+                           "class in vocabulary order, and 'ignore R G B' lines for unscored colours")
+    data.add_argument("--palette-from", metavar="DATASET",
+                      help="read colour label maps with a built-in dataset's official palette (voc20, voc20b: "
+                           "PASCAL VOC's SegmentationClass colours)")
+    data.add_argument("--skip-unreadable", action="store_true",
+                      help="leave out an image or label map that cannot be read (each one named in the log and "
+                           "results.json) instead of stopping")
 
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint (model_final.pth)")
@@ -97,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detectron2 <= 0.6's mIoU: classes predicted but absent from the ground truth count as "
                           "IoU 0 (lower on PC-459/ADE-847; both rules are in results.json)")
     run.add_argument("--no-plot", action="store_true", help="do not write per_class_iou.png")
+    run.add_argument("--save-predictions", action="store_true",
+                     help="also write each image's predicted label map as predictions/<stem>.png (palette PNG: "
+                          "pixel values the evaluated class indices, in the class colours; 16-bit grey above 256 "
+                          "classes; predictions/<model>/ with --compare)")
     run.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                      help="seconds between progress lines when stderr is not a terminal (default 30)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress or info lines (results still printed)")
@@ -122,9 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, StateError) as error:
         _error(str(error), args)
         return EXIT_USAGE
-    except DatasetError as error:
-        _error(str(error) + _resume_hint(args), args)
-        return EXIT_FAILED
+    except DatasetError as error:  # a file of the dataset: bad input, and the fix is the user's
+        _error(str(error) + _bad_file_hint(args, error), args)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error("interrupted" + (_resume_hint(args) or f"; nothing was saved in {args.out}"), args)
         return EXIT_INTERRUPTED
@@ -142,6 +162,31 @@ def _resume_hint(args) -> str:
     if not path.exists():
         return ""
     return f" (the images finished so far are saved in {path}: rerun the same command with --resume to continue)"
+
+
+def _bad_file_hint(args, error) -> str:
+    """What to do about a file that stopped the run (``--resume`` alone would stop on it again)."""
+    from .datasets import InvalidLabelError
+    from .state import STATE_FILE
+
+    saved = _finished_images(Path(os.path.expanduser(args.out)) / STATE_FILE) > 0
+    if isinstance(error, InvalidLabelError):
+        return ". Fix the label map, or pass --invalid-labels ignore" + (
+            " with --overwrite (it changes the figures, so the saved images are evaluated again)" if saved else "")
+    keep = " --resume" if saved else ""
+    return (f". Replace the file with a readable copy and rerun{' with --resume' if saved else ''}, remove it (and "
+            f"its image or label) from the dataset{' and rerun with --overwrite' if saved else ''}, or rerun with"
+            f"{keep} --skip-unreadable to leave it out (named in results.json)")
+
+
+def _finished_images(path: Path) -> int:
+    """How many images the saved state at ``path`` holds (0: none, or no usable state)."""
+    from .state import load_state
+
+    try:
+        return len(load_state(path).finished) if path.exists() else 0
+    except Exception:  # noqa: BLE001 - only a hint depends on it
+        return 0
 
 
 def _error(message: str, args) -> None:
@@ -170,6 +215,8 @@ def _check_options(args):
     custom = [args.images, args.labels, args.vocab, args.ignore]
     if args.dataset is not None and any(v is not None for v in custom):
         raise UsageError("give either a dataset name or --images/--labels/--vocab/--ignore, not both")
+    if args.label_palette is not None and args.palette_from is not None:
+        raise UsageError("--label-palette and --palette-from exclude each other")
     if args.dataset is None and not all(v is not None for v in custom):
         raise UsageError("no dataset: give a dataset name (ade150, ade847, pc59, pc459, voc20, voc20b, coco) or all "
                          "of --images, --labels, --vocab and --ignore")
@@ -214,7 +261,26 @@ def _load_dataset(args):
         raise UsageError(str(error)) from error
     if args.limit is not None:
         dataset.samples = dataset.samples[:args.limit]
+    dataset.palette = _load_palette(args, dataset)
     return dataset
+
+
+def _load_palette(args, dataset):
+    """The colour palette of --label-palette / --palette-from, checked against the classes; or None."""
+    from .datasets import DATASETS
+    from .palette import PaletteError, builtin_palette, load_palette
+
+    if args.label_palette is None and args.palette_from is None:
+        return None
+    try:
+        if args.label_palette is not None:
+            palette = load_palette(args.label_palette)
+        else:
+            palette = builtin_palette(args.palette_from, list(DATASETS))
+        palette.check_classes(dataset.class_names)
+    except PaletteError as error:
+        raise UsageError(str(error)) from error
+    return palette
 
 
 def _fingerprint(items: Sequence[str]) -> str:
@@ -232,8 +298,7 @@ def _settings(args, dataset, spec, device) -> dict:
     # an "invalid label" error (not finished yet) does not block the resume.
     stems = [sample.stem for sample in dataset.samples]
     if args.checkpoint is not None:
-        path = Path(os.path.expanduser(args.checkpoint)).resolve()
-        weights = f"{path} ({path.stat().st_size} bytes, modified {int(path.stat().st_mtime)})"
+        weights = f"sha256 {_checkpoint_sha256(args.checkpoint)}"
     else:
         weights = f"random (seed {args.seed})"
     return {"dataset": dataset.spec.name, "images": f"{len(stems)} images, stems sha1 {_fingerprint(stems)[:16]}",
@@ -242,11 +307,30 @@ def _settings(args, dataset, spec, device) -> dict:
             "ignore_label": dataset.spec.ignore_label, "background_from": dataset.spec.background_from,
             "invalid_labels": args.invalid_labels, "variant": spec.name, "impl": args.impl, "compare": args.compare,
             "weights": weights, "dtype": _DTYPES[args.dtype], "cer_topk": args.cer_topk, "resolution": args.resolution,
-            "device_type": device.type}
+            "device_type": device.type,
+            # only with a palette: states saved without one stay resumable
+            **({"label_palette": dataset.palette.fingerprint()} if getattr(dataset, "palette", None) else {})}
+
+
+def _checkpoint_sha256(path_text: str) -> str:
+    from ..checkpoint import checkpoint_sha256
+
+    try:
+        return checkpoint_sha256(os.path.expanduser(path_text))
+    except OSError as error:
+        raise UsageError(f"cannot read the checkpoint {path_text}: {error.strerror or error}") from error
+
+
+def _needed_bytes(num_classes: int, models: int) -> int:
+    """Free space the outputs need: per model the state's matrix, confusion.npy and a temporary copy
+    of each while it replaces the previous one; the reports (~2 KiB per class) and the plot."""
+    matrix = 8 * (num_classes + 1) ** 2
+    return models * 4 * matrix + 2048 * num_classes + (1 << 20)
 
 
 # -- model ---------------------------------------------------------------------------------------
-def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -> Dict[str, object]:
+def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
+                  settings_weights: str = "") -> Dict[str, object]:
 
     import sed_fast.api as api
     from ..checkpoint import CheckpointError
@@ -258,6 +342,12 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -
             state_dict = _read_checkpoint(args.checkpoint)
         except SegmentUsageError as error:
             raise UsageError(str(error)) from error
+        # The settings (and a resumed state) name the weights by the file's sha256, taken before
+        # the model was built: the file read must still be that one (cached unless cheap to hash).
+        read, named = _checkpoint_sha256(args.checkpoint), settings_weights.split(" ", 1)[-1]
+        if settings_weights.startswith("sha256 ") and read != named:
+            raise UsageError(f"the checkpoint {args.checkpoint} changed while the evaluation started (sha256 "
+                             f"{named} when the settings were taken, {read} when it was read): rerun")
 
     def build(impl: str):
         with warnings.catch_warnings():
@@ -309,6 +399,7 @@ def _run(args) -> int:
     dataset = _load_dataset(args)
     out_dir = Path(os.path.expanduser(args.out))
     ctx = distributed.setup(device_type)
+    held = contextlib.ExitStack()  # rank 0's lock on --out, for the whole run
     try:
         device = _device(args, device_type, ctx)
         quiet = args.quiet or not ctx.is_main
@@ -333,6 +424,7 @@ def _run(args) -> int:
         state, decision = None, None
         if ctx.is_main:
             try:
+                _hold_output(held, args, out_dir, dataset, note)
                 state = _prepare_state(args, out_dir, state_file, settings, dataset, state_mod, runner, note)
                 decision = ("ok", list(state.finished))
             except (UsageError, state_mod.StateError) as error:
@@ -347,7 +439,10 @@ def _run(args) -> int:
             print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every figure of this run is "
                   "meaningless and is marked as such", file=sys.stderr)
 
-        models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info)
+        # before the models: their set-up waits for every process, so no rank writes while rank 0 clears
+        sink = _prediction_writer(args, out_dir, dataset, ["fast", "reference"] if args.compare else [args.impl],
+                                  clear=ctx.is_main and not state.finished) if args.save_predictions else None
+        models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info, settings["weights"])
         if ctx.is_main:
             for name in models:
                 fresh = runner.new_state(settings, [name], dataset.num_classes)
@@ -358,7 +453,8 @@ def _run(args) -> int:
                                 state_file=state_file if ctx.is_main else None, batch_size=args.batch_size,
                                 workers=args.workers if args.workers is not None else _default_workers(),
                                 save_every=args.save_every, invalid_labels=args.invalid_labels, progress=not quiet,
-                                progress_interval=args.progress_every)
+                                progress_interval=args.progress_every, palette=dataset.palette,
+                                skip_unreadable=args.skip_unreadable, on_predictions=sink)
         eval_seconds = time.perf_counter() - eval_start
         if not ctx.is_main:
             return EXIT_OK
@@ -370,8 +466,11 @@ def _run(args) -> int:
                                                        "legacy_miou", "data_root")}
         config.update(random_weights=args.checkpoint is None, world_size=ctx.world_size,
                       checkpoint=str(Path(os.path.expanduser(args.checkpoint)).resolve()) if args.checkpoint else None,
+                      checkpoint_sha256=settings["weights"].split(" ", 1)[-1] if args.checkpoint else None,
                       official_resolution=args.resolution == 768, settings=settings,
-                      preprocess=getattr(next(iter(models.values())), "preprocess", None))
+                      preprocess=getattr(next(iter(models.values())), "preprocess", None),
+                      label_palette=dataset.palette.source if dataset.palette is not None else None,
+                      skip_unreadable=args.skip_unreadable)
         env = report.environment(device)
         env["git"] = report.git_commit()
         timing = {"wall_seconds_this_session": time.perf_counter() - wall_start,
@@ -379,12 +478,17 @@ def _run(args) -> int:
                   "images_per_second_this_session":
                       session_images / eval_seconds if eval_seconds > 0 and session_images else None,
                   "eval_seconds_all_sessions": state.seconds, "resumed_images": before}
-        counts = {"evaluated": len(state.finished), "in_dataset": len(dataset.samples),
+        counts = {"evaluated": len(state.finished) - len(state.skipped), "in_dataset": len(dataset.samples),
+                  "skipped_unreadable": len(state.skipped),
                   "images_without_label": len(dataset.images_without_label),
                   "labels_without_image": len(dataset.labels_without_image)}
         results = report.build_results(confusion=confusion, class_names=dataset.class_names, legacy=args.legacy_miou,
                                        config=config, dataset=dataset.describe(), counts=counts, timing=timing,
                                        env=env, counters=state.counters, iou_tolerance=args.iou_tolerance)
+        results["skipped_unreadable"] = [{"stem": stem, "error": error} for stem, error in state.skipped]
+        if state.skipped:
+            note(f"skipped {len(state.skipped)} unreadable file(s) (--skip-unreadable), not in the figures: "
+                 + "; ".join(error for _, error in state.skipped))
         lines = []
         for position, name in enumerate(results["models"]):
             detectron2 = compute_metrics(confusion[name], dataset.class_names, legacy=args.legacy_miou)
@@ -417,7 +521,57 @@ def _run(args) -> int:
             return EXIT_FAILED
         return EXIT_OK
     finally:
+        held.close()
         ctx.close()
+
+
+def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, dataset, note) -> None:
+    """Rank 0: take --out for this run (writable, space for the state, no other run in it)."""
+    from ..outdir_lock import OutputDirError, exclusive_output_dir
+
+    models = 2 if args.compare else 1
+    try:
+        command = f"{_PROG} {args.dataset or 'custom dataset ' + str(args.images)} --out {args.out}"
+        lock = held.enter_context(exclusive_output_dir(out_dir, command,
+                                                       need_bytes=_needed_bytes(dataset.num_classes, models)))
+    except OutputDirError as error:
+        raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+    if lock.previous:
+        note(f"took over the lock of {out_dir} left by PID {lock.previous.get('pid')} on "
+             f"{lock.previous.get('host')}, which is no longer running")
+
+
+PREDICTIONS_DIR = "predictions"
+
+
+def _prediction_writer(args, out_dir: Path, dataset, models: List[str], clear: bool):
+    """``on_predictions`` for :func:`runner.evaluate`: each image's scored labels as a PNG in
+    ``<out>/predictions/`` (``<model>/`` sub-folders with --compare), written atomically. A fresh
+    (not resumed) run first removes the PNGs an earlier run left there: the folder is this tool's."""
+    import numpy as np
+
+    from ..files import atomic_write
+    from ..visualize import label_map_image, png_info
+
+    folders = {name: out_dir / PREDICTIONS_DIR / (name if len(models) > 1 else "") for name in models}
+    for folder in folders.values():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create {folder} for --save-predictions: {error}") from error
+        if clear:
+            for stale in folder.glob("*.png"):
+                stale.unlink()
+    colours = np.asarray(dataset.palette.colours, dtype=np.uint8) if getattr(dataset, "palette", None) else None
+    info = png_info(args.checkpoint is None)
+
+    def write(stems, predictions) -> None:
+        for name, preds in predictions.items():
+            for stem, pred in zip(stems, preds):
+                picture = label_map_image(pred.cpu().numpy(), dataset.num_classes, colours)
+                atomic_write(folders[name] / f"{stem}.png",
+                             lambda handle, picture=picture: picture.save(handle, format="PNG", pnginfo=info))
+    return write
 
 
 def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, dataset, state_mod, runner, note):
@@ -431,7 +585,8 @@ def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, datase
     model_names = ["fast", "reference"] if args.compare else [args.impl]
     if state_file.exists() and args.resume:
         state = state_mod.load_state(state_file)
-        state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file)
+        state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file,
+                                  names=_names(dataset))
         note(f"resuming: {len(state.finished)} of {len(dataset.samples)} images already evaluated ({state_file})")
         return state
     if state_file.exists() and not args.overwrite:
@@ -443,4 +598,9 @@ def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, datase
         if (out_dir / stale).exists():
             (out_dir / stale).unlink()
     state = runner.new_state(settings, model_names, dataset.num_classes)
+    state.names = _names(dataset)
     return state
+
+
+def _names(dataset) -> Dict[str, List[str]]:
+    return {"vocabulary": list(dataset.vocabulary), "class_names": list(dataset.class_names)}

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .datasets import DatasetError, EvalDataset, ResolvedDataset, collate
+from .datasets import DatasetError, EvalDataset, InvalidLabelError, ResolvedDataset, collate
 from .distributed import Context, shard
 from .metrics import ConfusionMatrix
 from .state import EvalState, save_state
@@ -157,12 +157,19 @@ def quiet_loader_shutdown():
 def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state: EvalState, *, ctx: Context,
              device: torch.device, state_file=None, batch_size: int = 1, workers: int = 0, save_every: int = 0,
              invalid_labels: str = "error", progress: bool = True, progress_interval: float = 30.0,
-             on_batch: Optional[Callable[[int], None]] = None) -> EvalState:
+             on_batch: Optional[Callable[[int], None]] = None, palette=None,
+             skip_unreadable: bool = False, on_predictions: Optional[Callable] = None) -> EvalState:
     """Evaluate the images of ``dataset`` not yet in ``state.finished`` with each of ``models``
     (``{"model": m}``, or ``{"fast": f, "reference": r}`` to compare); update and return ``state``
     (complete on rank 0; the other ranks only contribute their counts).
 
     ``state_file``: where rank 0 saves the state at each sync point (None: not saved).
+    ``palette``: reads colour label maps (:mod:`sed_fast.evaluation.palette`).
+    ``skip_unreadable``: an image or label map that cannot be read is left out, named with its
+    error in ``state.skipped`` (and finished: a resumed run does not retry it), instead of
+    stopping the run.
+    ``on_predictions(stems, {model name: [scored (H, W) label tensors]})``: called with each
+    batch's predictions (``--save-predictions``).
     """
     samples = dataset.samples
     finished = set(state.finished)
@@ -172,7 +179,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     num_classes = dataset.num_classes
 
     loader = torch.utils.data.DataLoader(
-        EvalDataset(samples, mine, num_classes, dataset.spec.ignore_label, invalid_labels),
+        EvalDataset(samples, mine, num_classes, dataset.spec.ignore_label, invalid_labels, palette),
         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None)
@@ -180,6 +187,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     matrices = {name: ConfusionMatrix(num_classes, device, dataset.spec.background_from) for name in models}
     counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
     done: List[str] = []  # stems finished since the last sync
+    skipped: List[List[str]] = []  # [stem, error] of the unreadable ones among them
     bar = Progress(len(mine), progress and ctx.is_main, interval=progress_interval,
                    desc="sed-fast eval" + (f" (rank 0 of {ctx.world_size})" if ctx.distributed else ""))
     session_start = time.perf_counter()
@@ -197,10 +205,14 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
         counters.zero_()
         stems = [stem for part in ctx.all_gather_objects(list(done)) for stem in part]
         done.clear()
+        left_out = [entry for part in ctx.all_gather_objects(list(skipped)) for entry in part] \
+            if skip_unreadable else []
+        skipped.clear()
         if ctx.is_main:
             for key, value in zip(COUNTERS, totals):
                 state.counters[key] = int(state.counters.get(key, 0)) + int(value)
             state.finished.extend(stems)
+            state.skipped.extend(left_out)
             state.seconds = seconds_before + (time.perf_counter() - session_start)
             state.complete = len(state.finished) == len(samples)
             if state_file is not None:
@@ -214,12 +226,17 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
             target = min((sync + 1) * step, len(mine))
             while processed < target:
                 batch = next(batches)
-                updates, extra = _process(batch, models, matrices, counters, device, num_classes)
+                usable, unreadable = _split_unreadable(batch, skip_unreadable)
+                for stem, error in unreadable:
+                    bar.write(f"sed-fast eval: warning: skipped (--skip-unreadable): {error}")
+                updates, extra = (_process(usable, models, matrices, counters, device, num_classes, on_predictions)
+                                  if usable["stem"] else ({}, torch.zeros_like(counters)))
                 adding = True
                 for name, delta in updates.items():
                     matrices[name].matrix += delta
                 counters += extra
                 done.extend(batch["stem"])
+                skipped.extend([stem, error] for stem, error in unreadable)
                 adding = False
                 processed += len(batch["stem"])
                 bar.update(len(batch["stem"]))
@@ -244,11 +261,26 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     return state
 
 
-def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int):
+def _split_unreadable(batch: dict, skip: bool):
+    """(the batch without its unreadable items, [(stem, error)] of those) when ``skip``; else the
+    batch as it is (its errors stop the run in :func:`_process`)."""
+    if not skip:
+        return batch, []
+    bad = [i for i, (error, unreadable) in enumerate(zip(batch["error"], batch["unreadable"]))
+           if error is not None and unreadable]
+    if not bad:
+        return batch, []
+    keep = [i for i in range(len(batch["stem"])) if i not in bad]
+    return {key: [values[i] for i in keep] for key, values in batch.items()}, \
+        [(batch["stem"][i], batch["error"][i]) for i in bad]
+
+
+def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torch.device, num_classes: int,
+             on_predictions: Optional[Callable] = None):
     """One batch's confusion-matrix increments per model and counter increments (not yet added)."""
-    for error in batch["error"]:
+    for error, unreadable in zip(batch["error"], batch["unreadable"]):
         if error is not None:  # the loader names the file and the problem
-            raise DatasetError(error)
+            raise (DatasetError if unreadable else InvalidLabelError)(error)
     images = [image.to(device, non_blocking=True) for image in batch["image"]]
     labels = [label.to(device, non_blocking=True) for label in batch["label"]]
     predictions = {}
@@ -257,6 +289,9 @@ def _process(batch: dict, models, matrices, counters: torch.Tensor, device: torc
         if len(predictions[name]) != len(images):
             raise RuntimeError(f"the {name} model returned {len(predictions[name])} label maps for "
                                f"{len(images)} images")
+    if on_predictions is not None:
+        on_predictions(list(batch["stem"]), {name: [matrices[name].map_prediction(p) for p in preds]
+                                             for name, preds in predictions.items()})
     updates = {}
     for name, preds in predictions.items():
         matrix = matrices[name]

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..envvars import env_flag
+from ..envvars import VARIABLES, env_value
 from . import autotune
 
 BACKENDS = ("cuda", "triton", "torch")  # the order "auto" prefers
@@ -79,7 +79,7 @@ _excluded: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why it is not to 
 # -- Triton's mode -----------------------------------------------------------------------------------
 def triton_interpreter_on() -> bool:
     """True when TRITON_INTERPRET asks for the interpreter now."""
-    return env_flag("TRITON_INTERPRET", False)
+    return env_value("TRITON_INTERPRET")
 
 
 def _probe_interpreter_mode() -> bool:
@@ -190,12 +190,9 @@ def requested_backend(op: str) -> str:
     """The backend asked for ``op`` (may be ``"auto"``), before it is checked."""
     if op in _overrides:
         return _overrides[op]
-    variable = f"SED_FAST_BACKEND_{op.upper()}"
-    value = os.environ.get(variable) or os.environ.get("SED_FAST_BACKEND") or "auto"
-    value = value.strip().lower()
-    if value not in REQUESTS:
-        raise ValueError(f"{variable} / SED_FAST_BACKEND = {value!r} is not one of {', '.join(REQUESTS)}")
-    return value
+    variable = f"SED_FAST_BACKEND_{op.upper()}"  # parsed as the registry's entry (also for ops added at run time)
+    per_op = VARIABLES["SED_FAST_BACKEND_<OP>"].parse(os.environ.get(variable), variable)
+    return per_op or env_value("SED_FAST_BACKEND") or "auto"
 
 
 def set_autotune(enabled: Optional[bool]) -> None:
@@ -205,7 +202,7 @@ def set_autotune(enabled: Optional[bool]) -> None:
 
 
 def autotune_enabled() -> bool:
-    return _autotune_override if _autotune_override is not None else env_flag("SED_FAST_AUTOTUNE", False)
+    return _autotune_override if _autotune_override is not None else env_value("SED_FAST_AUTOTUNE")
 
 
 def usable_backends(op: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    model = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    model = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
     model.text_embeddings = F.normalize(torch.randn(5, 80, 640), dim=-1)
     model.class_names = [f"c{i}" for i in range(5)]
     return model
