@@ -81,7 +81,8 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
              "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
              "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
-             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end"),
+             "export": ("sed_fast.export.cli", "export SED with a baked-in vocabulary: AOTInductor .pt2 or ONNX")}
 _PROG = "sed-fast"
 
 

@@ -15,6 +15,10 @@ Implementations (``--impls``):
 ``fast``                 ``build_sed(impl="fast")`` with the reference's weights, in each of
                          ``--fast-dtypes`` (float32, bfloat16); ``--fast-options cuda_graphs=true``
                          sets options of the fast model (rows then say ``fast[cuda_graphs=true]``).
+``export-pt2``           the reference exported by ``sed-fast export`` (AOTInductor package, CPU),
+``export-onnx``          or as ONNX run by ONNX Runtime; exact decoding only; the export and compile
+                         time is ``compile_ms``. They leave the official resize to the caller, so
+                         they need images already at their official size (``--image-size 640``).
 
 Settings (``--no-exact``, ``--cer-topk``, ``--kept-classes``): exact decoding; category early
 rejection with top-k (``cer_topk``); and ``--kept-classes N``: each rejection step keeps the N
@@ -78,7 +82,8 @@ from . import common
 from .instrument import ForcedKeep
 
 VOCAB_SIZES = {"voc20": 20, "pc59": 59, "ade150": 150, "pc459": 459, "ade847": 847, "coco": 171, "voc20b": 59}
-IMPLS = ("reference", "reference+autocast", "reference+compile", "fast")
+IMPLS = ("reference", "reference+autocast", "reference+compile", "fast", "export-pt2", "export-onnx")
+DEFAULT_IMPLS = IMPLS[:4]  # the export rows compile for minutes and need official-size images: asked for by name
 NUM_PROMPTS = 80
 
 
@@ -358,7 +363,7 @@ def run_row(impl: str, model, dtype_name: str, setting: Setting, images: torch.T
                 row["peak_mem_mb"] = (peak - before + _model_bytes(model)) / 2 ** 20
                 row["peak_mem_abs_mb"] = peak / 2 ** 20
             row.update(measured.to_dict())
-            if compile_mode is None:
+            if compile_mode is None and hasattr(model, "clip_input"):
                 stage_kw = dict(timing, target_s=float(timing.get("target_s", 1.0)) / 3,
                                 min_reps=min(3, int(timing.get("min_reps", 3))))
                 prepared = model.clip_input(as_image_list(images))
@@ -406,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--vocabs", default="voc20,pc59,ade150,pc459,ade847",
                         help="comma-separated vocabularies (voc20, pc59, ade150, pc459, ade847, randomN)")
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of: {', '.join(IMPLS)}")
+    parser.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                        help=f"comma-separated, of: {', '.join(IMPLS)} (default: all but the export rows)")
     parser.add_argument("--fast-dtypes", default="float32,bfloat16", help="dtypes of the fast model")
     parser.add_argument("--fast-options", default="", metavar="KEY=VALUE,...",
                         help="attributes set on the fast models, e.g. cuda_graphs=true; the rows' impl becomes "
@@ -485,7 +491,9 @@ def parse_options(text: str) -> Dict[str, object]:
 
 
 def settings_for(impl: str, settings: Sequence[Setting], args) -> List[Setting]:
-    if impl == "reference+compile":
+    if impl.startswith("export-"):
+        wanted = {"exact"}
+    elif impl == "reference+compile":
         wanted = set(common.parse_list(args.compile_settings))
     elif impl == "reference+autocast":
         wanted = set(common.parse_list(args.autocast_settings))
@@ -596,6 +604,7 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
                     continue
                 models.set_text(text, names)
                 classes = len(names)
+                exports: Dict[str, object] = {}  # the exported models of this vocabulary (text baked in)
                 for setting in settings:
                     check: Optional[ReferenceOutputs] = None
                     for impl in impls:
@@ -608,6 +617,9 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
                                 targets.append((name, models.fast.get(name), models.fast_errors.get(name)))
                         elif impl == "reference+autocast":
                             targets.append((common.dtype_name(autocast_dtype), models.reference, None))
+                        elif impl.startswith("export-"):
+                            exported, export_error, export_ms = _exported(impl, models.reference, exports)
+                            targets.append(("float32", exported, export_error))
                         else:
                             targets.append(("float32", models.reference, None))
                         for dtype_name, model, build_error in targets:
@@ -626,7 +638,8 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
                                            p20_ms=None, p80_ms=None, peak_mem_mb=None,
                                            max_abs_diff_vs_reference=None, valid=False, encoder_ms=None,
                                            text_ms=None, decoder_ms=None,
-                                           error=f"fast model unavailable: {build_error}", config=label)
+                                           error=build_error if impl.startswith("export-")
+                                           else f"fast model unavailable: {build_error}", config=label)
                             else:
                                 if check is None:
                                     check = ReferenceOutputs(models.reference, images, setting)
@@ -634,6 +647,8 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
                                               stage_timing=not args.no_stages,
                                               autocast_dtype=autocast_dtype if impl == "reference+autocast" else None,
                                               compile_mode=args.compile_mode if impl == "reference+compile" else None)
+                            if impl.startswith("export-") and row.get("error") is None:
+                                row["compile_ms"] = export_ms
                             rows.append(row)
                             if out_path is not None:
                                 common.append_rows(out_path, [row])
@@ -657,6 +672,22 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
         print(f"WARNING: {len(wrong)} row(s) with wrong outputs (not reported as results): "
               + "; ".join(str(r["config"]) for r in wrong[:5]), file=sys.stderr)
     return 0
+
+
+def _exported(impl: str, reference, cache: Dict[str, object]):
+    """(the exported model, error text, export + compile ms) of ``impl`` (export-pt2 / export-onnx),
+    made once per vocabulary."""
+    if impl not in cache:
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="sed_fast_bench_export_")
+        try:
+            from sed_fast.export.core import exported_for_bench
+            model, seconds = exported_for_bench(impl.split("-", 1)[1], reference, folder)
+            cache[impl] = (model, None, seconds * 1e3)
+        except Exception as error:  # noqa: BLE001 - a row with the error
+            cache[impl] = (None, f"export failed: {_error_text(error)}", None)
+    return cache[impl]
 
 
 if __name__ == "__main__":

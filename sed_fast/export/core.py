@@ -1,0 +1,230 @@
+"""Exporting SED: a self-contained module (vocabulary baked in), torch.export, then AOTInductor
+(``.pt2``) or ONNX; every export is checked against the eager model on sample images."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.encoder import preprocess_images
+
+FORMATS = ("pt2", "onnx")
+#: Image sides the exported model accepts (each of H and W); the official resize gives a short side
+#: of 640 and a long side of at most 2560.
+MIN_SIDE, MAX_SIDE = 32, 2560
+#: Exported vs eager: labels equal, scores within this (float32).
+SCORE_TOLERANCE = 1e-5
+
+
+class ExportError(Exception):
+    """An export that cannot be made as asked (unsupported option, missing extra): a usage error."""
+
+
+class ExportableSED(nn.Module):
+    """The reference SED with its vocabulary baked in, as a pure function of the image:
+    ``image`` float32 (1, 3, H, W), RGB 0..255 (after the official resize, which is left to the
+    caller) -> ``labels`` (H, W) int64 (and the scores (T, H, W) with ``return_scores``).
+    Exact decoding; no input value checks (they need host control flow)."""
+
+    def __init__(self, model, return_scores: bool = False):
+        super().__init__()
+        if model.text_embeddings is None:
+            raise ExportError("the model has no vocabulary")
+        self.model = model
+        self.resolution = model.clip_resolution
+        self.return_scores = return_scores
+        self.register_buffer("text", model._text_for_decoder().detach().clone())
+
+    def forward(self, image: torch.Tensor):
+        height, width = image.shape[-2:]
+        clip_images = preprocess_images(image.to(torch.float32), self.resolution)
+        dense, features = self.model.encode_image(clip_images)
+        scores = self.model.decode(dense, self.text.to(self.model.dtype), features).float()  # (1, T, h, w)
+        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)[0]
+        labels = scores.argmax(0)
+        return (labels, scores) if self.return_scores else labels
+
+
+def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
+                text_cache: bool = True):
+    """The float32 CPU reference model with its vocabulary, the official resize left to the caller."""
+    import warnings
+
+    from ..api import RandomWeightsWarning, build_sed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        model = build_sed(variant, impl="reference", checkpoint=checkpoint, device="cpu", dtype=dtype,
+                          clip_resolution=resolution, text_cache=text_cache, preprocess="none")
+    if isinstance(vocab, torch.Tensor):  # embeddings given directly (tests)
+        model.text_embeddings = vocab.to(dtype)
+        model.class_names = [f"class{i}" for i in range(vocab.shape[0])]
+    else:
+        model.set_vocabulary(vocab, progress=False)
+    return model
+
+
+def _example(height: int = 64, width: int = 96) -> torch.Tensor:
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
+
+
+def _dynamic_shapes():
+    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    return {"image": {2: height, 3: width}}
+
+
+def export_program(module: ExportableSED):
+    with torch.no_grad():
+        return torch.export.export(module, (_example(),), dynamic_shapes=_dynamic_shapes())
+
+
+def export_pt2(module: ExportableSED, out: Path) -> Path:
+    """torch.export + AOTInductor into a ``.pt2`` package (loads with torch alone)."""
+    program = export_program(module)
+    with torch.no_grad():
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+    return Path(path)
+
+
+def _require_onnx():
+    missing = []
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install -e \".[export]\"")
+
+
+def export_onnx(module: ExportableSED, out: Path) -> Path:
+    """torch.onnx.export (dynamo) of the reference path, opset 18+, dynamic height and width."""
+    _require_onnx()
+    with torch.no_grad():
+        program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(),
+                                    input_names=["image"],
+                                    output_names=["labels", "scores"] if module.return_scores else ["labels"])
+    program.save(str(out))
+    return out
+
+
+class OnnxRunner:
+    """An exported ONNX model under ONNX Runtime (CPU), called like the module."""
+
+    def __init__(self, path, threads: Optional[int] = None):
+        _require_onnx()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, image: torch.Tensor):
+        outputs = self.session.run(None, {"image": image.detach().cpu().numpy()})
+        outputs = [torch.from_numpy(o) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def sample_images(sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The drawn sample scene (sed_fast.demo) at each size, float32 (1, 3, H, W) 0..255."""
+    import numpy as np
+
+    from ..demo import draw_sample
+
+    return [torch.from_numpy(np.array(draw_sample(h, w), dtype=np.float32)).permute(2, 0, 1)[None].contiguous()
+            for h, w in sizes]
+
+
+def check(runner, model, return_scores: bool, sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, object]]:
+    """The exported model against the eager model (its whole forward) on the sample images: scores
+    within :data:`SCORE_TOLERANCE`, labels equal except on pixels where the eager model's top two
+    classes tie (their scores closer than twice the exported scores' max difference: rounding decides)."""
+    results = []
+    for image in sample_images(sizes):
+        with torch.no_grad():
+            expected = model(image)[0]  # (T, H, W), the eager pipeline (preprocess "none")
+            start = time.perf_counter()
+            out = runner(image)
+            seconds = time.perf_counter() - start
+        labels, scores = out if return_scores else (out, None)
+        expected_labels = expected.argmax(0)
+        differ = labels.long() != expected_labels
+        row = {"size": list(image.shape[-2:]), "labels_equal": bool(not differ.any()),
+               "labels_differ": int(differ.sum()), "seconds": round(seconds, 3)}
+        bound = SCORE_TOLERANCE
+        if scores is not None:
+            row["max_score_diff"] = float((scores.float() - expected).abs().max())
+            bound = max(row["max_score_diff"], 0.0)
+        # A pixel whose eager top two scores tie (within the scores' own difference) may go either way.
+        top2 = expected.topk(min(2, expected.shape[0]), dim=0).values
+        tie = (top2[0] - top2[-1]) <= 2 * bound if expected.shape[0] > 1 else torch.zeros_like(differ)
+        row["labels_differ_not_ties"] = int((differ & ~tie).sum())
+        row["ok"] = row["labels_differ_not_ties"] == 0 and row.get("max_score_diff", 0.0) <= SCORE_TOLERANCE
+        results.append(row)
+    return results
+
+
+def load_pt2_in_fresh_process(path: Path, image: torch.Tensor, timeout: float = 600) -> torch.Tensor:
+    """Load the package with ``torch._inductor.aoti_load_package`` in a new Python that never
+    imports sed_fast, run it on ``image``; returns its outputs (labels, or (labels, scores))."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        image_path, out_path = Path(folder) / "image.pt", Path(folder) / "out.pt"
+        torch.save(image, image_path)
+        code = ("import sys, torch\n"
+                "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
+                "with torch.no_grad():\n"
+                "    out = runner(torch.load(sys.argv[2]))\n"
+                "torch.save(out, sys.argv[3])\n"
+                "assert not [m for m in sys.modules if m.split('.')[0] == 'sed_fast'], 'sed_fast was imported'\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run([sys.executable, "-c", code, str(path), str(image_path), str(out_path)],
+                              cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"loading {path} in a fresh process failed: {done.stderr.strip()[-2000:]}")
+        return torch.load(out_path)
+
+
+class ExportedSED(nn.Module):
+    """An exported model (pt2 runner or :class:`OnnxRunner`, exported with scores) called like
+    ``SEDReference.forward`` on a batch (B, 3, H, W) whose images are already at their official
+    size (e.g. 640 x 640: the official resize keeps it), for ``sed-fast bench``: scores (B, T, H, W)."""
+
+    rejection = None  # exact decoding only (the benchmark sets and restores it)
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from ..preprocess import official_resize_shape
+
+        height, width = images.shape[-2:]
+        if official_resize_shape(height, width) != (height, width):
+            raise ValueError(f"the exported model leaves the official resize to the caller: benchmark it on images "
+                             f"already at their official size (e.g. --image-size 640), not {height}x{width}")
+        return torch.stack([self.runner(images[b:b + 1].float().contiguous())[1] for b in range(images.shape[0])])
+
+
+def exported_for_bench(fmt: str, model, folder) -> Tuple[ExportedSED, float]:
+    """Export ``model`` (a reference SED with its text set) in ``fmt`` into ``folder``: (the
+    callable, seconds the export and compile took)."""
+    start = time.perf_counter()
+    module = ExportableSED(model, return_scores=True).eval()
+    if fmt == "pt2":
+        runner = torch._inductor.aoti_load_package(str(export_pt2(module, Path(folder) / "model.pt2")))
+    elif fmt == "onnx":
+        runner = OnnxRunner(export_onnx(module, Path(folder) / "model.onnx"), threads=torch.get_num_threads())
+    else:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return ExportedSED(runner), time.perf_counter() - start
