@@ -2,7 +2,7 @@
 # The GPU pass, in two device calls of at most ~5 minutes each (run from the repository root):
 #
 #   bash benchmarks/gpu_pass.sh 1            # call 1: build, CUDA tests, the headline end-to-end rows
-#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, sanitizer
+#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, training, sanitizer
 #   bash benchmarks/gpu_pass.sh --dry-run 1  # every step of call 1 at tiny sizes on the CPU (CI runs it)
 #
 # Every step runs in its own process (an illegal memory access poisons its process's CUDA context,
@@ -10,9 +10,11 @@
 # hangs is recorded and the next one runs. The budget (GPU_PASS_BUDGET, default 280 s per call)
 # leaves room inside a 300 s device call. $OUT gets at most 8 files, no sub-folders:
 #   call 1: log1.txt, e2e.jsonl, env.json, status1.txt, report.md, latency_vs_classes.png, stages.png
-#   call 2: log2.txt, kernels.jsonl (the kernels and the resize against PIL; + e2e.jsonl rows, report),
+#   call 2: log2.txt, kernels.jsonl (the kernels, the resize against PIL, the training step; + e2e.jsonl
+#   rows, report),
 #   status2.txt
 # Call 1, in priority order (ade847 and ade150, SED-B, 768x768, batch 1, exact decoding):
+#   `sed-fast doctor` (each op's backends against their references, dispatch, end to end; float32),
 #   the CUDA extension build (in the background, timed), the reference rows (fp32 TF32 off, fp32
 #   TF32 on: the official setting, bf16 autocast), the op and fast-model tests on CUDA, the fast rows
 #   (fp32, bf16) and fast bf16 with CER k=8 and with 32 kept classes. Each row's outputs are checked
@@ -67,15 +69,19 @@ if (( DRY )); then
   KERNELS=(--device cpu --smoke --reps 2)
   COMPILE=(--compile-mode eager)  # dynamo tracing only: inductor on a CPU takes minutes
   VOCABS=random5,random3
+  DOCTOR=(--device cpu --reps 1)
   PYTEST_SELECTION=(tests/test_layering.py)
+  TRAIN=(--device cpu --resolution 64 --classes 5 --iters 1 --warmup 0)
 else
   DEVICE=cuda
   E2E=(--device cuda --variants b --image-size 768 --clip-resolution 768 --max-reps 20 --target-seconds 0.6 --no-stages)
   KERNELS=(--device cuda --classes 150,847)
   COMPILE=(--compile-mode default)
   VOCABS=ade847,ade150
+  DOCTOR=(--device cuda --dtypes float32)  # bf16 too would double the Triton compiles
   PYTEST_SELECTION=(-m gpu tests/kernels tests/test_cuda_backend.py tests/test_fast_model.py
                     --ignore=tests/kernels/test_compile_for_gpu.py)
+  TRAIN=(--device cuda --resolution 768 --classes 171 --iters 3 --warmup 1)  # the official training setting
 fi
 E2E+=(--results-dir "$OUT")
 python3 - "$OUT/env.json" "$DEVICE" >> "$LOG" 2>&1 <<'EOF' || record "environment: FAILED (see log)"
@@ -95,6 +101,8 @@ EOF
 report() { run "report" 30 python3 -m sed_fast.bench.report --results-dir "$OUT" --out "$OUT"; }
 
 if [[ "$CALL" == 1 ]]; then
+  # First: what works on this GPU (every backend of every op against its reference, dispatch, end to end).
+  run "doctor" 45 env SED_FAST_JIT_BUILD=0 python3 -m sed_fast doctor --no-build "${DOCTOR[@]}"
   # The extension builds on the CPUs while the reference rows (which do not use it) run on the GPU.
   BUILD_PID=
   if (( DRY )); then
@@ -127,6 +135,8 @@ else
   export SED_FAST_JIT_BUILD=0
   run "kernels" 70 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes float32,bfloat16 \
     --backends --time-budget 55
+  run "kernels backward" 35 python3 -m sed_fast.bench.kernels "${KERNELS[@]}" --results-dir "$OUT" --dtypes bfloat16 \
+    --ops cost_map_backward,dwconv_layernorm_backward,class_attention_backward --time-budget 25
   run "resize vs PIL" 30 python3 benchmarks/resize_vs_pil.py --device "$DEVICE" --reps "$(( DRY ? 3 : 100 ))" \
     --out "$OUT/kernels.jsonl"
   run "e2e reference torch.compile" 90 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --vocabs "${VOCABS##*,}" \
@@ -135,6 +145,14 @@ else
     --impls reference,fast --fast-dtypes bfloat16 --cer-topk "" --kept-classes 32
   run "e2e SED-L" 40 python3 -m sed_fast.bench.e2e "${E2E[@]}" --batches 1 --variants l --vocabs "${VOCABS%%,*}" \
     --impls reference,fast --fast-dtypes bfloat16 --cer-topk "" --kept-classes ""
+  if python3 -c "import av" > /dev/null 2>&1; then  # decode + model + encode vs model only, rows in kernels.jsonl
+    run "video throughput" 40 python3 benchmarks/video_throughput.py --device "$DEVICE" --out "$OUT/kernels.jsonl" \
+      $( (( DRY )) && echo "--frames 6 --width 96 --height 64 --batch-size 3 --classes 5 --resolution 64" )
+  else
+    record "video throughput: skipped (PyAV is not installed: add its wheel to .whl/)"
+  fi
+  # Training step (SED-B, 768 crop, 171 classes, batch 1): reference vs fast, checkpointing off/on.
+  run "train step" 45 python3 -m sed_fast.bench.train_step "${TRAIN[@]}" --out "$OUT/kernels.jsonl"
   if (( DRY )); then
     record "sanitizer memcheck: skipped (dry run: no GPU)"
   else

@@ -14,10 +14,18 @@ weights. What is checked when loading:
 * a checkpoint whose float dtype differs from the model's is loaded (converted to the model's dtype)
   with a :class:`CheckpointDtypeWarning`;
 * after loading into a model that has a vocabulary, its text embeddings are recomputed with the new
-  text-tower weights.
+  text-tower weights;
+* keys saved from a ``DataParallel`` / ``DistributedDataParallel`` wrapper (``module.`` prefix) are
+  refused with the hint to strip the prefix.
+
+A checkpoint is identified by its content: :func:`checkpoint_sha256` (the sha256 of the file,
+computed when the file is read and cached in ``<cache root>/checkpoint_sha256.json`` by path,
+size, modification and change time, inode and device, so an unchanged file is not read twice;
+files up to :data:`REHASH_BYTES` are hashed again every time, that being cheap).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickletools
@@ -30,10 +38,15 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .envvars import env_flag
+from .envvars import cache_root, env_value
+from .files import atomic_write_text
 
 _SHAPES_FILE = Path(__file__).parent / "data" / "official_state_dict_shapes.json"
 _SHOW = 5  # how many keys of each kind an error message lists
+_HASH_CACHE = "checkpoint_sha256.json"
+_HASH_CACHE_ENTRIES = 256
+#: Files up to this size are hashed on every use; larger ones use the cache while their identity holds.
+REHASH_BYTES = 64 << 20
 
 
 class CheckpointError(ValueError):
@@ -54,7 +67,69 @@ def official_shapes() -> Dict[str, Dict[str, list]]:
 def trust_checkpoints() -> bool:
     """Whether ``SED_FAST_TRUST_CHECKPOINTS`` allows full unpickling (default off; a value that is
     not a boolean word raises ``ValueError``)."""
-    return env_flag("SED_FAST_TRUST_CHECKPOINTS", False)
+    return env_value("SED_FAST_TRUST_CHECKPOINTS")
+
+
+def file_identity(path: Union[str, os.PathLike]) -> dict:
+    """What identifies a file without reading it: resolved path, size, modification and change time
+    (ns), inode and device. Copying other content over the file changes its change time even when
+    the size and modification time are made equal."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def _hash_cache_path() -> Path:
+    return cache_root() / _HASH_CACHE
+
+
+def _read_hash_cache() -> dict:
+    try:
+        with open(_hash_cache_path(), encoding="utf-8") as handle:
+            cache = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(key: str, entry: dict) -> None:
+    cache = _read_hash_cache()
+    cache.pop(key, None)
+    cache[key] = entry  # last: the newest entries are kept
+    while len(cache) > _HASH_CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+    try:
+        _hash_cache_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_hash_cache_path(), json.dumps(cache, indent=1) + "\n")
+    except OSError:  # a read-only cache only costs speed
+        pass
+
+
+def _stream_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(path: Union[str, os.PathLike], use_cache: bool = True) -> str:
+    """The sha256 (hex) of the file at ``path``. Cached by :func:`file_identity` for files larger
+    than :data:`REHASH_BYTES` (smaller ones are hashed every time); reading the file here also
+    brings it into the page cache for the ``torch.load`` that follows."""
+    path = Path(path).expanduser()
+    identity = file_identity(path)
+    key = identity["path"]
+    cacheable = use_cache and identity["size"] > REHASH_BYTES
+    if cacheable:
+        entry = _read_hash_cache().get(key)
+        if isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+    digest = _stream_sha256(path)
+    if cacheable and file_identity(path) == identity:  # not changed while it was read
+        _write_hash_cache(key, {"identity": identity, "sha256": digest})
+    return digest
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
@@ -217,8 +292,26 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             lines.append(f"  {len(keys)} {label} key(s): " + _listing(keys))
-    lines.append(f"  {guess_variant(state)}: {_fix_hint(model, state)}.")
+    prefixed = _wrapper_prefix(expected, state)
+    if prefixed:
+        lines.append(f"  every key starts with {prefixed!r} (saved from a DataParallel/DistributedDataParallel "
+                     f"wrapper): strip the prefix, e.g. state = {{k.removeprefix({prefixed!r}): v for k, v in "
+                     "state.items()}, and save the checkpoint again.")
+    else:
+        lines.append(f"  {guess_variant(state)}: {_fix_hint(model, state)}.")
     raise CheckpointError("\n".join(lines))
+
+
+def _wrapper_prefix(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """``"module."`` when every key of ``state`` carries it and the keys without it are the model's
+    (or fit it better); else ``""``."""
+    prefix = "module."
+    if not state or not all(k.startswith(prefix) for k in state):
+        return ""
+    stripped = {k[len(prefix):] for k in state}
+    if stripped & set(expected) or any(k.startswith(prefix) for k in stripped):
+        return prefix
+    return ""
 
 
 def _listing(items: List[str]) -> str:

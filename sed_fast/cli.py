@@ -7,8 +7,10 @@
 Exit codes of ``segment``: 0 every image was segmented; 1 some images failed (each is listed in
 ``summary.json`` and on stderr; the others are still processed) or an unexpected error stopped the
 run; 2 usage error (bad option, vocabulary, checkpoint, environment variable, no images, an output
-folder that cannot be written): nothing is segmented; 130 interrupted by SIGINT (Ctrl-C); 143
-terminated by SIGTERM. Errors are one-line messages; ``--debug`` adds the Python traceback.
+folder that cannot be written or that another run is using): nothing is segmented; 130 interrupted
+by SIGINT (Ctrl-C); 143 terminated by SIGTERM; 129 SIGHUP (the terminal closed; not under
+``nohup``, whose ignoring of it is kept). Errors are one-line messages; ``--debug`` adds the Python
+traceback.
 
 What an interrupted or failed run leaves in ``--out``: every output file (``*_labels.png``,
 ``*_overlay.png``, ``*_scores.npy``, ``summary.json``) is written to a temporary file in the same
@@ -18,9 +20,14 @@ A signal that arrives while an image's files are being written takes effect once
 summary are written. ``summary.json`` is written when the run starts and rewritten after each image
 (once it is large, at most as often as keeps its rewriting under ~5% of the run) and at the end,
 with ``"status"``: ``"running"``, then ``"complete"`` (``exit_code`` 0 or 1), ``"interrupted"``
-(``exit_code`` 130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
-``run_id`` and ``started_at`` say which run wrote it, so a run into a used folder replaces the old
-summary at its start. Output names keep at most 100 bytes of the input's stem (longer stems get a
+(``exit_code`` 129/130/143, ``signal``) or ``"failed"`` (an error stopped the run: ``error``); its
+``run_id``, ``pid``, ``host`` and ``started_at`` say which run wrote it, so a run into a used folder
+replaces the old summary at its start. When the final rewrite fails (a full disk) a compact final
+summary (no per-image records, ``summary_error``) overwrites the file in place; a run killed
+outright (SIGKILL) leaves ``"running"``, which :func:`read_summary` reads as ``"interrupted"`` once
+that process no longer holds the folder. One run at a time per ``--out``
+(:mod:`sed_fast.outdir_lock`): a second one exits with code 2 naming the first one's PID.
+Output names keep at most 100 bytes of the input's stem (longer stems get a
 short hash instead of the rest).
 """
 from __future__ import annotations
@@ -35,6 +42,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -52,6 +60,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SIGINT = 128 + 2  # 130, as a shell reports a Ctrl-C
 EXIT_SIGTERM = 128 + 15  # 143
+EXIT_SIGHUP = 128 + 1  # 129
 
 _STEM_BYTES = 100  # output names keep at most this many bytes of the input's stem (then a hash)
 
@@ -65,10 +74,14 @@ _EXTERNAL = {"demo": ("sed_fast.demo", "segment a built-in sample scene with ran
              "bench": ("sed_fast.bench.e2e", "end-to-end benchmark (see `sed-fast bench --help`)"),
              "bench-kernels": ("sed_fast.bench.kernels", "per-kernel benchmark (see `sed-fast bench-kernels --help`)"),
              "profile": ("sed_fast.bench.profile", "per-stage profile (see `sed-fast profile --help`)"),
+             "bench-train": ("sed_fast.bench.train_step", "training-step benchmark: forward+backward time and memory"),
              "report": ("sed_fast.bench.report", "Markdown + PNG report of benchmark results"),
              "compile-report": ("sed_fast.bench.compile_report",
                                 "compile every Triton kernel for a GPU architecture, without a GPU"),
-             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)")}
+             "eval": ("sed_fast.evaluation.cli", "dataset evaluation, official metrics (see `sed-fast eval --help`)"),
+             "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
+             "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
+             "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end")}
 _PROG = "sed-fast"
 
 
@@ -93,8 +106,8 @@ def _signal_name(signum: int) -> str:
 
 
 class _Signals:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread; inside :meth:`deferred`
-    they wait until the block ends, so a group of file writes is never cut halfway."""
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread; inside
+    :meth:`deferred` they wait until the block ends, so a group of file writes is never cut halfway."""
 
     def __init__(self):
         self.depth = 0
@@ -102,10 +115,12 @@ class _Signals:
         self.previous = {}
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
             if signum is None:
                 continue
             try:
+                if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # nohup: the terminal closing must not stop the run
                 self.previous[signum] = signal.signal(signum, self._handle)
             except (ValueError, OSError):  # not the main thread: the default handling stays
                 pass
@@ -181,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
                     "Exit code: 0 all images ok, 1 some failed, 2 usage error, 130 interrupted (SIGINT), "
                     "143 terminated (SIGTERM).")
-    seg.add_argument("images", nargs="+", metavar="IMAGES",
-                     help="image files, folders (their images, sorted) or glob patterns (quoted)")
+    seg.add_argument("images", nargs="*", metavar="IMAGES",
+                     help="image files, folders (their images, sorted) or glob patterns (quoted); or video "
+                          "files / stream URLs (see the video options)")
     seg.add_argument("--vocab", "--vocabulary", dest="vocab", required=True, metavar="NAME|FILE|LIST",
                      help="built-in vocabulary (ade150, ade847, pc59, pc459, voc20, voc20b, coco), a file "
                           "(JSON list or one name per line) or comma-separated names, e.g. 'cat,dog,grass'")
@@ -208,10 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write <stem>_labels.npy (H x W class indices, uint8 or uint16)")
     seg.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="images per forward (of any sizes: each is resized to the encoder's input; default 1)")
+    seg.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                     help="refuse images of more than N pixels (width x height; 0: no limit; default "
+                          "SED_FAST_MAX_PIXELS, else Pillow's MAX_IMAGE_PIXELS): a guard against decompression "
+                          "bombs; segmenting takes about 12 bytes of memory per pixel")
     seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
     seg.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     seg.add_argument("--quiet", "-q", action="store_true", help="no progress bar or info lines (errors still shown)")
     seg.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+    from .video.options import add_arguments as add_video_arguments
+    add_video_arguments(seg)
 
     for name, (_, help_text) in _EXTERNAL.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -221,17 +243,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not {"-h", "--help", "--version"} & set(map(str, argv)) and not _environment_ok():
+        return EXIT_USAGE
     if argv and argv[0] in _EXTERNAL:
         return _dispatch_external(argv[0], argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, argparse usage errors
+        if exit_.code == EXIT_USAGE:
+            _hint_dash_names(argv)
         return _exit_code(exit_.code)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     return _run_segment(args)
+
+
+def _hint_dash_names(argv: Sequence[str]) -> None:
+    """After a usage error: an argument that starts with '-' but names a file (``-dash.png``) was
+    taken for an option; say how to pass it."""
+    options = set()
+    for action in build_parser()._actions:  # the top level, then each subcommand's own options
+        options |= set(action.option_strings)
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, argparse.ArgumentParser):
+                options |= {name for each in sub._actions for name in each.option_strings}
+    for arg in argv:
+        arg = str(arg)
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if (len(arg) > 1 and arg.startswith("-") and name not in options and not re.fullmatch(r"-\d.*", arg)
+                and (os.path.lexists(arg) or Path(arg).suffix.lower() in IMAGE_EXTENSIONS or os.sep in arg)):
+            print(f"{_PROG}: hint: {arg!r} starts with '-', so it was read as an option; to pass it as a file "
+                  f"write ./{arg}, or put it at the end after --  (e.g. ... --out DIR -- {arg})", file=sys.stderr)
 
 
 def _exit_code(code) -> int:
@@ -316,7 +362,8 @@ def _check_options(args: argparse.Namespace):
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_environment()
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise UsageError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     return spec, dtype, device
 
 
@@ -361,16 +408,18 @@ def check_model_options(args: argparse.Namespace, error=None):
     return spec, dtype, device
 
 
-def _check_environment() -> None:
-    """Parse the environment variables now: a malformed one is a usage error before any work."""
-    from .checkpoint import trust_checkpoints
-    from .text import cache_enabled, cache_limit_bytes
+def _environment_ok() -> bool:
+    """Every command parses every environment variable first (sed_fast.envvars): a malformed one
+    is one usage error before any work, not a failure of each image later."""
+    from .envvars import EnvError, check_environment
 
-    for read in (trust_checkpoints, cache_enabled, cache_limit_bytes):
-        try:
-            read()
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    try:
+        for warning in check_environment():
+            _warn(warning)
+    except EnvError as error:
+        _error(str(error))
+        return False
+    return True
 
 
 def _load_vocabulary(text: str) -> List[str]:
@@ -407,6 +456,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
     Paths that do not exist and patterns that match no image are kept as missing entries (they are
     reported as failed images). Raises :class:`UsageError` when no existing image is found at all.
     """
+    from .image_files import InputFileError, check_regular_file
+
     inputs: List[_Input] = []
     seen = set()
 
@@ -416,7 +467,17 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
             seen.add(key)
             inputs.append(_Input(path))
 
+    def skip_special(path: Path) -> None:
+        """An image name that is no regular file (a FIFO, a link loop...) is never opened: say so."""
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_file() and not path.is_dir():
+            try:
+                check_regular_file(path)
+            except (InputFileError, OSError) as error:
+                _warn(f"skipping {error}")
+
     def add_folder(folder: Path) -> None:
+        for p in folder.iterdir():
+            skip_special(p)
         found = sorted((p for p in folder.iterdir() if _is_image_file(p)), key=lambda p: p.name)
         videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
         if videos:  # not silently: the user may expect their frames to be segmented
@@ -432,7 +493,11 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
         path = Path(expanded)
         if path.is_dir():
             add_folder(path)
-        elif path.exists():
+        elif os.path.lexists(expanded):  # also a link loop or a link to nothing: said so, not "not found"
+            try:
+                check_regular_file(path)
+            except (InputFileError, OSError) as error:
+                raise UsageError(f"{error}. Nothing was segmented") from None
             add(path)
         elif _GLOB_CHARS.search(expanded):
             matches = [Path(m) for m in sorted(glob.glob(expanded, recursive=True))]
@@ -444,6 +509,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
                 elif _is_image_file(match):
                     add(match)
                     images.append(match)
+                else:
+                    skip_special(match)
             if not images:
                 inputs.append(_Input(path, missing="no image matches this pattern"))
         else:
@@ -496,16 +563,15 @@ def _assign_stems(inputs: List[_Input]) -> None:
         item.stem = candidate
 
 
-def load_image(path: Path):
-    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it:
-    EXIF orientation applied, then ``convert("RGB")`` (gray, RGBA, palette, CMYK alike)."""
-    from PIL import Image, ImageOps
+def load_image(path: Path, max_pixels: Optional[int] = None):
+    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it
+    (:func:`sed_fast.image_files.read_rgb`: regular files only, the pixel limit, EXIF orientation
+    applied, frame 0, wide greyscale that would be clipped refused)."""
+    from PIL import Image
 
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        with warnings.catch_warnings():  # Pillow suggests RGBA for palette images with transparency
-            warnings.simplefilter("ignore", UserWarning)
-            return image.convert("RGB")
+    from .image_files import read_rgb
+
+    return Image.fromarray(read_rgb(path, max_pixels)[0])
 
 
 def _build_model(args, spec, dtype, device, checkpoint_state):
@@ -559,22 +625,32 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
     signals = signals or _Signals()
     run_start = time.perf_counter()
     spec, dtype, device = _check_options(args)
+    from .video.options import image_run_problem, wants_video
+    if wants_video(args):
+        from .video.cli import segment_videos
+        return segment_videos(args, signals)
+    if image_run_problem(args):
+        raise UsageError(image_run_problem(args))
+    if not args.images:
+        raise UsageError("no images given: segment IMAGES... (or video files, a stream URL, --camera N)")
     class_names = _load_vocabulary(args.vocab)
     inputs = collect_images(args.images, quiet=args.quiet)
     out_dir = Path(os.path.expanduser(args.out))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {_describe(error)}") from error
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out} is not a folder")
-    output = _OutputFolder(out_dir)
-    try:
-        output.probe()
-    except OSError as error:
-        raise UsageError(f"--out {args.out}: cannot write in this folder ({_describe(error)}); choose another "
-                         "--out or make it writable") from error
+    from .outdir_lock import OutputDirError, exclusive_output_dir
 
+    with contextlib.ExitStack() as held:
+        try:  # writable, and no other run in it, before the model is built
+            held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} segment --out {args.out}"))
+        except OutputDirError as error:
+            raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+        return _segment_locked(args, signals, spec, dtype, device, class_names, inputs, out_dir, run_start)
+
+
+def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: List[str], inputs: List[_Input],
+                    out_dir: Path, run_start: float) -> int:
+    """``segment`` into ``out_dir``, which this process holds (``run_start``: the command's start,
+    for the total time)."""
+    output = _OutputFolder(out_dir)
     random_weights = args.checkpoint is None
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
@@ -586,6 +662,8 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         "status": "running",
         "exit_code": None,
         "run_id": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "started_at": _now(),
         "finished_at": None,
         "sed_fast_version": __version__,
@@ -615,7 +693,9 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
         path = out_dir / "summary.json"
         # After an image: a write that takes over 10 ms (a summary of thousands of images) is skipped
         # while the previous one is recent relative to its cost: rewriting stays under ~5% of the run.
-        if not force and timing["cost"] > 0.01 and time.perf_counter() - timing["last"] < 20 * timing["cost"]:
+        # (Only past 100 records: a small summary is always rewritten, however busy the machine.)
+        if not force and len(records) > 100 and timing["cost"] > 0.01 and \
+                time.perf_counter() - timing["last"] < 20 * timing["cost"]:
             return path
         with signals.deferred():
             start = time.perf_counter()
@@ -623,6 +703,7 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             timing["last"], timing["cost"] = time.perf_counter(), time.perf_counter() - start
         return path
 
+    save_summary.summary, save_summary.path = summary, out_dir / "summary.json"  # for _save_final
     summary_path = save_summary()  # replaces a previous run's summary before any work
     stale = summary["stale_files"]
     if stale:
@@ -653,6 +734,8 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
                 try:
                     if isinstance(result, BaseException):
                         raise result
+                    if "note" in result["record"]:
+                        _report_note(progress, item, result["record"]["note"])
                     with signals.deferred():  # this image's files and the summary, whole
                         record.update(_write_outputs(output, item, result, args, random_weights))
                         records.append(record)
@@ -679,21 +762,28 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
             progress.close()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
-        save_summary(status="interrupted", exit_code=code, signal=_signal_name(code - 128), finished_at=_now(),
-                     num_not_processed=len(inputs) - len(records))
+        _save_final(save_summary, status="interrupted", exit_code=code, signal=_signal_name(code - 128),
+                    finished_at=_now(), num_not_processed=len(inputs) - len(records))
         raise
     except UsageError as error:
-        save_summary(status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=_now())
         raise
     except Exception as error:
-        save_summary(status="failed", exit_code=EXIT_FAILED, error=f"{type(error).__name__}: {_describe(error)}",
-                     finished_at=_now())
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED,
+                    error=f"{type(error).__name__}: {_describe(error)}", finished_at=_now())
+        raise
+    except BaseException as error:  # SystemExit, GeneratorExit...: the summary does not stay "running"
+        _save_final(save_summary, status="failed", exit_code=EXIT_FAILED, error=type(error).__name__,
+                    finished_at=_now())
         raise
 
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
     seconds = time.perf_counter() - run_start
-    save_summary(status="complete", exit_code=code, finished_at=_now(), seconds_total=round(seconds, 3))
+    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=_now(),
+                       seconds_total=round(seconds, 3)):
+        code = EXIT_FAILED  # the outputs are there, their summary is not
+        _finish_in_place(summary_path, dict(summary, exit_code=code))
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
@@ -726,29 +816,103 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _save_final(save_summary: Callable, **changes) -> bool:
+    """Write the final summary; when that fails (a full disk), overwrite the file in place with a
+    compact one (:func:`_finish_in_place`) and say so rather than raise over the error that stopped
+    the run. Returns whether the full summary was written."""
+    try:
+        save_summary(**changes)
+        return True
+    except OSError as error:
+        summary = save_summary.summary
+        summary["summary_error"] = f"summary.json could not be rewritten in full: {_describe(error)}"
+        written = _finish_in_place(save_summary.path, summary)
+        _warn(f"could not write the final summary.json ({_describe(error)}); "
+              + ("a compact one without the per-image records is in its place" if written else
+                 "it still shows an earlier state"))
+        return False
+
+
+_FINAL_KEYS = ("status", "exit_code", "run_id", "pid", "host", "started_at", "finished_at", "error", "signal",
+               "summary_error", "num_inputs", "num_images", "num_ok", "num_failed", "num_not_processed")
+
+
+def _finish_in_place(path: Path, summary: dict) -> bool:
+    """Overwrite the existing ``path`` in place with ``summary`` less its per-image records (or,
+    if that is longer than the file, its status fields alone): rewriting a file's allocated blocks
+    needs no free space, where the atomic rewrite (a new file) does. Returns whether it was written."""
+    compact = dict({k: v for k, v in summary.items() if k != "images"}, images=None)
+    minimal = dict({k: summary[k] for k in _FINAL_KEYS if k in summary}, images=None)
+    try:
+        with open(path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            for record in (compact, minimal):
+                data = json.dumps(record, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
+                if len(data) <= size:
+                    handle.seek(0)
+                    handle.write(data)
+                    handle.truncate()
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def read_summary(path) -> dict:
+    """A ``summary.json`` (a file or its folder) as written by ``segment``; a summary that still says
+    ``"running"`` although its run has ended (killed, its host lost power) reads as
+    ``"interrupted"`` with ``"exit_code": None`` and a ``"note"``. The run is known to be live when it
+    still holds its output folder's lock, or, without a lock to test, when its PID exists on this host."""
+    from .outdir_lock import holder, pid_alive
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("status") != "running":
+        return summary
+    pid, host = summary.get("pid"), summary.get("host")
+    if pid is None:  # written by an older sed-fast: nothing to check
+        return summary
+    lock = holder(path.parent)
+    if lock is not None and (lock.get("pid"), lock.get("host")) == (pid, host) and lock.get("held") is not None:
+        alive = lock["held"]
+    elif host == socket.gethostname():
+        alive = pid_alive(pid)
+    else:
+        alive = None
+    if alive is False:
+        summary = dict(summary, status="interrupted", exit_code=None,
+                       note=f"the run (PID {summary.get('pid')} on {summary.get('host')}) ended without finishing "
+                            "this summary (killed, or its machine stopped)")
+    return summary
+
+
 def _segment_batch(model, items: List[_Input], class_names: List[str], args, random_weights: bool):
     """Segment a batch of images in one forward (the list API: any sizes); yields (item, result or
     the exception that stopped this image). A failed forward is retried image by image, so that a
     bad image fails alone."""
-    import numpy as np
-    import torch
+    from .image_files import read_rgb
 
     start = time.perf_counter()
-    loaded = []
+    loaded = []  # [item, (H, W, 3) uint8 pixels or None once let go, ImageInfo]
     for item in items:
         if item.missing is not None:
             yield item, FileNotFoundError(item.missing)
             continue
         try:
-            image = load_image(item.path)
+            pixels, image_info = read_rgb(item.path, args.max_pixels)
         except Exception as error:  # noqa: BLE001 - reported as this image's failure
             yield item, error
             continue
-        loaded.append((item, image, torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)))
+        loaded.append([item, pixels, image_info])
+        del pixels
     if not loaded:
         return
     try:
-        predictions = _predict(model, [pixels for _, _, pixels in loaded], args.save_scores)
+        predictions = _predict(model, loaded, args.save_scores)
     except KeyboardInterrupt:
         raise
     except Exception as error:  # noqa: BLE001
@@ -756,40 +920,73 @@ def _segment_batch(model, items: List[_Input], class_names: List[str], args, ran
             yield loaded[0][0], error
             return
         _free_device_memory(error)
-        for item, _, _ in loaded:  # find which image fails
+        items = [item for item, _, _ in loaded]
+        del loaded
+        for item in items:  # find which image fails
             yield from _segment_batch(model, [item], class_names, args, random_weights)
         return
     seconds = (time.perf_counter() - start) / len(loaded)
-    for (item, image, _), (labels, scores) in zip(loaded, predictions):
-        yield item, _result(image, labels.cpu().numpy(), scores, class_names, args, random_weights, seconds)
+    for entry, (labels, scores) in zip(loaded, predictions):
+        item, pixels, image_info = entry
+        entry[1] = None
+        try:
+            if pixels is None:  # let go while the labels were made: read again for the overlay
+                pixels, again = read_rgb(item.path, args.max_pixels)
+                if (again.height, again.width) != (image_info.height, image_info.width):
+                    raise ValueError(f"the file changed while it was segmented ({image_info.width}x"
+                                     f"{image_info.height}, now {again.width}x{again.height})")
+            result = _result(pixels, labels.cpu().numpy(), scores, class_names, args, random_weights, seconds,
+                             image_info)
+        except Exception as error:  # noqa: BLE001 - reported as this image's failure
+            result = error
+        del pixels, labels, scores
+        yield item, result
 
 
-def _predict(model, images, save_scores: bool):
-    """[(labels (H, W), scores (T, H, W) or None)] for a list of (3, H, W) uint8 images: the
-    class map alone (``predict_labels``) unless the scores are to be saved."""
-    images = [image.to(model.device) for image in images]
+#: Images of this many pixels or more are let go while their labels are made and read again for the
+#: overlay: their peak memory stays near 9 bytes per pixel rather than 12.
+_REREAD_PIXELS = 8 << 20
+
+
+def _predict(model, loaded: List[list], save_scores: bool):
+    """[(labels (H, W), scores (T, H, W) or None)] for the loaded images ([item, pixels, info]):
+    the class map alone, in the smallest integer dtype, unless the scores are to be saved. The
+    pixels of large images are dropped from ``loaded`` once the model no longer needs them."""
+    import torch
+
+    images = [torch.from_numpy(pixels).permute(2, 0, 1).to(model.device) for _, pixels, _ in loaded]
     if save_scores:
         return [(scores.argmax(0), scores) for scores in model(images)]
-    return [(labels, None) for labels in model.predict_labels(images)]
+    if not hasattr(model, "decoder_scores"):  # a model with the plain API
+        return [(labels, None) for labels in model.predict_labels(images)]
+    scores, sizes = model.decoder_scores(images)
+    del images
+    for entry in loaded:
+        if entry[1].shape[0] * entry[1].shape[1] >= _REREAD_PIXELS:
+            entry[1] = None
+    return [(labels, None) for labels in model.labels_at_sizes(scores, sizes, label_dtype=None)]
 
 
-def _result(image, labels, scores, class_names: List[str], args, random_weights: bool, seconds: float) -> dict:
-    """What one image's outputs are made of (nothing is written here)."""
+def _result(image, labels, scores, class_names: List[str], args, random_weights: bool, seconds: float,
+            image_info=None) -> dict:
+    """What one image's outputs are made of (nothing is written here). ``image``: (H, W, 3)
+    uint8; ``labels``: (H, W) integer class indices."""
     import numpy as np
     import torch
 
     from .visualize import class_areas, render_overlay
     from .vocabulary import display_name
 
-    labels = labels.astype(np.int64)
     height, width = labels.shape
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16
+    labels = labels.astype(label_dtype, copy=False)
     result = {
         "num_classes": len(class_names),
-        "labels": labels.astype(label_dtype),
+        "labels": labels,
         "overlay": render_overlay(image, labels, class_names, alpha=args.alpha, banner=random_weights),
         "scores": scores.to(torch.float16).cpu().numpy() if scores is not None else None,
     }
+    del image
     areas = class_areas(labels, len(class_names))
     total = max(int(areas.sum()), 1)
     present = sorted((int(i) for i in np.flatnonzero(areas)), key=lambda i: (-int(areas[i]), i))
@@ -800,6 +997,9 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
         "classes": [{"index": i, "name": class_names[i], "display_name": display_name(class_names[i]),
                      "share": round(float(areas[i]) / total, 6)} for i in present],
     }
+    if image_info is not None and image_info.frames > 1:
+        result["record"].update(frame=image_info.frame, num_frames=image_info.frames, note=(
+            f"{image_info.frame_note}: only this frame of the {image_info.format or ''} file is segmented"))
     return result
 
 
@@ -846,6 +1046,15 @@ def _progress(total: int, disable: bool):
         except ImportError:
             pass
     return None
+
+
+def _report_note(progress, item: _Input, message: str) -> None:
+    text = f"{_PROG}: warning: {item.path}: {message}"
+    write = getattr(progress, "write", None)
+    if write is not None:
+        write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
 
 
 def _report_failure(progress, item: _Input, message: str) -> None:

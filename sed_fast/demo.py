@@ -63,13 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=768, metavar="PX",
                         help="encoder input side (official: 768)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress or info lines")
+    parser.add_argument("--ui", action="store_true",
+                        help="serve the browser demo instead (= sed-fast serve; the other options go to it)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import cli
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ui" in argv:
+        from .serve.cli import main as serve
+        return serve([a for a in argv if a != "--ui"])
+    args = build_parser().parse_args(argv)
     out = Path(args.out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)

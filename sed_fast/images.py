@@ -54,6 +54,9 @@ def _channel_hint(shape) -> str:
 def _check_one(image, where: str) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor of shape (3, H, W), got {type(image).__name__}")
+    if image.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device ({image.device}): a tensor with a shape but no data "
+                         "(e.g. made under torch.device('meta')); give the pixels on cpu or cuda")
     if image.dim() != 3:
         raise ValueError(f"{where} must have shape (3, H, W), got {tuple(image.shape)}")
     if image.shape[0] != 3:

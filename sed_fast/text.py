@@ -62,7 +62,7 @@ from torch import nn
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
-from .envvars import cache_root, env_flag, env_number
+from .envvars import cache_root, env_value
 from .files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
@@ -76,8 +76,7 @@ PROMPT_TEMPLATES: Tuple[str, ...] = tuple(template("{}") for template in _OPENAI
 
 Template = Union[str, Callable[[str], str]]
 
-_FORMAT_VERSION = 2  # 2: entries carry the sha256 of the embeddings' bytes
-_DEFAULT_CACHE_MB = 2048
+_FORMAT_VERSION = 3  # 2: entries carry the sha256 of the embeddings' bytes; 3: and the warnings of their making
 _PROGRESS_SECONDS = 10.0  # interval of the progress lines written when no progress bar is shown
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
                     "attn_mask")
@@ -336,13 +335,13 @@ def default_cache_dir() -> Path:
 def cache_enabled(cache: Optional[bool] = True) -> bool:
     """Whether the text cache is used: not when ``cache`` is False or ``SED_FAST_TEXT_CACHE`` is off
     (``0/false/no/off``; a value that is not a boolean word raises ``ValueError``)."""
-    enabled = env_flag("SED_FAST_TEXT_CACHE", True)
+    enabled = env_value("SED_FAST_TEXT_CACHE")
     return enabled and cache is not False
 
 
 def cache_limit_bytes() -> int:
     """The text cache's size cap: ``SED_FAST_TEXT_CACHE_MB`` (a number, default 2048) megabytes, in bytes."""
-    return int(env_number("SED_FAST_TEXT_CACHE_MB", _DEFAULT_CACHE_MB, minimum=0) * (1 << 20))
+    return int(env_value("SED_FAST_TEXT_CACHE_MB") * (1 << 20))
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
@@ -403,7 +402,9 @@ def _payload_digest(embeddings: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, int]) -> Optional[torch.Tensor]:
+def _load_cached(path: Path, key: str, names: Sequence[str],
+                 shape: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, List[str]]]:
+    """(embeddings, the warnings given when they were computed) from a valid entry, else None."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -418,7 +419,9 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
         if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < _FORMAT_VERSION:
             return None  # written by an older version (no checksum): recomputed and replaced, silently
         embeddings = data["embeddings"]
-        valid = (data.get("format") == _FORMAT_VERSION and data.get("key") == key
+        notes = data.get("warnings")
+        valid = (isinstance(notes, list) and all(isinstance(note, str) for note in notes)
+                 and data.get("format") == _FORMAT_VERSION and data.get("key") == key
                  and list(data.get("names", ())) == list(names) and isinstance(embeddings, torch.Tensor)
                  and embeddings.dtype == torch.float32 and embeddings.ndim == 3
                  and tuple(embeddings.shape[:2]) == shape)
@@ -434,13 +437,14 @@ def _load_cached(path: Path, key: str, names: Sequence[str], shape: Tuple[int, i
         os.utime(path)  # a hit makes the entry recently used (eviction is by modification time)
     except OSError:
         pass
-    return embeddings
+    return embeddings, list(notes)
 
 
-def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int) -> None:
+def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int,
+                 notes: Sequence[str] = ()) -> None:
     embeddings = embeddings.detach().cpu().contiguous()
     entry = {"format": _FORMAT_VERSION, "key": key, "names": list(names), "sha256": _payload_digest(embeddings),
-             "embeddings": embeddings}
+             "embeddings": embeddings, "warnings": [str(note) for note in notes]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda handle: torch.save(entry, handle), fsync=True)
@@ -544,8 +548,10 @@ def _class_rows(names: Sequence[str], templates: Sequence[Template]):
     return per_class, list(unique)
 
 
-def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str], tokens: torch.Tensor) -> None:
-    """Refuse classes whose prompts all tokenize identically; warn about prompts cut at the context."""
+def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str],
+                  tokens: torch.Tensor) -> Optional[str]:
+    """Refuse classes whose prompts all tokenize identically; return the warning about prompts cut
+    at the context (None when none is cut)."""
     groups: Dict[bytes, List[int]] = {}
     for index, (rows, synonyms) in enumerate(per_class):
         signature = tokens[torch.as_tensor(rows)].numpy().tobytes() + synonyms.to_bytes(4, "little")
@@ -560,7 +566,7 @@ def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str]
             "would give identical output channels: remove or reword the duplicates")
     eot = getattr(tokenizer, "eot_token_id", None)
     if eot is None:  # not open_clip's tokenizer: no reliable way to see truncation
-        return
+        return None
     full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
     encode = getattr(tokenizer, "encode", None)
     if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
@@ -572,9 +578,10 @@ def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str]
         classes = sorted({i for i, (rows, _) in enumerate(per_class) if set(rows) & set(full)})
         shown = ", ".join(f"{names[i]!r} (index {i})" for i in classes[:5])
         more = f" ... and {len(classes) - 5} more" if len(classes) > 5 else ""
-        warnings.warn(f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
-                      f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
-                      "Shorten those class names", TruncatedPromptWarning, stacklevel=3)
+        return (f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
+                f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
+                "Shorten those class names")
+    return None
 
 
 def check_tokenized_duplicates(tokenizer, names: Sequence[str],
@@ -584,7 +591,9 @@ def check_tokenized_duplicates(tokenizer, names: Sequence[str],
     indices; warn (:class:`TruncatedPromptWarning`) about prompts cut at the context length."""
     names = list(names)
     per_class, prompts = _class_rows(names, tuple(templates))
-    _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
+    message = _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
+    if message:
+        warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
 
 
 def _encode_batches(tower: "_TextTower", tokens: torch.Tensor, per_class, num_templates: int, batch_size: int,
@@ -678,12 +687,18 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
             default_cache_dir() / f"{key}.pt"
         cached = _load_cached(path, key, names, (len(names), len(templates)))
         if cached is not None:
-            return cached.to(device)
+            embeddings, notes = cached
+            for message in notes:  # kept with the entry: a cache hit warns as the computation did
+                warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
+            return embeddings.to(device)
 
     # All prompts, each distinct string encoded once.
     per_class, prompts = _class_rows(names, templates)
     tokens = _tokenize(tokenizer, prompts)
-    _check_tokens(tokenizer, names, per_class, prompts, tokens)
+    message = _check_tokens(tokenizer, names, per_class, prompts, tokens)
+    notes = [message] if message else []
+    for note in notes:
+        warnings.warn(note, TruncatedPromptWarning, stacklevel=2)
     batches = (len(prompts) + batch_size - 1) // batch_size
     bar = _progress_bar(progress, batches, len(prompts))
     log = _ProgressLog(bar is None and progress is not False, len(prompts), len(names), announce=batches > 3)
@@ -714,5 +729,5 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
                 class_embeddings = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
             result[index] = class_embeddings
     if path is not None:
-        _save_cached(path, key, names, result, limit)
+        _save_cached(path, key, names, result, limit, notes)
     return result.to(device)

@@ -76,6 +76,9 @@ def label_image(scores) -> np.ndarray:
     return scores.argmax(axis=0).astype(np.int64)
 
 
+_BAND_PIXELS = 1 << 20  # pixels processed at a time: no full-size temporaries for large images
+
+
 def label_map_image(labels: np.ndarray, num_classes: int, colours: Optional[np.ndarray] = None) -> Image.Image:
     """A label map (H, W) as the image to save as PNG: for up to 256 classes a palette image
     (mode ``P``) whose pixel values are the class indices, unchanged, shown in the class colours
@@ -88,7 +91,7 @@ def label_map_image(labels: np.ndarray, num_classes: int, colours: Optional[np.n
         raise ValueError(f"labels must be class indices in 0..{num_classes - 1}")
     if num_classes > 256:
         return Image.fromarray(labels.astype(np.uint16))
-    image = Image.fromarray(labels.astype(np.uint8))  # "L"; putpalette makes it "P", values unchanged
+    image = Image.fromarray(labels.astype(np.uint8, copy=False))  # "L"; putpalette makes it "P", values unchanged
     table = np.zeros((256, 3), dtype=np.uint8)
     table[:num_classes] = palette(num_classes) if colours is None else np.asarray(colours, dtype=np.uint8)[:num_classes]
     image.putpalette(table.ravel().tolist())
@@ -97,8 +100,12 @@ def label_map_image(labels: np.ndarray, num_classes: int, colours: Optional[np.n
 
 def class_areas(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixel count of each class in a label map: (num_classes,) int64."""
-    labels = np.asarray(labels)
-    return np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+    flat = np.asarray(labels).reshape(-1)
+    areas = np.zeros(max(num_classes, 0), dtype=np.int64)
+    for start in range(0, flat.size, _BAND_PIXELS):  # bincount copies its input to int64: a band at a time
+        counts = np.bincount(flat[start:start + _BAND_PIXELS].astype(np.int64), minlength=num_classes)
+        areas += counts[:num_classes]
+    return areas
 
 
 def colorize(labels: np.ndarray, colours: Optional[np.ndarray] = None) -> Image.Image:
@@ -127,15 +134,60 @@ def _as_rgb_image(image) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
-def overlay(image, labels: np.ndarray, alpha: float = 0.5, colours: Optional[np.ndarray] = None) -> Image.Image:
-    """The image blended with its class colours: ``(1 - alpha) * image + alpha * colour``."""
+def _image_size(image) -> Tuple[int, int]:
+    """(height, width) of a PIL image, an (H, W, 3) or a (3, H, W) array."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    shape = np.shape(image)
+    if len(shape) == 3 and shape[0] == 3 and shape[-1] != 3:
+        return shape[1], shape[2]
+    if len(shape) != 3 or shape[-1] != 3:
+        raise ValueError(f"image must be a PIL image or an (H, W, 3) array, got shape {shape}")
+    return shape[0], shape[1]
+
+
+def _image_band(image, top: int, bottom: int) -> Image.Image:
+    """Rows ``top:bottom`` of the image as an RGB PIL image (only that band is copied)."""
+    if isinstance(image, Image.Image):
+        return _as_rgb_image(image.crop((0, top, image.width, bottom)))
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        return _as_rgb_image(array[:, top:bottom])
+    band = array[top:bottom]
+    return Image.fromarray(np.ascontiguousarray(band)) if band.dtype == np.uint8 else _as_rgb_image(band)
+
+
+def _blend_into(canvas: Image.Image, origin: Tuple[int, int], image, labels, alpha: float,
+                colours: Optional[np.ndarray]) -> None:
+    """Paste ``overlay(image, labels)`` into ``canvas`` at ``origin``, a band of rows at a time."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    image = _as_rgb_image(image)
-    mask = colorize(labels, colours)
-    if mask.size != image.size:
-        raise ValueError(f"labels are {mask.size[1]}x{mask.size[0]} but the image is {image.size[1]}x{image.size[0]}")
-    return Image.blend(image, mask, alpha)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must have shape (H, W), got {labels.shape}")
+    height, width = _image_size(image)
+    if labels.shape != (height, width):
+        raise ValueError(f"labels are {labels.shape[0]}x{labels.shape[1]} but the image is {height}x{width}")
+    if colours is None and labels.size:
+        if labels.min() < 0:
+            raise ValueError("labels must be >= 0")
+        colours = palette(int(labels.max()) + 1)  # once, not per band
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = Image.blend(_image_band(image, top, bottom), colorize(labels[top:bottom], colours), alpha)
+        canvas.paste(band, (origin[0], origin[1] + top))
+
+
+def overlay(image, labels: np.ndarray, alpha: float = 0.5, colours: Optional[np.ndarray] = None) -> Image.Image:
+    """The image blended with its class colours: ``(1 - alpha) * image + alpha * colour``
+    (Pillow's ``Image.blend``), computed a band of rows at a time."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    height, width = _image_size(image)
+    canvas = Image.new("RGB", (width, height))
+    _blend_into(canvas, (0, 0), image, labels, alpha, colours)
+    return canvas
 
 
 # -- text -------------------------------------------------------------------------------------------
@@ -282,27 +334,32 @@ def render_overlay(image, labels: np.ndarray, class_names: Sequence[str], *, alp
 
     ``class_names`` are shown by their display name (first synonym) unless ``display_names=False``.
     """
-    blended = overlay(image, labels, alpha, colours)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    height, width = _image_size(image)
+    labels = np.asarray(labels)
+    if labels.shape != (height, width):
+        raise ValueError(f"labels are {'x'.join(map(str, labels.shape))} but the image is {height}x{width}")
     if display_names:
         from .vocabulary import display_name
         shown_names = [display_name(name) for name in class_names]
     else:
         shown_names = list(class_names)
     entries = legend_entries(labels, shown_names, colours)
-    font_size = _font_size_for(max(blended.height, 200))
+    font_size = _font_size_for(max(height, 200))
     if max_items is None:
         row = _line_height(_font(font_size)) + max(2, font_size // 4)
-        max_items = int(min(40, max(10, blended.height // max(row, 1))))
+        max_items = int(min(40, max(10, height // max(row, 1))))
     legend = draw_legend([(name, colour, share) for _, name, colour, share in entries], max_items=max_items,
-                         font_size=font_size, min_height=blended.height)
-    width = blended.width + legend.width
+                         font_size=font_size, min_height=height)
+    total_width = width + legend.width
     strip = None
     if banner:
-        strip = draw_banner(width, RANDOM_WEIGHTS_BANNER if banner is True else list(banner), font_size)
+        strip = draw_banner(total_width, RANDOM_WEIGHTS_BANNER if banner is True else list(banner), font_size)
     top = strip.height if strip is not None else 0
-    canvas = Image.new("RGB", (width, top + max(blended.height, legend.height)), _LEGEND_BACKGROUND)
+    canvas = Image.new("RGB", (total_width, top + max(height, legend.height)), _LEGEND_BACKGROUND)
     if strip is not None:
         canvas.paste(strip, (0, 0))
-    canvas.paste(blended, (0, top))
-    canvas.paste(legend, (blended.width, top))
+    _blend_into(canvas, (0, top), image, labels, alpha, colours)  # straight into the canvas: no full-size copy
+    canvas.paste(legend, (width, top))
     return canvas

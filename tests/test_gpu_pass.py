@@ -25,10 +25,10 @@ def test_gpu_pass_dry_run(call, tmp_path):
     assert run.returncode == 0, f"{status}\n{log[-6000:]}"
     assert "FAILED" not in status and "TIMED OUT" not in status, status
     assert json.loads((tmp_path / "env.json").read_text())["device"]
-    expected = {"1": ["e2e reference fp32", "e2e reference fp32 tf32", "e2e reference bf16 autocast",
+    expected = {"1": ["doctor", "e2e reference fp32", "e2e reference fp32 tf32", "e2e reference bf16 autocast",
                       "pytest cuda", "e2e fast fp32+bf16", "e2e fast bf16 cer8 kept32", "report"],
-                "2": ["kernels", "resize vs PIL", "e2e reference torch.compile", "e2e batch 8", "e2e SED-L",
-                      "report"]}[call]
+                "2": ["kernels", "resize vs PIL", "e2e reference torch.compile", "e2e batch 8",
+                      "e2e SED-L", "video throughput", "train step", "report"]}[call]
     for step in expected:
         assert f"{step}: ok" in status, (step, status)
     assert len(list(tmp_path.iterdir())) <= 8 + 1, sorted(p.name for p in tmp_path.iterdir())  # + the cache

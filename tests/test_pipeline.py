@@ -148,3 +148,40 @@ def test_when_pixel_values_are_checked(models, monkeypatch):
         assert fast(bad).shape == (1, len(VOCAB), 40, 40)
     finally:
         fast.validate_inputs = True
+
+
+@pytest.mark.parametrize("classes, size, chunk", [(3, (37, 29), 10 ** 9), (7, (37, 29), 1), (5, (40, 33), 2),
+                                                  (300, (9, 11), 10 ** 9), (300, (9, 11), 7)])
+def test_labels_from_scores_compact_dtype_and_bands(classes, size, chunk, monkeypatch):
+    """Labels in the smallest dtype until int64 is asked for; one class plane at a time with band-wise
+    comparisons (as for a large image) gives exactly the argmax of F.interpolate."""
+    import sed_fast.models.sed as sed
+
+    torch.manual_seed(classes)
+    scores = torch.rand(classes, 12, 10)
+    scores[classes - 1] = scores[0]  # an exact tie across chunks: class 0 must win
+    monkeypatch.setattr(sed, "_LABEL_BAND_ELEMENTS", 64)  # several bands per plane
+    for large in (False, True):
+        # What the chunks hold: on CPU, F.interpolate of one channel may differ by an ulp from the same
+        # channel interpolated together with others (its vectorised paths differ), as chunking always did.
+        step = 1 if large else min(classes, chunk)
+        full = torch.cat([F.interpolate(scores[None, c:c + step], size=size, mode="bilinear", align_corners=False)[0]
+                          for c in range(0, classes, step)])
+        monkeypatch.setattr(sed, "LARGE_LABEL_PIXELS", 1 if large else 8 << 20)
+        labels, best = labels_from_scores(scores, size, chunk_bytes=chunk * size[0] * size[1] * 4, label_dtype=None)
+        assert labels.dtype == (torch.uint8 if classes <= 256 else torch.int16)
+        assert torch.equal(labels.long(), full.argmax(0)) and torch.equal(best, full.max(0).values)
+        wide, _ = labels_from_scores(scores, size, chunk_bytes=chunk * size[0] * size[1] * 4)
+        assert wide.dtype == torch.int64 and torch.equal(wide, full.argmax(0))
+
+
+def test_predict_labels_compact_dtype(models):
+    model = models["reference"]
+    image = _raw(41, 77, 4)
+    labels = model.predict_labels([image], label_dtype=None)[0]
+    assert labels.dtype == torch.uint8 and torch.equal(labels.long(), model.predict_labels([image])[0])
+
+
+def test_meta_tensor_is_refused_naming_the_device(models):
+    with pytest.raises(ValueError, match="meta device"):
+        models["reference"](torch.empty(3, 40, 40, device="meta"))

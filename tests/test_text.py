@@ -456,3 +456,22 @@ def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_pat
     assert torch.equal(again, first)
     assert torch.load(path, weights_only=True)["format"] == text_mod._FORMAT_VERSION
     assert not stale.exists()
+
+
+def test_truncation_warning_is_kept_with_the_cache_entry(clip_model, tokenizer, tmp_path, monkeypatch):
+    long_name = "a " + "very " * 80 + "long name"
+    args = dict(templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path, progress=False)
+    with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as computed:
+        first = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
+    with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as cached:
+        again = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)  # a cache hit
+    assert torch.equal(first, again)
+    assert [str(w.message) for w in computed] == [str(w.message) for w in cached]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", text_mod.TruncatedPromptWarning)
+        monkeypatch.undo()
+        encode_vocabulary(clip_model, tokenizer, ["cat"], **args)
+        monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
+        encode_vocabulary(clip_model, tokenizer, ["cat"], **args)  # hit: no warning either

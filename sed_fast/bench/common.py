@@ -37,6 +37,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from ..envvars import env_value
+
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for the git commit of a result
 #: Where results go when no folder is named: in the working directory, never inside the package
 #: (the committed GPU results live in the repository's benchmarks/results/).
@@ -73,7 +75,7 @@ def parse_list(text: Optional[str], convert=str) -> list:
 
 def results_dir(path: Optional[Union[str, os.PathLike]] = None) -> Path:
     """The results folder: ``path``, else ``$SED_FAST_RESULTS_DIR``, else ``./sed_fast_results``."""
-    chosen = Path(path) if path else Path(os.environ.get("SED_FAST_RESULTS_DIR") or DEFAULT_RESULTS_DIR)
+    chosen = Path(path) if path else (env_value("SED_FAST_RESULTS_DIR") or Path(DEFAULT_RESULTS_DIR))
     chosen.mkdir(parents=True, exist_ok=True)
     return chosen
 

@@ -271,6 +271,17 @@ def _cost_map_case(classes: int, dim: int, variant: str) -> Case:
     return Case(f"cost_map SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
 
 
+def _cost_map_backward_case(classes: int, dim: int, variant: str) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.cost_map_backward import cost_map_backward_triton
+        img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
+        text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
+        grad = torch.empty((classes, PROMPTS, COST_SIZE, COST_SIZE), dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        cost_map_backward_triton(grad, img, text, True, True, True)
+    return Case(f"cost_map backward SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
+
+
 def _dwconv_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_triton
@@ -281,6 +292,17 @@ def _dwconv_case(classes: int, channels: int, side: int) -> Case:
     return Case(f"dwconv_layernorm N={classes} C={channels} {side}x{side}", launch)
 
 
+def _dwconv_backward_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.dwconv_layernorm_backward import dwconv_layernorm_backward_triton
+        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
+        vector = torch.empty((channels,), dtype=dtype)
+        grad = torch.empty((classes, side, side, channels), dtype=dtype)
+        dwconv_layernorm_backward_triton(grad, x, weight, vector, vector, vector, 1e-6)
+    return Case(f"dwconv_layernorm backward N={classes} C={channels} {side}x{side}", launch)
+
+
 def _class_attention_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.class_attention import class_attention_triton
@@ -289,6 +311,17 @@ def _class_attention_case(classes: int, channels: int, side: int) -> Case:
         offsets = torch.tensor([0, classes], dtype=torch.int32)
         class_attention_triton(q, k, v, offsets, num_heads=4, eps=1e-6)
     return Case(f"class_attention T={classes} P={side * side} C={channels}", launch)
+
+
+def _class_attention_backward_case(classes: int, channels: int, side: int) -> Case:
+    def launch(dtype):
+        from sed_fast.kernels.class_attention_backward import class_attention_backward_triton
+        qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)
+        q, k, v = qkv.split(channels, dim=-1)
+        grad = torch.empty((classes, side * side, channels), dtype=dtype)
+        offsets = torch.tensor([0, classes], dtype=torch.int32)
+        class_attention_backward_triton(grad, q, k, v, offsets, num_heads=4, eps=1e-6)
+    return Case(f"class_attention backward T={classes} P={side * side} C={channels}", launch)
 
 
 def _rejection_case(classes: int, side: int) -> Case:
@@ -324,8 +357,11 @@ def build_cases(classes: Sequence[int], variants: Sequence[str]) -> List[Case]:
                          _pil_resize_case(3000, 1000, 1920, 640, horizontal_first=False)]
     for t in classes:
         cases += [_cost_map_case(t, VARIANT_DIMS[v], v) for v in variants]
+        cases += [_cost_map_backward_case(t, VARIANT_DIMS[v], v) for v in variants]
         for channels, side in LEVELS:
-            cases += [_dwconv_case(t, channels, side), _class_attention_case(t, channels, side),
+            cases += [_dwconv_case(t, channels, side), _dwconv_backward_case(t, channels, side),
+                      _class_attention_case(t, channels, side),
+                      _class_attention_backward_case(t, channels, side),
                       _rejection_case(t, side), _gather_case(t, channels, side)]
     return cases
 

@@ -38,6 +38,13 @@ Bytes and FLOPs (the cost models; es = bytes per element):
 * topk_union_reject: bytes es*B*T*h*w + 5*B*T + 4*(B+1); no FLOPs (comparisons).
 * gather_rows: bytes 2*kept*C*H*W*es; no FLOPs.
 
+Training (``--ops cost_map_backward,dwconv_layernorm_backward,class_attention_backward``, not in
+the default set): each op's forward and backward together, at the same shapes, against the
+official formulation's forward and autograd backward; the cost map differentiates the image side
+only (training freezes the text). The output checked is every gradient; bytes and FLOPs are
+nominal: the forward's x 2 for the cost map (one backward matmul), x 3 for the others (input and
+parameter gradients).
+
 Achieved rates are these bytes / time and FLOPs / time; "% peak" divides by the datasheet peaks
 of the device model (``sed_fast.bench.common.DATASHEET_PEAKS``: DRAM bandwidth, dense FLOP/s of the
 dtype; the bytes are the least a kernel must move and CUDA timing flushes the L2 cache between
@@ -60,6 +67,7 @@ import torch.nn.functional as F
 from . import common
 
 OPS = ("cost_map", "dwconv_layernorm", "class_attention", "topk_union_reject", "gather_rows")
+BACKWARD_OPS = ("cost_map_backward", "dwconv_layernorm_backward", "class_attention_backward")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 # SED-B at a 768x768 input: cost map 24x24, D = 640, P = 80 prompts, decoder levels.
@@ -219,11 +227,73 @@ def gather_case(classes: int, channels: int, size: int, kept: int) -> Case:
                 op_args=lambda x: (x["x"], x["idx"], kept))
 
 
+def _leaves(x: Dict[str, object], names: Sequence[str]) -> List[torch.Tensor]:
+    return [x[name].detach().requires_grad_() for name in names]
+
+
+def _grad_diff(ref, out) -> float:
+    return max(_diff(a, b) for a, b in zip(ref, out))
+
+
+def _grad_scale(ref) -> float:
+    return max(_max_abs_scale(g) for g in ref)
+
+
+def backward_case(forward: Case) -> Case:
+    """``forward``'s op trained: forward + backward of the op against the official forward +
+    autograd, every gradient compared (see the module docstring)."""
+    names = {"cost_map": ("img",), "dwconv_layernorm": ("x", "w", "b", "ln_w", "ln_b"),
+             "class_attention": ("qkv",)}[forward.op]
+    attention = forward.op == "class_attention"
+
+    def make(device, dtype):
+        x = forward.make(device, dtype)
+        if attention:  # the leaf is the fused projection q, k and v are views of
+            x["qkv"] = torch.cat([x["q"], x["k"], x["v"]], -1)
+            shape = x["q"].shape
+        else:
+            with torch.no_grad():
+                shape = forward.official(x).shape
+        x["grad_out"] = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+        return x
+
+    def official(x):
+        leaves = _leaves(x, names)
+        y = dict(x, **dict(zip(names, leaves)))
+        grad_out = x["grad_out"]
+        if attention:  # the official layout: (P, T, heads, d)
+            heads, channels = forward.params["heads"], forward.params["C"]
+            pixels, classes = forward.params["P"], forward.params["T"]
+
+            def official_layout(t):
+                return t.transpose(0, 1).reshape(pixels, classes, heads, channels // heads)
+
+            y["q_o"], y["k_o"], y["v_o"] = (official_layout(t) for t in leaves[0].split(channels, dim=-1))
+            grad_out = official_layout(grad_out)
+        return torch.autograd.grad(forward.official(y), leaves, grad_out)
+
+    def fast(kernels, x):
+        leaves = _leaves(x, names)
+        y = dict(x, **dict(zip(names, leaves)))
+        if attention:
+            y["q"], y["k"], y["v"] = leaves[0].split(forward.params["C"], dim=-1)
+        if forward.op == "dwconv_layernorm":
+            y["x_cl"] = leaves[0].contiguous(memory_format=torch.channels_last)
+        return torch.autograd.grad(forward.fast(kernels, y), leaves, x["grad_out"])
+
+    factor = 2 if forward.op == "cost_map" else 3
+    return Case(f"{forward.op}_backward", forward.shape + " fwd+bwd", forward.classes, make, official, fast,
+                _grad_diff, _grad_scale, bytes=lambda es: factor * forward.bytes(es),
+                flops=None if forward.flops is None else factor * forward.flops, params=forward.params)
+
+
 def build_cases(ops: Sequence[str], classes: Sequence[int], spec: Dict[str, object]) -> List[Case]:
     cases: List[Case] = []
     for t in classes:
         for op in ops:
-            if op == "cost_map":
+            if op in BACKWARD_OPS:
+                cases += [backward_case(case) for case in build_cases([op[:-len("_backward")]], [t], spec)]
+            elif op == "cost_map":
                 cases.append(cost_map_case(t, spec["dim"], spec["prompts"], spec["size"]))
             elif op == "dwconv_layernorm":
                 cases += [dwconv_case(t, c, s) for c, s in spec["levels"]]
@@ -234,7 +304,7 @@ def build_cases(ops: Sequence[str], classes: Sequence[int], spec: Dict[str, obje
             elif op == "gather_rows":
                 cases += [gather_case(t, c, s, spec["kept"]) for c, s in spec["levels"]]
             else:
-                raise ValueError(f"unknown op {op!r}; expected some of {', '.join(OPS)}")
+                raise ValueError(f"unknown op {op!r}; expected some of {', '.join(OPS + BACKWARD_OPS)}")
     return cases
 
 

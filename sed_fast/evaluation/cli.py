@@ -5,14 +5,19 @@
     torchrun --nproc-per-node 8 -m sed_fast eval pc459 --checkpoint ... --out eval/pc459
 
 Exit codes: 0 evaluated; 1 the evaluation failed (no labelled pixel at all, an unexpected error);
-2 bad input: a usage error (bad option, missing dataset folder, unusable resume file: nothing was
+2 bad input: a usage error (bad option, missing dataset folder, unusable resume file, an --out that
+cannot be written or lacks the space for the state, an --out another run is using: nothing was
 evaluated) or a file of the dataset that cannot be used (an unreadable image or label map, invalid
 label values: the message says which fix applies); 130 interrupted (what was finished is saved:
 rerun with --resume).
+
+Rank 0 holds ``--out`` for the whole run (:func:`sed_fast.outdir_lock.exclusive_output_dir`): a
+second evaluation into the same folder stops at once, naming the PID of the first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -293,8 +298,7 @@ def _settings(args, dataset, spec, device) -> dict:
     # an "invalid label" error (not finished yet) does not block the resume.
     stems = [sample.stem for sample in dataset.samples]
     if args.checkpoint is not None:
-        path = Path(os.path.expanduser(args.checkpoint)).resolve()
-        weights = f"{path} ({path.stat().st_size} bytes, modified {int(path.stat().st_mtime)})"
+        weights = f"sha256 {_checkpoint_sha256(args.checkpoint)}"
     else:
         weights = f"random (seed {args.seed})"
     return {"dataset": dataset.spec.name, "images": f"{len(stems)} images, stems sha1 {_fingerprint(stems)[:16]}",
@@ -308,8 +312,25 @@ def _settings(args, dataset, spec, device) -> dict:
             **({"label_palette": dataset.palette.fingerprint()} if getattr(dataset, "palette", None) else {})}
 
 
+def _checkpoint_sha256(path_text: str) -> str:
+    from ..checkpoint import checkpoint_sha256
+
+    try:
+        return checkpoint_sha256(os.path.expanduser(path_text))
+    except OSError as error:
+        raise UsageError(f"cannot read the checkpoint {path_text}: {error.strerror or error}") from error
+
+
+def _needed_bytes(num_classes: int, models: int) -> int:
+    """Free space the outputs need: per model the state's matrix, confusion.npy and a temporary copy
+    of each while it replaces the previous one; the reports (~2 KiB per class) and the plot."""
+    matrix = 8 * (num_classes + 1) ** 2
+    return models * 4 * matrix + 2048 * num_classes + (1 << 20)
+
+
 # -- model ---------------------------------------------------------------------------------------
-def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -> Dict[str, object]:
+def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
+                  settings_weights: str = "") -> Dict[str, object]:
 
     import sed_fast.api as api
     from ..checkpoint import CheckpointError
@@ -321,6 +342,12 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info) -
             state_dict = _read_checkpoint(args.checkpoint)
         except SegmentUsageError as error:
             raise UsageError(str(error)) from error
+        # The settings (and a resumed state) name the weights by the file's sha256, taken before
+        # the model was built: the file read must still be that one (cached unless cheap to hash).
+        read, named = _checkpoint_sha256(args.checkpoint), settings_weights.split(" ", 1)[-1]
+        if settings_weights.startswith("sha256 ") and read != named:
+            raise UsageError(f"the checkpoint {args.checkpoint} changed while the evaluation started (sha256 "
+                             f"{named} when the settings were taken, {read} when it was read): rerun")
 
     def build(impl: str):
         with warnings.catch_warnings():
@@ -372,6 +399,7 @@ def _run(args) -> int:
     dataset = _load_dataset(args)
     out_dir = Path(os.path.expanduser(args.out))
     ctx = distributed.setup(device_type)
+    held = contextlib.ExitStack()  # rank 0's lock on --out, for the whole run
     try:
         device = _device(args, device_type, ctx)
         quiet = args.quiet or not ctx.is_main
@@ -396,6 +424,7 @@ def _run(args) -> int:
         state, decision = None, None
         if ctx.is_main:
             try:
+                _hold_output(held, args, out_dir, dataset, note)
                 state = _prepare_state(args, out_dir, state_file, settings, dataset, state_mod, runner, note)
                 decision = ("ok", list(state.finished))
             except (UsageError, state_mod.StateError) as error:
@@ -413,7 +442,7 @@ def _run(args) -> int:
         # before the models: their set-up waits for every process, so no rank writes while rank 0 clears
         sink = _prediction_writer(args, out_dir, dataset, ["fast", "reference"] if args.compare else [args.impl],
                                   clear=ctx.is_main and not state.finished) if args.save_predictions else None
-        models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info)
+        models = _build_models(args, spec, dtype, device, dataset.vocabulary, ctx, info, settings["weights"])
         if ctx.is_main:
             for name in models:
                 fresh = runner.new_state(settings, [name], dataset.num_classes)
@@ -437,6 +466,7 @@ def _run(args) -> int:
                                                        "legacy_miou", "data_root")}
         config.update(random_weights=args.checkpoint is None, world_size=ctx.world_size,
                       checkpoint=str(Path(os.path.expanduser(args.checkpoint)).resolve()) if args.checkpoint else None,
+                      checkpoint_sha256=settings["weights"].split(" ", 1)[-1] if args.checkpoint else None,
                       official_resolution=args.resolution == 768, settings=settings,
                       preprocess=getattr(next(iter(models.values())), "preprocess", None),
                       label_palette=dataset.palette.source if dataset.palette is not None else None,
@@ -491,7 +521,24 @@ def _run(args) -> int:
             return EXIT_FAILED
         return EXIT_OK
     finally:
+        held.close()
         ctx.close()
+
+
+def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, dataset, note) -> None:
+    """Rank 0: take --out for this run (writable, space for the state, no other run in it)."""
+    from ..outdir_lock import OutputDirError, exclusive_output_dir
+
+    models = 2 if args.compare else 1
+    try:
+        command = f"{_PROG} {args.dataset or 'custom dataset ' + str(args.images)} --out {args.out}"
+        lock = held.enter_context(exclusive_output_dir(out_dir, command,
+                                                       need_bytes=_needed_bytes(dataset.num_classes, models)))
+    except OutputDirError as error:
+        raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+    if lock.previous:
+        note(f"took over the lock of {out_dir} left by PID {lock.previous.get('pid')} on "
+             f"{lock.previous.get('host')}, which is no longer running")
 
 
 PREDICTIONS_DIR = "predictions"
@@ -538,7 +585,8 @@ def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, datase
     model_names = ["fast", "reference"] if args.compare else [args.impl]
     if state_file.exists() and args.resume:
         state = state_mod.load_state(state_file)
-        state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file)
+        state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file,
+                                  names=_names(dataset))
         note(f"resuming: {len(state.finished)} of {len(dataset.samples)} images already evaluated ({state_file})")
         return state
     if state_file.exists() and not args.overwrite:
@@ -550,4 +598,9 @@ def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, datase
         if (out_dir / stale).exists():
             (out_dir / stale).unlink()
     state = runner.new_state(settings, model_names, dataset.num_classes)
+    state.names = _names(dataset)
     return state
+
+
+def _names(dataset) -> Dict[str, List[str]]:
+    return {"vocabulary": list(dataset.vocabulary), "class_names": list(dataset.class_names)}

@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..image_files import InputFileError, apply_exif_orientation, check_regular_file, open_image, read_rgb
+
 __all__ = ["DatasetSpec", "DATASETS", "EvalDataset", "DatasetError", "Sample", "default_data_root",
            "resolve_dataset", "custom_dataset", "pair_by_stem", "read_image", "read_label", "collate"]
 
@@ -147,8 +149,19 @@ def _list_files(folder: Path, extensions: Tuple[str, ...], what: str) -> Dict[st
     found: Dict[str, Path] = {}
     for entry in os.scandir(folder):
         suffix = os.path.splitext(entry.name)[1].lower()
-        if suffix not in extensions or not entry.is_file():
+        if suffix not in extensions:
             continue
+        try:
+            kind_ok, folder_entry = entry.is_file(), entry.is_dir()
+        except OSError:  # e.g. a loop of symbolic links
+            kind_ok, folder_entry = False, False
+        if folder_entry:
+            continue
+        if not kind_ok:  # a FIFO would hang a loader worker; a link loop or to nothing is an error
+            try:
+                check_regular_file(entry.path, what)
+            except (InputFileError, OSError) as error:
+                raise DatasetError(f"{error} (in the {what} folder {folder})") from None
         stem = os.path.splitext(entry.name)[0]
         if stem in found:
             raise DatasetError(f"two {what} files with the stem {stem!r} in {folder}: {found[stem].name} and "
@@ -218,29 +231,15 @@ def custom_dataset(images: Union[str, os.PathLike], labels: Union[str, os.PathLi
 
 
 # -- reading -----------------------------------------------------------------------------------
-_EXIF_ORIENTATION = 0x0112
-
 
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """An image as detectron2's ``read_image(path, "RGB")``: (H, W, 3) uint8, EXIF orientation applied."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = _apply_exif_orientation(image)
-        return np.asarray(image.convert("RGB"))
+    """An image as detectron2's ``read_image(path, "RGB")``: (H, W, 3) uint8, EXIF orientation
+    applied (:func:`sed_fast.image_files.read_rgb`: regular files only, the pixel limit, wide
+    greyscale that detectron2 would clip refused)."""
+    return read_rgb(path)[0]
 
 
-def _apply_exif_orientation(image):
-    """detectron2's ``_apply_exif_orientation`` (``detectron2/data/detection_utils.py``)."""
-    from PIL import Image
-
-    try:
-        exif = image.getexif()
-    except Exception:  # noqa: BLE001 - detectron2 treats unreadable EXIF as none
-        return image
-    method = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
-              6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}.get(exif.get(_EXIF_ORIENTATION))
-    return image.transpose(method) if method is not None else image
+_apply_exif_orientation = apply_exif_orientation
 
 
 _INDEX_MODES = ("L", "P", "I;16", "I;16B", "I;16L", "I", "1")
@@ -249,14 +248,13 @@ _COLOUR_MODES = ("RGB", "RGBA", "P")
 
 def read_label(path: Union[str, os.PathLike], palette=None, ignore_label: Optional[int] = None,
                invalid: str = "error") -> np.ndarray:
-    """A label map as detectron2's evaluator reads it: ``np.array(Image.open(f), dtype=int)``.
+    """A label map as detectron2's evaluator reads it: ``np.array(Image.open(f), dtype=int)`` (a
+    regular file, within the pixel limit).
 
     With ``palette`` (:class:`sed_fast.evaluation.palette.Palette`), colour label maps (RGB, RGBA,
     palette-mode) are read by colour: class index, ``ignore_label``, or -1 for a colour the
     palette lacks (an error naming it unless ``invalid="ignore"``)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
+    with open_image(path, what="label map") as image:
         if palette is not None and image.mode in _COLOUR_MODES:
             rgb = np.asarray(image.convert("RGB"))
             return palette.apply(rgb, ignore_label, invalid, where=str(path))

@@ -7,9 +7,15 @@
 * ``results.md``: the summary and the per-class table (worst classes first);
 * ``confusion.npy`` (``confusion_<model>.npy`` when comparing): the (N+1) x (N+1) int64 matrix;
 * ``per_class_iou.png``: per-class IoU bars, sorted (needs matplotlib; skipped with a message if absent).
+
+The set is written all or nothing (:func:`sed_fast.files.atomic_write_set`): on a full disk the
+previous set stays as it was. ``results.json`` is renamed into place last and lists the sha256 of
+every other file of its set (``"files"``); :func:`read_results` checks them, so a set mixed by a
+crash between two renames is refused (:class:`ResultSetError`), never read as one run's figures.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -21,10 +27,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_set
 from .metrics import compute_metrics, per_class, summary
 
-__all__ = ["build_results", "write_reports", "log_line", "environment", "git_commit", "plot_per_class_iou"]
+__all__ = ["build_results", "write_reports", "read_results", "ResultSetError", "RESULTS_FILE", "log_line",
+           "environment", "git_commit", "plot_per_class_iou", "render_per_class_iou"]
+
+RESULTS_FILE = "results.json"
+
+
+class ResultSetError(Exception):
+    """An output folder without a complete, consistent result set."""
 
 
 def log_line(message: str, when: Optional[float] = None, name: str = "sed_fast.evaluation") -> str:
@@ -172,7 +185,17 @@ def markdown(results: dict) -> str:
 
 
 def plot_per_class_iou(per_class_rows: List[dict], path: Path, title: str, worst: int = 30) -> Optional[str]:
-    """Write the per-class IoU bar chart; return None, or why it was skipped (no matplotlib).
+    """Write the per-class IoU bar chart (:func:`render_per_class_iou`) to ``path``; return None,
+    or why it was skipped."""
+    png = render_per_class_iou(per_class_rows, title, worst)
+    if isinstance(png, str):
+        return png
+    atomic_write_bytes(path, png)
+    return None
+
+
+def render_per_class_iou(per_class_rows: List[dict], title: str, worst: int = 30):
+    """The per-class IoU bar chart as PNG bytes, or (a str) why it was skipped (no matplotlib).
 
     Classes are sorted by IoU. Up to 60 classes: one bar per class, all named. More: all classes
     as an unlabelled sorted profile, plus the ``worst`` classes by name.
@@ -221,32 +244,69 @@ def plot_per_class_iou(per_class_rows: List[dict], path: Path, title: str, worst
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return None
+    return buffer.getvalue()
 
 
 def write_reports(out_dir: Path, results: dict, confusion: Dict[str, np.ndarray], log_lines: List[str],
                   plot: bool = True) -> List[str]:
-    """Write every output file; return the messages to show (skipped plot)."""
+    """Write every output file, all or nothing (``results.json`` last, with the other files'
+    sha256 under ``"files"``); return the messages to show (skipped plot)."""
     out_dir = Path(out_dir)
     messages = []
-    text = json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    atomic_write_text(out_dir / "results.json", text)
-    atomic_write_text(out_dir / "results.md", markdown(results))
+    files: Dict[str, bytes] = {"results.md": markdown(results).encode("utf-8")}
     for name, conf in confusion.items():
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(conf, dtype=np.int64))
-        atomic_write_bytes(out_dir / ("confusion.npy" if len(confusion) == 1 else f"confusion_{name}.npy"),
-                           buffer.getvalue())
+        files["confusion.npy" if len(confusion) == 1 else f"confusion_{name}.npy"] = buffer.getvalue()
     previous = (out_dir / "log.txt").read_text(encoding="utf-8") if (out_dir / "log.txt").exists() else ""
-    atomic_write_text(out_dir / "log.txt", previous + "\n".join(log_lines) + "\n")
+    files["log.txt"] = (previous + "\n".join(log_lines) + "\n").encode("utf-8")
     if plot:
         first = next(iter(results["models"]))
         suffix = "" if len(results["models"]) == 1 else f" ({first})"
         title = (f"{results['dataset']['name']}: per-class IoU{suffix}, mIoU "
                  f"{_fmt(results['models'][first]['summary']['mIoU'])}"
                  + (" - RANDOM WEIGHTS" if results["config"].get("random_weights") else ""))
-        skipped = plot_per_class_iou(results["models"][first]["per_class"], out_dir / "per_class_iou.png", title)
-        if skipped:
-            messages.append(skipped)
+        png = render_per_class_iou(results["models"][first]["per_class"], title)
+        if isinstance(png, str):
+            messages.append(png)
+        else:
+            files["per_class_iou.png"] = png
+    manifest = dict(results, files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+    files[RESULTS_FILE] = (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    atomic_write_set(out_dir, files)
     return messages
+
+
+def read_results(out_dir: Path) -> dict:
+    """``results.json`` of ``out_dir``, after checking that every file it lists is there with the
+    sha256 it records; :class:`ResultSetError` saying what is wrong otherwise."""
+    out_dir = Path(out_dir)
+    path = out_dir / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultSetError(f"{out_dir} holds no {RESULTS_FILE}: the evaluation has not finished there "
+                             "(rerun it with --resume)") from None
+    except (OSError, ValueError) as error:
+        raise ResultSetError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+    listed = results.get("files") if isinstance(results, dict) else None
+    if not isinstance(listed, dict):
+        raise ResultSetError(f"{path} lists no files of its result set (written by another tool or an older "
+                             "sed-fast): rerun the evaluation")
+    problems = []
+    for name, digest in listed.items():
+        try:
+            with open(out_dir / name, "rb") as handle:
+                actual = hashlib.file_digest(handle, "sha256").hexdigest() if hasattr(hashlib, "file_digest") \
+                    else hashlib.sha256(handle.read()).hexdigest()
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if actual != digest:
+            problems.append(f"{name} is not the file of this results.json (sha256 {actual[:16]}..., expected "
+                            f"{str(digest)[:16]}...)")
+    if problems:
+        raise ResultSetError(f"the result set in {out_dir} is incomplete or mixed: " + "; ".join(problems)
+                             + ". Its files do not come from one run: rerun the evaluation (with --resume it "
+                             "only rewrites the results)")
+    return results

@@ -2,8 +2,11 @@
 
 Saved atomically (temporary file + ``os.replace``) as ``<out>/eval_state.pt`` every
 ``--save-every`` images and at the end; ``--resume`` loads it, checks that it was made with the same
-settings (every setting that changes a figure: dataset, images, vocabulary, model, precision...;
-not the batch size, workers or number of processes), and evaluates only the images not finished.
+settings (every setting that changes a figure: dataset, images, vocabulary, model, precision...,
+the weights by the sha256 of the checkpoint's content; not the batch size, workers or number of
+processes: a batch can sum a convolution in another float order, which flips only argmax near-ties),
+and evaluates only the images not finished. A refusal names each difference: both weight hashes,
+and for the vocabulary the names removed, added or reordered.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import torch
 
 from ..files import atomic_write_bytes
 
-__all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences"]
+__all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences",
+           "names_change", "check_resumable"]
 
 STATE_FILE = "eval_state.pt"
 _FORMAT = "sed_fast.evaluation.state"
@@ -36,6 +40,9 @@ class EvalState:
     counters: Dict[str, int] = field(default_factory=dict)  # invalid label pixels, label agreement
     seconds: float = 0.0  # evaluation time spent on the finished images, over all sessions
     complete: bool = False
+    # "vocabulary" / "class_names" -> the names (the settings hold their hashes): a refused resume
+    # says which names changed
+    names: Dict[str, List[str]] = field(default_factory=dict)
     skipped: List[List[str]] = field(default_factory=list)  # [stem, error] left out by --skip-unreadable
 
 
@@ -43,7 +50,8 @@ def save_state(path: Path, state: EvalState) -> None:
     payload = {"format": _FORMAT, "version": _VERSION, "settings": state.settings,
                "confusion": {k: v.detach().to("cpu", torch.int64) for k, v in state.confusion.items()},
                "finished": list(state.finished), "counters": dict(state.counters), "seconds": float(state.seconds),
-               "complete": bool(state.complete), "skipped": [list(entry) for entry in state.skipped]}
+               "complete": bool(state.complete), "names": {k: list(v) for k, v in state.names.items()},
+               "skipped": [list(entry) for entry in state.skipped]}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fsync=True)
@@ -69,6 +77,7 @@ def load_state(path: Path) -> EvalState:
         state = EvalState(settings=dict(payload["settings"]), confusion=dict(payload["confusion"]),
                           finished=[str(s) for s in payload["finished"]], counters=dict(payload["counters"]),
                           seconds=float(payload["seconds"]), complete=bool(payload["complete"]),
+                          names={str(k): [str(n) for n in v] for k, v in dict(payload.get("names") or {}).items()},
                           skipped=[[str(part) for part in entry] for entry in payload.get("skipped", [])])
     except (KeyError, TypeError, ValueError) as error:
         raise StateError(f"the resume file {path} is incomplete ({type(error).__name__}: {error}); {hint}") from None
@@ -106,8 +115,44 @@ def exists(out_dir: Path) -> bool:
     return os.path.exists(state_path(out_dir))
 
 
-def check_resumable(state: EvalState, settings: dict, stems: List[str], path: Optional[Path] = None) -> None:
-    differences = settings_differences(state.settings, settings)
+def names_change(saved: List[str], current: List[str], limit: int = 5) -> str:
+    """What changed from ``saved`` to ``current`` names, by name: removed, added, or the same names
+    in another order."""
+    def listing(items):
+        shown = ", ".join(repr(n) for n in items[:limit])
+        return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+    current_set, saved_set = set(current), set(saved)
+    removed = [n for n in saved if n not in current_set]
+    added = [n for n in current if n not in saved_set]
+    parts = []
+    if removed:
+        parts.append(f"{len(removed)} removed ({listing(removed)})")
+    if added:
+        parts.append(f"{len(added)} added ({listing(added)})")
+    if not parts:
+        if len(saved) != len(current):
+            parts.append(f"{len(saved)} names in the resume file, {len(current)} now (repeated names)")
+        else:
+            i = next((i for i, (a, b) in enumerate(zip(saved, current)) if a != b), None)
+            if i is not None:
+                parts.append(f"the same {len(current)} names in another order (index {i}: {saved[i]!r} in the "
+                             f"resume file, {current[i]!r} now)")
+    return "; ".join(parts)
+
+
+def check_resumable(state: EvalState, settings: dict, stems: List[str], path: Optional[Path] = None,
+                    names: Optional[Dict[str, List[str]]] = None) -> None:
+    """Raise :class:`StateError` unless ``state`` can be continued with ``settings`` and the images
+    ``stems``; ``names``: the current vocabulary and class names, to say which names changed."""
+    differences = []
+    for line in settings_differences(state.settings, settings):
+        key = line.split(":", 1)[0]
+        if key in (names or {}) and key in state.names:
+            change = names_change(state.names[key], names[key])
+            if change:
+                line = f"{key}: {change}"
+        differences.append(line)
     if differences:
         raise StateError(f"cannot resume {path or 'the evaluation'}: it was made with other settings: "
                          + "; ".join(differences) + ". Rerun with the same settings, or pass --overwrite "

@@ -7,7 +7,12 @@ which runs the backend chosen by :mod:`.dispatch`):
 * :func:`dwconv_layernorm` -- ConvNeXt depthwise conv + channels-last LayerNorm;
 * :func:`class_attention` -- linear attention across (ragged, per-image) classes at each pixel;
 * :func:`topk_union_reject` and :func:`gather_rows` -- category early rejection on the device;
-* :func:`pil_bilinear_resize` -- Pillow's bilinear resize of uint8 images, bit for bit.
+* :func:`pil_bilinear_resize` -- Pillow's bilinear resize of uint8 images, bit for bit;
+* :func:`upsample_bce_loss` -- the training loss: bilinear upsampling + one-hot BCE-with-logits mean.
+
+Every op on the training path is differentiable (``register_autograd``): cost_map,
+dwconv_layernorm and class_attention through their ``sed_fast::<op>_backward`` ops (Triton on
+CUDA, autograd of the reference elsewhere: :mod:`._autograd`), gather_rows by an index_add.
 
 ``<op>_reference`` are the plain PyTorch references (the ``"torch"`` backend). Per-op cost models
 for benchmarks (``bytes_moved``, ``flops``) live in the op modules, e.g.
@@ -19,6 +24,8 @@ from .cost_map import cost_map, cost_map_reference
 from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
 from .topk_union_reject import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
 from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_reference
+from .upsample_bce_loss import upsample_bce_loss, upsample_bce_loss_reference
+from . import cost_map_backward, dwconv_layernorm_backward, class_attention_backward  # noqa: E402,F401  autograd
 from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (it loads the extension on first use)
 
 __all__ = [
@@ -29,4 +36,5 @@ __all__ = [
     "topk_union_reject", "topk_union_reject_reference",
     "gather_rows", "gather_rows_reference",
     "pil_bilinear_resize", "pil_bilinear_resize_reference",
+    "upsample_bce_loss", "upsample_bce_loss_reference",
 ]

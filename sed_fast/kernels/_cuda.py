@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
-from ..envvars import cache_root, env_flag
+from ..envvars import cache_root, env_value
 from . import dispatch
 from .topk_union_reject import check_topk
 
@@ -62,7 +62,7 @@ _lock = threading.RLock()
 
 
 def _arch_list() -> str:
-    archs = os.environ.get("SED_FAST_CUDA_ARCHS")
+    archs = env_value("SED_FAST_CUDA_ARCHS")
     if archs:
         return archs
     if torch.cuda.is_available():
@@ -79,8 +79,9 @@ def extension_tag(archs: Optional[str] = None) -> str:
 
 
 def default_build_directory(archs: Optional[str] = None) -> Path:
-    if os.environ.get("SED_FAST_CUDA_BUILD_DIR"):
-        return Path(os.environ["SED_FAST_CUDA_BUILD_DIR"])
+    folder = env_value("SED_FAST_CUDA_BUILD_DIR")
+    if folder is not None:
+        return folder
     return cache_root() / "cuda_ext" / extension_tag(archs)
 
 
@@ -148,8 +149,9 @@ def jit_build(build_directory: Optional[os.PathLike] = None, archs: Optional[str
 
 
 def _jit_policy() -> Tuple[bool, str]:
-    if os.environ.get("SED_FAST_JIT_BUILD", "").strip():
-        if env_flag("SED_FAST_JIT_BUILD", False):
+    forced = env_value("SED_FAST_JIT_BUILD")
+    if forced is not None:
+        if forced:
             return True, "SED_FAST_JIT_BUILD=1"
         return False, "the JIT build is disabled (SED_FAST_JIT_BUILD=0)"
     if not torch.cuda.is_available():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..envvars import cache_root, env_flag
+from ..envvars import cache_root, env_value
 
 logger = logging.getLogger("sed_fast.autotune")
 
@@ -38,11 +38,7 @@ measurements = 0  # how many (op, device, bucket) measurements ran (tests read i
 
 
 def _iters() -> int:
-    try:
-        return max(1, int(os.environ.get("SED_FAST_AUTOTUNE_ITERS", "5")))
-    except ValueError:
-        value = os.environ["SED_FAST_AUTOTUNE_ITERS"]
-        raise ValueError(f"SED_FAST_AUTOTUNE_ITERS must be an int, got {value!r}") from None
+    return env_value("SED_FAST_AUTOTUNE_ITERS")
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ def cached_choices() -> Dict[Tuple, str]:
 # -- optional disk cache ---------------------------------------------------------------------------
 
 def _disk_cache_on() -> bool:
-    return env_flag("SED_FAST_AUTOTUNE_CACHE", False)
+    return env_value("SED_FAST_AUTOTUNE_CACHE")
 
 
 def _disk_cache_path() -> Path:

@@ -14,16 +14,20 @@ The backend of an op comes from, in order: :func:`set_backend`, ``SED_FAST_BACKE
 ``SED_FAST_BACKEND``, else ``"auto"``: the first usable backend in the order cuda, triton, torch,
 or, with timing-based choice switched on (:func:`set_autotune` or ``SED_FAST_AUTOTUNE=1``; CUDA
 only), the fastest one measured on the call's own inputs (:mod:`.autotune`).
+
+A backend found to disagree with its reference (``sed-fast doctor`` checks each one) can be
+excluded for the rest of the process with :func:`exclude`: "auto" then never picks it, and asking
+for it by name is an error that says why.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..envvars import env_flag
+from ..envvars import VARIABLES, env_value
 from . import autotune
 
 BACKENDS = ("cuda", "triton", "torch")  # the order "auto" prefers
@@ -69,12 +73,13 @@ _backends: Dict[str, Dict[str, Backend]] = {}
 _overrides: Dict[str, str] = {}
 _autotune_override: Optional[bool] = None
 _cost_models: Dict[str, Callable[..., int]] = {}
+_excluded: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why it is not to be used
 
 
 # -- Triton's mode -----------------------------------------------------------------------------------
 def triton_interpreter_on() -> bool:
     """True when TRITON_INTERPRET asks for the interpreter now."""
-    return env_flag("TRITON_INTERPRET", False)
+    return env_value("TRITON_INTERPRET")
 
 
 def _probe_interpreter_mode() -> bool:
@@ -143,6 +148,31 @@ def _known(op: str) -> Dict[str, Backend]:
     return _backends[op]
 
 
+# -- excluding -----------------------------------------------------------------------------------------
+def exclude(op: str, name: str, reason: str) -> None:
+    """Never choose backend ``name`` of ``op`` again in this process (e.g. it disagreed with its
+    reference); ``reason`` is quoted by every error that mentions it."""
+    if name not in _known(op):
+        raise ValueError(f"op {op!r} has no backend {name!r}")
+    _excluded[(op, name)] = reason
+
+
+def include(op: str, name: str) -> None:
+    """Undo :func:`exclude` for backend ``name`` of ``op``."""
+    _excluded.pop((op, name), None)
+
+
+def excluded() -> Dict[Tuple[str, str], str]:
+    """The excluded (op, backend) pairs and why."""
+    return dict(_excluded)
+
+
+def _reasons(op: str, name: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
+    if (op, name) in _excluded:
+        return [f"excluded in this process: {_excluded[(op, name)]}"]
+    return _known(op)[name].reasons(device, args, kwargs)
+
+
 # -- choosing ------------------------------------------------------------------------------------------
 def set_backend(op: str, name: Optional[str]) -> None:
     """Force backend ``name`` for ``op`` (``op="all"`` for every op); ``None`` clears the override."""
@@ -160,12 +190,9 @@ def requested_backend(op: str) -> str:
     """The backend asked for ``op`` (may be ``"auto"``), before it is checked."""
     if op in _overrides:
         return _overrides[op]
-    variable = f"SED_FAST_BACKEND_{op.upper()}"
-    value = os.environ.get(variable) or os.environ.get("SED_FAST_BACKEND") or "auto"
-    value = value.strip().lower()
-    if value not in REQUESTS:
-        raise ValueError(f"{variable} / SED_FAST_BACKEND = {value!r} is not one of {', '.join(REQUESTS)}")
-    return value
+    variable = f"SED_FAST_BACKEND_{op.upper()}"  # parsed as the registry's entry (also for ops added at run time)
+    per_op = VARIABLES["SED_FAST_BACKEND_<OP>"].parse(os.environ.get(variable), variable)
+    return per_op or env_value("SED_FAST_BACKEND") or "auto"
 
 
 def set_autotune(enabled: Optional[bool]) -> None:
@@ -175,19 +202,27 @@ def set_autotune(enabled: Optional[bool]) -> None:
 
 
 def autotune_enabled() -> bool:
-    return _autotune_override if _autotune_override is not None else env_flag("SED_FAST_AUTOTUNE", False)
+    return _autotune_override if _autotune_override is not None else env_value("SED_FAST_AUTOTUNE")
 
 
 def usable_backends(op: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
     """The backends of ``op`` that can run these inputs on ``device``, in the order "auto" prefers."""
     device = torch.device(device)
     known = _known(op)
-    return [name for name in BACKENDS if name in known and not known[name].reasons(device, args, kwargs)]
+    return [name for name in BACKENDS if name in known and not _reasons(op, name, device, args, kwargs)]
+
+
+def available_backends(op: str, device: torch.device) -> List[str]:
+    """The backends of ``op`` that can run on ``device`` (whatever the inputs), in the order "auto" prefers."""
+    device = torch.device(device)
+    known = _known(op)
+    return [name for name in BACKENDS if name in known and (op, name) not in _excluded
+            and known[name].unavailable(device) is None]
 
 
 def _why_not(op: str, device: torch.device, names, args, kwargs) -> str:
     known = _known(op)
-    return "; ".join(f"{name}: {', '.join(known[name].reasons(device, args, kwargs)) or 'ok'}"
+    return "; ".join(f"{name}: {', '.join(_reasons(op, name, device, args, kwargs)) or 'ok'}"
                      for name in names if name in known)
 
 
@@ -201,7 +236,7 @@ def resolve_name(op: str, device: torch.device, args: Optional[tuple] = None, kw
         if wanted not in known:
             raise BackendError(f"backend {wanted!r} was requested for op {op!r}, which has none "
                                f"(it has: {', '.join(n for n in BACKENDS if n in known)})")
-        reasons = known[wanted].reasons(device, args, kwargs)
+        reasons = _reasons(op, wanted, device, args, kwargs)
         if reasons:
             raise BackendError(f"backend {wanted!r} was requested for op {op!r} but cannot run here: "
                                f"{'; '.join(reasons)} (other backends: "

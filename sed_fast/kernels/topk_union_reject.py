@@ -293,6 +293,22 @@ def _(x, flat_idx, total):
     return _gather_output(x, total)
 
 
+def _gather_setup_context(ctx, inputs, output):
+    x, flat_idx, total = inputs
+    ctx.save_for_backward(flat_idx)
+    ctx.total, ctx.x_meta = total, torch.empty_like(x, device="meta")
+
+
+def _gather_backward(ctx, grad):
+    """Each gathered row's gradient goes back to its source row (summed over repeats); plain
+    differentiable torch ops, so the fast model trains with rejection on too."""
+    (flat_idx,) = ctx.saved_tensors
+    grad_x = torch.zeros_like(ctx.x_meta, device=grad.device, dtype=grad.dtype)  # x's strides
+    return grad_x.index_add_(0, flat_idx[:ctx.total].long(), grad), None, None
+
+
+_gather_rows_op.register_autograd(_gather_backward, setup_context=_gather_setup_context)
+
 dispatch.register_impl(OP_NAME, "torch", topk_union_reject_reference)
 dispatch.register_impl(OP_NAME, "triton", topk_union_reject_triton)
 dispatch.register_impl(GATHER_OP_NAME, "torch", gather_rows_reference)

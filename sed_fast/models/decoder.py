@@ -5,8 +5,10 @@ checkpoints load key for key) and the forward pass follows the official operatio
 outputs agree with the official code to float32 rounding. Shapes in comments are for SED-B at a
 768x768 input: cost map 24x24, B images, T classes, P = 80 prompt templates.
 
-Everything here is inference only; the official training-only branches (text guidance, swin
-blocks, appearance guidance) are not part of the released models and are left out.
+The exact path (``forward`` without rejection) is also the training forward, as the official
+``conv_decoder``: every class, aux heads on detached inputs, the class attention pooled with the
+training pooling passed as ``pooling``. The official branches no released model uses (text
+guidance, swin blocks, appearance guidance) are left out.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import (CORR_GUIDANCE_DIMS, DECODER_DIMS, DECODER_GUIDANCE_PROJ_DIMS, EVAL_POOLING, HIDDEN_DIM,
                       KERNEL_SIZE, NUM_HEADS, NUM_PROMPTS)
@@ -74,11 +77,12 @@ class ClassTransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        """x: (B*T, C, H, W), class-major within each image (index b*T + t)."""
+    def forward(self, x: torch.Tensor, batch: int, pooling: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """x: (B*T, C, H, W), class-major within each image (index b*T + t). ``pooling``: the
+        average-pooling window instead of the module's own (training pools (2, 2))."""
         bt, dim, height, width = x.shape
         classes = bt // batch
-        pooled = self.pool(x)
+        pooled = self.pool(x) if pooling is None else F.avg_pool2d(x, tuple(pooling))
         ph, pw = pooled.shape[-2:]
         # (B T) C h w -> (B h w) T C: one sequence over the classes per pooled pixel
         seq = pooled.view(batch, classes, dim, ph, pw).permute(0, 3, 4, 1, 2).reshape(batch * ph * pw, classes, dim)
@@ -119,11 +123,13 @@ class Up(nn.Module):
         self.cnext = ConvNextBlock(in_channels, kernel_size)
         self.attention = ClassTransformerLayer(in_channels, num_heads, pooling_size)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor) -> torch.Tensor:
-        """x: (B*T, C, H, W); guidance: (B, g, 2H, 2W) per image; corr_guidance: (B*T, g, 2H, 2W)."""
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor,
+                pooling: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """x: (B*T, C, H, W); guidance: (B, g, 2H, 2W) per image; corr_guidance: (B*T, g, 2H, 2W);
+        ``pooling``: the class attention's pooling window (default: its own)."""
         batch = guidance.shape[0]
         x = self.cnext(x)
-        x = self.attention(x, batch)
+        x = self.attention(x, batch, pooling)
         x = self.up(x)
         classes = x.shape[0] // batch
         x = torch.cat([x, guidance.repeat_interleave(classes, dim=0), corr_guidance], dim=1)
@@ -138,7 +144,14 @@ class SEDDecoder(nn.Module):
             ((512, 256, 128) for SED-B, (768, 384, 192) for SED-L).
         num_prompts: P, the number of prompt templates (80).
         pooling_size: pooling of the class attention; (1, 1) at evaluation.
+
+    ``activation_checkpointing`` (attribute, default False): while gradients are recorded, each
+    gradual-fusion layer (``decoder1..3``) runs under ``torch.utils.checkpoint`` (non-reentrant):
+    its activations are recomputed in the backward instead of kept, the same gradients for less
+    memory.
     """
+
+    activation_checkpointing = False
 
     def __init__(self, guidance_dims: Sequence[int] = (512, 256, 128), num_prompts: int = NUM_PROMPTS,
                  pooling_size: Sequence[int] = EVAL_POOLING):
@@ -194,7 +207,7 @@ class SEDDecoder(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
                 guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None,
-                rejection: Optional[RejectionRule] = None):
+                rejection: Optional[RejectionRule] = None, pooling: Optional[Sequence[int]] = None):
         """Decode.
 
         Args:
@@ -203,10 +216,13 @@ class SEDDecoder(nn.Module):
             guidance: (res5, res4, res3, res2) from the image encoder (res5 is unused, as officially).
             cer_topk: None for exact decoding; k for category early rejection (the official rule).
             rejection: a rejection rule instead (see :mod:`sed_fast.models.rejection`).
+            pooling: the class attention's pooling window for this call (exact decoding only;
+                default: the ``pooling_size`` built with). Training passes (2, 2).
 
         Returns:
             exact: (logits (B, T, 8h, 8w), [aux0 (B,T,h,w), aux1 (B,T,2h,2w), aux2 (B,T,4h,4w)]),
-            pre-sigmoid, as the official ``conv_decoder``.
+            pre-sigmoid, as the official ``conv_decoder`` (the aux heads read detached inputs: their
+            losses train the heads only).
             CER: scores (B, T, 8h, 8w): sigmoid for kept classes, exact zeros for rejected ones.
             Each image keeps its own set (the official code handles batch 1 only; a batch here is
             decoded image by image, so each image's result equals decoding it alone).
@@ -219,7 +235,9 @@ class SEDDecoder(nn.Module):
         if rejection is None:
             rejection = rule_for_topk(cer_topk)
         if rejection is None:
-            return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0])
+            return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0], pooling)
+        if pooling is not None:
+            raise ValueError("pooling is an option of exact decoding (training), not of rejection")
         batch = img_feats.shape[0]
         classes = text_feats.shape[0]
         scores = []
@@ -229,14 +247,18 @@ class SEDDecoder(nn.Module):
                 corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], rejection))
         return torch.cat(scores, dim=0)
 
-    def _exact(self, corr_embed, dec_guidance, corr_guid, batch):
+    def _exact(self, corr_embed, dec_guidance, corr_guid, batch, pooling=None):
         aux = []
         x = corr_embed
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         for layer, head, g, cg in ((self.decoder1, self.head0, dec_guidance[0], corr_guid[0]),
                                    (self.decoder2, self.head1, dec_guidance[1], corr_guid[1]),
                                    (self.decoder3, self.head2, dec_guidance[2], corr_guid[2])):
-            aux.append(head(x).view(batch, -1, *x.shape[-2:]))
-            x = layer(x, g, cg)
+            aux.append(head(x.detach()).view(batch, -1, *x.shape[-2:]))  # official: aux heads see detached input
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, g, cg, pooling, use_reentrant=False)
+            else:
+                x = layer(x, g, cg, pooling)
         logits = self.head(x).view(batch, -1, *x.shape[-2:])
         return logits, aux
 

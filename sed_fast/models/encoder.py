@@ -37,6 +37,24 @@ def create_clip_model(spec: VariantSpec, device="cpu") -> nn.Module:
     return model.eval()
 
 
+def set_train_regularisation(clip_model: nn.Module, spec: VariantSpec) -> None:
+    """Give the image tower the stochastic depth and head dropout of the official code's open_clip
+    configuration (``spec.train_drop_path``, ``spec.train_head_dropout``; active in train mode
+    only), whatever the installed open_clip's configuration says. Stochastic depth follows timm's
+    schedule: rates rising linearly from 0 over the trunk's blocks."""
+    from timm.layers import DropPath
+
+    blocks = [block for stage in clip_model.visual.trunk.stages for block in stage.blocks]
+    rates = torch.linspace(0, spec.train_drop_path, len(blocks)).tolist() if blocks else []
+    for block, rate in zip(blocks, rates):
+        block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
+    head = clip_model.visual.head
+    if hasattr(head, "drop"):  # "linear" projection: Dropout then Linear
+        head.drop.p = spec.train_head_dropout
+    if hasattr(head, "mlp"):  # "mlp" projection: the dropout after its first layer
+        head.mlp.drop1.p = spec.train_head_dropout
+
+
 def create_tokenizer(spec: VariantSpec):
     """open_clip's tokenizer for the variant (its BPE vocabulary ships with open_clip: offline)."""
     import open_clip

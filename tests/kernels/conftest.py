@@ -24,7 +24,8 @@ from sed_fast.kernels import dispatch  # noqa: E402  (tests/conftest.py imported
 
 
 INTERPRETER_MODE = dispatch.triton_interpreter_mode()
-KERNEL_OPS = ("cost_map", "dwconv_layernorm", "class_attention", "topk_union_reject", "gather_rows")
+KERNEL_OPS = ("cost_map", "dwconv_layernorm", "class_attention", "topk_union_reject", "gather_rows",
+              "cost_map_backward", "class_attention_backward", "dwconv_layernorm_backward")
 
 DEVICE_PARAMS = [
     pytest.param("cpu", id="cpu-interpreter", marks=[

@@ -10,7 +10,8 @@ float rounding:
   (``dwconv_layernorm``), the MLP runs over chunks of class rows.
 * :class:`FastClassTransformerLayer`: q, k, v from one GEMM (the fused weight is prepared once),
   the linear attention across classes in one kernel over ragged per-image class segments
-  (``class_attention``), over chunks of pixels; the evaluation pooling (1, 1) only.
+  (``class_attention``), over chunks of pixels; pooling (1, 1) (evaluation) or any window passed
+  per call (training pools (2, 2): pool, attend, upsample, add).
 * :class:`FastUp`: the first conv of DoubleConv is split into its class-specific input channels and
   the per-image guidance channels; the guidance part runs once per image and is broadcast-added,
   instead of convolving the guidance repeated T times.
@@ -19,12 +20,18 @@ float rounding:
   class rows per image (:class:`ClassRows`).
 
 Activations are channels-last throughout; convolutions and linears stay on cuDNN / cuBLAS.
+
+Training (:meth:`FastDecoder.logits`) runs the same layers while autograd records: the chunks are
+then concatenated instead of written into a preallocated output (``out=`` is not differentiable),
+and an op without a registered backward is replaced by its plain PyTorch reference (same values).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -80,6 +87,28 @@ def chunks(total: int, bytes_per_item: int, budget: int):
     step = max(1, budget // max(1, bytes_per_item))
     for start in range(0, total, step):
         yield start, min(total, start + step)
+
+
+def _op(name: str, dtype: torch.dtype) -> Callable:
+    """``kernels.<name>``, or its plain PyTorch reference (``kernels.<name>_reference``, same
+    values) for float64 (gradient checks: the ops take 16/32-bit floats) and while autograd
+    records and the op has no backward registered."""
+    if dtype == torch.float64:
+        return getattr(kernels, f"{name}_reference")
+    if torch.is_grad_enabled():
+        op = getattr(sys.modules[f"{kernels.__name__}.{name}"], f"_{name}_op", None)
+        if getattr(op, "_backward_fn", None) is None:
+            return getattr(kernels, f"{name}_reference")
+    return getattr(kernels, name)
+
+
+def _recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (then chunks are concatenated, not written out=)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _is_unit_pooling(pooling) -> bool:
+    return pooling is None or tuple(pooling) in ((1, 1), (1,)) or pooling == 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -154,17 +183,26 @@ class FastConvNextBlock(ConvNextBlock):
         tokens = x.permute(0, 2, 3, 1)  # a view: contiguous because x is channels-last
         if not tokens.is_contiguous():
             tokens = tokens.contiguous()
-        out = torch.empty_like(tokens)
+        recording = _recording(x, self.gamma)
+        out = None if recording else torch.empty_like(tokens)
+        pieces = []
+        dwconv_layernorm = _op("dwconv_layernorm", x.dtype)
+        # Under autocast x is 16-bit and the parameters float32: the op takes one dtype (a
+        # differentiable cast, as autocast itself casts a convolution's weight).
+        params = [p if p.dtype == x.dtype else p.to(x.dtype)
+                  for p in (self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias)]
         row_bytes = height * width * channels * x.element_size() * 7  # normed, 4C hidden, branch
         for start, stop in chunks(count, row_bytes, budget):
             with stage(f"{name}.dwconv"):
-                normed = kernels.dwconv_layernorm(x[start:stop], self.dwconv.weight, self.dwconv.bias,
-                                                  self.norm.weight, self.norm.bias, self.norm.eps)
+                normed = dwconv_layernorm(x[start:stop], *params, self.norm.eps)
             with stage(f"{name}.convnext_mlp"):
                 hidden = F.gelu(F.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
                 branch = F.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
-                torch.addcmul(tokens[start:stop], self.gamma, branch, out=out[start:stop])
-        return out
+                if recording:
+                    pieces.append(torch.addcmul(tokens[start:stop], self.gamma, branch))
+                else:
+                    torch.addcmul(tokens[start:stop], self.gamma, branch, out=out[start:stop])
+        return torch.cat(pieces) if recording else out
 
 
 def _fused_qkv(q_weight, q_bias, k_weight, k_bias, v_weight, v_bias) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -172,40 +210,53 @@ def _fused_qkv(q_weight, q_bias, k_weight, k_bias, v_weight, v_bias) -> Tuple[to
 
 
 class FastClassTransformerLayer(ClassTransformerLayer):
-    """Class attention with pooling (1, 1): ``2x + attention + MLP`` terms at every pixel, the
-    linear attention across each image's classes in one kernel."""
+    """Class attention: at pooling (1, 1) ``2x + attention + MLP`` terms at every pixel, the linear
+    attention across each image's classes in one kernel; other pooling windows (passed to
+    :class:`FastUp`) pool, run the same branch on the pooled pixels, upsample and add."""
 
     @classmethod
     def from_reference(cls, layer: ClassTransformerLayer) -> "FastClassTransformerLayer":
         if layer.pool.kernel_size not in (1, (1, 1)):
-            raise ValueError("the fast model implements the evaluation pooling (1, 1) only, "
-                             f"this decoder pools with {layer.pool.kernel_size}")
+            raise ValueError("the fast model is built with the evaluation pooling (1, 1) (training passes its "
+                             f"pooling per call); this decoder pools with {layer.pool.kernel_size}")
         fast = _blank(cls)
         _adopt(fast, layer)
         fast._qkv = DerivedWeight(_fused_qkv)
         return fast
 
-    def forward(self, seq: torch.Tensor, class_offsets: torch.Tensor, budget: int) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, class_offsets: torch.Tensor, budget: int,
+                residual: bool = True) -> torch.Tensor:
         """seq (R, P, C): the tokens of R class rows at P pixels; ``class_offsets`` (B+1,) int32 on
-        the device: the rows of each image. Returns a new (R, P, C) tensor."""
+        the device: the rows of each image. Returns a new (R, P, C) tensor: ``seq + branch``, or
+        with ``residual=False`` the branch alone (``seq + attention + MLP``)."""
         attn = self.attention
         count, pixels, channels = seq.shape
-        qkv_weight, qkv_bias = self._qkv(attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias,
-                                         attn.v.weight, attn.v.bias)
-        out = torch.empty_like(seq)
+        # Under autograd the fused weight must be part of the graph: concatenated per call.
+        recording = _recording(seq, attn.q.weight)
+        fuse = _fused_qkv if recording else self._qkv
+        qkv_weight, qkv_bias = fuse(attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias,
+                                    attn.v.weight, attn.v.bias)
+        class_attention = _op("class_attention", seq.dtype)
+        out = None if recording else torch.empty_like(seq)
+        pieces = []
         pixel_bytes = count * channels * seq.element_size() * 12  # qkv, attention out, MLP hidden
         for start, stop in chunks(pixels, pixel_bytes, budget):
             x = seq[:, start:stop]
             qkv = F.linear(F.layer_norm(x, (channels,), self.norm1.weight, self.norm1.bias, self.norm1.eps),
                            qkv_weight, qkv_bias)
             q, k, v = qkv.split(channels, dim=-1)
-            branch = x + kernels.class_attention(q, k, v, class_offsets, num_heads=attn.num_heads)
+            branch = x + class_attention(q, k, v, class_offsets, num_heads=attn.num_heads)
             del qkv, q, k, v
             hidden = F.relu(F.linear(F.layer_norm(branch, (channels,), self.norm2.weight, self.norm2.bias,
                                                   self.norm2.eps), self.MLP[0].weight, self.MLP[0].bias))
             branch = branch + F.linear(hidden, self.MLP[2].weight, self.MLP[2].bias)
-            torch.add(x, branch, out=out[:, start:stop])
-        return out
+            if recording:
+                pieces.append(x + branch if residual else branch)
+            elif residual:
+                torch.add(x, branch, out=out[:, start:stop])
+            else:
+                out[:, start:stop] = branch
+        return torch.cat(pieces, 1) if recording else out
 
 
 class FastUp(Up):
@@ -234,21 +285,34 @@ class FastUp(Up):
         return self.conv.double_conv[0].in_channels - self.up.in_channels
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor, rows: ClassRows,
-                budget: int, final_head: Optional[nn.Conv2d] = None) -> torch.Tensor:
+                budget: int, final_head: Optional[nn.Conv2d] = None,
+                pooling: Optional[Sequence[int]] = None) -> torch.Tensor:
         """x (R, C, H, W) channels-last rows; guidance (B, g, 2H, 2W) per image; corr_guidance
         (R, g, 2H, 2W) per row -> (R, C_out, 2H, 2W) channels-last, or the final head's logits
         (R, 1, 2H, 2W) when ``final_head`` is given (applied per chunk: the 16-channel output of
-        the last layer is never held for all rows)."""
+        the last layer is never held for all rows). ``pooling``: the class attention's pooling
+        window (default (1, 1))."""
         count, channels, height, width = x.shape
         tokens = self.cnext(x, budget, self.name)  # (R, H, W, C)
         with stage(f"{self.name}.class_attention"):
-            attended = self.attention(tokens.view(count, height * width, channels), rows.offsets_device, budget)
+            if _is_unit_pooling(pooling):
+                attended = self.attention(tokens.view(count, height * width, channels), rows.offsets_device, budget)
+                x = attended.view(count, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
+            else:  # as the reference: x + upsample(branch(pool(x))), align_corners=True
+                grid = tokens.permute(0, 3, 1, 2)  # channels-last view
+                pooled = F.avg_pool2d(grid, tuple(pooling))
+                ph, pw = pooled.shape[-2:]
+                seq = pooled.permute(0, 2, 3, 1).reshape(count, ph * pw, channels)
+                branch = self.attention(seq, rows.offsets_device, budget, residual=False)
+                branch = branch.view(count, ph, pw, channels).permute(0, 3, 1, 2)
+                x = grid + F.interpolate(branch, size=(height, width), mode="bilinear", align_corners=True)
         del tokens
-        x = attended.view(count, height, width, channels).permute(0, 3, 1, 2)  # channels-last view
 
         conv_a, norm_a = self.conv.double_conv[0], self.conv.double_conv[1]
         conv_b, norm_b = self.conv.double_conv[3], self.conv.double_conv[4]
-        weight_class, weight_guide = self._split(conv_a.weight)
+        # Under autograd the split weights must be part of the graph: split per call.
+        split = self._split_first_conv if _recording(x, conv_a.weight) else self._split
+        weight_class, weight_guide = split(conv_a.weight)
         with stage(f"{self.name}.double_conv"):
             shared = F.conv2d(guidance, weight_guide, padding=1)  # (B, C_out, 2H, 2W): once per image
         out_channels = final_head.out_channels if final_head is not None else conv_b.out_channels
@@ -291,18 +355,41 @@ class FastDecoder(SEDDecoder):
                 rejection: Optional[RejectionRule] = None, budget: int = 512 << 20) -> torch.Tensor:
         """img_feats (B, D, h, w), text_feats (T, P, D), guidance (res5, res4, res3, res2) ->
         scores (B, T, 8h, 8w) float32. ``budget``: bytes of one chunk of per-class work."""
+        x, _, rows = self._decode(img_feats, text_feats, guidance, rejection, budget)
+        batch, classes = rows.batch, rows.classes
+        with stage("scatter"):
+            probabilities = x[:, 0].float().sigmoid()  # x: the final head's logits (R, 1, 8h, 8w)
+            if rows.ids is None:
+                return probabilities.view(batch, classes, *probabilities.shape[-2:])
+            scores = probabilities.new_zeros(batch * classes, *probabilities.shape[-2:])
+            scores.index_copy_(0, rows.ids, probabilities)
+            return scores.view(batch, classes, *scores.shape[-2:])
+
+    def logits(self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: Sequence[torch.Tensor],
+               pooling: Optional[Sequence[int]] = None, budget: int = 512 << 20) -> List[torch.Tensor]:
+        """The training outputs, as the reference decoder's exact path: [final logits (B, T, 8h,
+        8w), aux logits after conv1 (B, T, h, w), after decoder1 (2h), after decoder2 (4h)], every
+        class, the aux heads on detached inputs; ``pooling``: the class attention's window."""
+        final, aux, rows = self._decode(img_feats, text_feats, guidance, None, budget, pooling=pooling, with_aux=True)
+        return [final.view(rows.batch, rows.classes, *final.shape[-2:]), *aux]
+
+    def _decode(self, img_feats, text_feats, guidance, rejection, budget, pooling=None, with_aux=False):
+        """The decoder up to the final head: (logits (R, 1, 8h, 8w), aux logits (with_aux), rows)."""
         _, res4, res3, res2 = guidance
         batch, classes = img_feats.shape[0], text_feats.shape[0]
         rows = ClassRows(batch, classes, img_feats.device)
         # Paper Fig. 2: cosine cost map -> conv1 (per class) -> three gradual-fusion layers, with
         # category early rejection before each one.
         with stage("cost_map"):
-            corr = kernels.cost_map(img_feats, text_feats.to(img_feats.dtype), channels_last=True)  # (B*T, P, h, w)
+            cost_map = _op("cost_map", img_feats.dtype)
+            corr = cost_map(img_feats, text_feats.to(img_feats.dtype), channels_last=True)  # (B*T, P, h, w)
         with stage("conv1"):
             x = self.conv1(corr)
         with stage("decoder_guidance"):
             image_guidance = self.decoder_guidance(res4, res3, res2)
 
+        aux = []
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         corr_source = corr  # what the next corr-guidance ConvTranspose reads, row-aligned with x
         layers = ((self.decoder1, self.head0), (self.decoder2, self.head1), (self.decoder3, self.head2))
         for i, (layer, aux_head) in enumerate(layers):
@@ -311,14 +398,15 @@ class FastDecoder(SEDDecoder):
                     selected = rows.reject(aux_head(x), rejection)
                     x = kernels.gather_rows(x, selected, rows.count)
                     corr_source = kernels.gather_rows(corr_source, selected, rows.count)
+            elif with_aux:
+                with stage(f"aux{i}"):  # official: the aux heads see a detached input
+                    aux.append(aux_head(x.detach()).view(batch, classes, *x.shape[-2:]))
             with stage(f"{layer.name}.corr_guidance"):
                 corr_source = self.decoder_corr_guidance_projection[i](corr_source)  # kept rows only
-            x = layer(x, image_guidance[i], corr_source, rows, budget, final_head=self.head if i == 2 else None)
-
-        with stage("scatter"):
-            probabilities = x[:, 0].float().sigmoid()  # x: the final head's logits (R, 1, 8h, 8w)
-            if rows.ids is None:
-                return probabilities.view(batch, classes, *probabilities.shape[-2:])
-            scores = probabilities.new_zeros(batch * classes, *probabilities.shape[-2:])
-            scores.index_copy_(0, rows.ids, probabilities)
-            return scores.view(batch, classes, *scores.shape[-2:])
+            final_head = self.head if i == 2 else None
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, image_guidance[i], corr_source, rows, budget,
+                                                      final_head, pooling, use_reentrant=False)
+            else:
+                x = layer(x, image_guidance[i], corr_source, rows, budget, final_head=final_head, pooling=pooling)
+        return x, aux, rows

@@ -6,21 +6,23 @@ state dict, same outputs up to float rounding; what changes is listed in
 
 * the image encoder runs channels-last and, with ``cuda_graphs``, replays a captured CUDA graph;
 * the chunk budget of the per-class work is decided once per forward;
-* the input's values are checked after the forward (no early host sync).
+* the input's values are checked after the forward (no early host sync);
+* training (:meth:`~sed_fast.models.sed.SEDBase.losses`): the same fast layers under autograd,
+  and each loss term by the fused ``upsample_bce_loss`` op.
 
 The only host-device synchronisations in a forward are the reads of the kept-class counts after
 each rejection step and one read of the input and score checks at the end.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ... import kernels
 from ...config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
-from ...envvars import env_number
+from ...envvars import env_value
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
 
@@ -28,10 +30,8 @@ _DEFAULT_CPU_CHUNK_BYTES = 512 << 20
 
 
 def _chunk_bytes_from_env() -> Optional[int]:
-    if not os.environ.get("SED_FAST_CHUNK_MB", "").strip():
-        return None
-    megabytes = env_number("SED_FAST_CHUNK_MB", 0.0, minimum=1e-3)
-    return int(megabytes * (1 << 20))
+    megabytes = env_value("SED_FAST_CHUNK_MB")
+    return None if megabytes is None else int(megabytes * (1 << 20))
 
 
 class SEDFast(SEDBase):
@@ -95,6 +95,20 @@ class SEDFast(SEDBase):
         res2, res3, res4, res5 = features
         return self.decoder(dense, text, (res5, res4, res3, res2), rejection=self.rejection,
                             budget=self._budget(dense.device))
+
+    def training_logits(self, dense: torch.Tensor, text: torch.Tensor, features: Sequence[torch.Tensor]):
+        res2, res3, res4, res5 = features
+        return self.decoder.logits(dense, text, (res5, res4, res3, res2), pooling=self.train_pooling_size,
+                                   budget=self._budget(dense.device))
+
+    @staticmethod
+    def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_value: int) -> torch.Tensor:
+        """The official loss term by the fused op (``kernels.upsample_bce_loss``): the full-size
+        logits and targets are never held."""
+        return kernels.upsample_bce_loss(logits, labels, ignore_value)
+
+    def _encode_for_training(self, clip_images: torch.Tensor):
+        return self.encode_image(clip_images.contiguous(memory_format=torch.channels_last))
 
     def _encode(self, images: torch.Tensor):
         """The image encoder on channels-last input, replayed from a CUDA graph when

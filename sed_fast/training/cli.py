@@ -1,0 +1,622 @@
+"""``sed-fast train``: train or fine-tune SED with the official recipe, in one process or many.
+
+    sed-fast train coco --checkpoint sed_model_base.pth --out runs/coco
+    sed-fast train --images imgs/ --labels labels/ --vocab classes.txt --ignore 255 \\
+        --checkpoint sed_model_base.pth --max-iter 2000 --base-lr 2e-5 --out runs/mine
+    torchrun --nproc-per-node 4 -m sed_fast train coco --checkpoint ... --out runs/coco
+
+Every option of the official recipe is a flag named after its config key, with the official value
+as default (``configs/convnextB_768.yaml`` over ``configs/config.yaml``, ``train_net.py``).
+
+Exit codes: 0 trained; 1 training failed (unreadable image, non-finite loss...); 2 usage error
+(bad option, bad data, unusable resume state): nothing was trained; 128 + signal number: stopped
+by SIGINT/SIGTERM after saving a resumable state (rerun with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_PROG = "sed-fast train"
+_AUTOCAST = {"float32": None, "fp32": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+             "float16": "float16"}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: nothing is trained, exit code 2."""
+
+
+def _sizes(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Train or fine-tune SED with the official recipe (losses, augmentation, AdamW, cosine schedule, "
+                    "gradient clipping). Writes metrics.jsonl, log.txt, loss_curve.png and checkpoints in the "
+                    "official format (model_XXXXXXX.pth, model_final.pth) with a resumable state beside each to "
+                    "--out. Runs under torchrun for many GPUs or machines.",
+        epilog="Defaults are the official values (configs/convnextB_768.yaml). The training set is read from "
+               "--data-root (default $DETECTRON2_DATASETS, else ./datasets) in the layout of the official "
+               "datasets/prepare_coco_stuff.py.")
+    data = parser.add_argument_group("training data")
+    data.add_argument("dataset", nargs="?", metavar="DATASET",
+                      help="the official training set: coco (COCO-Stuff-171 train2017); or leave out and give "
+                           "--images, --labels, --vocab and --ignore")
+    data.add_argument("--data-root", metavar="DIR", help="folder holding the datasets")
+    data.add_argument("--images", metavar="DIR", help="custom training set: folder of images")
+    data.add_argument("--labels", metavar="DIR", help="custom training set: folder of label maps (PNG/TIFF, class "
+                                                      "index per pixel), paired with the images by file stem")
+    data.add_argument("--vocab", metavar="NAME|FILE|LIST", help="custom training set: the class names")
+    data.add_argument("--ignore", type=int, metavar="N", help="custom training set: the label value of unlabelled "
+                                                              "pixels (MODEL.SEM_SEG_HEAD.IGNORE_VALUE)")
+    data.add_argument("--limit", type=int, metavar="N", help="train on the first N pairs only (sorted by stem)")
+    data.add_argument("--label-palette", metavar="FILE",
+                      help="read colour-coded (RGB) label maps, as sed-fast eval: one 'R G B name' line per class in "
+                           "vocabulary order, 'ignore R G B' lines for unlabelled colours")
+    data.add_argument("--palette-from", metavar="DATASET",
+                      help="read colour label maps with a built-in dataset's official palette (voc20, voc20b)")
+    data.add_argument("--skip-data-check", action="store_true",
+                      help="do not read every label map before the first iteration (errors then stop training "
+                           "when the bad file comes up)")
+
+    aug = parser.add_argument_group("augmentation (INPUT.*)")
+    aug.add_argument("--min-size-train", type=_sizes, default=[768], metavar="S[,S...]",
+                     help="INPUT.MIN_SIZE_TRAIN: shortest-edge sizes (default 768)")
+    aug.add_argument("--max-size-train", type=int, default=2666, metavar="S", help="INPUT.MAX_SIZE_TRAIN (2666)")
+    aug.add_argument("--min-size-train-sampling", choices=("choice", "range"), default="choice",
+                     help="INPUT.MIN_SIZE_TRAIN_SAMPLING (choice)")
+    aug.add_argument("--crop-size", type=_sizes, default=[768, 768], metavar="H[,W]",
+                     help="INPUT.CROP.SIZE, absolute (768,768); 0 disables the crop")
+    aug.add_argument("--single-category-max-area", type=float, default=1.0, metavar="F",
+                     help="INPUT.CROP.SINGLE_CATEGORY_MAX_AREA (1.0: no constraint)")
+    aug.add_argument("--no-color-aug-ssd", dest="color_aug_ssd", action="store_false",
+                     help="disable INPUT.COLOR_AUG_SSD (on by default)")
+    aug.add_argument("--no-flip", dest="flip", action="store_false", help="disable the random horizontal flip")
+    aug.add_argument("--size-divisibility", type=int, default=768, metavar="N",
+                     help="INPUT.SIZE_DIVISIBILITY: pad crops to a multiple of N (image 128, labels ignore; "
+                          "default 768)")
+
+    solver = parser.add_argument_group("solver (SOLVER.*)")
+    solver.add_argument("--max-iter", type=int, default=80000, metavar="N", help="SOLVER.MAX_ITER (80000)")
+    solver.add_argument("--ims-per-batch", type=int, default=4, metavar="N",
+                        help="SOLVER.IMS_PER_BATCH: images per iteration over all processes (4)")
+    solver.add_argument("--base-lr", type=float, default=2e-4, metavar="LR", help="SOLVER.BASE_LR (2e-4)")
+    solver.add_argument("--weight-decay", type=float, default=1e-4, metavar="WD", help="SOLVER.WEIGHT_DECAY (1e-4)")
+    solver.add_argument("--weight-decay-norm", type=float, default=0.0, metavar="WD",
+                        help="SOLVER.WEIGHT_DECAY_NORM (0.0)")
+    solver.add_argument("--clip-multiplier", type=float, default=0.01, metavar="F",
+                        help="SOLVER.CLIP_MULTIPLIER: lr factor of the CLIP parameters (0.01)")
+    solver.add_argument("--clip-value", type=float, default=0.01, metavar="V",
+                        help="SOLVER.CLIP_GRADIENTS.CLIP_VALUE, full model, L2 (0.01; 0 disables)")
+    solver.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="SEED: data order, augmentation, random weights, drop path (default 0; the official "
+                             "-1 draws one per run, here a run is reproducible)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", metavar="PATH", help="weights to start from (official SED checkpoint)")
+    model.add_argument("--random-weights", action="store_true", help="start from random weights (tests)")
+    model.add_argument("--variant", default="b", help="b (SED-B) or l (SED-L); default b")
+    model.add_argument("--impl", choices=("fast", "reference"), default="fast", help="implementation (default fast)")
+    model.add_argument("--dtype", default="float32", choices=sorted(_AUTOCAST),
+                       help="autocast compute dtype; the weights stay float32 (default float32, the official)")
+    model.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute decoder activations in the backward (less memory, more time)")
+    model.add_argument("--resolution", type=int, default=768, metavar="PX",
+                       help="encoder input side, a multiple of 32 (official: 768)")
+    model.add_argument("--drop-path", type=float, default=None, metavar="P",
+                       help="stochastic depth of the CLIP ConvNeXt trunk, rising linearly to P over its blocks as "
+                            "timm spreads it (default: the variant's, as the official code's CLIP configs: "
+                            "SED-B 0, SED-L 0.1)")
+    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    run.add_argument("--save-every", type=int, default=5000, metavar="N",
+                     help="SOLVER.CHECKPOINT_PERIOD: checkpoint every N iterations (5000; 0: only at the end)")
+    run.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings)")
+    run.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    run.add_argument("--workers", type=int, default=None, metavar="W",
+                     help="DATALOADER.NUM_WORKERS per process (default: up to 8, the CPUs shared by this "
+                          "machine's processes; 0 loads in the main process)")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="S", help="seconds between progress lines")
+    run.add_argument("--no-plot", action="store_true", help="do not write loss_curve.png")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr (log.txt has them)")
+    run.add_argument("--debug", action="store_true", help="show Python tracebacks with errors")
+
+    ev = parser.add_argument_group("evaluation during training (as sed-fast eval)")
+    ev.add_argument("--eval-every", type=int, default=10000, metavar="N",
+                    help="TEST.EVAL_PERIOD: evaluate every N iterations and at the end when an evaluation set is "
+                         "given (10000; 0: never)")
+    ev.add_argument("--eval-dataset", metavar="NAME", help="an official evaluation set (ade150, coco, ...)")
+    ev.add_argument("--eval-data-root", metavar="DIR", help="its data root (default: --data-root)")
+    ev.add_argument("--eval-images", metavar="DIR")
+    ev.add_argument("--eval-labels", metavar="DIR")
+    ev.add_argument("--eval-vocab", metavar="NAME|FILE|LIST")
+    ev.add_argument("--eval-ignore", type=int, metavar="N")
+    ev.add_argument("--eval-limit", type=int, metavar="N", help="evaluate the first N images only")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``sed-fast train`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args([str(a) for a in argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    from ..evaluation.datasets import DatasetError
+    from ..evaluation.runner import quiet_loader_shutdown
+    from .loop import NonFiniteError, Stopped
+    from .state import StateError
+
+    try:
+        with quiet_loader_shutdown():
+            return _run(args)
+    except (UsageError, StateError) as error:
+        _error(str(error), args)
+        return EXIT_USAGE
+    except Stopped as stop:
+        where = f" in {stop.path}" if stop.path else ""
+        print(f"{_PROG}: {stop}; the resumable state is saved{where}: rerun the same command with --resume to "
+              "continue", file=sys.stderr)
+        return 128 + int(stop.signum)
+    except NonFiniteError as error:
+        _error(f"{error}. {_last_good(args)}", args)
+        return EXIT_FAILED
+    except DatasetError as error:
+        _error(f"{error}. {_last_good(args)}", args)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error(f"interrupted. {_last_good(args)}", args)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
+        _error(f"{type(error).__name__}: {error}. {_last_good(args)}", args)
+        if not args.debug:
+            print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _last_good(args) -> str:
+    from .state import last_checkpoint
+
+    path = last_checkpoint(Path(os.path.expanduser(args.out)))
+    if path is None or not path.exists():
+        return "No checkpoint was saved"
+    return f"The last good checkpoint is {path} (rerun with --resume to continue from it)"
+
+
+def _error(message: str, args) -> None:
+    print(f"{_PROG}: error: {message}", file=sys.stderr)
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+
+
+# -- options -------------------------------------------------------------------------------------
+def _check_options(args):
+    import torch
+
+    from ..cli import check_model_options
+
+    args.cer_topk = None
+    args_for_model = argparse.Namespace(**{**vars(args), "dtype": "float32"})
+    spec, _, device = check_model_options(args_for_model, error=UsageError)
+    for name, value, low in (("--max-iter", args.max_iter, 1), ("--ims-per-batch", args.ims_per_batch, 1),
+                             ("--save-every", args.save_every, 0), ("--eval-every", args.eval_every, 0),
+                             ("--workers", args.workers, 0), ("--limit", args.limit, 1),
+                             ("--max-size-train", args.max_size_train, 1),
+                             ("--size-divisibility", args.size_divisibility, 0), ("--eval-limit", args.eval_limit, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    for name, value in (("--base-lr", args.base_lr), ("--weight-decay", args.weight_decay),
+                        ("--weight-decay-norm", args.weight_decay_norm), ("--clip-multiplier", args.clip_multiplier),
+                        ("--clip-value", args.clip_value)):
+        if not (value >= 0 and value < float("inf")):
+            raise UsageError(f"{name} must be a finite number >= 0, got {value}")
+    if args.drop_path is not None and not 0 <= args.drop_path < 1:
+        raise UsageError(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    if len(args.crop_size) == 1:
+        args.crop_size = args.crop_size * 2
+    if len(args.crop_size) != 2:
+        raise UsageError(f"--crop-size takes H or H,W, got {args.crop_size}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    custom = [args.images, args.labels, args.vocab, args.ignore]
+    if args.dataset is not None and any(v is not None for v in custom):
+        raise UsageError("give either a dataset name or --images/--labels/--vocab/--ignore, not both")
+    if args.dataset is None and not all(v is not None for v in custom):
+        raise UsageError("no training data: give the dataset name coco or all of --images, --labels, --vocab and "
+                         "--ignore")
+    eval_custom = [args.eval_images, args.eval_labels, args.eval_vocab, args.eval_ignore]
+    if args.eval_dataset is not None and any(v is not None for v in eval_custom):
+        raise UsageError("give either --eval-dataset or --eval-images/--eval-labels/--eval-vocab/--eval-ignore")
+    if any(v is not None for v in eval_custom) and not all(v is not None for v in eval_custom):
+        raise UsageError("a custom evaluation set needs all of --eval-images, --eval-labels, --eval-vocab and "
+                         "--eval-ignore")
+    device_type = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = _AUTOCAST[args.dtype]
+    if autocast == "float16" and device_type != "cuda":
+        raise UsageError("--dtype float16 trains with a gradient scaler on CUDA only; on CPU use bfloat16 or float32")
+    return spec, device_type, autocast
+
+
+def _augment_config(args):
+    from .augment import AugmentConfig
+
+    crop = tuple(args.crop_size)
+    try:
+        return AugmentConfig(min_size_train=tuple(args.min_size_train), max_size_train=args.max_size_train,
+                             min_size_train_sampling=args.min_size_train_sampling, crop_enabled=min(crop) > 0,
+                             crop_size=crop if min(crop) > 0 else (1, 1),
+                             single_category_max_area=args.single_category_max_area,
+                             color_aug_ssd=args.color_aug_ssd, flip=args.flip, size_divisibility=args.size_divisibility)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _solver_config(args):
+    from .optim import SolverConfig
+
+    return SolverConfig(base_lr=args.base_lr, weight_decay=args.weight_decay, weight_decay_norm=args.weight_decay_norm,
+                        clip_multiplier=args.clip_multiplier, max_iter=args.max_iter, clip_value=args.clip_value,
+                        clip_enabled=args.clip_value > 0)
+
+
+def _load_train_data(args):
+    from ..evaluation.datasets import DatasetError
+    from ..vocabulary import parse_vocabulary_arg
+    from .data import load_train_dataset
+
+    try:
+        if args.dataset is not None:
+            dataset = load_train_dataset(args.dataset.strip().lower(), args.data_root)
+        else:
+            try:
+                names = parse_vocabulary_arg(args.vocab)
+            except Exception as error:  # noqa: BLE001 - a bad --vocab, whatever the reason
+                raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
+            dataset = load_train_dataset(images=args.images, labels=args.labels, vocabulary=names,
+                                         ignore_label=args.ignore)
+    except DatasetError as error:
+        raise UsageError(str(error)) from error
+    if args.limit is not None:
+        dataset.samples = dataset.samples[:args.limit]
+    from ..evaluation.cli import UsageError as EvalUsageError, _load_palette
+    try:
+        dataset.palette = _load_palette(args, dataset)
+    except EvalUsageError as error:
+        raise UsageError(str(error)) from error
+    return dataset
+
+
+def _load_eval_data(args):
+    """The evaluation set, resolved by ``sed-fast eval``'s own options and code."""
+    if args.eval_dataset is None and args.eval_images is None:
+        return None
+    from ..evaluation.cli import UsageError as EvalUsageError, _load_dataset, build_parser as eval_parser
+
+    if args.eval_dataset is not None:
+        argv = [args.eval_dataset]
+    else:
+        argv = ["--images", args.eval_images, "--labels", args.eval_labels, "--vocab", args.eval_vocab,
+                "--ignore", str(args.eval_ignore)]
+    root = args.eval_data_root or args.data_root
+    argv += (["--data-root", root] if root else []) + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as errors:
+            ns = eval_parser().parse_args(argv + ["--out", "unused", "--random-weights"])
+    except SystemExit:
+        raise UsageError(f"evaluation set: {errors.getvalue().strip().splitlines()[-1]}") from None
+    try:
+        return _load_dataset(ns)
+    except EvalUsageError as error:
+        raise UsageError(f"evaluation set: {error}") from error
+
+
+def _fingerprint(items: Sequence[str]) -> str:
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(item.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: int) -> dict:
+    """What a resumed run must share with the saved one: everything that changes the weights (not
+    the workers, the save period or the progress options)."""
+    if args.checkpoint is not None:
+        path = Path(os.path.expanduser(args.checkpoint)).resolve()
+        weights = f"{path} ({path.stat().st_size} bytes)"
+    else:
+        weights = f"random (seed {args.seed})"
+    stems = [s.stem for s in dataset.samples]
+    settings = {"dataset": dataset.spec.name, "pairs": f"{len(stems)} pairs, stems sha1 {_fingerprint(stems)}",
+                "vocabulary": f"{len(dataset.vocabulary)} names, sha1 {_fingerprint(dataset.vocabulary)}",
+                "ignore_label": dataset.spec.ignore_label, "variant": spec.name, "impl": args.impl,
+                "label_palette": (None if dataset.palette is None else
+                                  f"{args.label_palette or args.palette_from}"),
+                "dtype": _AUTOCAST[args.dtype] or "float32", "activation_checkpointing": args.activation_checkpointing,
+                "resolution": args.resolution, "drop_path": args.drop_path, "initial_weights": weights,
+                "seed": args.seed, "device_type": device_type, "world_size": world_size}
+    for key in ("min_size_train", "max_size_train", "min_size_train_sampling", "crop_size", "single_category_max_area",
+                "color_aug_ssd", "flip", "size_divisibility", "max_iter", "ims_per_batch", "base_lr", "weight_decay",
+                "weight_decay_norm", "clip_multiplier", "clip_value"):
+        value = getattr(args, key)
+        settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+    # Not the evaluation set nor its period: evaluating does not change the steps (a resumed run
+    # may evaluate on another set, or stop evaluating).
+    del eval_dataset
+    return settings
+
+
+def _default_workers() -> int:
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 1) // local))
+
+
+# -- model ---------------------------------------------------------------------------------------
+def _build_model(args, spec, device, state_dict, vocabulary: List[str]):
+    """The model to train, in training mode, with the training vocabulary."""
+    import sed_fast.api as api
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", api.RandomWeightsWarning)
+        model = api.build_sed(spec.name, impl=args.impl, checkpoint=state_dict, device=device,
+                              clip_resolution=args.resolution, seed=args.seed)
+    model.set_vocabulary(vocabulary)
+    return model
+
+
+def _prepare_model(model, args):
+    """Training mode, drop path, activation checkpointing; checks that the model can train."""
+    model.train()
+    if args.drop_path is not None:
+        _set_drop_path(model, args.drop_path)
+    if args.activation_checkpointing:
+        decoder = model.decoder
+        if not hasattr(decoder, "activation_checkpointing"):
+            raise UsageError("--activation-checkpointing: this decoder has no activation checkpointing")
+        decoder.activation_checkpointing = True
+    return model
+
+
+def _set_drop_path(model, rate: float) -> None:
+    """Stochastic depth of the CLIP image tower at ``rate`` instead of the variant's, set as the
+    model sets its own (``set_train_regularisation``: timm's linear schedule over the blocks)."""
+    import dataclasses
+
+    from ..models.encoder import set_train_regularisation
+
+    try:
+        set_train_regularisation(model.clip_model, dataclasses.replace(model.spec, train_drop_path=rate))
+    except AttributeError as error:
+        raise UsageError(f"--drop-path: the CLIP image tower has no ConvNeXt trunk ({error})") from None
+
+
+# -- run -----------------------------------------------------------------------------------------
+def _run(args) -> int:
+    import torch
+
+    from ..evaluation import distributed
+    from . import loop as loop_mod, state as state_mod
+    from .data import IterationSampler, TrainDataset, _Collate, check_samples
+    from .optim import build_optimizer
+
+    spec, device_type, autocast = _check_options(args)
+    augment_config = _augment_config(args)
+    solver = _solver_config(args)
+    dataset = _load_train_data(args)
+    eval_dataset = _load_eval_data(args)
+    out_dir = Path(os.path.expanduser(args.out))
+    ctx = distributed.setup(device_type)
+    try:
+        if args.ims_per_batch % ctx.world_size:
+            raise UsageError(f"--ims-per-batch {args.ims_per_batch} is not a multiple of the {ctx.world_size} "
+                             "processes (each process takes an equal part of the batch)")
+        batch_per_rank = args.ims_per_batch // ctx.world_size
+        device = _device(args, device_type, ctx)
+        io = loop_mod.RunIO(out_dir if ctx.is_main else None, quiet=args.quiet, progress_every=args.progress_every,
+                            plot=not args.no_plot)
+        settings = _settings(args, dataset, eval_dataset, spec, device_type, ctx.world_size)
+
+        # Rank 0 owns --out: it decides between a fresh start and a resume, and tells the others.
+        decision = None
+        if ctx.is_main:
+            try:
+                decision = ("ok", _prepare_out(args, out_dir, settings, state_mod, loop_mod))
+            except (UsageError, state_mod.StateError) as error:
+                decision = ("error", str(error))
+        decision = ctx.broadcast_object(decision)
+        if decision[0] == "error":
+            raise UsageError(decision[1])
+        resume_from = decision[1]  # None or the checkpoint path
+        resumed = state_mod.load_training(out_dir) if resume_from is not None else None
+
+        io.note(f"training set {dataset.spec.name}: {len(dataset.samples)} pairs from {dataset.image_dir} and "
+                f"{dataset.label_dir}, {len(dataset.vocabulary)} classes, ignore {dataset.spec.ignore_label}; "
+                f"{ctx.world_size} process(es) x {batch_per_rank} image(s) per iteration on {device}")
+        workers = args.workers if args.workers is not None else _default_workers()
+        if not args.skip_data_check:
+            start = time.perf_counter()
+            mine = distributed.shard(list(range(len(dataset.samples))), ctx.rank, ctx.world_size)
+            errors, unlabelled = check_samples(dataset.samples, mine, len(dataset.vocabulary),
+                                               dataset.spec.ignore_label, workers, palette=dataset.palette)
+            gathered = ctx.all_gather_objects((errors, unlabelled))
+            errors = [e for part in gathered for e in part[0]]
+            unlabelled = sum(part[1] for part in gathered)
+            if errors:
+                raise UsageError(f"the training set has unusable pairs ({len(errors)} shown, the check stopped at "
+                                 f"5 per process): " + " | ".join(errors[:5]))
+            if unlabelled == len(dataset.samples):
+                raise UsageError("no label map of the training set has a labelled pixel (all are the ignore value "
+                                 f"{dataset.spec.ignore_label})")
+            io.note(f"checked {len(dataset.samples)} label maps in {time.perf_counter() - start:.1f} s "
+                    f"({unlabelled} without a labelled pixel)")
+
+        weights = None
+        if resumed is not None:
+            weights = resumed[1]
+        elif args.checkpoint is not None:
+            from ..cli import UsageError as SegmentUsageError, _read_checkpoint
+            try:
+                weights = _read_checkpoint(args.checkpoint)
+            except SegmentUsageError as error:
+                raise UsageError(str(error)) from error
+        from ..checkpoint import CheckpointError
+        try:
+            model = _build_model(args, spec, device, weights, list(dataset.vocabulary))
+        except CheckpointError as error:
+            raise UsageError(str(error)) from error
+        model = _prepare_model(model, args)
+        optimizer = build_optimizer(model, solver)
+        scaler = torch.amp.GradScaler(device.type) if autocast == "float16" else None
+        start_iter, rng_states, seconds_before = 0, None, 0.0
+        if resumed is not None:
+            path, _, saved = resumed
+            optimizer.load_state_dict(saved["optimizer"])
+            if scaler is not None and saved.get("scaler") is not None:
+                scaler.load_state_dict(saved["scaler"])
+            start_iter = int(saved["iteration"]) + 1
+            rng_states = saved["rng"]
+            seconds_before = float(saved.get("seconds", 0.0))
+            if ctx.is_main:
+                io.history = loop_mod.truncate_metrics(out_dir, start_iter)
+            io.note(f"resuming from {path.name} after {start_iter} iterations")
+        else:
+            # Seeds per process (detectron2: seed + rank), for what the model draws (drop path).
+            torch.manual_seed(args.seed + ctx.rank)
+            import random
+
+            import numpy as np
+            np.random.seed((args.seed + ctx.rank) % 2**32)
+            random.seed(args.seed + ctx.rank)
+        if args.random_weights and ctx.is_main and resumed is None:
+            print(f"{_PROG}: note: starting from RANDOM WEIGHTS (--random-weights)", file=sys.stderr)
+
+        train_data = TrainDataset(dataset.samples, len(dataset.vocabulary), dataset.spec.ignore_label,
+                                  augment_config, args.seed, palette=dataset.palette)
+
+        def loader_factory(first: int):
+            generator = torch.Generator()
+            generator.manual_seed(args.seed + ctx.rank)  # never the global RNG: it belongs to the model
+            return torch.utils.data.DataLoader(
+                train_data, batch_sampler=IterationSampler(first, args.max_iter, batch_per_rank, ctx.rank,
+                                                           ctx.world_size),
+                num_workers=workers, collate_fn=_Collate(dataset.spec.ignore_label),
+                pin_memory=device.type == "cuda", worker_init_fn=_WorkerInit(args.seed, ctx.rank) if workers else None,
+                prefetch_factor=4 if workers else None, persistent_workers=False, generator=generator)
+
+        evaluate = _evaluator(args, model, eval_dataset, list(dataset.vocabulary), ctx, device, workers, io) \
+            if eval_dataset is not None else None
+        config = loop_mod.LoopConfig(max_iter=args.max_iter, batch_per_rank=batch_per_rank,
+                                     ignore_label=dataset.spec.ignore_label, clip_value=args.clip_value,
+                                     save_every=args.save_every, eval_every=args.eval_every,
+                                     autocast_dtype=getattr(torch, autocast) if autocast else None, settings=settings)
+        flag = loop_mod.SignalFlag()
+        flag.install()
+        try:
+            if start_iter >= args.max_iter:
+                io.note(f"the run in {out_dir} is complete ({start_iter} iterations): nothing to do")
+                return EXIT_OK
+            loop_mod.train(model, optimizer, loader_factory, config, ctx, device, io, start=start_iter, scaler=scaler,
+                           rng_states=rng_states, seconds_before=seconds_before, evaluate=evaluate, flag=flag)
+        finally:
+            flag.restore()
+        io.note(f"done: {args.max_iter} iterations; weights in {out_dir / 'model_final.pth'}")
+        return EXIT_OK
+    finally:
+        ctx.close()
+
+
+class _WorkerInit:
+    """Seeds of a loader worker (detectron2's ``worker_init_reset_seed``: per process and worker);
+    Ctrl-C is left to the main process, which saves the state."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, worker_id: int) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        from ..evaluation.runner import _worker_init
+
+        _worker_init(worker_id)
+        seed = (self.seed * 1000003 + self.rank * 1009 + worker_id) % 2**31
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+
+def _device(args, device_type: str, ctx):
+    import torch
+
+    if device_type == "cpu":
+        return torch.device("cpu")
+    if ctx.distributed:
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device(args.device or "cuda")
+
+
+def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
+    """Rank 0: create --out; return the checkpoint to resume from, or None for a fresh run."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
+    marker = out_dir / state_mod.LAST_CHECKPOINT
+    has_run = marker.exists() or (out_dir / "metrics.jsonl").exists()
+    if args.resume and marker.exists():
+        resumed = state_mod.load_training(out_dir)
+        state_mod.check_settings(resumed[2]["settings"], settings, resumed[0])
+        return resumed[0]
+    if has_run and not args.overwrite and not args.resume:
+        raise UsageError(f"{out_dir} holds a training run: pass --resume to continue it, --overwrite to start over, "
+                         "or another --out")
+    loop_mod.remove_outputs(out_dir)
+    return None
+
+
+def _evaluator(args, model, eval_dataset, train_vocabulary: List[str], ctx, device, workers: int, io):
+    """evaluate(done) -> {"eval/mIoU": ...}: the evaluation package's loop on ``eval_dataset``."""
+    from ..evaluation import runner
+    from ..evaluation.metrics import compute_metrics
+
+    def evaluate(done: int):
+        model.eval()
+        try:
+            model.set_vocabulary(eval_dataset.vocabulary)
+            state = runner.new_state({}, ["model"], eval_dataset.num_classes)
+            state = runner.evaluate({"model": model}, eval_dataset, state, ctx=ctx, device=device, state_file=None,
+                                    batch_size=1, workers=min(workers, 4), save_every=0, progress=False)
+            figures = {}
+            if ctx.is_main:
+                metrics = compute_metrics(state.confusion["model"].numpy(), eval_dataset.class_names)
+                figures = {f"eval/{k}": float(metrics[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")}
+                figures["eval/dataset"] = eval_dataset.spec.name
+            return figures
+        finally:
+            model.set_vocabulary(train_vocabulary)
+            model.train()
+            _prepare_model(model, args)
+
+    return evaluate

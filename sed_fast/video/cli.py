@@ -1,0 +1,228 @@
+"""``sed-fast segment`` for videos, cameras and streams (called from :mod:`sed_fast.cli` when the
+inputs are videos; the exit codes and ``summary.json`` conventions are the image path's).
+
+Per video: ``<stem>_overlay.mp4``, ``<stem>_labels/`` or ``<stem>_labels.npz`` (``--save-labels``),
+and one ``summary.json`` for the run with a record per video under ``"videos"``: frames decoded /
+segmented / written, corrupt and dropped frames, fps in and out (the video's frame rates),
+processing fps, seconds per frame by stage (decode, model, overlay, encode, labels) and the classes
+present over time (intervals of decoded-frame indices).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .. import cli as _cli
+from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
+from .io import SourceError, VideoError, import_av, open_source
+from .run import VideoOptions, segment_video
+
+
+def _stem(spec: str, used: set) -> str:
+    if is_stream_url(spec):
+        rest = spec.split("://", 1)[1].split("?", 1)[0]
+        suffix = Path(rest).suffix
+        base = _cli._safe(rest[:-len(suffix)] if suffix.lower() in VIDEO_EXTENSIONS else rest)
+    else:
+        base = _cli._safe(Path(spec).stem)
+    candidate, k = base, 2
+    while candidate.lower() in used:
+        candidate, k = f"{base}-{k}", k + 1
+    used.add(candidate.lower())
+    return candidate
+
+
+def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> None:
+    UsageError = _cli.UsageError
+    if others:
+        raise UsageError("give videos or images, not both, in one run: " + ", ".join(repr(o) for o in others[:3])
+                         + (" ..." if len(others) > 3 else "") + " are not videos ("
+                         + "/".join(e[1:] for e in VIDEO_EXTENSIONS)
+                         + ")")
+    if args.camera is not None and videos:
+        raise UsageError("--camera and video inputs exclude each other: run them separately")
+    if args.camera is not None and args.camera < 0:
+        raise UsageError(f"--camera must be >= 0, got {args.camera}")
+    if args.every < 1:
+        raise UsageError(f"--every must be >= 1, got {args.every}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UsageError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.save_scores:
+        raise UsageError("--save-scores is for images; for videos use --save-labels png|npz")
+
+
+def segment_videos(args: argparse.Namespace, signals) -> int:
+    """The video run of ``segment`` (options already checked by the image path's checks)."""
+    UsageError = _cli.UsageError
+    videos, others = split_inputs(args.images or [])
+    _check(args, videos, others)
+    try:
+        import_av()
+    except SourceError as error:
+        raise UsageError(str(error)) from None
+    class_names = _cli._load_vocabulary(args.vocab)
+    spec, dtype, device = _cli.check_model_options(args)
+    out_dir = Path(args.out).expanduser()
+    from ..outdir_lock import OutputDirError, exclusive_output_dir
+
+    with contextlib.ExitStack() as held:
+        try:  # writable, and no other run in it, before the model is built
+            held.enter_context(exclusive_output_dir(out_dir, f"sed-fast segment --out {args.out}"))
+        except OutputDirError as error:
+            raise UsageError(f"--out {args.out}: {_cli._describe(error)}") from error
+        return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir)
+
+
+def _segment_videos_locked(args, signals, videos: List[str], class_names: List[str], spec, dtype, device,
+                           out_dir: Path) -> int:
+    UsageError = _cli.UsageError
+    output = _cli._OutputFolder(out_dir)
+    info = (lambda message: None) if args.quiet else (lambda message: print(f"sed-fast: {message}", file=sys.stderr))
+
+    # Open every file source first: a missing camera or an unreadable only input is a usage error
+    # before the model is built; with several files, a bad one fails alone later.
+    inputs = [(str(args.camera), True)] if args.camera is not None else [(v, False) for v in videos]
+    used: set = set()
+    stems = [("camera%s" % spec if camera else _stem(spec, used)) for spec, camera in inputs]
+    first_error: Optional[SourceError] = None
+    if len(inputs) == 1:
+        try:
+            opened = {0: open_source(inputs[0][0], camera=inputs[0][1])}
+        except SourceError as error:
+            raise UsageError(str(error)) from None
+    else:
+        opened = {}
+
+    random_weights = args.checkpoint is None
+    if random_weights:
+        print("sed-fast: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this run is "
+              "meaningless and is marked as made with random weights", file=sys.stderr)
+    from .. import __version__
+
+    summary: Dict[str, object] = {
+        "status": "running", "exit_code": None, "run_id": uuid.uuid4().hex, "started_at": _cli._now(),
+        "finished_at": None, "sed_fast_version": __version__, "kind": "video", "random_weights": random_weights,
+        "checkpoint": None if random_weights else str(Path(args.checkpoint).expanduser().resolve()),
+        "variant": spec.name, "impl": None, "dtype": _cli._DTYPES[args.dtype], "device": None,
+        "cer_topk": args.cer_topk, "clip_resolution": args.resolution, "batch_size": args.batch_size,
+        "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
+        "num_inputs": len(inputs), "videos": [],
+    }
+    records: List[dict] = summary["videos"]  # type: ignore[assignment]
+    last_save = {"t": 0.0}
+
+    def save(**changes) -> None:
+        summary.update(changes)
+        with signals.deferred():
+            output.write_json("summary.json", summary)
+        last_save["t"] = time.perf_counter()
+
+    save()
+    current: Dict[str, Optional[dict]] = {"record": None}
+    try:
+        checkpoint_state = None if random_weights else _cli._read_checkpoint(args.checkpoint)
+        start = time.perf_counter()
+        model, impl = _cli._build_model(args, spec, dtype, device, checkpoint_state)
+        del checkpoint_state
+        info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
+             f"{time.perf_counter() - start:.1f} s")
+        try:
+            class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
+        except ValueError as error:
+            raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
+        random_weights = bool(getattr(model, "random_weights", random_weights))
+        save(impl=impl, device=str(model.device), random_weights=random_weights)
+        options = VideoOptions(batch_size=args.batch_size, every=args.every, max_frames=args.max_frames,
+                               save_labels=args.save_labels, alpha=args.alpha, random_weights=random_weights)
+
+        def on_progress(record: dict) -> None:
+            if time.perf_counter() - last_save["t"] > 2.0:  # a live summary, without rewriting it per batch
+                save()
+
+        for i, ((spec_text, camera), stem) in enumerate(zip(inputs, stems)):
+            try:
+                source = opened.pop(i) if i in opened else open_source(spec_text, camera=camera)
+            except SourceError as error:
+                first_error = first_error or error
+                records.append({"input": spec_text, "status": "error", "error": str(error)})
+                _cli._error(str(error))
+                save()
+                continue
+            record = {"input": source.label, "status": "running"}
+            records.append(record)
+            current["record"] = record
+            try:
+                result = segment_video(model, source, class_names, out_dir, stem, options, info=info,
+                                       progress=not args.quiet, deferred=signals.deferred,
+                                       on_progress=lambda r, record=record: (record.update(r), on_progress(r)))
+            except KeyboardInterrupt as error:
+                record.update(getattr(error, "video_record", {}))
+                record["status"] = "interrupted"
+                raise
+            except (VideoError, OSError, RuntimeError, ValueError, MemoryError) as error:
+                record.update(getattr(error, "video_record", {}))
+                record.update(status="error", error=f"{type(error).__name__}: {_cli._describe(error)}")
+                _cli._error(f"{spec_text}: {record['error']}")
+                if args.debug:
+                    traceback.print_exception(type(error), error, error.__traceback__)
+                save()
+                continue
+            record.update(result)
+            current["record"] = None
+            _report(record, info)
+            save()
+    except KeyboardInterrupt as error:
+        code = getattr(error, "exit_code", _cli.EXIT_SIGINT)
+        record = current["record"]
+        if record is not None:
+            where = (f"{record.get('frames_written', 0)} frame(s) written to "
+                     f"{out_dir / record['outputs']['overlay']} (the file is complete and plays)"
+                     if record.get("outputs", {}).get("overlay") else "no frame was written")
+            _cli._error(f"interrupted in {record['input']} after {record.get('frames_segmented', 0)} segmented "
+                        f"frame(s): {where}")
+        save(status="interrupted", exit_code=code, signal=_cli._signal_name(code - 128), finished_at=_cli._now())
+        raise
+    except UsageError as error:
+        save(status="failed", exit_code=_cli.EXIT_USAGE, error=str(error), finished_at=_cli._now())
+        raise
+    except Exception as error:
+        save(status="failed", exit_code=_cli.EXIT_FAILED, error=f"{type(error).__name__}: {_cli._describe(error)}",
+             finished_at=_cli._now())
+        raise
+    failed = [r for r in records if r["status"] != "ok"]
+    code = _cli.EXIT_FAILED if failed else _cli.EXIT_OK
+    save(status="complete", exit_code=code, finished_at=_cli._now())
+    for r in failed:
+        if r["status"] == "truncated":
+            _cli._error(f"{r['input']}: {r['error']}")
+    info(f"{len(records) - len(failed)} of {len(records)} video(s) segmented; outputs in {out_dir}")
+    if random_weights:
+        print("sed-fast: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
+    return code
+
+
+def _report(record: dict, info) -> None:
+    stages = ", ".join(f"{k} {1000 * v:.1f}" for k, v in record.get("seconds_per_frame", {}).items())
+    info(f"{record['input']}: {record['frames_written']} frame(s) in {record['seconds']:.1f} s "
+         f"({record['processing_fps'] or 0:.2f} frames/s; ms per frame: {stages})")
+    if record.get("corrupt_frames"):
+        _cli._warn(f"{record['input']}: {record['corrupt_frames']} corrupt frame(s) skipped "
+                   f"({'; '.join(record.get('corrupt_details', [])[:2])})")
+    if record.get("dropped_frames"):
+        _cli._warn(f"{record['input']}: {record['dropped_frames']} frame(s) dropped (the model was slower than "
+                   "the live source)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sed_fast.video.cli VIDEO... --vocab ... --out DIR`` = ``sed-fast segment VIDEO...``."""
+    return _cli.main(["segment", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""``sed-fast doctor`` on CPU: it runs, lists every op, and a backend that disagrees with its
+reference (or raises) is reported, excluded from dispatch in the process, and fails the exit code."""
+import json
+
+import pytest
+import torch
+
+from sed_fast import cli
+from sed_fast.doctor import checks
+from sed_fast.kernels import dispatch
+
+
+def _run_json(capsys, *options):
+    code = cli.main(["doctor", "--json", *options])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
+    code, report = _run_json(capsys, "--device", "cpu", "--reps", "1")
+    assert code == 0, report["problems"]
+    assert report["ok"] and not report["problems"] and not report["excluded"]
+    assert {r["op"] for r in report["backends"]} == set(dispatch.ops())
+    assert {r["op"] for r in report["dispatch"]} == set(dispatch.ops())
+    torch_rows = [r for r in report["backends"] if r["backend"] == "torch"]
+    assert {r["op"] for r in torch_rows} == set(dispatch.ops()) and all(r["status"] == "ok" for r in torch_rows)
+    assert all(r["chosen"] == "torch" for r in report["dispatch"])  # no GPU, no interpreter: the references
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["cuda_extension"]["loaded"] is False and report["cuda_extension"]["why_not"]
+    e2e = report["end_to_end"]
+    assert e2e["ok"] and [run["cer_topk"] for run in e2e["runs"]] == [None, 2]
+    assert all(run["max_score_diff"] <= 1e-4 for run in e2e["runs"])
+
+
+def test_doctor_prints_a_table_of_every_op(capsys):
+    code = cli.main(["doctor", "--device", "cpu", "--reps", "0", "--no-e2e"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for op in dispatch.ops():
+        assert f"{op:<20} -> torch" in out  # the dispatch table
+        assert out.count(op) >= 3  # rows of the backend table, and the dispatch line
+    assert "all is well" in out
+
+
+@pytest.fixture
+def broken_backends():
+    """A "triton" cost map that is off by 1% and a "triton" gather that raises, both claiming to run on CPU."""
+    saved = {op: dict(dispatch._backends[op]) for op in ("cost_map", "gather_rows")}
+
+    def wrong_cost_map(img, text, channels_last=True):
+        return checks.references()["cost_map"](img, text, channels_last) * 1.01
+
+    def raising_gather(x, flat_idx, total):
+        raise RuntimeError("injected failure")
+
+    dispatch.register_impl("cost_map", "triton", wrong_cost_map, unavailable=lambda device: None)
+    dispatch.register_impl("gather_rows", "triton", raising_gather, unavailable=lambda device: None)
+    yield
+    for op, backends in saved.items():
+        dispatch._backends[op] = backends
+        for name in backends:
+            dispatch.include(op, name)
+
+
+def test_a_wrong_backend_is_reported_excluded_and_fails(capsys, broken_backends):
+    args = checks.CASES[0].make(torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
+    assert dispatch.resolve_name("cost_map", "cpu", args) == "triton"  # before: auto picks it
+
+    code, report = _run_json(capsys, "--device", "cpu", "--reps", "0", "--no-e2e")
+    assert code == 1 and not report["ok"]
+    rows = {(r["op"], r["backend"]): r for r in report["backends"]}
+    wrong, failing = rows[("cost_map", "triton")], rows[("gather_rows", "triton")]
+    assert wrong["status"] == "WRONG" and wrong["excluded"] and wrong["max_error"] > 1e-3
+    assert failing["status"] == "error" and "injected failure" in failing["error"] and failing["excluded"]
+    assert rows[("cost_map", "torch")]["status"] == "ok"
+    assert {(x["op"], x["backend"]) for x in report["excluded"]} == {("cost_map", "triton"), ("gather_rows", "triton")}
+    assert {r["op"]: r["chosen"] for r in report["dispatch"]}["cost_map"] == "torch"
+    assert any("cost_map [triton]" in problem for problem in report["problems"])
+
+    # In the rest of the process: "auto" never picks it, asking for it by name says why.
+    assert dispatch.resolve_name("cost_map", "cpu", args) == "torch"
+    assert "triton" not in dispatch.available_backends("cost_map", "cpu")
+    dispatch.set_backend("cost_map", "triton")
+    try:
+        with pytest.raises(dispatch.BackendError, match="excluded in this process: sed-fast doctor: WRONG"):
+            dispatch.resolve_name("cost_map", "cpu", args)
+    finally:
+        dispatch.set_backend("cost_map", None)
+
+
+@pytest.mark.skipif(not dispatch.triton_interpreter_mode(),
+                    reason="Triton was imported in compiled mode in this process (a CUDA machine): --interpret "
+                           "would re-run the doctor in a new process, minutes of interpreted kernels")
+def test_doctor_interpret_checks_the_triton_kernels(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # restored after: --interpret sets it for the process
+    code, report = _run_json(capsys, "--interpret", "--reps", "0", "--no-e2e")
+    assert code == 0, report["problems"]
+    triton_rows = [r for r in report["backends"] if r["backend"] == "triton"]
+    assert {r["op"] for r in triton_rows} == set(dispatch.ops())
+    assert all(r["status"] == "ok" for r in triton_rows), triton_rows
+    assert all(r["chosen"] == "triton" for r in report["dispatch"])
+    assert any("interpreter" in note for note in report["notes"])
+
+
+def test_doctor_usage_errors(capsys):
+    assert cli.main(["doctor", "--resolution", "33"]) == 2
+    assert cli.main(["doctor", "--dtypes", "float8"]) == 2
+    assert cli.main(["doctor", "--bogus"]) == 2
+    assert "error" in capsys.readouterr().err
