@@ -484,7 +484,8 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
         videos = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
         if videos:  # not silently: the user may expect their frames to be segmented
             _warn(f"skipped {len(videos)} video file(s) in {folder} ({', '.join(videos[:5])}"
-                  f"{', ...' if len(videos) > 5 else ''}): segment reads images only")
+                  f"{', ...' if len(videos) > 5 else ''}): a folder is read for its images; give video files "
+                  "themselves as inputs to segment their frames")
         if not found and not quiet:
             _warn(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
         for p in found:

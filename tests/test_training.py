@@ -18,7 +18,7 @@ NUM_CLASSES = 5
 
 def _small(dtype=torch.float32):
     torch.manual_seed(0)
-    model = sed_fast.build_sed("b", device="cpu", clip_resolution=64)
+    model = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=64)
     model.text_embeddings = F.normalize(torch.randn(NUM_CLASSES, 80, 640), dim=-1)
     model.class_names = [f"class{i}" for i in range(NUM_CLASSES)]
     return model.to(dtype)

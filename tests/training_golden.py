@@ -41,7 +41,7 @@ def build_model(dtype=torch.float64):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sed_fast.RandomWeightsWarning)
-        model = sed_fast.build_sed("b", device="cpu", clip_resolution=CLIP_RESOLUTION)
+        model = sed_fast.build_sed("b", impl="reference", device="cpu", clip_resolution=CLIP_RESOLUTION)
     model.to(torch.float64)
     set_weights(model)
     generator = torch.Generator().manual_seed(1)

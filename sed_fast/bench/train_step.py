@@ -122,7 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--device cuda: no CUDA device here")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sed_fast.RandomWeightsWarning)
-        reference = sed_fast.build_sed(args.variant, device=device, clip_resolution=args.resolution)
+        reference = sed_fast.build_sed(args.variant, impl="reference", device=device,
+                                       clip_resolution=args.resolution)
     generator = torch.Generator().manual_seed(1)
     text = F.normalize(torch.randn(args.classes, 80, reference.spec.embed_dim, generator=generator), dim=-1)
     reference.text_embeddings = text.to(device)
