@@ -210,6 +210,8 @@ CASES = (
     Case("pil_bilinear_resize", "uint8 (3,37,53) -> (20,29)", _resize, _equal, dtypes=(torch.uint8,), oracle=_pillow),
 )
 
+CASES_BY_OP = {case.op: case for case in CASES}
+
 
 def references() -> Dict[str, Callable]:
     """op -> its plain PyTorch reference (the module function, whatever is registered as "torch")."""
@@ -287,6 +289,12 @@ def check_backends(device: torch.device, dtypes: Sequence[torch.dtype], reps: in
                                                     f"{base['dtype']} ({what})")
                     row["excluded"] = True
                 rows.append(row)
+    covered = {case.op for case in CASES}
+    for op in dispatch.ops():
+        if op not in covered:  # e.g. an op added after these cases were written: said, not hidden
+            rows.append({"op": op, "shape": None, "dtype": None, "backend": ",".join(dispatch._known(op)),
+                         "status": "not checked", "max_error": None, "ms": None,
+                         "reason": "sed-fast doctor has no small-input case for this op yet"})
     return rows
 
 
@@ -318,6 +326,15 @@ def dispatch_table(device: torch.device, dtype: torch.dtype) -> List[Dict[str, o
         except Exception as error:  # noqa: BLE001 - e.g. the requested backend cannot run here
             row.update(chosen=None, why=_short(error))
         rows.append(row)
+    covered = {case.op for case in CASES}
+    for op in dispatch.ops():
+        if op in covered:
+            continue
+        usable = dispatch.available_backends(op, device)
+        rows.append({"op": op, "backends": {n: "runs on this device" if n in usable else "not here"
+                                            for n in dispatch._known(op)},
+                     "requested": dispatch.requested_backend(op), "chosen": usable[0] if usable else None,
+                     "why": "without inputs: the first backend that runs on this device (inputs may narrow it)"})
     return rows
 
 

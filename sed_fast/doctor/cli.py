@@ -213,7 +213,7 @@ def print_report(report: Dict[str, object], file=None) -> None:
         detail = r.get("reason") or r.get("error") or (f"against {r['against']}" if r.get("against") else "")
         if r.get("excluded"):
             detail = ("EXCLUDED from dispatch. " + detail).strip()
-        say(f"{r['op']:<20} {r['dtype']:<9} {r['backend']:<10} {r['status']:<12} {_fmt(r.get('max_error')):>10} "
+        say(f"{r['op']:<20} {r['dtype'] or '-':<9} {r['backend']:<10} {r['status']:<12} {_fmt(r.get('max_error')):>10} "
             f"{_fmt(r.get('ms')):>9} {_fmt(r.get('speedup'), 2):>8}  {detail[:110]}")
     say("== dispatch (what runs each op here, and why)")
     for r in report["dispatch"]:

@@ -108,7 +108,10 @@ def _require_onnx():
 def export_onnx(module: ExportableSED, out: Path) -> Path:
     """torch.onnx.export (dynamo) of the reference path, opset 18+, dynamic height and width."""
     _require_onnx()
-    with torch.no_grad():
+    import contextlib
+
+    # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(),
                                     input_names=["image"],
                                     output_names=["labels", "scores"] if module.return_scores else ["labels"])
