@@ -182,11 +182,11 @@ def _gather(device, dtype, gen):
 
 
 def _resize(device, dtype, gen):
-    from ..kernels.pil_bilinear_resize import INSTALLED_PILLOW_ORDERS_PASSES, pillow_horizontal_first
+    from ..kernels.pil_bilinear_resize import installed_pillow_horizontal_first
 
     image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=gen).to(device)
     new_h, new_w = 20, 29
-    first = not INSTALLED_PILLOW_ORDERS_PASSES or pillow_horizontal_first(37, 53, new_h, new_w)
+    first = installed_pillow_horizontal_first(37, 53, new_h, new_w)
     return (image, new_h, new_w, first)
 
 

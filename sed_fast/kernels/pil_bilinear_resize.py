@@ -22,7 +22,8 @@ Pillow's algorithm (``src/libImaging/Resample.c``, ``ImagingResampleInner``, Pil
   ``clip8((2**21 + sum_j in[lo + j] * k_j) >> 22)``: the rounding half is added before the sum.
 * The horizontal pass runs only if the width changes, the vertical pass only if the height
   changes; the first pass's output is stored as uint8 (rounded and clipped) and read by the second.
-  Which runs first changes the result. Before Pillow 13 the horizontal pass always ran first;
+  Which runs first changes the result. Before Pillow 13 the horizontal pass ran first unless the
+  source is more than 100 times taller than wide (``H > 100 * W``, measured on Pillow 12.3);
   Pillow 13 (python-pillow/Pillow#9549; the condition as compiled into Pillow 13.0.0's ``_imaging``)
   runs the vertical pass first when ``H - new_h > max(0, 2 * (W - new_w))``
   (the height shrinks by more than twice as many pixels as the width). Both orders are offered.
@@ -330,9 +331,17 @@ def pil_bilinear_resize_reference(image: torch.Tensor, new_h: int, new_w: int,
 _PIL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
+def pillow12_horizontal_first(height: int, width: int) -> bool:
+    """Pillow 12's pass order: horizontal first unless the source is more than 100 times taller than
+    wide (measured against Pillow 12.3 over random sizes: the switch is exactly at ``H > 100 * W``)."""
+    return not height > 100 * width
+
+
 def installed_pillow_horizontal_first(height: int, width: int, new_h: int, new_w: int) -> bool:
     """The pass order of the Pillow installed here for this resize."""
-    return not INSTALLED_PILLOW_ORDERS_PASSES or pillow_horizontal_first(height, width, new_h, new_w)
+    if INSTALLED_PILLOW_ORDERS_PASSES:
+        return pillow_horizontal_first(height, width, new_h, new_w)
+    return pillow12_horizontal_first(height, width)
 
 
 def pillow_can_run(image: torch.Tensor, new_h: int, new_w: int, horizontal_first: bool) -> bool:
@@ -430,6 +439,5 @@ def pil_bilinear_resize(image: torch.Tensor, size: Sequence[int],
     """
     new_h, new_w = _check_inputs(image, size)
     if horizontal_first is None:
-        horizontal_first = (not INSTALLED_PILLOW_ORDERS_PASSES
-                            or pillow_horizontal_first(image.shape[1], image.shape[2], new_h, new_w))
+        horizontal_first = installed_pillow_horizontal_first(image.shape[1], image.shape[2], new_h, new_w)
     return _pil_bilinear_resize_op(image, new_h, new_w, bool(horizontal_first))

@@ -10,7 +10,8 @@ from PIL import Image
 
 from sed_fast.kernels import dispatch, pil_bilinear_resize, pil_bilinear_resize_reference
 from sed_fast.kernels.pil_bilinear_resize import (OP_NAME, PRECISION_BITS, pil_bilinear_resize_triton,
-                                                  pillow_horizontal_first, resample_coefficients)
+                                                  installed_pillow_horizontal_first, pillow_horizontal_first,
+                                                  resample_coefficients)
 
 POISON = 0xAB  # uint8 cannot hold NaN: outputs start as 0xAB, so a pixel never written shows up
 
@@ -111,7 +112,7 @@ def test_triton_launcher_matches_pillow(device, case, layout, generator, poisone
     image = _image(channels, height, width, layout, generator, device)
     expected = _pillow(image, new_h, new_w)
     out = torch.full((channels, new_h, new_w), POISON, dtype=torch.uint8, device=device)
-    order = pillow_horizontal_first(height, width, new_h, new_w)
+    order = installed_pillow_horizontal_first(height, width, new_h, new_w)
     result = pil_bilinear_resize_triton(image, new_h, new_w, order, out=out)
     assert result.data_ptr() == out.data_ptr()
     _assert_equal(out, expected, f"triton {case} {layout}")
@@ -157,7 +158,7 @@ REFERENCE_CASES = SMALL_CASES + [
 def test_reference_matches_pillow(case, layout, generator):
     channels, height, width, new_h, new_w = case
     image = _image(channels, height, width, layout, generator)
-    order = pillow_horizontal_first(height, width, new_h, new_w)
+    order = installed_pillow_horizontal_first(height, width, new_h, new_w)
     out = pil_bilinear_resize_reference(image, new_h, new_w, order)
     _assert_equal(out, _pillow(image, new_h, new_w), f"reference {case} {layout}")
 
@@ -165,10 +166,23 @@ def test_reference_matches_pillow(case, layout, generator):
 def test_reference_op_and_pass_orders(generator, resize_backend):
     resize_backend("torch")
     image = _image(3, 70, 30, "hwc", generator)
-    _assert_equal(pil_bilinear_resize(image, (20, 28)), _pillow(image, 20, 28), "op, vertical first")
-    legacy = pil_bilinear_resize(image, (20, 28), horizontal_first=True)
-    _assert_equal(legacy, _pillow(_pillow(image, 70, 28), 20, 28), "horizontal first (Pillow < 13)")
-    assert not torch.equal(legacy, pil_bilinear_resize(image, (20, 28))), "the two orders should differ here"
+    _assert_equal(pil_bilinear_resize(image, (20, 28)), _pillow(image, 20, 28), "op, the installed Pillow's order")
+    horizontal = pil_bilinear_resize(image, (20, 28), horizontal_first=True)
+    _assert_equal(horizontal, _pillow(_pillow(image, 70, 28), 20, 28), "horizontal first")
+    vertical = pil_bilinear_resize(image, (20, 28), horizontal_first=False)
+    _assert_equal(vertical, _pillow(_pillow(image, 20, 30), 20, 28), "vertical first")
+    assert not torch.equal(horizontal, vertical), "the two orders should differ here"
+
+
+@pytest.mark.parametrize("height", [200, 201, 300, 301])
+def test_tall_sources_follow_the_installed_pillow(height, generator, resize_backend):
+    """Pillow 12 switches to vertical first above a 100:1 aspect ratio: either side of the switch."""
+    resize_backend("torch")
+    width = height // 100
+    image = _image(1, height, width, "hwc", generator)
+    for new_h, new_w in ((height // 2, width * 5), (height - 7, width + 9)):
+        _assert_equal(pil_bilinear_resize(image, (new_h, new_w)), _pillow(image, new_h, new_w),
+                      f"{height}x{width} -> {new_h}x{new_w}")
 
 
 def test_pillow13_pass_order_rule():
