@@ -28,7 +28,11 @@ def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
     assert all(r["status"] == "not checked" for r in report["backends"] if r["op"] not in checks.CASES_BY_OP)
     assert all(r["chosen"] == "torch" for r in report["dispatch"])  # no GPU, no interpreter: the references
     assert report["versions"]["torch"] == torch.__version__
-    assert report["cuda_extension"]["loaded"] is False and report["cuda_extension"]["why_not"]
+    # An earlier test in the same process may have built and loaded the extension (nvcc is here);
+    # on CPU the report must say what is so and why the extension does not matter.
+    from sed_fast.kernels import _cuda
+    assert report["cuda_extension"]["loaded"] is _cuda.extension_loaded()
+    assert report["cuda_extension"]["why_not"].startswith("not needed on cpu")
     e2e = report["end_to_end"]
     assert e2e["ok"] and [run["cer_topk"] for run in e2e["runs"]] == [None, 2]
     assert all(run["max_score_diff"] <= 1e-4 for run in e2e["runs"])
