@@ -142,6 +142,36 @@ def _worker_init(worker_id: int) -> None:
     sys.excepthook = _quiet_excepthook(sys.excepthook)
 
 
+class _Interrupt:
+    """Ctrl-C while the loop runs: the handler raises KeyboardInterrupt and also records it, so
+    that a KeyboardInterrupt swallowed where Python cannot propagate it (a finaliser or a weakref
+    callback that happened to be running: "Exception ignored in ...") still stops the loop at the
+    next image instead of being lost."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except (ValueError, OSError):  # not the main thread: the default handling stays
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def quiet_loader_shutdown():
     """The main process's side of :func:`_worker_init`, while the run lasts. Other exceptions are
@@ -221,7 +251,9 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     # A batch's counts and its stems are added together (``adding``); an error anywhere else
     # leaves the running counts consistent with ``done``, so one process can still save them.
     adding = False
+    interrupt = _Interrupt()
     try:
+        interrupt.__enter__()
         for sync in range(syncs):
             target = min((sync + 1) * step, len(mine))
             while processed < target:
@@ -240,6 +272,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
                 adding = False
                 processed += len(batch["stem"])
                 bar.update(len(batch["stem"]))
+                interrupt.check()
                 if on_batch is not None:
                     on_batch(processed)
             merge()
@@ -256,6 +289,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
                           "the last periodic save stands")
         raise
     finally:
+        interrupt.__exit__(None, None, None)
         bar.close()
         del batches
     return state
