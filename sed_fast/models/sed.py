@@ -559,6 +559,7 @@ def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUN
         if fresh:
             best = torch.empty((height, width), dtype=upsampled.dtype, device=scores.device)
             labels = torch.empty((height, width), dtype=compact, device=scores.device)
+        band = None
         for top in range(0, height, rows):
             band = upsampled[:, top:top + rows]
             best_band, label_band = best[top:top + rows], labels[top:top + rows]
@@ -576,7 +577,9 @@ def labels_from_scores(scores: torch.Tensor, size, chunk_bytes: int = LABEL_CHUN
                 better = value > best_band
                 label_band.copy_(torch.where(better, (index + first).to(compact), label_band))
                 best_band.copy_(torch.where(better, value, best_band))
-        del upsampled
+        # The last band is a view of this plane: dropped with it, or two planes would be alive
+        # while the next one is interpolated (13 bytes per pixel instead of 9).
+        del upsampled, band
     if label_dtype is not None and label_dtype != compact:
         labels = labels.to(label_dtype)
     return labels, best
