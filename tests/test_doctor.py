@@ -7,7 +7,7 @@ import torch
 
 from sed_fast import cli
 from sed_fast.doctor import checks
-from sed_fast.kernels import dispatch
+from sed_fast.kernels import _cuda, dispatch
 
 
 def _run_json(capsys, *options):
@@ -30,7 +30,6 @@ def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
     assert report["versions"]["torch"] == torch.__version__
     # An earlier test in the same process may have built and loaded the extension (nvcc is here);
     # on CPU the report must say what is so and why the extension does not matter.
-    from sed_fast.kernels import _cuda
     assert report["cuda_extension"]["loaded"] is _cuda.extension_loaded()
     assert report["cuda_extension"]["why_not"].startswith("not needed on cpu")
     e2e = report["end_to_end"]

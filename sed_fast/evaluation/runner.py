@@ -152,14 +152,13 @@ class _Interrupt:
         self.signum: Optional[int] = None
         self.previous = None
 
-    def __enter__(self) -> "_Interrupt":
+    def install(self) -> None:
         try:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         except (ValueError, OSError):  # not the main thread: the default handling stays
             self.previous = None
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
@@ -253,7 +252,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     adding = False
     interrupt = _Interrupt()
     try:
-        interrupt.__enter__()
+        interrupt.install()
         for sync in range(syncs):
             target = min((sync + 1) * step, len(mine))
             while processed < target:
@@ -289,7 +288,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
                           "the last periodic save stands")
         raise
     finally:
-        interrupt.__exit__(None, None, None)
+        interrupt.restore()
         bar.close()
         del batches
     return state
