@@ -46,8 +46,11 @@ def _absent(name):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--format", "pt2", "--out", "m.pt2", "--cer-topk", "8"], "--cer-topk is not exportable yet"),
-    (["--format", "pt2", "--out", "m.pt2", "--dtype", "bfloat16"], "only float32"),
+    (["--format", "pt2", "--out", "m.pt2", "--cer-topk", "0"], "--cer-topk must be at least 1"),
+    (["--format", "pt2", "--out", "m.pt2", "--kept-budget", "4"], "give --cer-topk too"),
+    (["--format", "pt2", "--out", "m.pt2", "--cer-topk", "2", "--kept-budget", "0"], "must be at least 1"),
+    (["--format", "onnx", "--out", "m.onnx", "--dtype", "bfloat16"], "exports float32 only"),
+    (["--format", "pt2", "--out", "m.pt2", "--dtype", "int8"], "expected float32, bfloat16 or float16"),
     (["--format", "onnx", "--out", "m.pt2"], "must end in .onnx"),
     (["--format", "pt2", "--out", "m.pt2", "--resolution", "50"], "multiple of 32"),
     (["--format", "pt2", "--out", "no/such/folder/m.pt2"], "does not exist"),
@@ -65,3 +68,92 @@ def test_export_onnx_without_the_extra_names_it(capsys, tmp_path, monkeypatch):
                      "--out", str(tmp_path / "m.onnx")])
     assert code == 2
     assert 'pip install -e ".[export]"' in capsys.readouterr().err
+
+
+# -- the exported graph itself (torch.export, no AOTInductor compile: seconds, not minutes) ---------
+EIGHT_CLASSES = 8  # at --resolution 64 the first aux map is 2x2: a top-1 union keeps at most 4 of 8
+
+
+def _tiny_model(dtype, cer_topk=None):
+    import torch
+
+    from sed_fast.export import core
+
+    torch.manual_seed(0)
+    model = core.build_model("b", torch.randn(EIGHT_CLASSES, 80, 640), None, 64, dtype)
+    model.cer_topk = cer_topk
+    return model
+
+
+@pytest.mark.parametrize("budget", [4, EIGHT_CLASSES])
+def test_exported_rejection_with_a_static_budget_equals_eager(budget):
+    """CER exported with static shapes: the program's scores and labels equal the eager CER model's
+    (which indexes its rows by data-dependent kept sets) whenever the budget covers the kept set."""
+    import torch
+
+    from sed_fast.export import core
+
+    model = _tiny_model(torch.float32, cer_topk=1)
+    module = core.ExportableSED(model, return_scores=True, cer_topk=1, kept_budget=budget).eval()
+    assert module.output_names == ["labels", "scores", "kept_counts"]
+    program = core.export_program(module).module()
+    for image in core.sample_images([(96, 128), (131, 77)]):
+        with torch.no_grad():
+            labels, scores, kept = program(image)
+            expected = model(image)[0]
+        assert 1 <= int(kept[0]) <= 4 and int(kept[2]) <= int(kept[1]) <= int(kept[0])
+        assert scores.shape == expected.shape
+        assert (scores - expected).abs().max() <= 1e-5
+        rejected = expected.flatten(1).amax(1) == 0
+        assert int(rejected.sum()) >= EIGHT_CLASSES - 4 and torch.all(scores[rejected] == 0)
+        assert torch.equal(labels, expected.argmax(0))
+    checks = core.check(program, model, module, [(96, 128)])
+    assert checks[0]["ok"] and not checks[0]["budget_exceeded"]
+
+
+def test_a_budget_smaller_than_the_kept_set_fails_the_check():
+    import torch
+
+    from sed_fast.export import core
+
+    model = _tiny_model(torch.float32, cer_topk=2)
+    module = core.ExportableSED(model, return_scores=True, cer_topk=2, kept_budget=1).eval()
+    (row,) = core.check(module, model, module, [(96, 128)])
+    assert row["kept_counts"][0] > 1 and row["budget_exceeded"] and not row["ok"]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_exported_16_bit_model_agrees_with_eager_at_that_precision(dtype_name):
+    import torch
+
+    from sed_fast.export import core
+
+    dtype = core.DTYPES[dtype_name]
+    model = _tiny_model(dtype)
+    module = core.ExportableSED(model, return_scores=True).eval()
+    program = core.export_program(module).module()
+    (image,) = core.sample_images([(96, 128)])
+    with torch.no_grad():
+        labels, scores = program(image)
+        expected = model(image)[0]
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert (scores - expected).abs().max() <= core.SCORE_TOLERANCES[dtype]
+    assert core.check(program, model, module, [(96, 128)])[0]["ok"]
+
+
+def test_export_onnx_with_rejection(tmp_path, capsys):
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if _absent(name)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install -e \".[export]\")")
+    out = tmp_path / "cer.onnx"
+    vocab = ",".join(f"class{i}" for i in range(EIGHT_CLASSES))
+    code = cli.main(["export", "--vocab", vocab, "--random-weights", "--resolution", "64", "--scores", "--json",
+                     "--cer-topk", "1", "--kept-budget", "4", "--format", "onnx", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert result["ok"] and result["outputs"] == ["labels", "scores", "kept_counts"]
+    assert result["cer_topk"] == 1 and result["kept_budget"] == 4
+    for row in result["checks"]:
+        assert row["max_score_diff"] <= 1e-5 and row["labels_differ_not_ties"] == 0
+        assert row["kept_counts"][0] <= 4 and not row["budget_exceeded"]

@@ -86,3 +86,36 @@ def test_batched_rejection_equals_each_image_alone(golden):
     assert batched.shape[0] == 2
     for b in range(2):
         assert torch.allclose(batched[b], alone[b][0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", _cases("cer"))
+def test_static_budget_rejection_matches_official(golden, case):
+    """The export's static-shape CER (padding + validity mask) reproduces the official kept sets and
+    scores whenever the budget covers the kept set: at exactly its size, and padded beyond it."""
+    decoder = _decoder(golden, case["pooling"])
+    img, text, guidance = _inputs(golden, case)
+    expected = case["scores"].float()
+    kept_official = expected[0].flatten(1).abs().amax(1) > 0
+    classes = text.shape[0]
+    for budget in sorted({case["kept_classes"], min(classes, case["kept_classes"] + 3), classes}):
+        with torch.no_grad():
+            scores, counts = decoder.rejecting_with_budget(img, text, guidance, case["cer_topk"], budget)
+        assert scores.shape == expected.shape
+        assert int(counts[0]) == case["kept_classes"] <= budget
+        assert torch.equal(scores[0].flatten(1).abs().amax(1) > 0, kept_official)
+        assert (scores - expected).abs().max() <= 1e-5, budget
+        assert torch.all(scores[0][~kept_official] == 0)
+
+
+def test_static_budget_too_small_says_so(golden):
+    """A budget below the first kept set keeps only ``budget`` classes and reports the overflow."""
+    case = next(c for c in golden["cases"] if c["cer_topk"] == 2)
+    decoder = _decoder(golden, case["pooling"])
+    img, text, guidance = _inputs(golden, case)
+    budget = case["kept_classes"] - 1
+    assert budget >= 1
+    with torch.no_grad():
+        scores, counts = decoder.rejecting_with_budget(img, text, guidance, case["cer_topk"], budget)
+    assert int(counts[0]) > budget
+    assert int((scores[0].flatten(1).abs().amax(1) > 0).sum()) <= budget
+    assert torch.isfinite(scores).all()

@@ -7,10 +7,21 @@
 The exported model: input ``image`` float32 (1, 3, H, W), RGB in 0..255, H and W each in
 [32, 2560] (dynamic), already resized as the official test-time pipeline does
 (``sed_fast.preprocess.official_resize``: the resize is left to the caller); output ``labels``
-(H, W) int64 and, with ``--scores``, ``scores`` (T, H, W) float32. Exact decoding, float32. Every
-export is checked: the exported model's labels equal the eager model's on sample images (except
-on exact ties of the top two classes, which rounding decides) and its scores agree within 1e-5;
-a pt2 package is also loaded in a new process that never imports sed_fast.
+(H, W) int64, with ``--scores`` then ``scores`` (T, H, W) float32, with ``--cer-topk`` then
+``kept_counts`` (3,) int64.
+
+Decoding is exact, or with ``--cer-topk K`` category early rejection with a static kept-class budget
+(``--kept-budget N``, default: every class): each rejection step carries N rows, the kept classes
+then padding that the class attention ignores. That is the official result whenever the first kept
+set has at most N classes (the later ones are subsets of it); a larger set is cut to the N classes
+with the highest peak aux logit, and ``kept_counts[0] > N`` says so. Compute dtype ``--dtype``:
+float32, or for pt2 bfloat16 / float16 (checked against the eager model in that dtype, within
+5e-2 / 2e-2; ONNX Runtime's CPU provider lacks 16-bit convolutions, so ONNX is float32 only).
+
+Every export is checked: the exported model's labels equal the eager model's (the same settings)
+on sample images, except on ties of the top two classes, which rounding decides, and its scores
+agree within 1e-5 in float32; a pt2 package is also loaded in a new process that never imports
+sed_fast.
 
 Exit code: 0 exported and checked; 1 the export or its check failed; 2 usage error.
 """
@@ -39,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("pt2", "onnx"), required=True, help="pt2 (AOTInductor) or onnx")
     parser.add_argument("--out", required=True, metavar="FILE", help="output file (.pt2 or .onnx)")
     parser.add_argument("--scores", action="store_true", help="also output the scores (T, H, W)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 (the only one exported so far)")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype: float32 (default), bfloat16 or float16 (pt2 only)")
     parser.add_argument("--cer-topk", type=int, default=None, metavar="K",
-                        help="category early rejection (not exportable yet: an error)")
+                        help="category early rejection keeping each pixel's top K classes (default: exact decoding)")
+    parser.add_argument("--kept-budget", type=int, default=None, metavar="N",
+                        help="with --cer-topk: rows each rejection step carries (default: every class, always exact)")
     parser.add_argument("--official-resize", choices=("caller",), default="caller",
                         help="the official test-time resize: 'caller' (done before the model; the only choice so far)")
     parser.add_argument("--no-fresh-process-check", action="store_true",
@@ -66,13 +80,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _export(args) -> int:
+    import torch
+
+    from . import core
     from .core import ExportError
 
-    if args.cer_topk is not None:
-        raise ExportError("--cer-topk is not exportable yet (its kept sets are data-dependent; a static kept-class "
-                          "budget is not implemented): export with exact decoding (no --cer-topk)")
-    if args.dtype.lower() not in ("float32", "fp32"):
-        raise ExportError(f"--dtype {args.dtype}: only float32 is exported so far")
+    if args.cer_topk is not None and args.cer_topk < 1:
+        raise ExportError(f"--cer-topk must be at least 1, got {args.cer_topk}")
+    if args.kept_budget is not None:
+        if args.cer_topk is None:
+            raise ExportError("--kept-budget is the row budget of category early rejection: give --cer-topk too")
+        if args.kept_budget < 1:
+            raise ExportError(f"--kept-budget must be at least 1, got {args.kept_budget}")
+    dtype = core.DTYPES.get(args.dtype.lower())
+    if dtype is None:
+        raise ExportError(f"--dtype {args.dtype}: expected float32, bfloat16 or float16")
+    if dtype != torch.float32 and args.format == "onnx":
+        raise ExportError(f"--dtype {args.dtype}: --format onnx exports float32 only (ONNX Runtime's CPU provider "
+                          "has no 16-bit convolutions); use --format pt2")
     if args.resolution < 32 or args.resolution % 32:
         raise ExportError(f"--resolution must be a positive multiple of 32, got {args.resolution}")
     out = Path(args.out).expanduser()
@@ -87,9 +112,6 @@ def _export(args) -> int:
     if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
         raise ExportError(f"checkpoint file not found: {args.checkpoint}")
 
-    import torch
-
-    from . import core
     from ..vocabulary import load_vocabulary, parse_vocabulary_arg
 
     try:
@@ -100,10 +122,14 @@ def _export(args) -> int:
         raise ExportError(f"--vocab {args.vocab!r}: the vocabulary is empty")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
-    model = core.build_model(args.variant, names, args.checkpoint, args.resolution, torch.float32)
-    module = core.ExportableSED(model, return_scores=args.scores).eval()
-    info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, "
-         f"{'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format})")
+    model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype)
+    model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
+    module = core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
+                                kept_budget=args.kept_budget).eval()
+    decoding = ("exact decoding" if args.cer_topk is None else
+                f"CER top-{args.cer_topk}, kept-class budget {module.kept_budget} of {len(names)}")
+    info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, {str(dtype)[6:]}, "
+         f"{decoding}, {'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format})")
     try:
         if args.format == "pt2":
             path = core.export_pt2(module, out)
@@ -118,9 +144,11 @@ def _export(args) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     export_seconds = time.perf_counter() - start
-    checks = core.check(runner, model, args.scores, CHECK_SIZES)
+    checks = core.check(runner, model, module, CHECK_SIZES)
     result = {"path": str(path), "format": args.format, "variant": args.variant, "classes": len(model.class_names),
-              "class_names": model.class_names, "resolution": args.resolution, "scores": args.scores,
+              "class_names": model.class_names, "resolution": args.resolution, "dtype": str(dtype)[6:],
+              "cer_topk": args.cer_topk, "kept_budget": module.kept_budget if args.cer_topk is not None else None,
+              "outputs": module.output_names, "scores": args.scores,
               "random_weights": bool(args.random_weights), "input": "image float32 (1, 3, H, W) RGB 0..255, "
               f"H, W in [{core.MIN_SIDE}, {core.MAX_SIDE}], after the official resize",
               "export_seconds": round(export_seconds, 1), "checks": checks}
@@ -141,9 +169,15 @@ def _export(args) -> int:
             same = "equal" if c["labels_equal"] else (
                 f"differ on {c['labels_differ']} pixel(s), " + ("all ties" if not c["labels_differ_not_ties"]
                                                              else f"{c['labels_differ_not_ties']} NOT ties"))
+            kept = ""
+            if "kept_counts" in c:
+                kept = f", kept {'/'.join(map(str, c['kept_counts']))} classes"
+                if c["budget_exceeded"]:
+                    kept += (f" (MORE than the budget {module.kept_budget}: not the official result; "
+                             f"export with --kept-budget {c['kept_counts'][0]} or more)")
             print(f"check {c['size'][0]}x{c['size'][1]}: labels {same}"
                   + (f", max |score diff| {c['max_score_diff']:.2e}" if "max_score_diff" in c else "")
-                  + f" ({c['seconds']} s): {'ok' if c['ok'] else 'FAILED'}")
+                  + kept + f" ({c['seconds']} s): {'ok' if c['ok'] else 'FAILED'}")
         if "fresh_process_labels_equal" in result:
             print(f"loaded with torch alone in a new process (no sed_fast import): labels vs this process's "
                   f"{'equal' if result['fresh_process_labels_equal'] else 'DIFFER'}")

@@ -19,8 +19,13 @@ FORMATS = ("pt2", "onnx")
 #: Image sides the exported model accepts (each of H and W); the official resize gives a short side
 #: of 640 and a long side of at most 2560.
 MIN_SIDE, MAX_SIDE = 32, 2560
-#: Exported vs eager: labels equal, scores within this (float32).
+#: Exported vs eager: labels equal, scores within this, by compute dtype. float32 is exact to
+#: rounding; 16-bit is judged against the error the same computation makes eagerly at that precision
+#: (the compiled graph rounds at other places than eager PyTorch).
 SCORE_TOLERANCE = 1e-5
+SCORE_TOLERANCES = {torch.float32: SCORE_TOLERANCE, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 class ExportError(Exception):
@@ -30,26 +35,48 @@ class ExportError(Exception):
 class ExportableSED(nn.Module):
     """The reference SED with its vocabulary baked in, as a pure function of the image:
     ``image`` float32 (1, 3, H, W), RGB 0..255 (after the official resize, which is left to the
-    caller) -> ``labels`` (H, W) int64 (and the scores (T, H, W) with ``return_scores``).
-    Exact decoding; no input value checks (they need host control flow)."""
+    caller) -> ``labels`` (H, W) int64, then the scores (T, H, W) float32 with ``return_scores``,
+    then with ``cer_topk`` the kept-set sizes (3,) int64 of the three rejection steps.
 
-    def __init__(self, model, return_scores: bool = False):
+    Exact decoding, or with ``cer_topk`` category early rejection with a static kept-class budget
+    (``kept_budget`` rows, padding masked; see ``SEDDecoder.rejecting_with_budget``): exact while
+    the first kept set fits the budget, ``kept_counts[0] > kept_budget`` when it did not. No input
+    value checks (they need host control flow)."""
+
+    def __init__(self, model, return_scores: bool = False, cer_topk: Optional[int] = None,
+                 kept_budget: Optional[int] = None):
         super().__init__()
         if model.text_embeddings is None:
             raise ExportError("the model has no vocabulary")
         self.model = model
         self.resolution = model.clip_resolution
         self.return_scores = return_scores
+        self.cer_topk = cer_topk
+        classes = model.text_embeddings.shape[0]
+        self.kept_budget = classes if kept_budget is None else min(int(kept_budget), classes)
         self.register_buffer("text", model._text_for_decoder().detach().clone())
+
+    @property
+    def output_names(self) -> List[str]:
+        return ["labels"] + (["scores"] if self.return_scores else []) + (
+            ["kept_counts"] if self.cer_topk is not None else [])
 
     def forward(self, image: torch.Tensor):
         height, width = image.shape[-2:]
         clip_images = preprocess_images(image.to(torch.float32), self.resolution)
         dense, features = self.model.encode_image(clip_images)
-        scores = self.model.decode(dense, self.text.to(self.model.dtype), features).float()  # (1, T, h, w)
-        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)[0]
-        labels = scores.argmax(0)
-        return (labels, scores) if self.return_scores else labels
+        text = self.text.to(self.model.dtype)
+        if self.cer_topk is None:
+            scores = self.model.decode(dense, text, features)  # (1, T, h, w)
+            kept_counts = None
+        else:
+            res2, res3, res4, res5 = features
+            scores, kept_counts = self.model.decoder.rejecting_with_budget(
+                dense, text, (res5, res4, res3, res2), self.cer_topk, self.kept_budget)
+        scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+        outputs = [scores.argmax(0)] + ([scores] if self.return_scores else []) + (
+            [kept_counts] if kept_counts is not None else [])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
@@ -113,8 +140,7 @@ def export_onnx(module: ExportableSED, out: Path) -> Path:
     # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(),
-                                    input_names=["image"],
-                                    output_names=["labels", "scores"] if module.return_scores else ["labels"])
+                                    input_names=["image"], output_names=module.output_names)
     program.save(str(out))
     return out
 
@@ -147,10 +173,14 @@ def sample_images(sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
             for h, w in sizes]
 
 
-def check(runner, model, return_scores: bool, sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, object]]:
-    """The exported model against the eager model (its whole forward) on the sample images: scores
-    within :data:`SCORE_TOLERANCE`, labels equal except on pixels where the eager model's top two
-    classes tie (their scores closer than twice the exported scores' max difference: rounding decides)."""
+def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, object]]:
+    """The exported model against the eager model (its whole forward, the same dtype and decoding) on
+    the sample images: scores within the dtype's :data:`SCORE_TOLERANCES`, labels equal except on
+    pixels where the eager model's top two classes tie (their scores closer than twice the exported
+    scores' max difference: rounding decides). With rejection, a row also has the kept-set sizes;
+    a first kept set larger than the budget fails the check (the export is then not the official
+    result), said by ``budget_exceeded``."""
+    tolerance = SCORE_TOLERANCES[model.dtype]
     results = []
     for image in sample_images(sizes):
         with torch.no_grad():
@@ -158,12 +188,14 @@ def check(runner, model, return_scores: bool, sizes: Sequence[Tuple[int, int]]) 
             start = time.perf_counter()
             out = runner(image)
             seconds = time.perf_counter() - start
-        labels, scores = out if return_scores else (out, None)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        labels = out[0]
+        scores = out[1] if module.return_scores else None
         expected_labels = expected.argmax(0)
         differ = labels.long() != expected_labels
         row = {"size": list(image.shape[-2:]), "labels_equal": bool(not differ.any()),
                "labels_differ": int(differ.sum()), "seconds": round(seconds, 3)}
-        bound = SCORE_TOLERANCE
+        bound = tolerance
         if scores is not None:
             row["max_score_diff"] = float((scores.float() - expected).abs().max())
             bound = max(row["max_score_diff"], 0.0)
@@ -171,7 +203,11 @@ def check(runner, model, return_scores: bool, sizes: Sequence[Tuple[int, int]]) 
         top2 = expected.topk(min(2, expected.shape[0]), dim=0).values
         tie = (top2[0] - top2[-1]) <= 2 * bound if expected.shape[0] > 1 else torch.zeros_like(differ)
         row["labels_differ_not_ties"] = int((differ & ~tie).sum())
-        row["ok"] = row["labels_differ_not_ties"] == 0 and row.get("max_score_diff", 0.0) <= SCORE_TOLERANCE
+        row["ok"] = row["labels_differ_not_ties"] == 0 and row.get("max_score_diff", 0.0) <= tolerance
+        if module.cer_topk is not None:
+            row["kept_counts"] = [int(n) for n in out[-1]]
+            row["budget_exceeded"] = row["kept_counts"][0] > module.kept_budget
+            row["ok"] = row["ok"] and not row["budget_exceeded"]
         results.append(row)
     return results
 

@@ -134,17 +134,31 @@ def class_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cl
 # ---------------------------------------------------------------------------------------------------
 # Plain PyTorch reference
 # ---------------------------------------------------------------------------------------------------
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The official multi-head linear attention ("Transformers are RNNs"), elu+1 feature map.
 
     q, k, v: (N, L, H, D) with N independent sequences (pixels) of length L (classes).
+    valid: optional (L,) bool, the positions that are real (a static kept-class budget pads the
+    sequence): only they are keys and values, and the length is their count, so the valid rows
+    equal those of the unpadded sequence. Rows at padded positions are meaningless.
     """
     q = F.elu(q) + 1
     k = F.elu(k) + 1
-    length = v.size(1)
-    v = v / length  # the official code scales values down (fp16 overflow) and back up below
-    kv = torch.einsum("nshd,nshv->nhdv", k, v)
-    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+    if valid is None:
+        length = v.size(1)
+        v = v / length  # the official code scales values down (fp16 overflow) and back up below
+        kv = torch.einsum("nshd,nshv->nhdv", k, v)
+        z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
+    else:
+        # Padding is dropped from KV and the key sum by a 0/1 weight per position (padding rows are
+        # finite: computed from real ones). Not by masking k: with k masked, Inductor's vectorised
+        # CPU code for the export wrote past a buffer (torch 2.14, a 3-row budget).
+        weight = valid.to(v.dtype)
+        length = weight.sum().clamp(min=1)
+        v = v * (weight / length).view(1, -1, 1, 1)
+        kv = torch.einsum("nshd,nshv->nhdv", k, v)
+        z = 1 / (torch.einsum("nlhd,nhd->nlh", q, torch.einsum("nshd,s->nhd", k, weight)) + eps)
     return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
 
 

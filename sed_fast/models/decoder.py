@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from ..config import (CORR_GUIDANCE_DIMS, DECODER_DIMS, DECODER_GUIDANCE_PROJ_DIMS, EVAL_POOLING, HIDDEN_DIM,
                       KERNEL_SIZE, NUM_HEADS, NUM_PROMPTS)
 from ..kernels.class_attention import linear_attention
+from ..kernels.topk_union_reject import check_topk
 from .rejection import RejectionRule, rule_for_topk
 
 class ConvNextBlock(nn.Module):
@@ -53,13 +54,14 @@ class AttentionLayer(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (N, L, C); ``valid``: optional (L,) bool, the real positions (see :func:`linear_attention`)."""
         n, length, dim = x.shape
         heads = self.num_heads
         q = self.q(x).view(n, length, heads, dim // heads)
         k = self.k(x).view(n, length, heads, dim // heads)
         v = self.v(x).view(n, length, heads, dim // heads)
-        return linear_attention(q, k, v).reshape(n, length, dim)
+        return linear_attention(q, k, v, valid=valid).reshape(n, length, dim)
 
 
 class ClassTransformerLayer(nn.Module):
@@ -77,16 +79,18 @@ class ClassTransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, batch: int, pooling: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: int, pooling: Optional[Sequence[int]] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*T, C, H, W), class-major within each image (index b*T + t). ``pooling``: the
-        average-pooling window instead of the module's own (training pools (2, 2))."""
+        average-pooling window instead of the module's own (training pools (2, 2)). ``valid``:
+        optional (T,) bool, the real classes of padded rows (batch 1; see :func:`linear_attention`)."""
         bt, dim, height, width = x.shape
         classes = bt // batch
         pooled = self.pool(x) if pooling is None else F.avg_pool2d(x, tuple(pooling))
         ph, pw = pooled.shape[-2:]
         # (B T) C h w -> (B h w) T C: one sequence over the classes per pooled pixel
         seq = pooled.view(batch, classes, dim, ph, pw).permute(0, 3, 4, 1, 2).reshape(batch * ph * pw, classes, dim)
-        seq = seq + self.attention(self.norm1(seq))
+        seq = seq + self.attention(self.norm1(seq), valid)
         seq = seq + self.MLP(self.norm2(seq))
         branch = seq.view(batch, ph, pw, classes, dim).permute(0, 3, 4, 1, 2).reshape(bt, dim, ph, pw)
         branch = F.interpolate(branch, size=(height, width), mode="bilinear", align_corners=True)
@@ -124,12 +128,13 @@ class Up(nn.Module):
         self.attention = ClassTransformerLayer(in_channels, num_heads, pooling_size)
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor,
-                pooling: Optional[Sequence[int]] = None) -> torch.Tensor:
+                pooling: Optional[Sequence[int]] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*T, C, H, W); guidance: (B, g, 2H, 2W) per image; corr_guidance: (B*T, g, 2H, 2W);
-        ``pooling``: the class attention's pooling window (default: its own)."""
+        ``pooling``: the class attention's pooling window (default: its own); ``valid``: optional
+        (T,) bool, which rows are real classes (batch 1, padded rows: only the class attention mixes rows)."""
         batch = guidance.shape[0]
         x = self.cnext(x)
-        x = self.attention(x, batch, pooling)
+        x = self.attention(x, batch, pooling, valid)
         x = self.up(x)
         classes = x.shape[0] // batch
         x = torch.cat([x, guidance.repeat_interleave(classes, dim=0), corr_guidance], dim=1)
@@ -277,3 +282,51 @@ class SEDDecoder(nn.Module):
         scores = torch.zeros(1, classes, *logits.shape[-2:], device=logits.device, dtype=logits.dtype)
         scores[0, kept_idx] = logits[:, 0].sigmoid()
         return scores
+
+    def rejecting_with_budget(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
+                              guidance: Sequence[torch.Tensor], topk: int, budget: int):
+        """Category early rejection (the official rule, top-``topk`` union) with static shapes, for
+        export; batch 1. Each step carries exactly ``min(budget, T)`` rows, the kept classes in class
+        order then padding, with a mask of which rows are real: only the class attention mixes rows,
+        and it ignores the padding.
+
+        Equals ``forward(..., cer_topk=topk)`` (up to float rounding) whenever the first kept set has
+        at most ``budget`` classes (later sets are subsets of it). A larger one is cut to the
+        ``budget`` classes with the largest peak aux logit, which is not the official result:
+        ``kept_counts[0] > budget`` says that it happened.
+
+        Returns:
+            scores (1, T, 8h, 8w): sigmoid for kept classes, exact zeros for the others;
+            kept_counts (3,) int64: the size of the kept set at each rejection step.
+        """
+        check_topk(topk, what="cer_topk")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive int, got {budget!r}")
+        if img_feats.shape[0] != 1:
+            raise ValueError(f"rejecting_with_budget decodes one image, got a batch of {img_feats.shape[0]}")
+        _, res4, res3, res2 = guidance
+        corr = self.per_class(self.cost_map(img_feats, text_feats))
+        x = self.conv1(corr)
+        dec_guidance = self.decoder_guidance(res4, res3, res2)
+        corr_guid = self.corr_guidance(corr)
+        classes = x.shape[0]
+        budget = min(budget, classes)
+        class_of_row = torch.arange(classes, device=x.device)
+        valid = torch.ones(classes, dtype=torch.bool, device=x.device)
+        counts = []
+        for i, (layer, head) in enumerate(((self.decoder1, self.head0), (self.decoder2, self.head1),
+                                           (self.decoder3, self.head2))):
+            aux = head(x)[:, 0].masked_fill(~valid[:, None, None], float("-inf"))  # (rows, h, w)
+            kth = aux.topk(min(topk, aux.shape[0]), dim=0).values[-1]  # each pixel's k-th largest
+            keep = valid & (aux >= kth).flatten(1).any(dim=1)  # the union of the per-pixel top k
+            counts.append(keep.sum())
+            peak = aux.flatten(1).amax(dim=1).masked_fill(~keep, float("-inf"))
+            rows = peak.topk(budget).indices.sort().values  # every kept class if they fit, in class order
+            valid = keep[rows]
+            class_of_row = class_of_row[rows]
+            x = layer(x.index_select(0, rows), dec_guidance[i], corr_guid[i].index_select(0, class_of_row), valid=valid)
+        logits = self.head(x)[:, 0]
+        kept_scores = torch.where(valid[:, None, None], logits.sigmoid(), 0.0)
+        scores = kept_scores.new_zeros((classes,) + tuple(kept_scores.shape[-2:]))
+        scores = scores.index_copy(0, class_of_row, kept_scores)
+        return scores[None], torch.stack(counts)
