@@ -1,6 +1,8 @@
-"""``sed-fast export`` at tiny settings (64 px encoder input, 3 classes, random weights): the
+"""``sed-fast export`` at tiny settings (64 px encoder input, 3 or 8 classes, random weights): the
 exported model's labels equal the eager model's on the sample images, scores within 1e-5; the pt2
-package loads and runs in a new process that never imports sed_fast. One AOTInductor compile."""
+package loads and runs in a new process that never imports sed_fast; category early rejection with
+a static kept-class budget equals the eager model's; 16-bit exports agree at their precision. Two
+AOTInductor compiles (exact, CER); the other checks run the exported graph itself."""
 import json
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 
 from sed_fast import cli
 
+EIGHT_CLASSES = 8  # at --resolution 64 the first aux map is 2x2: a top-1 union keeps at most 4 of 8
 TINY = ["--vocab", "cat,dog,grass", "--random-weights", "--resolution", "64", "--scores", "--json"]
 
 
@@ -26,6 +29,23 @@ def test_export_pt2_checked_and_loaded_with_torch_alone(tmp_path, capsys):
     assert len(result["checks"]) == 2 and all(c["labels_differ_not_ties"] == 0 and c["max_score_diff"] <= 1e-5
                                               for c in result["checks"])
     assert result["fresh_process_labels_equal"] is True
+
+
+def test_export_pt2_with_rejection(tmp_path, capsys):
+    """CER through AOTInductor too: its compiled CPU code is not the exported graph's (a masked k in
+    the class attention once made it corrupt memory at some image sizes)."""
+    out = tmp_path / "cer.pt2"
+    vocab = ",".join(f"class{i}" for i in range(EIGHT_CLASSES))
+    code = cli.main(["export", "--vocab", vocab, "--random-weights", "--resolution", "64", "--scores", "--json",
+                     "--cer-topk", "1", "--kept-budget", "4", "--no-fresh-process-check",
+                     "--format", "pt2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert result["ok"] and result["outputs"] == ["labels", "scores", "kept_counts"]
+    for row in result["checks"]:
+        assert row["max_score_diff"] <= 1e-5 and row["labels_differ_not_ties"] == 0
+        assert row["kept_counts"][0] <= 4 and not row["budget_exceeded"]
 
 
 def test_export_onnx_checked_with_onnxruntime(tmp_path, capsys):
@@ -71,7 +91,6 @@ def test_export_onnx_without_the_extra_names_it(capsys, tmp_path, monkeypatch):
 
 
 # -- the exported graph itself (torch.export, no AOTInductor compile: seconds, not minutes) ---------
-EIGHT_CLASSES = 8  # at --resolution 64 the first aux map is 2x2: a top-1 union keeps at most 4 of 8
 
 
 def _tiny_model(dtype, cer_topk=None):
