@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .files import atomic_write
+from .signals import SignalHandlers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -106,40 +107,26 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-class _Signals:
+class _Signals(SignalHandlers):
     """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread; inside
     :meth:`deferred` they wait until the block ends, so a group of file writes is never cut halfway."""
 
     def __init__(self):
+        super().__init__(("SIGINT", "SIGTERM", "SIGHUP"))
         self.depth = 0
         self.pending: Optional[int] = None
-        self.previous = {}
 
-    def install(self) -> None:
-        for signum in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
-            if signum is None:
-                continue
-            try:
-                if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) is signal.SIG_IGN:
-                    continue  # nohup: the terminal closing must not stop the run
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except (ValueError, OSError):  # not the main thread: the default handling stays
-                pass
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            try:
-                signal.signal(signum, handler)
-            except (ValueError, OSError, TypeError):
-                pass
-        self.previous = {}
-
-    def _handle(self, signum, frame) -> None:
+    def handle(self, signum: int, first: bool) -> None:
         if self.depth:
             if self.pending is None:
                 self.pending = signum
             return
         raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came and its exception was swallowed."""
+        if self.received is not None and not self.depth:
+            raise Interrupted(self.received)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -743,6 +730,7 @@ def _segment_locked(args, signals: _Signals, spec, dtype, device, class_names: L
         for first in range(0, len(inputs), args.batch_size):
             for item, result in _segment_batch(model, inputs[first:first + args.batch_size], class_names, args,
                                                random_weights):
+                signals.check()  # a Ctrl-C whose exception a finaliser swallowed stops the run here
                 record = {"input": str(item.path), "status": "ok"}
                 try:
                     if isinstance(result, BaseException):

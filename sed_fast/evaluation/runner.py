@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..signals import SignalHandlers
 from .datasets import DatasetError, EvalDataset, InvalidLabelError, ResolvedDataset, collate
 from .distributed import Context, shard
 from .metrics import ConfusionMatrix
@@ -142,35 +143,6 @@ def _worker_init(worker_id: int) -> None:
     sys.excepthook = _quiet_excepthook(sys.excepthook)
 
 
-class _Interrupt:
-    """Ctrl-C while the loop runs: the handler raises KeyboardInterrupt and also records it, so
-    that a KeyboardInterrupt swallowed where Python cannot propagate it (a finaliser or a weakref
-    callback that happened to be running: "Exception ignored in ...") still stops the loop at the
-    next image instead of being lost."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous = None
-
-    def install(self) -> None:
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except (ValueError, OSError):  # not the main thread: the default handling stays
-            self.previous = None
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def quiet_loader_shutdown():
     """The main process's side of :func:`_worker_init`, while the run lasts. Other exceptions are
@@ -250,7 +222,9 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     # A batch's counts and its stems are added together (``adding``); an error anywhere else
     # leaves the running counts consistent with ``done``, so one process can still save them.
     adding = False
-    interrupt = _Interrupt()
+    # Ctrl-C raises KeyboardInterrupt and is recorded: one swallowed in a finaliser still stops the
+    # loop at the next image.
+    interrupt = SignalHandlers(("SIGINT",))
     try:
         interrupt.install()
         for sync in range(syncs):

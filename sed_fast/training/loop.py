@@ -23,6 +23,7 @@ import torch
 
 from ..evaluation.datasets import DatasetError
 from ..files import atomic_write_text
+from ..signals import SignalHandlers
 from .optim import set_lr, trainable_parameters
 from .state import rng_state, save_training, set_rng_state
 
@@ -61,33 +62,20 @@ class _LossForward(torch.nn.Module):
         return _compute_losses(self.model, images, labels, self.ignore_value)
 
 
-class SignalFlag:
+class SignalFlag(SignalHandlers):
     """The first SIGINT/SIGTERM asks the loop to stop after the current iteration (saving a
     state); a second one stops at once (the last saved state stands)."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
-        self.previous = {}
+        super().__init__(("SIGINT", "SIGTERM"))
 
-    def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except (ValueError, OSError):  # not the main thread
-                pass
+    @property
+    def signum(self) -> Optional[int]:
+        return self.received
 
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            try:
-                signal.signal(signum, handler)
-            except (ValueError, OSError, TypeError):
-                pass
-        self.previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+    def handle(self, signum: int, first: bool) -> None:
+        if not first:
             raise KeyboardInterrupt
-        self.signum = signum
 
 
 @dataclass

@@ -1,0 +1,57 @@
+"""Signal handlers a command installs while it runs and restores when it ends.
+
+:class:`SignalHandlers` does the installing and restoring for every command (only the main thread
+can install: elsewhere the default handling stays; a SIGHUP ignored by ``nohup`` stays ignored);
+each command says what a signal does by overriding :meth:`SignalHandlers.handle`. Every handler
+records the signal in ``received`` before acting on it, so that a command can also look after a
+KeyboardInterrupt that Python swallowed ("Exception ignored in ...": raised while a finaliser or a
+weakref callback ran) with :meth:`SignalHandlers.check`.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Dict, Optional, Sequence
+
+
+class SignalHandlers:
+    """Install with :meth:`install`, undo with :meth:`restore`; ``names`` are the signals handled
+    (those this platform lacks are skipped)."""
+
+    def __init__(self, names: Sequence[str] = ("SIGINT",)):
+        self.names = tuple(names)
+        self.received: Optional[int] = None
+        self._previous: Dict[int, object] = {}
+
+    def install(self) -> None:
+        for name in self.names:
+            signum = getattr(signal, name, None)
+            if signum is None:
+                continue
+            try:
+                if name == "SIGHUP" and signal.getsignal(signum) is signal.SIG_IGN:
+                    continue  # nohup: the terminal closing must not stop the run
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+            except (ValueError, OSError):  # not the main thread: the default handling stays
+                pass
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        first = self.received is None
+        self.received = signum
+        self.handle(signum, first)
+
+    def handle(self, signum: int, first: bool) -> None:
+        """What a signal does; ``first``: no signal came before it. Default: KeyboardInterrupt."""
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a signal came (its own exception may have been swallowed)."""
+        if self.received is not None:
+            raise KeyboardInterrupt
