@@ -71,6 +71,8 @@ def _absent(name):
     (["--format", "pt2", "--out", "m.pt2", "--cer-topk", "2", "--kept-budget", "0"], "must be at least 1"),
     (["--format", "onnx", "--out", "m.onnx", "--dtype", "bfloat16"], "exports float32 only"),
     (["--format", "pt2", "--out", "m.pt2", "--dtype", "int8"], "expected float32, bfloat16 or float16"),
+    (["--format", "pt2", "--out", "m.pt2", "--max-side", "100"], "--max-side must be in [256, 2560]"),
+    (["--format", "pt2", "--out", "m.pt2", "--max-memory-gb", "0"], "--max-memory-gb must be positive"),
     (["--format", "onnx", "--out", "m.pt2"], "must end in .onnx"),
     (["--format", "pt2", "--out", "m.pt2", "--resolution", "50"], "multiple of 32"),
     (["--format", "pt2", "--out", "no/such/folder/m.pt2"], "does not exist"),
@@ -80,6 +82,16 @@ def test_export_usage_errors(options, message, capsys, tmp_path, monkeypatch):
     code = cli.main(["export", "--vocab", "cat,dog", "--random-weights", *options])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_vocabulary_too_large_for_the_size_bound_is_refused(capsys, tmp_path):
+    """ADE-847 at 2560x2560 would hold 847 full-size float32 score planes (22 GB)."""
+    code = cli.main(["export", "--vocab", "ade847", "--random-weights", "--format", "pt2",
+                     "--out", str(tmp_path / "m.pt2")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "847 classes" in err and "22.2 GB" in err and "lower --max-side" in err
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_export_onnx_without_the_extra_names_it(capsys, tmp_path, monkeypatch):

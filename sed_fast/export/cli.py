@@ -5,7 +5,7 @@
     sed-fast export --vocab cat,dog,grass --random-weights --resolution 64 --format onnx --out m.onnx
 
 The exported model: input ``image`` float32 (1, 3, H, W), RGB in 0..255, H and W each in
-[32, 2560] (dynamic), already resized as the official test-time pipeline does
+[32, --max-side] (dynamic; default 2560), already resized as the official test-time pipeline does
 (``sed_fast.preprocess.official_resize``: the resize is left to the caller); output ``labels``
 (H, W) int64, with ``--scores`` then ``scores`` (T, H, W) float32, with ``--cer-topk`` then
 ``kept_counts`` (3,) int64.
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --cer-topk: rows each rejection step carries (default: every class, always exact)")
     parser.add_argument("--official-resize", choices=("caller",), default="caller",
                         help="the official test-time resize: 'caller' (done before the model; the only choice so far)")
+    parser.add_argument("--max-side", type=int, default=2560, metavar="PX",
+                        help="the largest H and W the model accepts (default 2560, the official resize's bound)")
+    parser.add_argument("--max-memory-gb", type=float, default=16.0, metavar="GB",
+                        help="refuse a vocabulary whose full-size scores (T x max-side^2 float32) exceed this "
+                             "(default 16)")
     parser.add_argument("--no-fresh-process-check", action="store_true",
                         help="pt2: skip loading the package in a new process that never imports sed_fast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -98,6 +103,10 @@ def _export(args) -> int:
     if dtype != torch.float32 and args.format == "onnx":
         raise ExportError(f"--dtype {args.dtype}: --format onnx exports float32 only (ONNX Runtime's CPU provider "
                           "has no 16-bit convolutions); use --format pt2")
+    if not core.MIN_MAX_SIDE <= args.max_side <= core.MAX_SIDE:
+        raise ExportError(f"--max-side must be in [{core.MIN_MAX_SIDE}, {core.MAX_SIDE}], got {args.max_side}")
+    if args.max_memory_gb <= 0:
+        raise ExportError(f"--max-memory-gb must be positive, got {args.max_memory_gb}")
     if args.resolution < 32 or args.resolution % 32:
         raise ExportError(f"--resolution must be a positive multiple of 32, got {args.resolution}")
     out = Path(args.out).expanduser()
@@ -120,12 +129,18 @@ def _export(args) -> int:
         raise ExportError(f"--vocab {args.vocab!r}: {error}") from error
     if not names:
         raise ExportError(f"--vocab {args.vocab!r}: the vocabulary is empty")
+    scores_gb = len(names) * args.max_side ** 2 * 4 / 1e9
+    if scores_gb > args.max_memory_gb:
+        raise ExportError(f"--vocab has {len(names)} classes: at {args.max_side}x{args.max_side} the exported model "
+                          f"holds {len(names)} full-size float32 score planes, {scores_gb:.1f} GB, more than "
+                          f"--max-memory-gb {args.max_memory_gb:g}: lower --max-side (the largest image side after "
+                          "the official resize) or raise --max-memory-gb")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
     model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype)
     model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
     module = core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
-                                kept_budget=args.kept_budget).eval()
+                                kept_budget=args.kept_budget, max_side=args.max_side).eval()
     decoding = ("exact decoding" if args.cer_topk is None else
                 f"CER top-{args.cer_topk}, kept-class budget {module.kept_budget} of {len(names)}")
     info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, {str(dtype)[6:]}, "
@@ -150,7 +165,7 @@ def _export(args) -> int:
               "cer_topk": args.cer_topk, "kept_budget": module.kept_budget if args.cer_topk is not None else None,
               "outputs": module.output_names, "scores": args.scores,
               "random_weights": bool(args.random_weights), "input": "image float32 (1, 3, H, W) RGB 0..255, "
-              f"H, W in [{core.MIN_SIDE}, {core.MAX_SIDE}], after the official resize",
+              f"H, W in [{core.MIN_SIDE}, {args.max_side}], after the official resize",
               "export_seconds": round(export_seconds, 1), "checks": checks}
     if args.format == "pt2" and not args.no_fresh_process_check:
         image = core.sample_images([CHECK_SIZES[0]])[0]

@@ -19,6 +19,8 @@ FORMATS = ("pt2", "onnx")
 #: Image sides the exported model accepts (each of H and W); the official resize gives a short side
 #: of 640 and a long side of at most 2560.
 MIN_SIDE, MAX_SIDE = 32, 2560
+#: The smallest upper bound a user may choose for the sides (the check's sample images fit in it).
+MIN_MAX_SIDE = 256
 #: Exported vs eager: labels equal, scores within this, by compute dtype. float32 is exact to
 #: rounding; 16-bit is judged against the error the same computation makes eagerly at that precision
 #: (the compiled graph rounds at other places than eager PyTorch).
@@ -44,10 +46,13 @@ class ExportableSED(nn.Module):
     value checks (they need host control flow)."""
 
     def __init__(self, model, return_scores: bool = False, cer_topk: Optional[int] = None,
-                 kept_budget: Optional[int] = None):
+                 kept_budget: Optional[int] = None, max_side: int = MAX_SIDE):
         super().__init__()
         if model.text_embeddings is None:
             raise ExportError("the model has no vocabulary")
+        if not MIN_MAX_SIDE <= max_side <= MAX_SIDE:
+            raise ExportError(f"the largest side must be in [{MIN_MAX_SIDE}, {MAX_SIDE}], got {max_side}")
+        self.max_side = max_side  # H and W are dynamic in [MIN_SIDE, max_side]
         self.model = model
         self.resolution = model.clip_resolution
         self.return_scores = return_scores
@@ -55,6 +60,11 @@ class ExportableSED(nn.Module):
         classes = model.text_embeddings.shape[0]
         self.kept_budget = classes if kept_budget is None else min(int(kept_budget), classes)
         self.register_buffer("text", model._text_for_decoder().detach().clone())
+
+    @property
+    def largest_scores_bytes(self) -> int:
+        """The full-size float32 scores (T, H, W) the model holds at the largest image it accepts."""
+        return int(self.text.shape[0]) * self.max_side * self.max_side * 4
 
     @property
     def output_names(self) -> List[str]:
@@ -102,15 +112,15 @@ def _example(height: int = 64, width: int = 96) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
 
 
-def _dynamic_shapes():
-    height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-    width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+def _dynamic_shapes(max_side: int):
+    height = torch.export.Dim("height", min=MIN_SIDE, max=max_side)
+    width = torch.export.Dim("width", min=MIN_SIDE, max=max_side)
     return {"image": {2: height, 3: width}}
 
 
 def export_program(module: ExportableSED):
     with torch.no_grad():
-        return torch.export.export(module, (_example(),), dynamic_shapes=_dynamic_shapes())
+        return torch.export.export(module, (_example(),), dynamic_shapes=_dynamic_shapes(module.max_side))
 
 
 def export_pt2(module: ExportableSED, out: Path) -> Path:
@@ -139,7 +149,7 @@ def export_onnx(module: ExportableSED, out: Path) -> Path:
 
     # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(),
+        program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(module.max_side),
                                     input_names=["image"], output_names=module.output_names)
     program.save(str(out))
     return out
