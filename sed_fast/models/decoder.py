@@ -232,11 +232,7 @@ class SEDDecoder(nn.Module):
             Each image keeps its own set (the official code handles batch 1 only; a batch here is
             decoded image by image, so each image's result equals decoding it alone).
         """
-        _, res4, res3, res2 = guidance
-        corr = self.per_class(self.cost_map(img_feats, text_feats))
-        corr_embed = self.conv1(corr)
-        dec_guidance = self.decoder_guidance(res4, res3, res2)
-        corr_guid = self.corr_guidance(corr)
+        corr_embed, dec_guidance, corr_guid = self._first_stages(img_feats, text_feats, guidance)
         if rejection is None:
             rejection = rule_for_topk(cer_topk)
         if rejection is None:
@@ -251,6 +247,13 @@ class SEDDecoder(nn.Module):
             scores.append(self._rejecting(
                 corr_embed[rows], [g[b:b + 1] for g in dec_guidance], [c[rows] for c in corr_guid], rejection))
         return torch.cat(scores, dim=0)
+
+    def _first_stages(self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: Sequence[torch.Tensor]):
+        """Everything before the gradual-fusion layers, for every class: (conv1 of the cost map
+        (B*T, 128, h, w), the per-image decoder guidance, the per-class corr guidance)."""
+        _, res4, res3, res2 = guidance
+        corr = self.per_class(self.cost_map(img_feats, text_feats))
+        return self.conv1(corr), self.decoder_guidance(res4, res3, res2), self.corr_guidance(corr)
 
     def _exact(self, corr_embed, dec_guidance, corr_guid, batch, pooling=None):
         aux = []
@@ -304,11 +307,7 @@ class SEDDecoder(nn.Module):
             raise ValueError(f"budget must be a positive int, got {budget!r}")
         if img_feats.shape[0] != 1:
             raise ValueError(f"rejecting_with_budget decodes one image, got a batch of {img_feats.shape[0]}")
-        _, res4, res3, res2 = guidance
-        corr = self.per_class(self.cost_map(img_feats, text_feats))
-        x = self.conv1(corr)
-        dec_guidance = self.decoder_guidance(res4, res3, res2)
-        corr_guid = self.corr_guidance(corr)
+        x, dec_guidance, corr_guid = self._first_stages(img_feats, text_feats, guidance)
         classes = x.shape[0]
         budget = min(budget, classes)
         class_of_row = torch.arange(classes, device=x.device)
@@ -318,7 +317,9 @@ class SEDDecoder(nn.Module):
                                            (self.decoder3, self.head2))):
             aux = head(x)[:, 0].masked_fill(~valid[:, None, None], float("-inf"))  # (rows, h, w)
             kth = aux.topk(min(topk, aux.shape[0]), dim=0).values[-1]  # each pixel's k-th largest
-            keep = valid & (aux >= kth).flatten(1).any(dim=1)  # the union of the per-pixel top k
+            # The union of the per-pixel top k (a tie at the k-th value keeps both classes, where the
+            # official argsort keeps one of them).
+            keep = valid & (aux >= kth).flatten(1).any(dim=1)
             counts.append(keep.sum())
             peak = aux.flatten(1).amax(dim=1).masked_fill(~keep, float("-inf"))
             rows = peak.topk(budget).indices.sort().values  # every kept class if they fit, in class order
