@@ -119,3 +119,19 @@ def test_static_budget_too_small_says_so(golden):
     assert int(counts[0]) > budget
     assert int((scores[0].flatten(1).abs().amax(1) > 0).sum()) <= budget
     assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_padded_keep_mask_equals_the_official_rule_on_the_real_rows(k):
+    """TopKUnion.keep_mask_padded (static shapes) keeps exactly what keep_mask keeps on the real rows."""
+    from sed_fast.models.rejection import TopKUnion
+
+    generator = torch.Generator().manual_seed(k)
+    aux = torch.randn(9, 5, 7, generator=generator)
+    valid = torch.rand(9, generator=generator) > 0.4
+    valid[0] = True
+    rule = TopKUnion(k)
+    padded = rule.keep_mask_padded(aux, valid)
+    expected = torch.zeros(9, dtype=torch.bool)
+    expected[valid] = rule.keep_mask(aux[valid][None])
+    assert torch.equal(padded, expected)

@@ -62,11 +62,6 @@ class ExportableSED(nn.Module):
         self.register_buffer("text", model._text_for_decoder().detach().clone())
 
     @property
-    def largest_scores_bytes(self) -> int:
-        """The full-size float32 scores (T, H, W) the model holds at the largest image it accepts."""
-        return int(self.text.shape[0]) * self.max_side * self.max_side * 4
-
-    @property
     def output_names(self) -> List[str]:
         return ["labels"] + (["scores"] if self.return_scores else []) + (
             ["kept_counts"] if self.cer_topk is not None else [])

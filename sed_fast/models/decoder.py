@@ -22,8 +22,7 @@ import torch.utils.checkpoint
 from ..config import (CORR_GUIDANCE_DIMS, DECODER_DIMS, DECODER_GUIDANCE_PROJ_DIMS, EVAL_POOLING, HIDDEN_DIM,
                       KERNEL_SIZE, NUM_HEADS, NUM_PROMPTS)
 from ..kernels.class_attention import linear_attention
-from ..kernels.topk_union_reject import check_topk
-from .rejection import RejectionRule, rule_for_topk
+from .rejection import RejectionRule, TopKUnion, rule_for_topk
 
 class ConvNextBlock(nn.Module):
     """ConvNeXt block: 9x9 depthwise conv, channels-last LayerNorm (eps 1e-6), MLP, gamma, residual."""
@@ -302,7 +301,7 @@ class SEDDecoder(nn.Module):
             scores (1, T, 8h, 8w): sigmoid for kept classes, exact zeros for the others;
             kept_counts (3,) int64: the size of the kept set at each rejection step.
         """
-        check_topk(topk, what="cer_topk")
+        rule = TopKUnion(topk)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive int, got {budget!r}")
         if img_feats.shape[0] != 1:
@@ -315,11 +314,8 @@ class SEDDecoder(nn.Module):
         counts = []
         for i, (layer, head) in enumerate(((self.decoder1, self.head0), (self.decoder2, self.head1),
                                            (self.decoder3, self.head2))):
-            aux = head(x)[:, 0].masked_fill(~valid[:, None, None], float("-inf"))  # (rows, h, w)
-            kth = aux.topk(min(topk, aux.shape[0]), dim=0).values[-1]  # each pixel's k-th largest
-            # The union of the per-pixel top k (a tie at the k-th value keeps both classes, where the
-            # official argsort keeps one of them).
-            keep = valid & (aux >= kth).flatten(1).any(dim=1)
+            aux = head(x)[:, 0]  # (rows, h, w)
+            keep = rule.keep_mask_padded(aux, valid)
             counts.append(keep.sum())
             peak = aux.flatten(1).amax(dim=1).masked_fill(~keep, float("-inf"))
             rows = peak.topk(budget).indices.sort().values  # every kept class if they fit, in class order

@@ -44,6 +44,14 @@ class TopKUnion:
         _, flat_idx, class_offsets = topk_union_reject(aux_logits, self.k)
         return flat_idx, class_offsets
 
+    def keep_mask_padded(self, aux_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The same union with static shapes (export): aux logits (rows, h, w) of one image whose
+        rows are real where ``valid`` (rows,) is True -> (rows,) bool, a subset of ``valid``. A tie
+        at the k-th value keeps both classes, where the official argsort keeps one of them."""
+        aux_logits = aux_logits.masked_fill(~valid[:, None, None], float("-inf"))
+        kth = aux_logits.topk(min(self.k, aux_logits.shape[0]), dim=0).values[-1]  # each pixel's k-th largest
+        return valid & (aux_logits >= kth).flatten(1).any(dim=1)
+
     def __repr__(self) -> str:
         return f"TopKUnion(k={self.k})"
 

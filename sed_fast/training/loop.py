@@ -69,10 +69,6 @@ class SignalFlag(SignalHandlers):
     def __init__(self):
         super().__init__(("SIGINT", "SIGTERM"))
 
-    @property
-    def signum(self) -> Optional[int]:
-        return self.received
-
     def handle(self, signum: int, first: bool) -> None:
         if not first:
             raise KeyboardInterrupt
@@ -210,7 +206,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
         # loss or a signal, so that all processes stop (or go on) together.
         shared = torch.cat([torch.where(finite, values, torch.zeros_like(values)),
                             (~finite).float().reshape(1),
-                            torch.tensor([1.0 if flag.signum is not None else 0.0], device=values.device)])
+                            torch.tensor([1.0 if flag.received is not None else 0.0], device=values.device)])
         shared = ctx.all_reduce_sum(shared)
         mean_values = (shared[:-2] / ctx.world_size).tolist()
         if shared[-2].item() > 0:
@@ -273,7 +269,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
         io.metrics(record)
         io.plot_curve()
         if stop:
-            raise Stopped(flag.signum or signal.SIGTERM, done, last_saved)
+            raise Stopped(flag.received or signal.SIGTERM, done, last_saved)
     io.plot_curve(force=True)
     return done
 
