@@ -76,6 +76,16 @@ def _absent(name):
     (["--format", "onnx", "--out", "m.pt2"], "must end in .onnx"),
     (["--format", "pt2", "--out", "m.pt2", "--resolution", "50"], "multiple of 32"),
     (["--format", "pt2", "--out", "no/such/folder/m.pt2"], "does not exist"),
+    (["--format", "pt2", "--out", "m.pt2", "--official-resize", "included"], "included needs --sizes"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "640x640", "--max-side", "1024"], "give one or the other"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "640"], "'640' is not HxW"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "640x640,axb"], "'axb' is not HxW"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "16x640"], "must be in [32, 2560]"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "3000x640"], "must be in [32, 2560]"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "0x5", "--official-resize", "included"],
+     "a raw image side must be in [1, 32768]"),
+    (["--format", "pt2", "--out", "m.pt2", "--sizes", "10x10000", "--official-resize", "included"],
+     "is 3x2560 after the official resize, smaller than 32"),
 ])
 def test_export_usage_errors(options, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -92,6 +102,47 @@ def test_a_vocabulary_too_large_for_the_size_bound_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "847 classes" in err and "22.2 GB" in err and "lower --max-side" in err
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_fixed_sizes_too_large_for_the_memory_bound_are_refused(capsys, tmp_path):
+    code = cli.main(["export", "--vocab", "ade847", "--random-weights", "--format", "pt2",
+                     "--sizes", "640x640,2560x2560", "--out", str(tmp_path / "m.pt2")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "at 2560x2560" in err and "22.2 GB" in err and "give smaller --sizes" in err
+
+
+def test_export_pt2_with_the_official_resize_included(tmp_path, capsys):
+    """The whole official test-time pipeline in one package, loaded with torch alone: a raw uint8
+    (H, W, 3) image in, labels and scores at the raw size out, as ``preprocess="official"``."""
+    out = tmp_path / "raw.pt2"
+    code, captured = _run(capsys, "--format", "pt2", "--official-resize", "included", "--sizes", "150x97",
+                          "--out", str(out))
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert result["ok"] and out.is_file() and result["official_resize"] == "included"
+    assert result["input"].startswith("image uint8 (150, 97, 3)") and "990x640" in result["input"]
+    (row,) = result["checks"]
+    assert row["size"] == [150, 97] and row["max_score_diff"] <= 1e-5 and row["labels_differ_not_ties"] == 0
+    assert result["fresh_process_labels_equal"] is True
+
+
+def test_export_onnx_one_file_per_fixed_size(tmp_path, capsys):
+    missing = [name for name in ("onnx", "onnxruntime", "onnxscript") if _absent(name)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install -e \".[export]\")")
+    out = tmp_path / "raw.onnx"
+    code, captured = _run(capsys, "--format", "onnx", "--official-resize", "included", "--sizes", "150x97,700x1000",
+                          "--out", str(out))
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert result["ok"] and "path" not in result and len(result["exports"]) == 2
+    for record, (height, width) in zip(result["exports"], [(150, 97), (700, 1000)]):
+        assert record["path"] == str(tmp_path / f"raw_{height}x{width}.onnx") and record["ok"]
+        assert (tmp_path / f"raw_{height}x{width}.onnx").is_file()
+        (row,) = record["checks"]
+        assert row["size"] == [height, width] and row["max_score_diff"] <= 1e-5 and row["labels_differ_not_ties"] == 0
+    assert not out.exists()
 
 
 def test_export_onnx_without_the_extra_names_it(capsys, tmp_path, monkeypatch):
@@ -188,3 +239,83 @@ def test_export_onnx_with_rejection(tmp_path, capsys):
     for row in result["checks"]:
         assert row["max_score_diff"] <= 1e-5 and row["labels_differ_not_ties"] == 0
         assert row["kept_counts"][0] <= 4 and not row["budget_exceeded"]
+
+
+# -- fixed sizes and the official resize inside the model ------------------------------------------
+
+
+@pytest.mark.parametrize("raw_size", [(150, 97), (700, 1000), (640, 640), (481, 2000), (33, 2000)])
+def test_the_included_resize_is_pillows(raw_size):
+    """The module's baked-in resize equals Pillow's own ``Image.resize(BILINEAR)`` (what detectron2
+    runs): upscaling, antialiased shrinking, no-op, a long side clamped to 2560."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sed_fast.export import core
+
+    module = core.ExportableSED(_tiny_model(torch.float32), input_size=raw_size, resize_included=True)
+    raw = torch.randint(0, 256, (*raw_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    new_h, new_w = module.resized_size
+    assert (new_h, new_w) == core.official_size(*raw_size)
+    expected = np.array(Image.fromarray(raw.numpy()).resize((new_w, new_h), Image.BILINEAR))
+    resized = module.official_resize(raw.permute(2, 0, 1))
+    assert torch.equal(resized.permute(1, 2, 0), torch.from_numpy(expected))
+
+
+def test_the_included_resize_follows_pillow_13s_pass_order(monkeypatch):
+    """With a Pillow that orders the passes by the sizes (13+), a height shrinking more than twice
+    as much as the width runs the vertical pass first, and the baked-in resize does too."""
+    import importlib
+
+    import torch
+
+    from sed_fast.export import core
+
+    resize = importlib.import_module("sed_fast.kernels.pil_bilinear_resize")  # the module, not the function
+    monkeypatch.setattr(resize, "INSTALLED_PILLOW_ORDERS_PASSES", True)
+    module = core.ExportableSED(_tiny_model(torch.float32), input_size=(2000, 700), resize_included=True)
+    assert module.resized_size == (1829, 640) and module.resize_passes == ["v", "h"]
+    raw = torch.randint(0, 256, (3, 2000, 700), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    expected = resize.pil_bilinear_resize_reference(raw, 1829, 640, horizontal_first=False)
+    assert torch.equal(module.official_resize(raw), expected)
+    assert not torch.equal(expected, resize.pil_bilinear_resize_reference(raw, 1829, 640, horizontal_first=True))
+
+
+def test_exported_graph_with_the_resize_included_equals_the_official_pipeline():
+    """torch.export of the raw-image module: its scores equal the eager reference's with
+    ``preprocess="official"`` (Pillow's own resize, scores back at the raw size)."""
+    import torch
+
+    from sed_fast.export import core
+
+    model = _tiny_model(torch.float32)
+    module = core.ExportableSED(model, return_scores=True, input_size=(131, 277), resize_included=True).eval()
+    program = core.export_program(module).module()
+    raw = module.sample_input((131, 277))
+    assert raw.dtype == torch.uint8 and raw.shape == (131, 277, 3)
+    model.preprocess = "official"
+    with torch.no_grad():
+        labels, scores = program(raw)
+        expected = model(raw.permute(2, 0, 1)[None])[0]
+    assert scores.shape == expected.shape == (EIGHT_CLASSES, 131, 277)
+    assert (scores - expected).abs().max() <= 1e-5
+    assert torch.equal(labels, expected.argmax(0))
+
+
+def test_a_fixed_size_export_accepts_that_size_only():
+    import torch
+
+    from sed_fast.export import core
+
+    model = _tiny_model(torch.float32)
+    module = core.ExportableSED(model, return_scores=True, input_size=(96, 128)).eval()
+    assert module.dynamic_shapes() is None
+    program = core.export_program(module).module()
+    (image,) = core.sample_images([(96, 128)])
+    with torch.no_grad():
+        labels, scores = program(image)
+        expected = model(image)[0]
+    assert (scores - expected).abs().max() <= 1e-5 and torch.equal(labels, expected.argmax(0))
+    with pytest.raises(Exception):
+        program(core.sample_images([(96, 160)])[0])

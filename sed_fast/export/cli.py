@@ -4,11 +4,14 @@
     sed-fast export --vocab ade150 --checkpoint model_final.pth --format pt2 --out sed_b_ade150.pt2
     sed-fast export --vocab cat,dog,grass --random-weights --resolution 64 --format onnx --out m.onnx
 
-The exported model: input ``image`` float32 (1, 3, H, W), RGB in 0..255, H and W each in
-[32, --max-side] (dynamic; default 2560), already resized as the official test-time pipeline does
-(``sed_fast.preprocess.official_resize``: the resize is left to the caller); output ``labels``
-(H, W) int64, with ``--scores`` then ``scores`` (T, H, W) float32, with ``--cer-topk`` then
-``kept_counts`` (3,) int64.
+The exported model's input: with ``--official-resize caller`` (default) ``image`` float32
+(1, 3, H, W), RGB in 0..255, already resized as the official test-time pipeline does
+(``sed_fast.preprocess.official_resize``), H and W each in [32, --max-side] (dynamic; default 2560)
+or fixed by ``--sizes HxW[,HxW...]``, one file per size; with ``--official-resize included
+--sizes ...`` the raw image, uint8 (H, W, 3) RGB, which the model resizes as the official pipeline
+does (Pillow's bilinear, bit for bit) and whose outputs come back at the raw size. Outputs
+``labels`` (H, W) int64, with ``--scores`` then ``scores`` (T, H, W) float32, with ``--cer-topk``
+then ``kept_counts`` (3,) int64.
 
 Decoding is exact, or with ``--cer-topk K`` category early rejection with a static kept-class budget
 (``--kept-budget N``, default: every class): each rejection step carries N rows, the kept classes
@@ -18,10 +21,10 @@ with the highest peak aux logit, and ``kept_counts[0] > N`` says so. Compute dty
 float32, or for pt2 bfloat16 / float16 (checked against the eager model in that dtype, within
 5e-2 / 2e-2; ONNX Runtime's CPU provider lacks 16-bit convolutions, so ONNX is float32 only).
 
-Every export is checked: the exported model's labels equal the eager model's (the same settings)
-on sample images, except on ties of the top two classes, which rounding decides, and its scores
-agree within 1e-5 in float32; a pt2 package is also loaded in a new process that never imports
-sed_fast.
+Every export is checked: the exported model's labels equal the eager model's (the same settings;
+with the resize included, the whole official pipeline on the raw image) on sample images, except
+on ties of the top two classes, which rounding decides, and its scores agree within 1e-5 in
+float32; a pt2 package is also loaded in a new process that never imports sed_fast.
 
 Exit code: 0 exported and checked; 1 the export or its check failed; 2 usage error.
 """
@@ -56,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="category early rejection keeping each pixel's top K classes (default: exact decoding)")
     parser.add_argument("--kept-budget", type=int, default=None, metavar="N",
                         help="with --cer-topk: rows each rejection step carries (default: every class, always exact)")
-    parser.add_argument("--official-resize", choices=("caller",), default="caller",
-                        help="the official test-time resize: 'caller' (done before the model; the only choice so far)")
-    parser.add_argument("--max-side", type=int, default=2560, metavar="PX",
-                        help="the largest H and W the model accepts (default 2560, the official resize's bound)")
+    parser.add_argument("--official-resize", choices=("caller", "included"), default="caller",
+                        help="the official test-time resize: 'caller' (done before the model, default) or "
+                             "'included' (in the model, for raw uint8 HWC images of the --sizes given)")
+    parser.add_argument("--sizes", metavar="HxW[,HxW...]",
+                        help="fixed input sizes, one exported file per size (default: one file, dynamic sizes); "
+                             "with --official-resize included, the raw images' sizes")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PX",
+                        help="dynamic sizes: the largest H and W the model accepts (default 2560, the official "
+                             "resize's bound)")
     parser.add_argument("--max-memory-gb", type=float, default=16.0, metavar="GB",
-                        help="refuse a vocabulary whose full-size scores (T x max-side^2 float32) exceed this "
-                             "(default 16)")
+                        help="refuse a vocabulary whose full-size scores (T x H x W float32 at the largest size "
+                             "accepted) exceed this (default 16)")
     parser.add_argument("--no-fresh-process-check", action="store_true",
                         help="pt2: skip loading the package in a new process that never imports sed_fast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -103,8 +111,15 @@ def _export(args) -> int:
     if dtype != torch.float32 and args.format == "onnx":
         raise ExportError(f"--dtype {args.dtype}: --format onnx exports float32 only (ONNX Runtime's CPU provider "
                           "has no 16-bit convolutions); use --format pt2")
-    if not core.MIN_MAX_SIDE <= args.max_side <= core.MAX_SIDE:
-        raise ExportError(f"--max-side must be in [{core.MIN_MAX_SIDE}, {core.MAX_SIDE}], got {args.max_side}")
+    if args.sizes is not None and args.max_side is not None:
+        raise ExportError("--max-side bounds dynamic sizes: with --sizes the sizes are fixed; give one or the other")
+    if args.official_resize == "included" and args.sizes is None:
+        raise ExportError("--official-resize included needs --sizes: the official resize's output size and "
+                          "Pillow's tables depend on the raw image's size")
+    max_side = core.MAX_SIDE if args.max_side is None else args.max_side
+    if not core.MIN_MAX_SIDE <= max_side <= core.MAX_SIDE:
+        raise ExportError(f"--max-side must be in [{core.MIN_MAX_SIDE}, {core.MAX_SIDE}], got {max_side}")
+    sizes = None if args.sizes is None else parse_sizes(args.sizes, args.official_resize == "included")
     if args.max_memory_gb <= 0:
         raise ExportError(f"--max-memory-gb must be positive, got {args.max_memory_gb}")
     if args.resolution < 32 or args.resolution % 32:
@@ -129,72 +144,140 @@ def _export(args) -> int:
         raise ExportError(f"--vocab {args.vocab!r}: {error}") from error
     if not names:
         raise ExportError(f"--vocab {args.vocab!r}: the vocabulary is empty")
-    scores_gb = len(names) * args.max_side ** 2 * 4 / 1e9
+    largest = (max_side, max_side) if sizes is None else max(sizes, key=lambda size: size[0] * size[1])
+    scores_gb = len(names) * largest[0] * largest[1] * 4 / 1e9
     if scores_gb > args.max_memory_gb:
-        raise ExportError(f"--vocab has {len(names)} classes: at {args.max_side}x{args.max_side} the exported model "
+        lower = ("lower --max-side (the largest image side after the official resize)" if sizes is None
+                 else "give smaller --sizes")
+        raise ExportError(f"--vocab has {len(names)} classes: at {largest[0]}x{largest[1]} the exported model "
                           f"holds {len(names)} full-size float32 score planes, {scores_gb:.1f} GB, more than "
-                          f"--max-memory-gb {args.max_memory_gb:g}: lower --max-side (the largest image side after "
-                          "the official resize) or raise --max-memory-gb")
+                          f"--max-memory-gb {args.max_memory_gb:g}: {lower} or raise --max-memory-gb")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
     model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype)
     model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
-    module = core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
-                                kept_budget=args.kept_budget, max_side=args.max_side).eval()
+    resize_included = args.official_resize == "included"
+    modules = [core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
+                                  kept_budget=args.kept_budget, max_side=max_side, input_size=size,
+                                  resize_included=resize_included).eval()
+               for size in (sizes or [None])]
+    kept_budget = modules[0].kept_budget if args.cer_topk is not None else None
     decoding = ("exact decoding" if args.cer_topk is None else
-                f"CER top-{args.cer_topk}, kept-class budget {module.kept_budget} of {len(names)}")
+                f"CER top-{args.cer_topk}, kept-class budget {kept_budget} of {len(names)}")
     info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, {str(dtype)[6:]}, "
-         f"{decoding}, {'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format})")
-    try:
-        if args.format == "pt2":
-            path = core.export_pt2(module, out)
-            runner = torch._inductor.aoti_load_package(str(path))
-        else:
-            path = core.export_onnx(module, out)
-            runner = core.OnnxRunner(path)
-    except ExportError:
-        raise
-    except Exception as error:  # noqa: BLE001 - the exporter's own error, one line
-        print(f"{_PROG}: error: the export failed: {type(error).__name__}: {str(error).strip()[:2000]}",
-              file=sys.stderr)
-        return EXIT_FAILED
-    export_seconds = time.perf_counter() - start
-    checks = core.check(runner, model, module, CHECK_SIZES)
-    result = {"path": str(path), "format": args.format, "variant": args.variant, "classes": len(model.class_names),
+         f"{decoding}, {'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format}"
+         + (f", {len(modules)} fixed sizes)" if sizes else ")"))
+    exports = []
+    for module in modules:
+        size = module.input_size
+        path = out if len(modules) == 1 else out.with_name(f"{out.stem}_{size[0]}x{size[1]}{suffix}")
+        if size is not None:
+            note = ""
+            if not resize_included and core.official_size(*size) != size:
+                note = (f" (not a size the official resize gives: it makes {size[0]}x{size[1]} images "
+                        "{}x{}; for raw images of this size use --official-resize included)".format(
+                            *core.official_size(*size)))
+            info(f"{size[0]}x{size[1]} -> {path}{note}")
+        try:
+            exports.append(_export_one(args, core, model, module, path))
+        except ExportError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the exporter's own error, one line
+            print(f"{_PROG}: error: the export failed: {type(error).__name__}: {str(error).strip()[:2000]}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        if not args.json:
+            _print_record(exports[-1], kept_budget)
+    ok = all(record["ok"] for record in exports)
+    result = {"format": args.format, "variant": args.variant, "classes": len(model.class_names),
               "class_names": model.class_names, "resolution": args.resolution, "dtype": str(dtype)[6:],
-              "cer_topk": args.cer_topk, "kept_budget": module.kept_budget if args.cer_topk is not None else None,
-              "outputs": module.output_names, "scores": args.scores,
-              "random_weights": bool(args.random_weights), "input": "image float32 (1, 3, H, W) RGB 0..255, "
-              f"H, W in [{core.MIN_SIDE}, {args.max_side}], after the official resize",
-              "export_seconds": round(export_seconds, 1), "checks": checks}
+              "cer_topk": args.cer_topk, "kept_budget": kept_budget, "outputs": modules[0].output_names,
+              "scores": args.scores, "official_resize": args.official_resize,
+              "random_weights": bool(args.random_weights),
+              "export_seconds": round(time.perf_counter() - start, 1), "exports": exports, "ok": ok}
+    if len(exports) == 1:  # one file: its record at the top level too
+        result.update({key: value for key, value in exports[0].items() if key != "ok"})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif len(exports) > 1:
+        print(f"{'wrote' if ok else 'FAILED the check of at least one file, wrote'} {len(exports)} files "
+              f"({result['export_seconds']:.0f} s)")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def parse_sizes(text: str, raw: bool):
+    """``HxW[,HxW...]`` -> [(H, W), ...] in the order given, duplicates dropped. ``raw``: the sizes of
+    raw images (the official resize included), else the model's input sizes."""
+    from . import core
+    from .core import ExportError
+
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            size = tuple(int(part) for part in parts)
+        except ValueError:
+            size = ()
+        if len(size) != 2:
+            raise ExportError(f"--sizes {text!r}: {item.strip()!r} is not HxW (e.g. 480x640)")
+        low, high = (1, core.MAX_RAW_SIDE) if raw else (core.MIN_SIDE, core.MAX_SIDE)
+        if not all(low <= side <= high for side in size):
+            what = "a raw image side" if raw else "a model input side (after the official resize)"
+            raise ExportError(f"--sizes: {size[0]}x{size[1]}: {what} must be in [{low}, {high}]")
+        if raw and min(core.official_size(*size)) < core.MIN_SIDE:
+            raise ExportError(f"--sizes: a {size[0]}x{size[1]} image is {'x'.join(map(str, core.official_size(*size)))}"
+                              f" after the official resize, smaller than {core.MIN_SIDE} px on a side")
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _export_one(args, core, model, module, path: Path):
+    """Export one module to ``path``, load it back and check it: its record (path, input, checks,
+    the fresh-process check for pt2, ok)."""
+    import torch
+
+    start = time.perf_counter()
+    if args.format == "pt2":
+        path = core.export_pt2(module, path)
+        runner = torch._inductor.aoti_load_package(str(path))
+    else:
+        path = core.export_onnx(module, path)
+        runner = core.OnnxRunner(path)
+    seconds = time.perf_counter() - start
+    check_sizes = CHECK_SIZES if module.input_size is None else (module.input_size,)
+    record = {"path": str(path), "input": core.input_description(module), "export_seconds": round(seconds, 1),
+              "checks": core.check(runner, model, module, check_sizes)}
+    if module.resize_included:  # Pillow's pass order, which changes some pixels by one level
+        record["resize_passes"] = "".join(module.resize_passes) or "none"
     if args.format == "pt2" and not args.no_fresh_process_check:
-        image = core.sample_images([CHECK_SIZES[0]])[0]
+        image = module.sample_input(check_sizes[0])
         fresh = core.load_pt2_in_fresh_process(path, image)
         labels = fresh[0] if isinstance(fresh, (tuple, list)) else fresh
         with torch.no_grad():
             here = runner(image)  # the same package loaded in this process: identical output expected
         expected = here[0] if isinstance(here, (tuple, list)) else here
-        result["fresh_process_labels_equal"] = bool(torch.equal(labels, expected))
-    ok = all(c["ok"] for c in checks) and result.get("fresh_process_labels_equal", True)
-    result["ok"] = ok
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        for c in checks:
-            same = "equal" if c["labels_equal"] else (
-                f"differ on {c['labels_differ']} pixel(s), " + ("all ties" if not c["labels_differ_not_ties"]
-                                                             else f"{c['labels_differ_not_ties']} NOT ties"))
-            kept = ""
-            if "kept_counts" in c:
-                kept = f", kept {'/'.join(map(str, c['kept_counts']))} classes"
-                if c["budget_exceeded"]:
-                    kept += (f" (MORE than the budget {module.kept_budget}: not the official result; "
-                             f"export with --kept-budget {c['kept_counts'][0]} or more)")
-            print(f"check {c['size'][0]}x{c['size'][1]}: labels {same}"
-                  + (f", max |score diff| {c['max_score_diff']:.2e}" if "max_score_diff" in c else "")
-                  + kept + f" ({c['seconds']} s): {'ok' if c['ok'] else 'FAILED'}")
-        if "fresh_process_labels_equal" in result:
-            print(f"loaded with torch alone in a new process (no sed_fast import): labels vs this process's "
-                  f"{'equal' if result['fresh_process_labels_equal'] else 'DIFFER'}")
-        print(f"{'wrote' if ok else 'FAILED the check, wrote'} {path} ({export_seconds:.0f} s)")
-    return EXIT_OK if ok else EXIT_FAILED
+        record["fresh_process_labels_equal"] = bool(torch.equal(labels, expected))
+    record["ok"] = all(c["ok"] for c in record["checks"]) and record.get("fresh_process_labels_equal", True)
+    return record
+
+
+def _print_record(record, kept_budget) -> None:
+    for c in record["checks"]:
+        same = "equal" if c["labels_equal"] else (
+            f"differ on {c['labels_differ']} pixel(s), " + ("all ties" if not c["labels_differ_not_ties"]
+                                                         else f"{c['labels_differ_not_ties']} NOT ties"))
+        kept = ""
+        if "kept_counts" in c:
+            kept = f", kept {'/'.join(map(str, c['kept_counts']))} classes"
+            if c["budget_exceeded"]:
+                kept += (f" (MORE than the budget {kept_budget}: not the official result; "
+                         f"export with --kept-budget {c['kept_counts'][0]} or more)")
+        print(f"check {c['size'][0]}x{c['size'][1]}: labels {same}"
+              + (f", max |score diff| {c['max_score_diff']:.2e}" if "max_score_diff" in c else "")
+              + kept + f" ({c['seconds']} s): {'ok' if c['ok'] else 'FAILED'}")
+    if "fresh_process_labels_equal" in record:
+        print(f"loaded with torch alone in a new process (no sed_fast import): labels vs this process's "
+              f"{'equal' if record['fresh_process_labels_equal'] else 'DIFFER'}")
+    status = "wrote" if record["ok"] else "FAILED the check, wrote"
+    print(f"{status} {record['path']} ({record['export_seconds']:.0f} s): input {record['input']}")

@@ -21,6 +21,8 @@ FORMATS = ("pt2", "onnx")
 MIN_SIDE, MAX_SIDE = 32, 2560
 #: The smallest upper bound a user may choose for the sides (the check's sample images fit in it).
 MIN_MAX_SIDE = 256
+#: The largest raw image side an export with the official resize included accepts.
+MAX_RAW_SIDE = 32768
 #: Exported vs eager: labels equal, scores within this, by compute dtype. float32 is exact to
 #: rounding; 16-bit is judged against the error the same computation makes eagerly at that precision
 #: (the compiled graph rounds at other places than eager PyTorch).
@@ -35,9 +37,21 @@ class ExportError(Exception):
 
 
 class ExportableSED(nn.Module):
-    """The reference SED with its vocabulary baked in, as a pure function of the image:
-    ``image`` float32 (1, 3, H, W), RGB 0..255 (after the official resize, which is left to the
-    caller) -> ``labels`` (H, W) int64, then the scores (T, H, W) float32 with ``return_scores``,
+    """The reference SED with its vocabulary baked in, as a pure function of the image.
+
+    Input, by the official test-time resize's place:
+
+    * left to the caller (default): ``image`` float32 (1, 3, H, W), RGB 0..255, already resized as
+      the official pipeline does; H and W dynamic in [MIN_SIDE, ``max_side``], or fixed to
+      ``input_size``;
+    * included (``resize_included``, which needs ``input_size``, the raw image's size): ``image``
+      uint8 (H, W, 3) RGB, the decoded file as is. The model resizes it as the official pipeline
+      does, Pillow's bilinear bit for bit (:mod:`sed_fast.kernels.pil_bilinear_resize`'s plain
+      PyTorch passes, their tables baked in for this one size, in the pass order of the Pillow
+      installed at export time), and its outputs come back at the raw size, as the official
+      ``sem_seg``.
+
+    Outputs: ``labels`` (H, W) int64, then the scores (T, H, W) float32 with ``return_scores``,
     then with ``cer_topk`` the kept-set sizes (3,) int64 of the three rejection steps.
 
     Exact decoding, or with ``cer_topk`` category early rejection with a static kept-class budget
@@ -46,13 +60,22 @@ class ExportableSED(nn.Module):
     value checks (they need host control flow)."""
 
     def __init__(self, model, return_scores: bool = False, cer_topk: Optional[int] = None,
-                 kept_budget: Optional[int] = None, max_side: int = MAX_SIDE):
+                 kept_budget: Optional[int] = None, max_side: int = MAX_SIDE,
+                 input_size: Optional[Tuple[int, int]] = None, resize_included: bool = False):
         super().__init__()
         if model.text_embeddings is None:
             raise ExportError("the model has no vocabulary")
         if not MIN_MAX_SIDE <= max_side <= MAX_SIDE:
             raise ExportError(f"the largest side must be in [{MIN_MAX_SIDE}, {MAX_SIDE}], got {max_side}")
-        self.max_side = max_side  # H and W are dynamic in [MIN_SIDE, max_side]
+        if resize_included and input_size is None:
+            raise ExportError("the official resize depends on the raw image's size: an export that includes it "
+                              "needs a fixed input size")
+        self.max_side = max_side  # dynamic H and W lie in [MIN_SIDE, max_side]
+        self.input_size = None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        if self.input_size is not None and not resize_included and not all(
+                MIN_SIDE <= side <= MAX_SIDE for side in self.input_size):
+            raise ExportError(f"input size {self.input_size}: each side must be in [{MIN_SIDE}, {MAX_SIDE}]")
+        self.resize_included = resize_included
         self.model = model
         self.resolution = model.clip_resolution
         self.return_scores = return_scores
@@ -60,14 +83,69 @@ class ExportableSED(nn.Module):
         classes = model.text_embeddings.shape[0]
         self.kept_budget = classes if kept_budget is None else min(int(kept_budget), classes)
         self.register_buffer("text", model._text_for_decoder().detach().clone())
+        self.resize_passes: List[str] = []
+        if resize_included:
+            self._bake_official_resize(*self.input_size)
+
+    def _bake_official_resize(self, height: int, width: int) -> None:
+        from ..kernels.pil_bilinear_resize import (installed_pillow_horizontal_first, resample_coefficients,
+                                                   resample_passes)
+        from ..preprocess import official_resize_shape
+
+        new_h, new_w = official_resize_shape(height, width)
+        if min(new_h, new_w) < MIN_SIDE:
+            raise ExportError(f"a {height}x{width} image is {new_h}x{new_w} after the official resize, smaller than "
+                              f"{MIN_SIDE} px on a side")
+        self.resized_size = (new_h, new_w)
+        self.horizontal_first = installed_pillow_horizontal_first(height, width, new_h, new_w)
+        self.resize_passes = resample_passes(height, width, new_h, new_w, self.horizontal_first)
+        for which, (size, new_size) in (("h", (width, new_w)), ("v", (height, new_h))):
+            if which in self.resize_passes:
+                lo, coef = resample_coefficients(size, new_size)
+                self.register_buffer(f"resize_{which}_lo", lo.clone())
+                self.register_buffer(f"resize_{which}_coef", coef.clone())
+
+    def official_resize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) at ``input_size`` -> uint8 (3, new_h, new_w), Pillow's bilinear resize."""
+        from ..kernels.pil_bilinear_resize import resample_pass_reference
+
+        for which in self.resize_passes:
+            lo, coef = getattr(self, f"resize_{which}_lo"), getattr(self, f"resize_{which}_coef")
+            image = resample_pass_reference(image, lo, coef, dim=2 if which == "h" else 1)
+        return image
 
     @property
     def output_names(self) -> List[str]:
         return ["labels"] + (["scores"] if self.return_scores else []) + (
             ["kept_counts"] if self.cer_topk is not None else [])
 
+    def example_input(self) -> torch.Tensor:
+        """An input of the exported signature (its values do not matter)."""
+        if self.resize_included:
+            return torch.zeros(*self.input_size, 3, dtype=torch.uint8)
+        return _example(*(self.input_size or (64, 96)))
+
+    def sample_input(self, size: Tuple[int, int]) -> torch.Tensor:
+        """The drawn sample scene at ``size`` in the exported model's input layout and dtype."""
+        image = sample_images([size])[0]
+        if self.resize_included:
+            return image[0].permute(1, 2, 0).to(torch.uint8).contiguous()
+        return image
+
+    def dynamic_shapes(self):
+        if self.input_size is not None:
+            return None
+        height = torch.export.Dim("height", min=MIN_SIDE, max=self.max_side)
+        width = torch.export.Dim("width", min=MIN_SIDE, max=self.max_side)
+        return {"image": {2: height, 3: width}}
+
     def forward(self, image: torch.Tensor):
-        height, width = image.shape[-2:]
+        if self.resize_included:
+            raw = image.permute(2, 0, 1)  # (3, H, W) uint8, read in place
+            height, width = raw.shape[-2:]
+            image = self.official_resize(raw)[None].to(torch.float32)
+        else:
+            height, width = image.shape[-2:]
         clip_images = preprocess_images(image.to(torch.float32), self.resolution)
         dense, features = self.model.encode_image(clip_images)
         text = self.text.to(self.model.dtype)
@@ -82,6 +160,27 @@ class ExportableSED(nn.Module):
         outputs = [scores.argmax(0)] + ([scores] if self.return_scores else []) + (
             [kept_counts] if kept_counts is not None else [])
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def official_size(height: int, width: int) -> Tuple[int, int]:
+    """The size the official test-time resize gives a raw image of this size."""
+    from ..preprocess import official_resize_shape
+
+    return official_resize_shape(height, width)
+
+
+def input_description(module: ExportableSED) -> str:
+    """The exported model's input, in words (printed and in the command's JSON)."""
+    if module.resize_included:
+        height, width = module.input_size
+        return (f"image uint8 ({height}, {width}, 3) RGB, the raw image (the model resizes it as the official "
+                f"pipeline does, to {module.resized_size[0]}x{module.resized_size[1]}; outputs at "
+                f"{height}x{width})")
+    if module.input_size is not None:
+        height, width = module.input_size
+        return f"image float32 (1, 3, {height}, {width}) RGB 0..255, after the official resize"
+    return (f"image float32 (1, 3, H, W) RGB 0..255, H, W in [{MIN_SIDE}, {module.max_side}], after the "
+            "official resize")
 
 
 def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
@@ -107,15 +206,9 @@ def _example(height: int = 64, width: int = 96) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
 
 
-def _dynamic_shapes(max_side: int):
-    height = torch.export.Dim("height", min=MIN_SIDE, max=max_side)
-    width = torch.export.Dim("width", min=MIN_SIDE, max=max_side)
-    return {"image": {2: height, 3: width}}
-
-
 def export_program(module: ExportableSED):
     with torch.no_grad():
-        return torch.export.export(module, (_example(),), dynamic_shapes=_dynamic_shapes(module.max_side))
+        return torch.export.export(module, (module.example_input(),), dynamic_shapes=module.dynamic_shapes())
 
 
 def export_pt2(module: ExportableSED, out: Path) -> Path:
@@ -144,7 +237,8 @@ def export_onnx(module: ExportableSED, out: Path) -> Path:
 
     # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(module, (_example(),), dynamo=True, dynamic_shapes=_dynamic_shapes(module.max_side),
+        program = torch.onnx.export(module, (module.example_input(),), dynamo=True,
+                                    dynamic_shapes=module.dynamic_shapes(),
                                     input_names=["image"], output_names=module.output_names)
     program.save(str(out))
     return out
@@ -178,6 +272,20 @@ def sample_images(sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
             for h, w in sizes]
 
 
+def _eager_scores(model, module: ExportableSED, image: torch.Tensor) -> torch.Tensor:
+    """The eager model's scores (T, H, W) for one input of the exported signature: with the resize
+    included, the whole official pipeline on the raw image (``preprocess="official"``: Pillow's own
+    resize, scores at the raw size); otherwise the image as given (``preprocess="none"``)."""
+    if not module.resize_included:
+        return model(image)[0]
+    kept = model.preprocess
+    model.preprocess = "official"
+    try:
+        return model(image.permute(2, 0, 1)[None])[0]
+    finally:
+        model.preprocess = kept
+
+
 def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, object]]:
     """The exported model against the eager model (its whole forward, the same dtype and decoding) on
     the sample images: scores within the dtype's :data:`SCORE_TOLERANCES`, labels equal except on
@@ -187,9 +295,10 @@ def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]
     result), said by ``budget_exceeded``."""
     tolerance = SCORE_TOLERANCES[model.dtype]
     results = []
-    for image in sample_images(sizes):
+    for size in sizes:
+        image = module.sample_input(size)
         with torch.no_grad():
-            expected = model(image)[0]  # (T, H, W), the eager pipeline (preprocess "none")
+            expected = _eager_scores(model, module, image)
             start = time.perf_counter()
             out = runner(image)
             seconds = time.perf_counter() - start
@@ -198,7 +307,7 @@ def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]
         scores = out[1] if module.return_scores else None
         expected_labels = expected.argmax(0)
         differ = labels.long() != expected_labels
-        row = {"size": list(image.shape[-2:]), "labels_equal": bool(not differ.any()),
+        row = {"size": list(size), "labels_equal": bool(not differ.any()),
                "labels_differ": int(differ.sum()), "seconds": round(seconds, 3)}
         bound = tolerance
         if scores is not None:

@@ -248,7 +248,7 @@ def pillow_horizontal_first(height: int, width: int, new_h: int, new_w: int) -> 
     return not (height - new_h > 0 and height - new_h > 2 * (width - new_w))
 
 
-def _passes(height: int, width: int, new_h: int, new_w: int, horizontal_first: bool):
+def resample_passes(height: int, width: int, new_h: int, new_w: int, horizontal_first: bool):
     """The passes to run, in order: "h" (along W) when the width changes, "v" when the height does."""
     passes = (["h"] if new_w != width else []) + (["v"] if new_h != height else [])
     return passes if horizontal_first else passes[::-1]
@@ -269,7 +269,7 @@ def pil_bilinear_resize_triton(image: torch.Tensor, new_h: int, new_w: int, hori
         return out.copy_(image)
     alpha = _has_alpha(channels)
     source = premultiply_alpha(image) if alpha else image
-    passes = _passes(height, width, new_h, new_w, horizontal_first)
+    passes = resample_passes(height, width, new_h, new_w, horizontal_first)
     with torch.cuda.device(image.device) if image.is_cuda else contextlib.nullcontext():
         for index, which in enumerate(passes):
             rows = source.shape[1] if which == "h" else new_h
@@ -291,7 +291,7 @@ def pil_bilinear_resize_triton(image: torch.Tensor, new_h: int, new_w: int, hori
 # ---------------------------------------------------------------------------------------------------
 # Plain PyTorch reference
 # ---------------------------------------------------------------------------------------------------
-def _pass_reference(image: torch.Tensor, lo: torch.Tensor, coef: torch.Tensor, dim: int) -> torch.Tensor:
+def resample_pass_reference(image: torch.Tensor, lo: torch.Tensor, coef: torch.Tensor, dim: int) -> torch.Tensor:
     """One of Pillow's 8-bit passes along ``dim`` of image uint8 (C, H, W), vectorised over all outputs:
     one gather and one int32 multiply-add per tap."""
     size = image.shape[dim]
@@ -315,11 +315,11 @@ def pil_bilinear_resize_reference(image: torch.Tensor, new_h: int, new_w: int,
         return image.clone(memory_format=torch.contiguous_format)
     alpha = _has_alpha(channels)
     result = premultiply_alpha(image) if alpha else image
-    for which in _passes(height, width, new_h, new_w, horizontal_first):
+    for which in resample_passes(height, width, new_h, new_w, horizontal_first):
         if which == "h":
-            result = _pass_reference(result, *_coefficients_on(width, new_w, image.device), dim=2)
+            result = resample_pass_reference(result, *_coefficients_on(width, new_w, image.device), dim=2)
         else:
-            result = _pass_reference(result, *_coefficients_on(height, new_h, image.device), dim=1)
+            result = resample_pass_reference(result, *_coefficients_on(height, new_h, image.device), dim=1)
     if alpha:
         result = unpremultiply_alpha(result)
     return result.contiguous()
