@@ -2,7 +2,8 @@
 # The GPU pass, in two device calls of at most ~5 minutes each (run from the repository root):
 #
 #   bash benchmarks/gpu_pass.sh 1            # call 1: build, CUDA tests, the headline end-to-end rows
-#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, training, sanitizer
+#   bash benchmarks/gpu_pass.sh 2            # call 2: kernels, torch.compile, batch 8, SED-L, video, training,
+#                                            #         a CUDA export, sanitizer
 #   bash benchmarks/gpu_pass.sh --dry-run 1  # every step of call 1 at tiny sizes on the CPU (CI runs it)
 #
 # Every step runs in its own process (an illegal memory access poisons its process's CUDA context,
@@ -153,6 +154,8 @@ else
   fi
   # Training step (SED-B, 768 crop, 171 classes, batch 1): reference vs fast, checkpointing off/on.
   run "train step" 45 python3 -m sed_fast.bench.train_step "${TRAIN[@]}" --out "$OUT/kernels.jsonl"
+  # A CUDA AOTInductor package of the reference path (raw image in), loaded in a fresh process.
+  run "export pt2 cuda" 100 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_export.py
   if (( DRY )); then
     record "sanitizer memcheck: skipped (dry run: no GPU)"
   else

@@ -104,6 +104,36 @@ def test_a_vocabulary_too_large_for_the_size_bound_is_refused(capsys, tmp_path):
     assert not (tmp_path / "m.pt2").exists()
 
 
+def test_a_cuda_export_needs_pt2_and_a_cuda_device(capsys, tmp_path):
+    import torch
+
+    code = cli.main(["export", "--vocab", "cat,dog", "--random-weights", "--format", "onnx", "--device", "cuda",
+                     "--out", str(tmp_path / "m.onnx")])
+    assert code == 2 and "exported from the CPU" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    code = cli.main(["export", "--vocab", "cat,dog", "--random-weights", "--format", "pt2", "--device", "cuda",
+                     "--out", str(tmp_path / "m.pt2")])
+    assert code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_export_pt2_on_cuda_with_the_official_resize_included(tmp_path, capsys):
+    """A CUDA package (the reference path; Inductor writes its own Triton kernels), raw image in,
+    loaded with torch alone and checked against the eager CUDA reference's official pipeline."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out = tmp_path / "raw_cuda.pt2"
+    code, captured = _run(capsys, "--format", "pt2", "--device", "cuda", "--official-resize", "included",
+                          "--sizes", "150x97", "--out", str(out))
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert result["ok"] and result["device"] == "cuda" and result["fresh_process_labels_equal"] is True
+    assert all(c["max_score_diff"] <= 1e-5 and c["labels_differ_not_ties"] == 0 for c in result["checks"])
+
+
 def test_fixed_sizes_too_large_for_the_memory_bound_are_refused(capsys, tmp_path):
     code = cli.main(["export", "--vocab", "ade847", "--random-weights", "--format", "pt2",
                      "--sizes", "640x640,2560x2560", "--out", str(tmp_path / "m.pt2")])

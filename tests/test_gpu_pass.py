@@ -28,7 +28,7 @@ def test_gpu_pass_dry_run(call, tmp_path):
     expected = {"1": ["doctor", "e2e reference fp32", "e2e reference fp32 tf32", "e2e reference bf16 autocast",
                       "pytest cuda", "e2e fast fp32+bf16", "e2e fast bf16 cer8 kept32", "report"],
                 "2": ["kernels", "resize vs PIL", "e2e reference torch.compile", "e2e batch 8",
-                      "e2e SED-L", "video throughput", "train step", "report"]}[call]
+                      "e2e SED-L", "video throughput", "train step", "export pt2 cuda", "report"]}[call]
     for step in expected:
         assert f"{step}: ok" in status, (step, status)
     assert len(list(tmp_path.iterdir())) <= 8 + 1, sorted(p.name for p in tmp_path.iterdir())  # + the cache

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-memory-gb", type=float, default=16.0, metavar="GB",
                         help="refuse a vocabulary whose full-size scores (T x H x W float32 at the largest size "
                              "accepted) exceed this (default 16)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="pt2: the device the package runs on (default cpu); onnx is exported from the CPU")
     parser.add_argument("--no-fresh-process-check", action="store_true",
                         help="pt2: skip loading the package in a new process that never imports sed_fast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -111,6 +113,12 @@ def _export(args) -> int:
     if dtype != torch.float32 and args.format == "onnx":
         raise ExportError(f"--dtype {args.dtype}: --format onnx exports float32 only (ONNX Runtime's CPU provider "
                           "has no 16-bit convolutions); use --format pt2")
+    if args.device == "cuda":
+        if args.format == "onnx":
+            raise ExportError("--device cuda: an ONNX model is exported from the CPU (it is device-independent); "
+                              "drop --device, or use --format pt2 for a CUDA package")
+        if not torch.cuda.is_available():
+            raise ExportError("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
     if args.sizes is not None and args.max_side is not None:
         raise ExportError("--max-side bounds dynamic sizes: with --sizes the sizes are fixed; give one or the other")
     if args.official_resize == "included" and args.sizes is None:
@@ -154,7 +162,7 @@ def _export(args) -> int:
                           f"--max-memory-gb {args.max_memory_gb:g}: {lower} or raise --max-memory-gb")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
-    model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype)
+    model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype, device=args.device)
     model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
     resize_included = args.official_resize == "included"
     modules = [core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
@@ -165,6 +173,7 @@ def _export(args) -> int:
     decoding = ("exact decoding" if args.cer_topk is None else
                 f"CER top-{args.cer_topk}, kept-class budget {kept_budget} of {len(names)}")
     info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, {str(dtype)[6:]}, "
+         f"{args.device}, "
          f"{decoding}, {'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format}"
          + (f", {len(modules)} fixed sizes)" if sizes else ")"))
     exports = []
@@ -191,7 +200,8 @@ def _export(args) -> int:
     ok = all(record["ok"] for record in exports)
     result = {"format": args.format, "variant": args.variant, "classes": len(model.class_names),
               "class_names": model.class_names, "resolution": args.resolution, "dtype": str(dtype)[6:],
-              "cer_topk": args.cer_topk, "kept_budget": kept_budget, "outputs": modules[0].output_names,
+              "device": args.device, "cer_topk": args.cer_topk, "kept_budget": kept_budget,
+              "outputs": modules[0].output_names,
               "scores": args.scores, "official_resize": args.official_resize,
               "random_weights": bool(args.random_weights),
               "export_seconds": round(time.perf_counter() - start, 1), "exports": exports, "ok": ok}
@@ -257,7 +267,7 @@ def _export_one(args, core, model, module, path: Path):
         with torch.no_grad():
             here = runner(image)  # the same package loaded in this process: identical output expected
         expected = here[0] if isinstance(here, (tuple, list)) else here
-        record["fresh_process_labels_equal"] = bool(torch.equal(labels, expected))
+        record["fresh_process_labels_equal"] = bool(torch.equal(labels, expected.cpu()))
     record["ok"] = all(c["ok"] for c in record["checks"]) and record.get("fresh_process_labels_equal", True)
     return record
 

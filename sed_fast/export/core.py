@@ -102,8 +102,8 @@ class ExportableSED(nn.Module):
         for which, (size, new_size) in (("h", (width, new_w)), ("v", (height, new_h))):
             if which in self.resize_passes:
                 lo, coef = resample_coefficients(size, new_size)
-                self.register_buffer(f"resize_{which}_lo", lo.clone())
-                self.register_buffer(f"resize_{which}_coef", coef.clone())
+                self.register_buffer(f"resize_{which}_lo", lo.to(self.device))
+                self.register_buffer(f"resize_{which}_coef", coef.to(self.device))
 
     def official_resize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (3, H, W) at ``input_size`` -> uint8 (3, new_h, new_w), Pillow's bilinear resize."""
@@ -119,18 +119,22 @@ class ExportableSED(nn.Module):
         return ["labels"] + (["scores"] if self.return_scores else []) + (
             ["kept_counts"] if self.cer_topk is not None else [])
 
+    @property
+    def device(self) -> torch.device:
+        return self.text.device
+
     def example_input(self) -> torch.Tensor:
-        """An input of the exported signature (its values do not matter)."""
+        """An input of the exported signature (its values do not matter), on the model's device."""
         if self.resize_included:
-            return torch.zeros(*self.input_size, 3, dtype=torch.uint8)
-        return _example(*(self.input_size or (64, 96)))
+            return torch.zeros(*self.input_size, 3, dtype=torch.uint8, device=self.device)
+        return _example(*(self.input_size or (64, 96))).to(self.device)
 
     def sample_input(self, size: Tuple[int, int]) -> torch.Tensor:
-        """The drawn sample scene at ``size`` in the exported model's input layout and dtype."""
+        """The drawn sample scene at ``size`` in the exported model's input layout, dtype and device."""
         image = sample_images([size])[0]
         if self.resize_included:
-            return image[0].permute(1, 2, 0).to(torch.uint8).contiguous()
-        return image
+            image = image[0].permute(1, 2, 0).to(torch.uint8).contiguous()
+        return image.to(self.device)
 
     def dynamic_shapes(self):
         if self.input_size is not None:
@@ -184,15 +188,15 @@ def input_description(module: ExportableSED) -> str:
 
 
 def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
-                text_cache: bool = True):
-    """The float32 CPU reference model with its vocabulary, the official resize left to the caller."""
+                text_cache: bool = True, device: str = "cpu"):
+    """The reference model on ``device`` with its vocabulary, the official resize left to the caller."""
     import warnings
 
     from ..api import RandomWeightsWarning, build_sed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_sed(variant, impl="reference", checkpoint=checkpoint, device="cpu", dtype=dtype,
+        model = build_sed(variant, impl="reference", checkpoint=checkpoint, device=device, dtype=dtype,
                           clip_resolution=resolution, text_cache=text_cache, preprocess="none")
     if isinstance(vocab, torch.Tensor):  # embeddings given directly (tests)
         model.text_embeddings = vocab.to(dtype)
@@ -298,11 +302,11 @@ def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]
     for size in sizes:
         image = module.sample_input(size)
         with torch.no_grad():
-            expected = _eager_scores(model, module, image)
+            expected = _eager_scores(model, module, image).cpu()
             start = time.perf_counter()
             out = runner(image)
+            out = [o.cpu() for o in out] if isinstance(out, (tuple, list)) else [out.cpu()]  # waits for the device
             seconds = time.perf_counter() - start
-        out = list(out) if isinstance(out, (tuple, list)) else [out]
         labels = out[0]
         scores = out[1] if module.return_scores else None
         expected_labels = expected.argmax(0)
@@ -333,16 +337,17 @@ def load_pt2_in_fresh_process(path: Path, image: torch.Tensor, timeout: float = 
 
     with tempfile.TemporaryDirectory() as folder:
         image_path, out_path = Path(folder) / "image.pt", Path(folder) / "out.pt"
-        torch.save(image, image_path)
+        torch.save(image.cpu(), image_path)
         code = ("import sys, torch\n"
                 "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
                 "with torch.no_grad():\n"
-                "    out = runner(torch.load(sys.argv[2]))\n"
+                "    out = runner(torch.load(sys.argv[2]).to(sys.argv[4]))\n"
+                "out = [o.cpu() for o in out] if isinstance(out, (tuple, list)) else out.cpu()\n"
                 "torch.save(out, sys.argv[3])\n"
                 "assert not [m for m in sys.modules if m.split('.')[0] == 'sed_fast'], 'sed_fast was imported'\n")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        done = subprocess.run([sys.executable, "-c", code, str(path), str(image_path), str(out_path)],
-                              cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+        command = [sys.executable, "-c", code, str(path), str(image_path), str(out_path), str(image.device)]
+        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"loading {path} in a fresh process failed: {done.stderr.strip()[-2000:]}")
         return torch.load(out_path)
