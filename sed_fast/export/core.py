@@ -45,11 +45,11 @@ class ExportableSED(nn.Module):
       the official pipeline does; H and W dynamic in [MIN_SIDE, ``max_side``], or fixed to
       ``input_size``;
     * included (``resize_included``, which needs ``input_size``, the raw image's size): ``image``
-      uint8 (H, W, 3) RGB, the decoded file as is. The model resizes it as the official pipeline
-      does, Pillow's bilinear bit for bit (:mod:`sed_fast.kernels.pil_bilinear_resize`'s plain
-      PyTorch passes, their tables baked in for this one size, in the pass order of the Pillow
-      installed at export time), and its outputs come back at the raw size, as the official
-      ``sem_seg``.
+      uint8 (H, W, 3) RGB, the decoded file (EXIF orientation applied, as detectron2 reads it).
+      The model resizes it as the official pipeline does, Pillow's bilinear bit for bit
+      (:mod:`sed_fast.kernels.pil_bilinear_resize`'s plain PyTorch passes, their tables baked in
+      for this one size, in the pass order of the Pillow installed at export time), and its
+      outputs come back at the raw size, as the official ``sem_seg``.
 
     Outputs: ``labels`` (H, W) int64, then the scores (T, H, W) float32 with ``return_scores``,
     then with ``cer_topk`` the kept-set sizes (3,) int64 of the three rejection steps.
