@@ -1,4 +1,5 @@
-"""The CPU path: the official resize through Pillow's own code (bit-equal to the torch reference)."""
+"""The CPU path: the official resize through Pillow's own code (bit-equal to the torch reference); a
+16-bit model on a CPU that would emulate it is warned about."""
 import importlib
 
 import pytest
@@ -39,3 +40,61 @@ def test_the_op_uses_pillow_on_cpu_in_the_installed_order(monkeypatch):
         image, 64, 85, installed_pillow_horizontal_first(90, 120, 64, 85)))
     pil_bilinear_resize(image, (64, 85), horizontal_first=not installed_pillow_horizontal_first(90, 120, 64, 85))
     assert len(calls) == 1  # the other order: Pillow cannot give it, the torch passes do
+
+
+@pytest.mark.parametrize("flags, dtype, warns", [
+    ({"avx2", "fma"}, torch.bfloat16, True),
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16, False),
+    ({"avx2", "amx_tile", "amx_bf16"}, torch.bfloat16, False),
+    ({"avx2", "avx512_bf16"}, torch.float16, True),
+    ({"asimd", "bf16"}, torch.bfloat16, False),  # Arm's Features line
+    (None, torch.bfloat16, False),  # no /proc/cpuinfo: unknown, no warning
+])
+def test_16_bit_on_a_cpu_without_its_instructions_is_warned_about(flags, dtype, warns, monkeypatch):
+    import warnings
+
+    from sed_fast import api, cpu_features
+
+    monkeypatch.setattr(cpu_features, "_all_flags", lambda: None if flags is None else frozenset(flags))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        api._warn_if_emulated(dtype)
+    slow = [w for w in caught if issubclass(w.category, api.SlowDtypeWarning)]
+    assert bool(slow) == warns
+    if warns:
+        assert "emulated" in str(slow[0].message) and "float32 is faster" in str(slow[0].message)
+
+
+def test_build_sed_warns_about_an_emulated_dtype_on_cpu_only(monkeypatch):
+    import warnings
+
+    import sed_fast
+    from sed_fast import api, cpu_features
+
+    monkeypatch.setattr(cpu_features, "_all_flags", lambda: frozenset({"avx2"}))
+    with pytest.warns(api.SlowDtypeWarning, match="bfloat16 on this CPU is emulated"):
+        sed_fast.build_sed("b", impl="reference", device="cpu", dtype=torch.bfloat16, clip_resolution=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sed_fast.build_sed("b", impl="reference", device="cpu", dtype=torch.float32, clip_resolution=64)
+    assert not [w for w in caught if issubclass(w.category, api.SlowDtypeWarning)]
+
+
+def test_the_cpu_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
+    from sed_fast import cpu_features
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    cpu_features._all_flags.cache_clear()
+    try:
+        assert cpu_features.cpu_flags() == ("avx2", "avx512f", "avx512_bf16")
+        assert cpu_features.has_native_16bit(torch.bfloat16) is True
+        assert cpu_features.has_native_16bit(torch.float16) is False
+        assert cpu_features.has_native_16bit(torch.float32) is None
+    finally:
+        monkeypatch.undo()
+        cpu_features._all_flags.cache_clear()

@@ -70,17 +70,10 @@ def device_info(device: torch.device) -> Dict[str, object]:
 
 
 def _cpu_flags() -> List[str]:
-    """The CPU features that matter for the CPU path (AVX2, AVX-512, bf16, AMX), from /proc/cpuinfo."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in present]
-    except OSError:
-        pass
-    return []
+    """The CPU features that matter for the CPU path (AVX2, AVX-512, bf16, AMX)."""
+    from ..cpu_features import cpu_flags
+
+    return list(cpu_flags())
 
 
 def extension_status(device: torch.device, build: bool) -> Dict[str, object]:
