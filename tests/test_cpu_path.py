@@ -30,6 +30,7 @@ def test_cpu_backend_equals_the_reference_in_both_orders(case, hwc):
 
 
 def test_the_op_uses_pillow_on_cpu_in_the_installed_order(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would make Triton the CPU backend
     calls = []
     real = resize_module.pil_bilinear_resize_pillow
     monkeypatch.setattr(resize_module, "pil_bilinear_resize_pillow", lambda *a: calls.append(a) or real(*a))
