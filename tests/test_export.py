@@ -283,11 +283,12 @@ def test_the_included_resize_is_pillows(raw_size):
     from PIL import Image
 
     from sed_fast.export import core
+    from sed_fast.preprocess import official_resize_shape
 
     module = core.ExportableSED(_tiny_model(torch.float32), input_size=raw_size, resize_included=True)
     raw = torch.randint(0, 256, (*raw_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     new_h, new_w = module.resized_size
-    assert (new_h, new_w) == core.official_size(*raw_size)
+    assert (new_h, new_w) == official_resize_shape(*raw_size)
     expected = np.array(Image.fromarray(raw.numpy()).resize((new_w, new_h), Image.BILINEAR))
     resized = module.official_resize(raw.permute(2, 0, 1))
     assert torch.equal(resized.permute(1, 2, 0), torch.from_numpy(expected))

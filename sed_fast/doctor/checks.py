@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cpu_features import cpu_flags
+
 #: float tolerance on max |backend - reference|, times max(1, max |reference|), per dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 #: End-to-end: max |fast - reference| of the scores (probabilities), by dtype.
@@ -65,15 +67,8 @@ def device_info(device: torch.device) -> Dict[str, object]:
                     memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count)
     else:
         info.update(name=platform.processor() or platform.machine(), compute_capability=None,
-                    cpu_flags=_cpu_flags())
+                    cpu_flags=list(cpu_flags()))
     return info
-
-
-def _cpu_flags() -> List[str]:
-    """The CPU features that matter for the CPU path (AVX2, AVX-512, bf16, AMX)."""
-    from ..cpu_features import cpu_flags
-
-    return list(cpu_flags())
 
 
 def extension_status(device: torch.device, build: bool) -> Dict[str, object]:

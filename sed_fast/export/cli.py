@@ -144,6 +144,7 @@ def _export(args) -> int:
     if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
         raise ExportError(f"checkpoint file not found: {args.checkpoint}")
 
+    from ..preprocess import official_resize_shape
     from ..vocabulary import load_vocabulary, parse_vocabulary_arg
 
     try:
@@ -182,10 +183,10 @@ def _export(args) -> int:
         path = out if len(modules) == 1 else out.with_name(f"{out.stem}_{size[0]}x{size[1]}{suffix}")
         if size is not None:
             note = ""
-            if not resize_included and core.official_size(*size) != size:
+            resized = official_resize_shape(*size)
+            if not resize_included and resized != size:
                 note = (f" (not a size the official resize gives: it makes {size[0]}x{size[1]} images "
-                        "{}x{}; for raw images of this size use --official-resize included)".format(
-                            *core.official_size(*size)))
+                        f"{resized[0]}x{resized[1]}; for raw images of this size use --official-resize included)")
             info(f"{size[0]}x{size[1]} -> {path}{note}")
         try:
             exports.append(_export_one(args, core, model, module, path))
@@ -234,9 +235,11 @@ def parse_sizes(text: str, raw: bool):
         if not all(low <= side <= high for side in size):
             what = "a raw image side" if raw else "a model input side (after the official resize)"
             raise ExportError(f"--sizes: {size[0]}x{size[1]}: {what} must be in [{low}, {high}]")
-        if raw and min(core.official_size(*size)) < core.MIN_SIDE:
-            raise ExportError(f"--sizes: a {size[0]}x{size[1]} image is {'x'.join(map(str, core.official_size(*size)))}"
-                              f" after the official resize, smaller than {core.MIN_SIDE} px on a side")
+        if raw:
+            try:
+                core.resized_raw_size(*size)
+            except ExportError as error:
+                raise ExportError(f"--sizes: {error}") from None
         if size not in sizes:
             sizes.append(size)
     return sizes

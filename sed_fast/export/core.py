@@ -90,12 +90,8 @@ class ExportableSED(nn.Module):
     def _bake_official_resize(self, height: int, width: int) -> None:
         from ..kernels.pil_bilinear_resize import (installed_pillow_horizontal_first, resample_coefficients,
                                                    resample_passes)
-        from ..preprocess import official_resize_shape
 
-        new_h, new_w = official_resize_shape(height, width)
-        if min(new_h, new_w) < MIN_SIDE:
-            raise ExportError(f"a {height}x{width} image is {new_h}x{new_w} after the official resize, smaller than "
-                              f"{MIN_SIDE} px on a side")
+        new_h, new_w = resized_raw_size(height, width)
         self.resized_size = (new_h, new_w)
         self.horizontal_first = installed_pillow_horizontal_first(height, width, new_h, new_w)
         self.resize_passes = resample_passes(height, width, new_h, new_w, self.horizontal_first)
@@ -166,11 +162,16 @@ class ExportableSED(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def official_size(height: int, width: int) -> Tuple[int, int]:
-    """The size the official test-time resize gives a raw image of this size."""
+def resized_raw_size(height: int, width: int) -> Tuple[int, int]:
+    """The size the official resize gives a raw image of this size; an :class:`ExportError` when
+    that is smaller than the model's smallest side (10x10000 becomes 3x2560)."""
     from ..preprocess import official_resize_shape
 
-    return official_resize_shape(height, width)
+    new_h, new_w = official_resize_shape(height, width)
+    if min(new_h, new_w) < MIN_SIDE:
+        raise ExportError(f"a {height}x{width} image is {new_h}x{new_w} after the official resize, smaller than "
+                          f"{MIN_SIDE} px on a side")
+    return new_h, new_w
 
 
 def input_description(module: ExportableSED) -> str:
