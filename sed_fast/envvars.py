@@ -34,7 +34,7 @@ _TRITON_FALSE = ("0", "false", "off")
 BACKEND_OPS = ("class_attention", "class_attention_backward", "cost_map", "cost_map_backward", "dwconv_layernorm",
                "dwconv_layernorm_backward", "gather_rows", "pil_bilinear_resize", "topk_union_reject",
                "upsample_bce_loss", "upsample_bce_loss_backward")
-_BACKENDS = ("auto", "cuda", "triton", "torch")
+_BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 _ARCH = r"(\d+\.\d+a?|Kepler|Kepler\+Tesla|Maxwell|Maxwell\+Tegra|Pascal|Volta|Turing|Ampere|Ada|Hopper)(\+PTX)?"
 _ARCHS = re.compile(rf"\s*{_ARCH}([;\s]+{_ARCH})*\s*")
 

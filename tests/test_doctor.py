@@ -26,7 +26,9 @@ def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
     assert {r["op"] for r in torch_rows} == {case.op for case in checks.CASES}
     assert all(r["status"] == "ok" for r in torch_rows)
     assert all(r["status"] == "not checked" for r in report["backends"] if r["op"] not in checks.CASES_BY_OP)
-    assert all(r["chosen"] == "torch" for r in report["dispatch"])  # no GPU, no interpreter: the references
+    # No GPU, no interpreter: the references, and the CPU formulation where an op has one.
+    assert all(r["chosen"] == ("cpu" if "cpu" in dispatch._known(r["op"]) else "torch") for r in report["dispatch"])
+    assert all(r["status"] == "ok" for r in report["backends"] if r["backend"] == "cpu")
     assert report["versions"]["torch"] == torch.__version__
     # An earlier test in the same process may have built and loaded the extension (nvcc is here);
     # on CPU the report must say what is so and why the extension does not matter.
@@ -42,7 +44,8 @@ def test_doctor_prints_a_table_of_every_op(capsys):
     out = capsys.readouterr().out
     assert code == 0
     for op in dispatch.ops():
-        assert f"{op:<20} -> torch" in out  # the dispatch table
+        chosen = "cpu" if "cpu" in dispatch._known(op) else "torch"
+        assert f"{op:<20} -> {chosen}" in out  # the dispatch table
         assert out.count(op) >= 2  # rows of the backend table, and the dispatch line
     assert "all is well" in out
 

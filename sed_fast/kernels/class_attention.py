@@ -187,6 +187,58 @@ def class_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------
+# CPU implementation
+# ---------------------------------------------------------------------------------------------------
+#: KV state per pixel chunk of the CPU implementation: small enough to stay in a core's L2 while
+#: every class is added into it.
+CPU_STATE_BYTES = 1 << 19
+
+
+def _positive_feature(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1 as exp(min(x, 0)) + max(x, 0): equal up to rounding (exp(x) against expm1(x) + 1),
+    and about 10x faster on CPU, where ``F.elu`` is not vectorised."""
+    return x.clamp(max=0).exp_().add_(x.clamp(min=0))
+
+
+def class_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+                        num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
+    """The kernel's algorithm in PyTorch, shaped for a CPU: per image and chunk of pixels, KV is
+    built one class at a time (a broadcast multiply-add into cache-resident state) and applied one
+    key channel at a time, in float32. The reference's batched (d x L) @ (L x d) products, one per
+    pixel and head, are 3-6x slower on CPU, and so is its full-size transposed copy of q, k, v.
+    """
+    total, pixels, channels = q.shape
+    head_dim = channels // num_heads
+    bounds = [int(b) for b in class_offsets.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"class_offsets must rise from 0 to total_T={total}, got {bounds}")
+    out = torch.empty((total, pixels, channels), dtype=q.dtype, device=q.device)
+    step = max(1, CPU_STATE_BYTES // (channels * head_dim * 4))
+    for first, end in zip(bounds, bounds[1:]):
+        classes = end - first
+        if classes == 0:
+            continue
+        for p0 in range(0, pixels, step):
+            p1 = min(pixels, p0 + step)
+            n = p1 - p0
+
+            def chunk(t: torch.Tensor) -> torch.Tensor:  # (L, n, H, d) float32
+                return t[first:end, p0:p1].float().reshape(classes, n, num_heads, head_dim)
+
+            qc, kc, vc = _positive_feature(chunk(q)), _positive_feature(chunk(k)), chunk(v)
+            kv = torch.zeros((n, num_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
+            for s in range(classes):
+                kv.addcmul_(kc[s].unsqueeze(-1), vc[s].unsqueeze(-2))
+            ksum = kc.sum(dim=0)                                                  # (n, H, d)
+            numerator = qc[..., 0:1] * kv[:, :, 0]                                # (L, n, H, d)
+            for i in range(1, head_dim):
+                numerator.addcmul_(qc[..., i:i + 1], kv[:, :, i])
+            denominator = (qc * ksum).sum(dim=-1, keepdim=True).add_(eps)
+            out[first:end, p0:p1] = numerator.div_(denominator).view(classes, n, channels)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # The op
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("sed_fast::class_attention", mutates_args=())
@@ -205,6 +257,7 @@ def _(q, k, v, class_offsets, num_heads=4, eps=1e-6):
 
 dispatch.register_impl(OP_NAME, "torch", class_attention_reference)
 dispatch.register_impl(OP_NAME, "triton", class_attention_triton)
+dispatch.register_impl(OP_NAME, "cpu", class_attention_cpu)
 
 
 def _check_inputs(q, k, v, class_offsets, num_heads) -> None:

@@ -1,9 +1,11 @@
 """Which implementation runs an op: backends as data.
 
 Each op (``cost_map``, ``dwconv_layernorm``, ...) is one ``sed_fast::`` custom op whose body asks
-:func:`resolve` for a function to run. An op has up to three :class:`Backend`s:
+:func:`resolve` for a function to run. An op has up to four :class:`Backend`s:
 
 * ``"torch"``  -- the plain PyTorch reference (any device);
+* ``"cpu"``    -- a PyTorch formulation of the kernel's algorithm shaped for CPUs (CPU tensors), where
+  the reference's formulation is slow there;
 * ``"triton"`` -- the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 * ``"cuda"``   -- the hand-written CUDA C++ kernel from ``csrc/`` (CUDA tensors, extension built).
 
@@ -11,7 +13,7 @@ A backend says why it cannot run (``unavailable(device)``) or cannot take a call
 (``not_supported_reasons(*args)``), in words; an error lists every backend's reasons.
 
 The backend of an op comes from, in order: :func:`set_backend`, ``SED_FAST_BACKEND_<OP>``,
-``SED_FAST_BACKEND``, else ``"auto"``: the first usable backend in the order cuda, triton, torch,
+``SED_FAST_BACKEND``, else ``"auto"``: the first usable backend in the order cuda, triton, cpu, torch,
 or, with timing-based choice switched on (:func:`set_autotune` or ``SED_FAST_AUTOTUNE=1``; CUDA
 only), the fastest one measured on the call's own inputs (:mod:`.autotune`).
 
@@ -30,7 +32,7 @@ import torch
 from ..envvars import VARIABLES, env_value
 from . import autotune
 
-BACKENDS = ("cuda", "triton", "torch")  # the order "auto" prefers
+BACKENDS = ("cuda", "triton", "cpu", "torch")  # the order "auto" prefers
 REQUESTS = ("auto",) + BACKENDS
 
 # Options every Triton launch passes. FMA contraction on, stated rather than inherited: the default
@@ -110,6 +112,9 @@ def triton_interpreter_mode() -> bool:
 def _default_unavailable(name: str) -> Callable[[torch.device], Optional[str]]:
     if name == "torch":
         return lambda device: None
+    if name == "cpu":
+        return lambda device: (None if device.type == "cpu"
+                               else f"the CPU implementation runs on CPU tensors, not on {device}")
     if name == "triton":
         def triton_unavailable(device: torch.device) -> Optional[str]:
             if device.type == "cuda":
@@ -126,7 +131,7 @@ def register_impl(op: str, backend: str, fn: Callable,
                   unavailable: Optional[Callable[[torch.device], Optional[str]]] = None,
                   not_supported_reasons: Optional[Callable[..., List[str]]] = None) -> None:
     """Register ``fn`` as the ``backend`` implementation of ``op`` (see :class:`Backend`; by default
-    torch runs everywhere, triton on CUDA or under the interpreter, cuda on CUDA)."""
+    torch runs everywhere, triton on CUDA or under the interpreter, cpu on CPU, cuda on CUDA)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     _backends.setdefault(op, {})[backend] = Backend(
