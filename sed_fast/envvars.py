@@ -130,7 +130,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     _flag("SED_FAST_TEXT_CACHE", True),
     Variable("SED_FAST_TEXT_CACHE_MB", "number", 2048.0, "2048", minimum=0, bad="big"),
     Variable("SED_FAST_CHUNK_MB", "number", None, "auto: a quarter of the free GPU memory, at most 2048, "
-             "on CUDA; 512 on CPU", minimum=1e-3, bad="0"),
+             "on CUDA; 64 on CPU", minimum=1e-3, bad="0"),
     _flag("SED_FAST_TRUST_CHECKPOINTS", False),
     _flag("SED_FAST_BUILD_CUDA", False),
     Variable("SED_FAST_CUDA_ARCHS", "archs", None, "9.0+PTX; the JIT build: the visible GPUs'", bad="sm_90"),

@@ -26,7 +26,9 @@ from ...envvars import env_value
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
 
-_DEFAULT_CPU_CHUNK_BYTES = 512 << 20
+# On CPU a chunk's tensors should stay in the last-level cache between the ops that pass them on:
+# 64 MiB made the decoder's convolutions 2x faster than 512 (ade150, encoder at 768, 2 threads).
+_DEFAULT_CPU_CHUNK_BYTES = 64 << 20
 
 
 def _chunk_bytes_from_env() -> Optional[int]:
@@ -39,7 +41,7 @@ class SEDFast(SEDBase):
 
     Extra options:
         chunk_bytes: memory budget of one chunk of per-class (or per-pixel) work. Default: a
-            quarter of the free GPU memory (at most 2 GiB) on CUDA, 512 MiB on CPU; the
+            quarter of the free GPU memory (at most 2 GiB) on CUDA, 64 MiB on CPU; the
             environment variable ``SED_FAST_CHUNK_MB`` overrides the default.
         validate_inputs: check that input pixels are finite and in 0..255 (read after the
             forward, so without an early host sync).
