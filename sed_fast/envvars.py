@@ -123,6 +123,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("SED_FAST_BACKEND", "choice", None, "auto", choices=_BACKENDS, bad="fastest"),
     Variable("SED_FAST_BACKEND_<OP>", "choice", None, "unset: SED_FAST_BACKEND", choices=_BACKENDS, bad="gpu"),
     _flag("SED_FAST_AUTOTUNE", False),
+    _flag("SED_FAST_ONEDNN_LINEAR", True),
     Variable("SED_FAST_AUTOTUNE_ITERS", "integer", 5, "5", minimum=1, bad="0"),
     _flag("SED_FAST_AUTOTUNE_CACHE", False),
     Variable("TRITON_INTERPRET", "triton_flag", False, "off", bad="yes"),

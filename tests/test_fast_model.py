@@ -96,6 +96,22 @@ def test_chunked_decoding_equals_unchunked(reference, images, cer_topk):
     assert (_run(chunked, images, cer_topk) - _run(whole, images, cer_topk)).abs().max() <= 1e-5
 
 
+def test_cpu_linears_go_through_onednn_and_match(reference, images, monkeypatch):
+    """On CPU the encoder's and decoder's float32 linears take the oneDNN path (when this torch has
+    it), and the scores still equal the reference's (which runs F.linear) to float32 rounding."""
+    from sed_fast.kernels import cpu_linear
+    routed = []
+    real = cpu_linear.linear
+    monkeypatch.setattr(cpu_linear, "linear", lambda *a, **k: routed.append(cpu_linear.routed(*a)) or real(*a, **k))
+    fast = SEDFast.from_reference(reference)
+    expected = _run(reference, images)
+    assert not routed  # the reference never calls it
+    got = _run(fast, images)
+    assert (got - expected).abs().max() <= 1e-4
+    if cpu_linear.onednn_linear_usable():
+        assert len(routed) > 20 and all(routed)
+
+
 def test_chunk_budget_from_environment(reference, monkeypatch):
     fast = SEDFast.from_reference(reference)
     monkeypatch.setenv("SED_FAST_CHUNK_MB", "3")

@@ -196,7 +196,8 @@ def print_report(report: Dict[str, object], file=None) -> None:
     say("== device")
     say(f"{d['device']}: {d['name']}" + (f"  compute capability {d['compute_capability']}, {d['memory_gib']} GiB, "
                                          f"{d['multiprocessors']} SMs" if d.get("compute_capability") else
-                                         f"  CPU features: {', '.join(d.get('cpu_flags') or []) or 'none of note'}"))
+                                         f"  CPU features: {', '.join(d.get('cpu_flags') or []) or 'none of note'}; "
+                                         f"the fast model's float32 linears: {d.get('linear')}"))
     mode = report["triton_mode"]
     say(f"Triton: {'interpreter' if mode['triton_interpreter_mode'] else 'compiled'} mode")
     e = report["cuda_extension"]

@@ -14,6 +14,9 @@ Every op on the training path is differentiable (``register_autograd``): cost_ma
 dwconv_layernorm and class_attention through their ``sed_fast::<op>_backward`` ops (Triton on
 CUDA, autograd of the reference elsewhere: :mod:`._autograd`), gather_rows by an index_add.
 
+:mod:`.cpu_linear` is not an op: it sends the fast model's float32 ``F.linear`` calls on CPU to
+oneDNN's matmul (faster than the BLAS one there), keeping ``F.linear`` wherever that cannot apply.
+
 ``<op>_reference`` are the plain PyTorch references (the ``"torch"`` backend). Per-op cost models
 for benchmarks (``bytes_moved``, ``flops``) live in the op modules, e.g.
 ``from sed_fast.kernels.cost_map import bytes_moved``.

@@ -19,7 +19,9 @@ float rounding:
   three gradual-fusion layers with category early rejection between them), on a ragged set of
   class rows per image (:class:`ClassRows`).
 
-Activations are channels-last throughout; convolutions and linears stay on cuDNN / cuBLAS.
+Activations are channels-last throughout; convolutions and linears stay on cuDNN / cuBLAS. On CPU
+the float32 linears go through oneDNN (:mod:`sed_fast.kernels.cpu_linear`) and the MLPs run over
+cache-sized pieces of tokens (:func:`token_pieces`).
 
 Training (:meth:`FastDecoder.logits`) runs the same layers while autograd records: the chunks are
 then concatenated instead of written into a preallocated output (``out=`` is not differentiable),
@@ -36,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ... import kernels
+from ...kernels import cpu_linear
 from ...stages import stage
 from ..decoder import ClassTransformerLayer, ConvNextBlock, SEDDecoder, Up
 from ..rejection import RejectionRule
@@ -211,15 +214,15 @@ class FastConvNextBlock(ConvNextBlock):
                 normed = dwconv_layernorm(x[start:stop], *params, self.norm.eps)
             with stage(f"{name}.convnext_mlp"):
                 if recording:
-                    hidden = F.gelu(F.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
-                    branch = F.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
+                    hidden = F.gelu(cpu_linear.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
+                    branch = cpu_linear.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
                     pieces.append(torch.addcmul(tokens[start:stop], self.gamma, branch))
                     continue
                 rows_in = normed.view(-1, channels)
                 rows_residual, rows_out = tokens[start:stop].view(-1, channels), out[start:stop].view(-1, channels)
                 for lo, hi in token_pieces(rows_in.shape[0], self.pwconv1.out_features, x.element_size(), x.device):
-                    hidden = F.gelu(F.linear(rows_in[lo:hi], self.pwconv1.weight, self.pwconv1.bias))
-                    branch = F.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
+                    hidden = F.gelu(cpu_linear.linear(rows_in[lo:hi], self.pwconv1.weight, self.pwconv1.bias))
+                    branch = cpu_linear.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
                     torch.addcmul(rows_residual[lo:hi], self.gamma, branch, out=rows_out[lo:hi])
         return torch.cat(pieces) if recording else out
 
@@ -261,8 +264,9 @@ class FastClassTransformerLayer(ClassTransformerLayer):
         pixel_bytes = count * channels * seq.element_size() * 12  # qkv, attention out, MLP hidden
         for start, stop in chunks(pixels, pixel_bytes, budget):
             x = seq[:, start:stop]
-            qkv = F.linear(F.layer_norm(x, (channels,), self.norm1.weight, self.norm1.bias, self.norm1.eps),
-                           qkv_weight, qkv_bias)
+            normed = F.layer_norm(x, (channels,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+            qkv = cpu_linear.linear(normed, qkv_weight, qkv_bias)
+            del normed
             q, k, v = qkv.split(channels, dim=-1)
             branch = x + class_attention(q, k, v, class_offsets, num_heads=attn.num_heads)
             del qkv, q, k, v
@@ -283,8 +287,8 @@ class FastClassTransformerLayer(ClassTransformerLayer):
     def _mlp_branch(self, tokens: torch.Tensor) -> torch.Tensor:
         """MLP(norm2(tokens)), the second residual branch."""
         normed = F.layer_norm(tokens, (tokens.shape[-1],), self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return F.linear(F.relu(F.linear(normed, self.MLP[0].weight, self.MLP[0].bias)), self.MLP[2].weight,
-                        self.MLP[2].bias)
+        hidden = F.relu(cpu_linear.linear(normed, self.MLP[0].weight, self.MLP[0].bias))
+        return cpu_linear.linear(hidden, self.MLP[2].weight, self.MLP[2].bias)
 
 
 class FastUp(Up):

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ... import kernels
 from ...config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
 from ...envvars import env_value
+from ...kernels.cpu_linear import onednn_linear_mode
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
 
@@ -113,12 +114,16 @@ class SEDFast(SEDBase):
         return self.encode_image(clip_images.contiguous(memory_format=torch.channels_last))
 
     def _encode(self, images: torch.Tensor):
-        """The image encoder on channels-last input, replayed from a CUDA graph when
-        ``cuda_graphs`` is on (CUDA only).
+        """The image encoder on channels-last input: on CPU with its linears through oneDNN
+        (:mod:`sed_fast.kernels.cpu_linear`), on CUDA replayed from a CUDA graph when
+        ``cuda_graphs`` is on.
 
         The returned tensors are the graph's static outputs: valid until the next forward."""
         images = images.contiguous(memory_format=torch.channels_last)
-        if not (self.cuda_graphs and images.is_cuda) or torch.cuda.is_current_stream_capturing():
+        if not images.is_cuda:
+            with onednn_linear_mode(images.device):  # the encoder's MLPs through oneDNN on CPU
+                return self.encode_image(images)
+        if not self.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return self.encode_image(images)
         key = (tuple(images.shape), images.dtype, self.dtype, images.device)
         captured = self._encoder_graphs.get(key)
