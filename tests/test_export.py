@@ -186,6 +186,15 @@ def test_export_onnx_without_the_extra_names_it(capsys, tmp_path, monkeypatch):
 # -- the exported graph itself (torch.export, no AOTInductor compile: seconds, not minutes) ---------
 
 
+def _labels_agree(labels, scores, expected) -> bool:
+    """Labels equal the eager argmax except where the eager top two scores are closer than twice
+    the scores' max difference (rounding decides those: the rule of ``core.check``)."""
+    differ = labels != expected.argmax(0)
+    top2 = expected.topk(2, dim=0).values
+    tie = (top2[0] - top2[1]) <= 2 * (scores - expected).abs().max()
+    return not bool((differ & ~tie).any())
+
+
 def _tiny_model(dtype, cer_topk=None):
     import torch
 
@@ -218,7 +227,7 @@ def test_exported_rejection_with_a_static_budget_equals_eager(budget):
         assert (scores - expected).abs().max() <= 1e-5
         rejected = expected.flatten(1).amax(1) == 0
         assert int(rejected.sum()) >= EIGHT_CLASSES - 4 and torch.all(scores[rejected] == 0)
-        assert torch.equal(labels, expected.argmax(0))
+        assert _labels_agree(labels, scores, expected)
     checks = core.check(program, model, module, [(96, 128)])
     assert checks[0]["ok"] and not checks[0]["budget_exceeded"]
 
@@ -331,7 +340,7 @@ def test_exported_graph_with_the_resize_included_equals_the_official_pipeline():
         expected = model(raw.permute(2, 0, 1)[None])[0]
     assert scores.shape == expected.shape == (EIGHT_CLASSES, 131, 277)
     assert (scores - expected).abs().max() <= 1e-5
-    assert torch.equal(labels, expected.argmax(0))
+    assert _labels_agree(labels, scores, expected)
 
 
 def test_a_fixed_size_export_accepts_that_size_only():
@@ -347,6 +356,6 @@ def test_a_fixed_size_export_accepts_that_size_only():
     with torch.no_grad():
         labels, scores = program(image)
         expected = model(image)[0]
-    assert (scores - expected).abs().max() <= 1e-5 and torch.equal(labels, expected.argmax(0))
+    assert (scores - expected).abs().max() <= 1e-5 and _labels_agree(labels, scores, expected)
     with pytest.raises(Exception):
         program(core.sample_images([(96, 160)])[0])

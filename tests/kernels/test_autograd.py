@@ -18,11 +18,13 @@ BACKWARD_OPS = ("cost_map_backward", "dwconv_layernorm_backward", "class_attenti
 
 @pytest.fixture
 def torch_backward():
-    """The reference backward, whatever the machine (on CUDA "auto" would pick Triton)."""
-    for op in BACKWARD_OPS:
+    """The reference forward and backward, whatever the machine (on CUDA "auto" would pick Triton,
+    on CPU the ``cpu`` class attention): the outputs are then compared bit for bit."""
+    ops = BACKWARD_OPS + tuple(op.replace("_backward", "") for op in BACKWARD_OPS)
+    for op in ops:
         dispatch.set_backend(op, "torch")
     yield
-    for op in BACKWARD_OPS:
+    for op in ops:
         dispatch.set_backend(op, None)
 
 
