@@ -23,7 +23,7 @@ gather_rows            x (T, C, H, W) at the three levels (channels-last), 32 ro
 * gather: boolean index ``x[keep]``.
 
 "sed_fast" is the public op (``sed_fast.kernels.<op>``) with the backend ``auto`` picks; with
-``--backends`` every available backend is timed as well (``sed_fast[torch]``, ``[triton]``, ``[cuda]``).
+``--backends`` every available backend is timed as well (``sed_fast[torch]``, ``[cpu]``, ``[triton]``, ``[cuda]``).
 The op gets its inputs in the layout the fast model gives it (channels-last activations, q/k/v as
 views of one fused qkv projection).
 
