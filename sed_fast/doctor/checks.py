@@ -15,7 +15,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..cpu_features import cpu_flags
-from ..envvars import env_value
 
 #: float tolerance on max |backend - reference|, times max(1, max |reference|), per dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -71,8 +70,7 @@ def device_info(device: torch.device) -> Dict[str, object]:
 
         info.update(name=platform.processor() or platform.machine(), compute_capability=None,
                     cpu_flags=list(cpu_flags()),
-                    linear=("oneDNN" if cpu_linear.onednn_linear_usable() and env_value("SED_FAST_ONEDNN_LINEAR")
-                            else "F.linear (BLAS)"))
+                    linear="oneDNN" if cpu_linear.onednn_linear_enabled() else "F.linear (BLAS)")
     return info
 
 

@@ -162,6 +162,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
 
 
+def _segment_bounds(class_offsets: torch.Tensor, total: int) -> list:
+    """``class_offsets`` on the host (one sync), checked to rise from 0 to ``total``."""
+    bounds = [int(b) for b in class_offsets.tolist()]
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"class_offsets must rise from 0 to total_T={total}, got {bounds}")
+    return bounds
+
+
 def class_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
                               num_heads: int = 4, eps: float = 1e-6) -> torch.Tensor:
     """The official einsum linear attention (``decoder.linear_attention``), one image at a time.
@@ -170,9 +178,7 @@ def class_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     total, pixels, channels = q.shape
     head_dim = channels // num_heads
-    bounds = [int(b) for b in class_offsets.tolist()]
-    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"class_offsets must rise from 0 to total_T={total}, got {bounds}")
+    bounds = _segment_bounds(class_offsets, total)
     out = torch.empty((total, pixels, channels), dtype=q.dtype, device=q.device)
     for first, end in zip(bounds, bounds[1:]):
         if first == end:
@@ -209,9 +215,7 @@ def class_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class
     """
     total, pixels, channels = q.shape
     head_dim = channels // num_heads
-    bounds = [int(b) for b in class_offsets.tolist()]
-    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"class_offsets must rise from 0 to total_T={total}, got {bounds}")
+    bounds = _segment_bounds(class_offsets, total)
     out = torch.empty((total, pixels, channels), dtype=q.dtype, device=q.device)
     step = max(1, CPU_STATE_BYTES // (channels * head_dim * 4))
     for first, end in zip(bounds, bounds[1:]):

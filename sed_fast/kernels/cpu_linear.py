@@ -42,14 +42,18 @@ def onednn_linear_usable() -> bool:
     return _state["usable"]
 
 
+def onednn_linear_enabled() -> bool:
+    """Whether calls may go to oneDNN at all: not switched off, not being traced, oneDNN usable."""
+    return env_value("SED_FAST_ONEDNN_LINEAR") and not torch.compiler.is_compiling() and onednn_linear_usable()
+
+
 def routed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`linear` sends this call to oneDNN."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.dim() == 2 and x.dim() >= 1 and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and not torch.compiler.is_compiling() and env_value("SED_FAST_ONEDNN_LINEAR")
-            and onednn_linear_usable())
+            and onednn_linear_enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -62,7 +66,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 class _OneDNNLinearMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear or func is torch._C._nn.linear:
+        if func is F.linear:  # what nn.Linear calls (F.linear is torch._C._nn.linear)
             return linear(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -70,8 +74,6 @@ class _OneDNNLinearMode(TorchFunctionMode):
 def onednn_linear_mode(device: torch.device):
     """A context in which every ``F.linear`` (``nn.Linear``) call goes through :func:`linear`;
     a no-op context off the CPU or when oneDNN is not used."""
-    device = torch.device(device)
-    if device.type != "cpu" or torch.compiler.is_compiling() or not env_value("SED_FAST_ONEDNN_LINEAR") \
-            or not onednn_linear_usable():
+    if torch.device(device).type != "cpu" or not onednn_linear_enabled():
         return contextlib.nullcontext()
     return _OneDNNLinearMode()

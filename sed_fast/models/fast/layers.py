@@ -214,17 +214,19 @@ class FastConvNextBlock(ConvNextBlock):
                 normed = dwconv_layernorm(x[start:stop], *params, self.norm.eps)
             with stage(f"{name}.convnext_mlp"):
                 if recording:
-                    hidden = F.gelu(cpu_linear.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
-                    branch = cpu_linear.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
-                    pieces.append(torch.addcmul(tokens[start:stop], self.gamma, branch))
+                    pieces.append(torch.addcmul(tokens[start:stop], self.gamma, self._mlp_branch(normed)))
                     continue
                 rows_in = normed.view(-1, channels)
                 rows_residual, rows_out = tokens[start:stop].view(-1, channels), out[start:stop].view(-1, channels)
                 for lo, hi in token_pieces(rows_in.shape[0], self.pwconv1.out_features, x.element_size(), x.device):
-                    hidden = F.gelu(cpu_linear.linear(rows_in[lo:hi], self.pwconv1.weight, self.pwconv1.bias))
-                    branch = cpu_linear.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
-                    torch.addcmul(rows_residual[lo:hi], self.gamma, branch, out=rows_out[lo:hi])
+                    torch.addcmul(rows_residual[lo:hi], self.gamma, self._mlp_branch(rows_in[lo:hi]),
+                                  out=rows_out[lo:hi])
         return torch.cat(pieces) if recording else out
+
+    def _mlp_branch(self, normed: torch.Tensor) -> torch.Tensor:
+        """pwconv2(gelu(pwconv1(normed))), before the gamma scale."""
+        hidden = F.gelu(cpu_linear.linear(normed, self.pwconv1.weight, self.pwconv1.bias))
+        return cpu_linear.linear(hidden, self.pwconv2.weight, self.pwconv2.bias)
 
 
 def _fused_qkv(q_weight, q_bias, k_weight, k_bias, v_weight, v_bias) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,13 +274,12 @@ class FastClassTransformerLayer(ClassTransformerLayer):
             del qkv, q, k, v
             if recording:
                 branch = branch + self._mlp_branch(branch)
-            else:  # in place, over cache-sized pieces on CPU
-                rows = branch.view(-1, channels)
-                for lo, hi in token_pieces(rows.shape[0], self.MLP[0].out_features, seq.element_size(), seq.device):
-                    rows[lo:hi] += self._mlp_branch(rows[lo:hi])
-            if recording:
                 pieces.append(x + branch if residual else branch)
-            elif residual:
+                continue
+            rows = branch.view(-1, channels)  # the MLP in place, over cache-sized pieces on CPU
+            for lo, hi in token_pieces(rows.shape[0], self.MLP[0].out_features, seq.element_size(), seq.device):
+                rows[lo:hi] += self._mlp_branch(rows[lo:hi])
+            if residual:
                 torch.add(x, branch, out=out[:, start:stop])
             else:
                 out[:, start:stop] = branch
