@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from sed_fast.bench import common
     from sed_fast.kernels import dispatch, pil_bilinear_resize
-    from sed_fast.preprocess import official_resize_shape
+    from sed_fast.inputs.preprocess import official_resize_shape
 
     device = torch.device(args.device)
     size = official_resize_shape(args.height, args.width)

@@ -7,8 +7,8 @@
     >>> labels = model.predict_labels(images)   # (B, H, W) class indices
 """
 from .api import FastFallbackWarning, RandomWeightsWarning, build_sed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .errors import NonFiniteScoresError, PixelRangeWarning
+from .data.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .base.errors import NonFiniteScoresError, PixelRangeWarning
 
 __version__ = "0.1.0"
 __all__ = ["build_sed", "load_checkpoint", "save_checkpoint", "CheckpointError", "RandomWeightsWarning",
@@ -25,6 +25,6 @@ def load_image(path):
 
     (``np.array``, not ``np.asarray``: the latter is a read-only view that torch warns about.)
     """
-    from .cli import load_image as _load
+    from .inputs.image_files import load_image as _load
 
     return _load(path)

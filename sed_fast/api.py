@@ -70,7 +70,7 @@ def build_sed(variant: str = "b", *, impl: Optional[str] = None,
         except (KeyboardInterrupt, MemoryError, TypeError, ValueError):
             raise  # interrupted, or an argument error: the reference model would refuse it too
         except Exception as error:  # noqa: BLE001 - e.g. an import error of the kernel stack
-            from .checkpoint import CheckpointError
+            from .data.checkpoint import CheckpointError
             if isinstance(error, (CheckpointError, OSError)):
                 raise  # the checkpoint: the same for both models
             warnings.warn(f"the fast SED model cannot be built ({type(error).__name__}: {error}); built the "
@@ -82,7 +82,7 @@ def build_sed(variant: str = "b", *, impl: Optional[str] = None,
 
 
 def _warn_if_emulated(dtype: torch.dtype) -> None:
-    from .cpu_features import NATIVE_16BIT, has_native_16bit
+    from .base.cpu_features import NATIVE_16BIT, has_native_16bit
 
     if has_native_16bit(dtype) is False:
         name = str(dtype).replace("torch.", "")
@@ -94,7 +94,7 @@ def _warn_if_emulated(dtype: torch.dtype) -> None:
 
 def _build(variant, impl, checkpoint, device, dtype, cer_topk, clip_resolution, text_cache, preprocess, seed,
            impl_options) -> torch.nn.Module:
-    from .checkpoint import load_checkpoint
+    from .data.checkpoint import load_checkpoint
 
     spec = variant_spec(variant)
     if impl not in IMPLS:

@@ -26,7 +26,7 @@ replaces the old summary at its start. When the final rewrite fails (a full disk
 summary (no per-image records, ``summary_error``) overwrites the file in place; a run killed
 outright (SIGKILL) leaves ``"running"``, which :func:`read_summary` reads as ``"interrupted"`` once
 that process no longer holds the folder. One run at a time per ``--out``
-(:mod:`sed_fast.outdir_lock`): a second one exits with code 2 naming the first one's PID.
+(:mod:`sed_fast.toolkit.outdir_lock`): a second one exits with code 2 naming the first one's PID.
 Output names keep at most 100 bytes of the input's stem (longer stems get a
 short hash instead of the rest).
 """
@@ -53,8 +53,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .files import atomic_write
-from .signals import SignalHandlers
+from .base.files import atomic_write
+from .toolkit.signals import SignalHandlers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -363,7 +363,7 @@ def check_model_options(args: argparse.Namespace, error=None):
     :class:`UsageError`) with a one-line message."""
     import torch
 
-    from .config import variant_spec
+    from .models.config import variant_spec
 
     error = error or UsageError
     try:
@@ -398,9 +398,9 @@ def check_model_options(args: argparse.Namespace, error=None):
 
 
 def _environment_ok() -> bool:
-    """Every command parses every environment variable first (sed_fast.envvars): a malformed one
+    """Every command parses every environment variable first (sed_fast.base.envvars): a malformed one
     is one usage error before any work, not a failure of each image later."""
-    from .envvars import EnvError, check_environment
+    from .base.envvars import EnvError, check_environment
 
     try:
         for warning in check_environment():
@@ -412,7 +412,7 @@ def _environment_ok() -> bool:
 
 
 def _load_vocabulary(text: str) -> List[str]:
-    from .vocabulary import load_vocabulary, parse_vocabulary_arg
+    from .data.vocabulary import load_vocabulary, parse_vocabulary_arg
 
     try:
         names = load_vocabulary(parse_vocabulary_arg(text))
@@ -445,7 +445,7 @@ def collect_images(specs: Sequence[str], quiet: bool = False) -> List[_Input]:
     Paths that do not exist and patterns that match no image are kept as missing entries (they are
     reported as failed images). Raises :class:`UsageError` when no existing image is found at all.
     """
-    from .image_files import InputFileError, check_regular_file
+    from .inputs.image_files import InputFileError, check_regular_file
 
     inputs: List[_Input] = []
     seen = set()
@@ -553,22 +553,11 @@ def _assign_stems(inputs: List[_Input]) -> None:
         item.stem = candidate
 
 
-def load_image(path: Path, max_pixels: Optional[int] = None):
-    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it
-    (:func:`sed_fast.image_files.read_rgb`: regular files only, the pixel limit, EXIF orientation
-    applied, frame 0, wide greyscale that would be clipped refused)."""
-    from PIL import Image
-
-    from .image_files import read_rgb
-
-    return Image.fromarray(read_rgb(path, max_pixels)[0])
-
-
 def _build_model(args, spec, dtype, device, checkpoint_state):
     """Build the model; the default impl falls back from fast to reference with a warning.
     Returns (model, impl used)."""
     from .api import RandomWeightsWarning, build_sed
-    from .checkpoint import CheckpointError
+    from .data.checkpoint import CheckpointError
 
     def build(impl: str):
         with warnings.catch_warnings():
@@ -600,7 +589,7 @@ def _build_model(args, spec, dtype, device, checkpoint_state):
 
 
 def _read_checkpoint(path_text: str):
-    from .checkpoint import CheckpointError, read_state_dict
+    from .data.checkpoint import CheckpointError, read_state_dict
 
     path = Path(os.path.expanduser(path_text))
     if not path.exists():
@@ -633,9 +622,9 @@ def _segment(args: argparse.Namespace, signals: Optional[_Signals] = None) -> in
 
 @contextlib.contextmanager
 def _hold_out(args: argparse.Namespace):
-    """Hold ``--out`` for this run (:func:`sed_fast.outdir_lock.exclusive_output_dir`); its
+    """Hold ``--out`` for this run (:func:`sed_fast.toolkit.outdir_lock.exclusive_output_dir`); its
     problems (not writable, another run in it) are usage errors."""
-    from .outdir_lock import OutputDirError, exclusive_output_dir
+    from .toolkit.outdir_lock import OutputDirError, exclusive_output_dir
 
     out_dir = Path(os.path.expanduser(args.out))
     with contextlib.ExitStack() as held:
@@ -866,7 +855,7 @@ def read_summary(path) -> dict:
     ``"running"`` although its run has ended (killed, its host lost power) reads as
     ``"interrupted"`` with ``"exit_code": None`` and a ``"note"``. The run is known to be live when it
     still holds its output folder's lock, or, without a lock to test, when its PID exists on this host."""
-    from .outdir_lock import holder, pid_alive
+    from .toolkit.outdir_lock import holder, pid_alive
 
     path = Path(path)
     if path.is_dir():
@@ -895,7 +884,7 @@ def _segment_batch(model, items: List[_Input], class_names: List[str], args, ran
     """Segment a batch of images in one forward (the list API: any sizes); yields (item, result or
     the exception that stopped this image). A failed forward is retried image by image, so that a
     bad image fails alone."""
-    from .image_files import read_rgb
+    from .inputs.image_files import read_rgb
 
     start = time.perf_counter()
     loaded = []  # [item, (H, W, 3) uint8 pixels or None once let go, ImageInfo]
@@ -976,7 +965,7 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
     import torch
 
     from .visualize import class_areas, render_overlay
-    from .vocabulary import display_name
+    from .data.vocabulary import display_name
 
     height, width = labels.shape
     label_dtype = np.uint8 if len(class_names) <= 256 else np.uint16

@@ -341,7 +341,7 @@ def render_overlay(image, labels: np.ndarray, class_names: Sequence[str], *, alp
     if labels.shape != (height, width):
         raise ValueError(f"labels are {'x'.join(map(str, labels.shape))} but the image is {height}x{width}")
     if display_names:
-        from .vocabulary import display_name
+        from .data.vocabulary import display_name
         shown_names = [display_name(name) for name in class_names]
     else:
         shown_names = list(class_names)

@@ -1,7 +1,7 @@
 """A stand-in for SED where only a command's control flow is under test (no weights, instant)."""
 import torch
 
-from sed_fast.images import as_image_list
+from sed_fast.inputs.images import as_image_list
 
 
 class FakeModel:

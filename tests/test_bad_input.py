@@ -16,7 +16,7 @@ import PIL
 from PIL import Image
 
 from sed_fast import cli
-from sed_fast.image_files import ImageTooLargeError, InputFileError, check_regular_file, read_rgb
+from sed_fast.inputs.image_files import ImageTooLargeError, InputFileError, check_regular_file, read_rgb
 from fake_model import FakeModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_wide_grey_within_0_255_reads_as_detectron2(tmp_path):
 
 
 def test_band_wise_reading_equals_pillow_convert(tmp_path, monkeypatch):
-    import sed_fast.image_files as image_files
+    import sed_fast.inputs.image_files as image_files
 
     monkeypatch.setattr(image_files, "_BAND_PIXELS", 100)  # many bands
     rng = np.random.default_rng(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sed_fast
-from sed_fast.checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_state_dict, save_checkpoint
+from sed_fast.data.checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_state_dict, save_checkpoint
 
 # The released checkpoints' keys and shapes: the package's copy (the checkpoint code reads it to name
 # variants), pinned to the official fixture's sha256 so that a change to it fails here.
@@ -215,7 +215,7 @@ def test_non_float_tensors_are_refused(small_model, dtype):
 
 
 def test_other_float_dtype_is_loaded_with_a_warning(small_model):
-    from sed_fast.checkpoint import CheckpointDtypeWarning
+    from sed_fast.data.checkpoint import CheckpointDtypeWarning
 
     original = _copy_state(small_model)
     state = {k: v.to(torch.bfloat16) for k, v in original.items()}
@@ -242,7 +242,7 @@ def test_variant_mismatch_says_which_variant_to_use():
 
 def test_loading_recomputes_the_text_embeddings(small_model):
     from sed_fast.models.encoder import create_tokenizer
-    from sed_fast.text import encode_vocabulary
+    from sed_fast.data.text import encode_vocabulary
 
     original = _copy_state(small_model)
     try:

@@ -452,7 +452,7 @@ def test_bad_environment_variable_is_a_usage_error(tmp_path, monkeypatch, one_im
 
 
 def test_vocabulary_refused_by_the_text_encoder_is_a_usage_error(tmp_path, monkeypatch, one_image):
-    from sed_fast.text import check_tokenized_duplicates
+    from sed_fast.data.text import check_tokenized_duplicates
 
     class Checking(_FakeModel):
         def set_vocabulary(self, names, progress=None):  # the model's check, without its text tower

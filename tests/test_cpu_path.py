@@ -82,7 +82,7 @@ def test_build_sed_warns_about_an_emulated_dtype_on_cpu_only(monkeypatch):
 
 
 def test_the_cpu_flags_are_read_from_proc_cpuinfo(tmp_path, monkeypatch):
-    from sed_fast import cpu_features
+    from sed_fast.base import cpu_features
 
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n\n"

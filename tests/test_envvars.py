@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sed_fast.envvars import cache_root, env_flag, env_number
+from sed_fast.base.envvars import cache_root, env_flag, env_number
 
 NAME = "SED_FAST_TEST_FLAG"
 
@@ -59,7 +59,7 @@ def test_cache_root(monkeypatch, tmp_path):
 
 
 def test_text_cache_uses_the_one_cache_root(monkeypatch, tmp_path):
-    from sed_fast import text
+    from sed_fast.data import text
 
     monkeypatch.setattr(text, "cache_root", lambda: tmp_path / "elsewhere", raising=False)
     assert text.default_cache_dir() == tmp_path / "elsewhere" / "text"
@@ -67,14 +67,14 @@ def test_text_cache_uses_the_one_cache_root(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("raw", ["no", "false", "off", "False"])
 def test_text_cache_off_words(monkeypatch, raw):
-    from sed_fast.text import cache_enabled
+    from sed_fast.data.text import cache_enabled
 
     monkeypatch.setenv("SED_FAST_TEXT_CACHE", raw)
     assert cache_enabled(True) is False
 
 
 def test_text_cache_typo_is_an_error(monkeypatch):
-    from sed_fast.text import cache_enabled
+    from sed_fast.data.text import cache_enabled
 
     monkeypatch.setenv("SED_FAST_TEXT_CACHE", "nein")
     with pytest.raises(ValueError, match="SED_FAST_TEXT_CACHE"):
@@ -86,7 +86,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 
-from sed_fast import envvars  # noqa: E402
+from sed_fast.base import envvars  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -121,7 +121,7 @@ def test_the_table_and_the_registry_list_the_same_variables():
     assert len(TABLE) >= 20 and len(set(TABLE)) == len(TABLE)
     assert set(TABLE) == set(envvars.VARIABLES), (
         f"in the README's table only: {sorted(set(TABLE) - set(envvars.VARIABLES))}; "
-        f"in sed_fast/envvars.py only: {sorted(set(envvars.VARIABLES) - set(TABLE))}")
+        f"in sed_fast/base/envvars.py only: {sorted(set(envvars.VARIABLES) - set(TABLE))}")
 
 
 def test_every_sed_fast_variable_the_code_reads_is_in_the_table():

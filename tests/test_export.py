@@ -292,7 +292,7 @@ def test_the_included_resize_is_pillows(raw_size):
     from PIL import Image
 
     from sed_fast.export import core
-    from sed_fast.preprocess import official_resize_shape
+    from sed_fast.inputs.preprocess import official_resize_shape
 
     module = core.ExportableSED(_tiny_model(torch.float32), input_size=raw_size, resize_included=True)
     raw = torch.randint(0, 256, (*raw_size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

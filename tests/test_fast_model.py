@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import sed_fast
-from sed_fast.images import as_image_list
+from sed_fast.inputs.images import as_image_list
 from sed_fast.bench.instrument import ForcedKeep
 from sed_fast.models.fast import SEDFast
 from sed_fast.models.rejection import rule_for_topk

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fake_model import FakeModel
 from sed_fast import cli
-from sed_fast.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from sed_fast.data.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_ARGS = ["--vocab", "cat,dog", "--random-weights", "--resolution", "64", "--impl", "reference",
@@ -112,7 +112,7 @@ def _damage(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "payload"])
 def test_damaged_cache_entry_is_recomputed_and_replaced(tiny_clip, tmp_path, monkeypatch, how):
-    from sed_fast.text import PROMPT_TEMPLATES, encode_vocabulary
+    from sed_fast.data.text import PROMPT_TEMPLATES, encode_vocabulary
 
     monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
     model, tokenizer = tiny_clip

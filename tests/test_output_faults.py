@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-import sed_fast.checkpoint as checkpoint_mod
-import sed_fast.outdir_lock as lock_mod
+import sed_fast.data.checkpoint as checkpoint_mod
+import sed_fast.toolkit.outdir_lock as lock_mod
 from fake_model import FakeModel
 from sed_fast import cli
-from sed_fast.checkpoint import CheckpointError, check_state_dict, checkpoint_sha256, file_identity
-from sed_fast.files import atomic_write_set
-from sed_fast.outdir_lock import LOCK_NAME, OutputDirBusy, OutputDirError, exclusive_output_dir, holder
+from sed_fast.data.checkpoint import CheckpointError, check_state_dict, checkpoint_sha256, file_identity
+from sed_fast.base.files import atomic_write_set
+from sed_fast.toolkit.outdir_lock import LOCK_NAME, OutputDirBusy, OutputDirError, exclusive_output_dir, holder
 from tmpfs_mount import fill, remount, tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sed_fast
-from sed_fast.images import PixelRangeWarning
+from sed_fast.inputs.images import PixelRangeWarning
 from sed_fast.models.fast import SEDFast
 from sed_fast.models.sed import NonFiniteScoresError, labels_from_scores
-from sed_fast.preprocess import official_resize_shape
+from sed_fast.inputs.preprocess import official_resize_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 
@@ -46,7 +46,7 @@ def test_official_preprocess_equals_pil_resize_then_the_model(models, impl, size
     assert official.shape == (1, len(VOCAB), *size)
     model.preprocess = "none"
     try:  # the decoder's (T, 192, 192)-style output of the hand-resized image, resized once to size
-        manual = model._run(sed_fast.images.as_image_list(_pil_resized(image)))
+        manual = model._run(sed_fast.inputs.images.as_image_list(_pil_resized(image)))
     finally:
         model.preprocess = "official"
     by_hand = F.interpolate(manual, size=size, mode="bilinear", align_corners=False)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sed_fast.preprocess import OFFICIAL_MAX_SIZE, OFFICIAL_SHORT_EDGE, official_resize, official_resize_shape
+from sed_fast.inputs.preprocess import OFFICIAL_MAX_SIZE, OFFICIAL_SHORT_EDGE, official_resize, official_resize_shape
 
 
 def test_official_constants():

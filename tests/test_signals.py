@@ -1,11 +1,11 @@
-"""The shared signal handling of the commands (sed_fast.signals): installed and restored, every
+"""The shared signal handling of the commands (sed_fast.toolkit.signals): installed and restored, every
 signal recorded before it acts, a swallowed KeyboardInterrupt still seen by ``check``."""
 import os
 import signal
 
 import pytest
 
-from sed_fast.signals import SignalHandlers
+from sed_fast.toolkit.signals import SignalHandlers
 
 
 def test_install_records_raises_and_restore_puts_back_the_previous_handler():

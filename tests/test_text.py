@@ -10,8 +10,8 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
-from sed_fast import text as text_mod  # noqa: E402
-from sed_fast.text import PROMPT_TEMPLATES, encode_tokens, encode_vocabulary, text_cache_key  # noqa: E402
+from sed_fast.data import text as text_mod  # noqa: E402
+from sed_fast.data.text import PROMPT_TEMPLATES, encode_tokens, encode_vocabulary, text_cache_key  # noqa: E402
 
 NAMES = ["cat", "person, individual, someone", "bed ", "traffic light", "a rather long class name with words"]
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sed_fast.vocabulary import (BUILTIN_VOCABULARIES, builtin_vocabulary_path, display_name, load_vocabulary,
+from sed_fast.data.vocabulary import (BUILTIN_VOCABULARIES, builtin_vocabulary_path, display_name, load_vocabulary,
                                  parse_vocabulary_arg, validate_names)
 
 EXPECTED_SIZES = {"ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "voc20": 20, "voc20b": 59, "coco": 171}

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from ..envvars import env_value
+from ..base.envvars import env_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for the git commit of a result
 #: Where results go when no folder is named: in the working directory, never inside the package

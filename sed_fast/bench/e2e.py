@@ -74,7 +74,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from sed_fast.images import as_image_list
+from sed_fast.inputs.images import as_image_list
 
 from sed_fast.models.rejection import rule_for_topk
 
@@ -112,7 +112,7 @@ def vocab_size(name: str) -> int:
     if digits.isdigit() and int(digits) > 0:
         return int(digits)
     try:
-        from sed_fast.vocabulary import load_vocabulary
+        from sed_fast.data.vocabulary import load_vocabulary
         return len(load_vocabulary(name))
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"unknown vocabulary {name!r} (known: {', '.join(VOCAB_SIZES)}, or randomN)") from error
@@ -293,7 +293,7 @@ def _decoder_fn(model, dense, features, text):
 def _stage_times(model, images, device, repeats: int) -> Tuple[Dict[str, float], float]:
     """Median over ``repeats`` recorded forwards of each stage's time per forward (ms), and the
     median total time of those recorded forwards (ms)."""
-    from sed_fast.stages import recording
+    from sed_fast.base.stages import recording
 
     from .instrument import instrument
     per_stage: Dict[str, List[float]] = {}

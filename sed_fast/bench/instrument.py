@@ -15,9 +15,9 @@ from typing import Dict, Tuple
 
 import torch
 
-from .. import stages
+from ..base import stages
 from ..kernels import cost_model
-from ..stages import stage
+from ..base.stages import stage
 
 # -------------------------------------------------------------------------------------------------
 # Naming the stages of a model without stage() calls (benchmarks only)

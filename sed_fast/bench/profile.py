@@ -5,7 +5,7 @@
     nsys profile -t cuda,nvtx -o sed sed-fast profile --impl fast --vocab ade150   # NVTX ranges
     python -m sed_fast.bench.profile --smoke                                            # tiny, CPU
 
-Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.stages``: CUDA
+Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.base.stages``: CUDA
 events per stage on GPU, wall clock on CPU; NVTX ranges on CUDA), and prints for each stage its
 median time per forward, its share of the rows' sum, and the achieved FLOP rate and op traffic;
 ``%peak`` is the FLOP rate over the device model's datasheet peak for the compute precision
@@ -215,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
-    from sed_fast.stages import recording
+    from sed_fast.base.stages import recording
 
     from .instrument import OpCounter, instrument
 

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..cpu_features import cpu_flags
+from ..base.cpu_features import cpu_flags
 
 #: float tolerance on max |backend - reference|, times max(1, max |reference|), per dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -355,7 +355,7 @@ def check_end_to_end(device: torch.device, dtype: torch.dtype = torch.float32, r
     import torch.nn.functional as F
 
     from ..api import RandomWeightsWarning, build_sed
-    from ..config import NUM_PROMPTS
+    from ..models.config import NUM_PROMPTS
     from ..demo import draw_sample
     from ..models.fast import SEDFast
 

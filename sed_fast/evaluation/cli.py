@@ -11,7 +11,7 @@ evaluated) or a file of the dataset that cannot be used (an unreadable image or 
 label values: the message says which fix applies); 130 interrupted (what was finished is saved:
 rerun with --resume).
 
-Rank 0 holds ``--out`` for the whole run (:func:`sed_fast.outdir_lock.exclusive_output_dir`): a
+Rank 0 holds ``--out`` for the whole run (:func:`sed_fast.toolkit.outdir_lock.exclusive_output_dir`): a
 second evaluation into the same folder stops at once, naming the PID of the first.
 """
 from __future__ import annotations
@@ -245,7 +245,7 @@ def _default_workers() -> int:
 
 
 def _load_dataset(args):
-    from ..vocabulary import parse_vocabulary_arg
+    from ..data.vocabulary import parse_vocabulary_arg
     from .datasets import DatasetError, custom_dataset, resolve_dataset
 
     try:
@@ -313,7 +313,7 @@ def _settings(args, dataset, spec, device) -> dict:
 
 
 def _checkpoint_sha256(path_text: str) -> str:
-    from ..checkpoint import checkpoint_sha256
+    from ..data.checkpoint import checkpoint_sha256
 
     try:
         return checkpoint_sha256(os.path.expanduser(path_text))
@@ -333,7 +333,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
                   settings_weights: str = "") -> Dict[str, object]:
 
     import sed_fast.api as api
-    from ..checkpoint import CheckpointError
+    from ..data.checkpoint import CheckpointError
 
     state_dict = None
     if args.checkpoint is not None:
@@ -527,7 +527,7 @@ def _run(args) -> int:
 
 def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, dataset, note) -> None:
     """Rank 0: take --out for this run (writable, space for the state, no other run in it)."""
-    from ..outdir_lock import OutputDirError, exclusive_output_dir
+    from ..toolkit.outdir_lock import OutputDirError, exclusive_output_dir
 
     models = 2 if args.compare else 1
     try:
@@ -550,7 +550,7 @@ def _prediction_writer(args, out_dir: Path, dataset, models: List[str], clear: b
     (not resumed) run first removes the PNGs an earlier run left there: the folder is this tool's."""
     import numpy as np
 
-    from ..files import atomic_write
+    from ..base.files import atomic_write
     from ..visualize import label_map_image, png_info
 
     folders = {name: out_dir / PREDICTIONS_DIR / (name if len(models) > 1 else "") for name in models}

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..image_files import InputFileError, apply_exif_orientation, check_regular_file, open_image, read_rgb
+from ..inputs.image_files import InputFileError, apply_exif_orientation, check_regular_file, open_image, read_rgb
 
 __all__ = ["DatasetSpec", "DATASETS", "EvalDataset", "DatasetError", "Sample", "default_data_root",
            "resolve_dataset", "custom_dataset", "pair_by_stem", "read_image", "read_label", "collate"]
@@ -178,7 +178,7 @@ def pair_by_stem(images: Dict[str, Path], labels: Dict[str, Path]):
 
 
 def _resolve(spec: DatasetSpec, image_dir: Path, label_dir: Path) -> ResolvedDataset:
-    from ..vocabulary import load_vocabulary
+    from ..data.vocabulary import load_vocabulary
 
     labels = _list_files(label_dir, _extensions(spec.label_ext), "label")
     images = _list_files(image_dir, _extensions(spec.image_ext), "image")
@@ -234,7 +234,7 @@ def custom_dataset(images: Union[str, os.PathLike], labels: Union[str, os.PathLi
 
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """An image as detectron2's ``read_image(path, "RGB")``: (H, W, 3) uint8, EXIF orientation
-    applied (:func:`sed_fast.image_files.read_rgb`: regular files only, the pixel limit, wide
+    applied (:func:`sed_fast.inputs.image_files.read_rgb`: regular files only, the pixel limit, wide
     greyscale that detectron2 would clip refused)."""
     return read_rgb(path)[0]
 

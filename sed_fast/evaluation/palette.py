@@ -60,7 +60,7 @@ class Palette:
 
     def check_classes(self, class_names: Sequence[str]) -> None:
         """The palette has one colour per evaluated class, and its names (where given) are theirs."""
-        from ..vocabulary import display_name
+        from ..data.vocabulary import display_name
 
         if len(self.colours) != len(class_names):
             raise PaletteError(f"the palette {self.source} has {len(self.colours)} class colour(s) but the dataset "

@@ -8,7 +8,7 @@
 * ``confusion.npy`` (``confusion_<model>.npy`` when comparing): the (N+1) x (N+1) int64 matrix;
 * ``per_class_iou.png``: per-class IoU bars, sorted (needs matplotlib; skipped with a message if absent).
 
-The set is written all or nothing (:func:`sed_fast.files.atomic_write_set`): on a full disk the
+The set is written all or nothing (:func:`sed_fast.base.files.atomic_write_set`): on a full disk the
 previous set stays as it was. ``results.json`` is renamed into place last and lists the sha256 of
 every other file of its set (``"files"``); :func:`read_results` checks them, so a set mixed by a
 crash between two renames is refused (:class:`ResultSetError`), never read as one run's figures.
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write_bytes, atomic_write_set
+from ..base.files import atomic_write_bytes, atomic_write_set
 from .metrics import compute_metrics, per_class, summary
 
 __all__ = ["build_results", "write_reports", "read_results", "ResultSetError", "RESULTS_FILE", "log_line",

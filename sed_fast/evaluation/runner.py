@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..signals import SignalHandlers
+from ..toolkit.signals import SignalHandlers
 from .datasets import DatasetError, EvalDataset, InvalidLabelError, ResolvedDataset, collate
 from .distributed import Context, shard
 from .metrics import ConfusionMatrix

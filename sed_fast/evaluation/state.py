@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..files import atomic_write_bytes
+from ..base.files import atomic_write_bytes
 
 __all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences",
            "names_change", "check_resumable"]

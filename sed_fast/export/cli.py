@@ -6,7 +6,7 @@
 
 The exported model's input: with ``--official-resize caller`` (default) ``image`` float32
 (1, 3, H, W), RGB in 0..255, already resized as the official test-time pipeline does
-(``sed_fast.preprocess.official_resize``), H and W each in [32, --max-side] (dynamic; default 2560)
+(``sed_fast.inputs.preprocess.official_resize``), H and W each in [32, --max-side] (dynamic; default 2560)
 or fixed by ``--sizes HxW[,HxW...]``, one file per size; with ``--official-resize included
 --sizes ...`` the raw image, uint8 (H, W, 3) RGB, which the model resizes as the official pipeline
 does (Pillow's bilinear, bit for bit) and whose outputs come back at the raw size. Outputs
@@ -144,8 +144,8 @@ def _export(args) -> int:
     if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
         raise ExportError(f"checkpoint file not found: {args.checkpoint}")
 
-    from ..preprocess import official_resize_shape
-    from ..vocabulary import load_vocabulary, parse_vocabulary_arg
+    from ..inputs.preprocess import official_resize_shape
+    from ..data.vocabulary import load_vocabulary, parse_vocabulary_arg
 
     try:
         names = [str(name) for name in load_vocabulary(parse_vocabulary_arg(args.vocab))]

@@ -165,7 +165,7 @@ class ExportableSED(nn.Module):
 def resized_raw_size(height: int, width: int) -> Tuple[int, int]:
     """The size the official resize gives a raw image of this size; an :class:`ExportError` when
     that is smaller than the model's smallest side (10x10000 becomes 3x2560)."""
-    from ..preprocess import official_resize_shape
+    from ..inputs.preprocess import official_resize_shape
 
     new_h, new_w = official_resize_shape(height, width)
     if min(new_h, new_w) < MIN_SIDE:
@@ -366,7 +366,7 @@ class ExportedSED(nn.Module):
         self.runner = runner
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from ..preprocess import official_resize_shape
+        from ..inputs.preprocess import official_resize_shape
 
         height, width = images.shape[-2:]
         if official_resize_shape(height, width) != (height, width):

@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._build import CXX_FLAGS, DEFAULT_ARCHS, NVCC_FLAGS, SOURCES, default_max_jobs, find_cuda_home, gencode_flags
-from ..envvars import cache_root, env_value
+from ..base.envvars import cache_root, env_value
 from . import dispatch
 from .topk_union_reject import check_topk
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..envvars import cache_root, env_value
+from ..base.envvars import cache_root, env_value
 
 logger = logging.getLogger("sed_fast.autotune")
 

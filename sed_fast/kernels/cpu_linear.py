@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..envvars import env_value
+from ..base.envvars import env_value
 
 _state = {"usable": None}  # None: not probed yet
 

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..envvars import VARIABLES, env_value
+from ..base.envvars import VARIABLES, env_value
 from . import autotune
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")  # the order "auto" prefers

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_RESOLUTION, VARIANTS, VariantSpec, variant_spec  # noqa: F401
+from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_RESOLUTION, VARIANTS, VariantSpec, variant_spec  # noqa: F401
 
 
 @contextmanager

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..images import Images, ImageList, as_image_list, check_pixel_values, pixel_extremes
-from ..errors import NonFiniteScoresError
-from ..preprocess import official_resize
-from ..stages import stage
-from ..config import (TRAIN_BASE_LR, TRAIN_CLIP_MULTIPLIER, TRAIN_IGNORE_VALUE, TRAIN_POOLING,
+from ..inputs.images import Images, ImageList, as_image_list, check_pixel_values, pixel_extremes
+from ..base.errors import NonFiniteScoresError
+from ..inputs.preprocess import official_resize
+from ..base.stages import stage
+from .config import (TRAIN_BASE_LR, TRAIN_CLIP_MULTIPLIER, TRAIN_IGNORE_VALUE, TRAIN_POOLING,
                       TRAIN_SIZE_DIVISIBILITY, TRAIN_WEIGHT_DECAY, TRAIN_WEIGHT_DECAY_NORM)
 from .decoder import EVAL_POOLING, ConvNextBlock, SEDDecoder
 from .rejection import RejectionRule, TopKUnion, rule_for_topk
@@ -139,8 +139,8 @@ class SEDBase(nn.Module):
         JSON list / text file with one name per line. A name with ``", "`` is a synonym list.
         Returns the class names (output channel t of ``forward`` is ``class_names[t]``).
         """
-        from ..text import encode_vocabulary
-        from ..vocabulary import load_vocabulary
+        from ..data.text import encode_vocabulary
+        from ..data.vocabulary import load_vocabulary
 
         names = load_vocabulary(vocabulary)
         if self._tokenizer is None:
@@ -351,7 +351,7 @@ class SEDBase(nn.Module):
         left out), ``params``, ``param_names`` (state-dict names), ``lr``, ``weight_decay``: ready
         for ``torch.optim.AdamW(groups, lr=base_lr)``. The official defaults: AdamW, base_lr 2e-4,
         weight decay 1e-4, norm 0, CLIP x0.01, full-model gradient clipping at L2 norm 0.01
-        (:data:`sed_fast.config.TRAIN_GRAD_CLIP_NORM`).
+        (:data:`sed_fast.models.config.TRAIN_GRAD_CLIP_NORM`).
         """
         return trainable_parameter_groups(self, self.decoder, base_lr=base_lr, weight_decay=weight_decay,
                                           weight_decay_norm=weight_decay_norm, clip_multiplier=clip_multiplier)
@@ -397,7 +397,7 @@ class SEDBase(nn.Module):
         text embeddings without a graph; the decoder over every class (no rejection whatever
         ``cer_topk``) with the class attention pooled by :attr:`train_pooling_size`; the aux heads
         on detached inputs. Call ``model.train()`` first for the official regularisation (the CLIP
-        tower's stochastic depth / dropout, see :class:`~sed_fast.config.VariantSpec`); in eval
+        tower's stochastic depth / dropout, see :class:`~sed_fast.models.config.VariantSpec`); in eval
         mode the same losses without them.
         """
         self._require_vocabulary()

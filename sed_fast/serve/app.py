@@ -37,8 +37,8 @@ class InputProblem(Exception):
 def parse_class_names(text: str) -> List[str]:
     """Class names typed on the page: comma-separated, a name holding synonyms in double quotes
     (``cat, "person, individual", grass``: three classes, the second a synonym list), or a JSON
-    list as in a vocabulary file. Checked by :func:`sed_fast.vocabulary.validate_names`."""
-    from ..vocabulary import validate_names
+    list as in a vocabulary file. Checked by :func:`sed_fast.data.vocabulary.validate_names`."""
+    from ..data.vocabulary import validate_names
 
     text = (text or "").strip()
     if not text:
@@ -83,7 +83,7 @@ class Segmenter:
     # -- vocabulary ------------------------------------------------------------------------------
     def class_names(self, typed: str, vocabulary: Optional[str]) -> List[str]:
         if vocabulary and vocabulary != TYPED:
-            from ..vocabulary import load_vocabulary
+            from ..data.vocabulary import load_vocabulary
             try:
                 return load_vocabulary(vocabulary)
             except (TypeError, ValueError, OSError) as error:
@@ -125,7 +125,7 @@ class Segmenter:
     def load_image(self, path: Optional[str]):
         from PIL import Image, ImageOps, UnidentifiedImageError
 
-        from ..images import MIN_IMAGE_SIDE
+        from ..inputs.images import MIN_IMAGE_SIDE
 
         if not path:
             raise InputProblem("No image: upload one or click the sample scene under Examples.")
@@ -153,9 +153,9 @@ class Segmenter:
         """(overlay PIL image, legend HTML, class table rows, timing text)."""
         import torch
 
-        from ..stages import recording
+        from ..base.stages import recording
         from ..visualize import legend_entries, render_overlay
-        from ..vocabulary import display_name
+        from ..data.vocabulary import display_name
 
         times: Dict[str, float] = {}
         start = time.perf_counter()
@@ -261,7 +261,7 @@ def build_app(segmenter: Segmenter, *, title: str = "sed_fast: open-vocabulary s
     import gradio as gr
 
     from ..demo import draw_sample
-    from ..vocabulary import BUILTIN_VOCABULARIES
+    from ..data.vocabulary import BUILTIN_VOCABULARIES
 
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="sed_fast_serve_examples_"))
     examples_dir.mkdir(parents=True, exist_ok=True)

@@ -282,7 +282,7 @@ def _solver_config(args):
 
 def _load_train_data(args):
     from ..evaluation.datasets import DatasetError
-    from ..vocabulary import parse_vocabulary_arg
+    from ..data.vocabulary import parse_vocabulary_arg
     from .data import load_train_dataset
 
     try:
@@ -484,7 +484,7 @@ def _run(args) -> int:
                 weights = _read_checkpoint(args.checkpoint)
             except SegmentUsageError as error:
                 raise UsageError(str(error)) from error
-        from ..checkpoint import CheckpointError
+        from ..data.checkpoint import CheckpointError
         try:
             model = _build_model(args, spec, device, weights, list(dataset.vocabulary))
         except CheckpointError as error:
@@ -597,7 +597,7 @@ def _needed_bytes(spec) -> int:
 
 def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, spec):
     """Rank 0: take --out for this run (writable, space for a checkpoint, no other run in it)."""
-    from ..outdir_lock import OutputDirError, exclusive_output_dir
+    from ..toolkit.outdir_lock import OutputDirError, exclusive_output_dir
 
     try:
         lock = held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} --out {args.out}",

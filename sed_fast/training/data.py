@@ -220,7 +220,7 @@ class _CheckDataset(torch.utils.data.Dataset):
 def image_size(path) -> tuple:
     """(H, W) of the image as ``read_image`` returns it (EXIF orientation applied), from its header
     (opened by the same checked reader: a regular file, within the pixel limit)."""
-    from ..image_files import open_image
+    from ..inputs.image_files import open_image
 
     with open_image(path) as image:
         width, height = image.size

@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..evaluation.datasets import DatasetError
-from ..files import atomic_write_text
-from ..signals import SignalHandlers
+from ..base.files import atomic_write_text
+from ..toolkit.signals import SignalHandlers
 from .optim import set_lr, trainable_parameters
 from .state import rng_state, save_training, set_rng_state
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from ..files import atomic_write
+from ..base.files import atomic_write
 
 _KEYS = ("total_loss", "loss_sem_seg_0", "loss_sem_seg_1", "loss_sem_seg_2", "loss_sem_seg_3")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..evaluation.state import settings_differences
-from ..files import atomic_write_bytes, atomic_write_text
+from ..base.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["StateError", "checkpoint_name", "save_training", "load_training", "rng_state", "set_rng_state",
            "LAST_CHECKPOINT", "check_settings"]
@@ -108,7 +108,7 @@ def load_training(out_dir: Path):
     if state.get("version") != _VERSION:
         raise StateError(f"{state_path} has format version {state.get('version')!r}, this sed-fast reads "
                          f"version {_VERSION}; {hint}")
-    from ..checkpoint import CheckpointError, read_state_dict
+    from ..data.checkpoint import CheckpointError, read_state_dict
     try:
         weights = read_state_dict(path)
         iteration = torch.load(path, map_location="cpu", weights_only=True).get("iteration")

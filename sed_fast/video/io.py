@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from ..image_files import InputFileError, check_regular_file
+from ..inputs.image_files import InputFileError, check_regular_file
 
 #: Encoders tried in order for the overlay video: H.264 (libx264) where PyAV's FFmpeg has it, else
 #: MPEG-4 part 2, which every FFmpeg build has.

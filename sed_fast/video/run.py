@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..files import atomic_write
+from ..base.files import atomic_write
 from .io import EncodeThread, FrameReader, Source, VideoWriter, choose_encoder, encoder_description, output_pts
 from .overlay import render_frame
 
@@ -59,7 +59,7 @@ class _ClassTimeline:
                 spans.append([index, index])
 
     def summary(self, class_names: List[str], segmented: int) -> List[dict]:
-        from ..vocabulary import display_name
+        from ..data.vocabulary import display_name
 
         order = sorted(self.intervals, key=lambda c: (-int(self.frames[c]), c))
         return [{"index": c, "name": class_names[c], "display_name": display_name(class_names[c]),
@@ -147,7 +147,7 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
     this thread (an interrupt) propagate after the outputs are closed, with the record attached as
     ``error.video_record``.
     """
-    from ..vocabulary import display_name
+    from ..data.vocabulary import display_name
 
     encoder = options.encoder or choose_encoder()
     every, batch_size = options.every, options.batch_size

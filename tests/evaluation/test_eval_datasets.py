@@ -30,7 +30,7 @@ def test_registry_matches_the_official_registrations():
 
 
 def test_builtin_class_counts(tmp_path):
-    from sed_fast.vocabulary import load_vocabulary
+    from sed_fast.data.vocabulary import load_vocabulary
 
     counts = {"ade150": 150, "ade847": 847, "pc59": 59, "pc459": 459, "voc20": 20, "coco": 171}
     for name, n in counts.items():

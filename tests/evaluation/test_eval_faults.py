@@ -23,7 +23,7 @@ from fake_model import FakeModel
 from sed_fast import cli as top_cli
 from sed_fast.evaluation import cli as eval_cli, report, state as state_mod
 from sed_fast.evaluation.report import ResultSetError, read_results
-from sed_fast.outdir_lock import LOCK_NAME
+from sed_fast.toolkit.outdir_lock import LOCK_NAME
 from tmpfs_mount import fill, remount, tmpfs
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
@@ -183,7 +183,7 @@ def _save_state_for(args_list, out: Path) -> None:
 
 @pytest.mark.parametrize("cached", [False, True], ids=["hashed", "cached"])
 def test_resume_refuses_other_weights_copied_over_the_same_path(tmp_path, custom, builds, monkeypatch, cached):
-    import sed_fast.checkpoint as checkpoint_mod
+    import sed_fast.data.checkpoint as checkpoint_mod
 
     if cached:  # the cache by path, size and times must not be fooled either
         monkeypatch.setattr(checkpoint_mod, "REHASH_BYTES", 0)

@@ -57,7 +57,7 @@ def test_image_request_overlay_legend_table_and_one_text_encoding(segmenter, pic
 
 
 def test_dataset_vocabulary_wins_over_typed_names(segmenter):
-    from sed_fast.vocabulary import load_vocabulary
+    from sed_fast.data.vocabulary import load_vocabulary
 
     assert segmenter.class_names("cat, dog", "voc20") == load_vocabulary("voc20")
     assert segmenter.class_names("cat, dog", serve_app.TYPED) == ["cat", "dog"]

@@ -331,7 +331,7 @@ def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, mo
     official keys and shapes and loads strictly through build_sed; the parameter groups follow the
     official rules."""
     from sed_fast.api import build_sed
-    from sed_fast.checkpoint import official_shapes
+    from sed_fast.data.checkpoint import official_shapes
     from sed_fast.training.optim import SolverConfig, param_groups
 
     cached_build(monkeypatch)

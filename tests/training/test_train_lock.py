@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 from train_synthetic import CLASSES, tiny_build, write_dataset
-from sed_fast import outdir_lock
+from sed_fast.toolkit import outdir_lock
 from sed_fast.training import cli as train_cli
 
 # Holds a folder's lock in another process until its stdin closes (the lock module alone: no torch).

@@ -44,7 +44,7 @@ def cached_build(monkeypatch):
     real = cli._build_model
 
     def build(args, spec, device, state_dict, vocabulary):
-        from sed_fast.checkpoint import load_checkpoint
+        from sed_fast.data.checkpoint import load_checkpoint
 
         key = (args.impl, args.resolution, args.seed, tuple(vocabulary))
         if key not in _MODELS:
@@ -117,7 +117,7 @@ class TinySED(torch.nn.Module):
         self.sem_seg_head.predictor.transformer = _Up(classes)
         self.clip_resolution = clip_resolution
         self.class_names = []
-        from sed_fast.config import variant_spec
+        from sed_fast.models.config import variant_spec
         self.spec = variant_spec("b")
 
     @property

@@ -353,7 +353,7 @@ def test_live_source_drops_frames_when_the_model_lags(clip):
 
 
 def test_output_folder_held_by_another_run_is_a_usage_error(tmp_path, clip):
-    from sed_fast.outdir_lock import exclusive_output_dir
+    from sed_fast.toolkit.outdir_lock import exclusive_output_dir
 
     out = tmp_path / "out"
     with exclusive_output_dir(out, "another run"):

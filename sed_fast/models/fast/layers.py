@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ... import kernels
 from ...kernels import cpu_linear
-from ...stages import stage
+from ...base.stages import stage
 from ..decoder import ClassTransformerLayer, ConvNextBlock, SEDDecoder, Up
 from ..rejection import RejectionRule
 

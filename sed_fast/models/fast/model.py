@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from ... import kernels
-from ...config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
-from ...envvars import env_value
+from ..config import CLIP_RESOLUTION, EVAL_POOLING, VariantSpec
+from ...base.envvars import env_value
 from ...kernels.cpu_linear import onednn_linear_mode
 from ..sed import SEDBase, SEDReference, _Predictor, _SemSegHead
 from .layers import FastDecoder
@@ -51,7 +51,7 @@ class SEDFast(SEDBase):
             on the kept classes, so it is not captured.
     """
 
-    #: The fast decoder marks its own profiling stages (see sed_fast.stages).
+    #: The fast decoder marks its own profiling stages (see sed_fast.base.stages).
     marks_stages = True
 
     def __init__(self, spec: VariantSpec, *, cer_topk: Optional[int] = None,

@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
-from .errors import PixelRangeWarning
+from ..base.errors import PixelRangeWarning
 
 MIN_IMAGE_SIDE = 32
 #: Float pixels outside this range are refused: a scale other than 0..255 (a small margin allows

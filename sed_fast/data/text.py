@@ -39,7 +39,7 @@ Before encoding, names the tokenizer makes identical (it lower-cases and cleans 
 duplicates (they would give identical output channels), and prompts cut at the context length are
 reported with a warning.
 
-Environment (see :mod:`sed_fast.envvars`): ``SED_FAST_CACHE_DIR`` (cache root; the text cache is its
+Environment (see :mod:`sed_fast.base.envvars`): ``SED_FAST_CACHE_DIR`` (cache root; the text cache is its
 ``text/`` sub-folder, default ``~/.cache/sed_fast/text``), ``SED_FAST_TEXT_CACHE`` (``0/false/no/off``
 disables the cache; default on), ``SED_FAST_TEXT_CACHE_MB`` (size cap in megabytes, a number, default
 2048; 0 keeps only the entry just written).
@@ -62,8 +62,8 @@ from torch import nn
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as _OPENAI_IMAGENET_TEMPLATES
 
-from .envvars import cache_root, env_value
-from .files import atomic_write
+from ..base.envvars import cache_root, env_value
+from ..base.files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
            "default_cache_dir", "cache_enabled", "cache_limit_bytes", "check_tokenized_duplicates",
@@ -327,7 +327,7 @@ def encode_tokens(clip_model: nn.Module, tokens: torch.Tensor, *, trim_context: 
 # cache
 # ----------------------------------------------------------------------------------------------------------
 def default_cache_dir() -> Path:
-    """The text-embedding cache folder: ``text/`` under :func:`sed_fast.envvars.cache_root`
+    """The text-embedding cache folder: ``text/`` under :func:`sed_fast.base.envvars.cache_root`
     (``$SED_FAST_CACHE_DIR/text``, else ``~/.cache/sed_fast/text``)."""
     return cache_root() / "text"
 
@@ -384,7 +384,7 @@ def text_cache_key(clip_model: nn.Module, tokenizer, names: Sequence[str],
     """
     tower = _TextTower(clip_model)
     digest = hashlib.sha256()
-    digest.update(f"sed_fast.text.encode_vocabulary format {_FORMAT_VERSION}\n".encode())
+    digest.update(f"sed_fast.data.text.encode_vocabulary format {_FORMAT_VERSION}\n".encode())
     for name, tensor in tower.named_tensors():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         _hash_tensor(digest, tensor)
@@ -652,7 +652,7 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
     Args:
         clip_model: an open_clip ``CLIP`` (or ``CustomTextCLIP``) model, any device and dtype.
         tokenizer: its open_clip tokenizer (``open_clip.get_tokenizer(name)``).
-        names: the class names (validate them with :func:`sed_fast.vocabulary.load_vocabulary`).
+        names: the class names (validate them with :func:`sed_fast.data.vocabulary.load_vocabulary`).
         templates: ``str.format`` strings with one ``{}`` or callables; default the 80 ImageNet templates.
         batch_size: prompts per text-tower forward.
         trim_context: cut each batch's context to its longest prompt (exact; see :func:`encode_tokens`).

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .kernels.pil_bilinear_resize import pil_bilinear_resize
+from ..kernels.pil_bilinear_resize import pil_bilinear_resize
 
 # The official configs' INPUT.MIN_SIZE_TEST and INPUT.MAX_SIZE_TEST.
 OFFICIAL_SHORT_EDGE = 640

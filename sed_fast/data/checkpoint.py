@@ -38,10 +38,10 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
-from .envvars import cache_root, env_value
-from .files import atomic_write_text
+from ..base.envvars import cache_root, env_value
+from ..base.files import atomic_write_text
 
-_SHAPES_FILE = Path(__file__).parent / "data" / "official_state_dict_shapes.json"
+_SHAPES_FILE = Path(__file__).parent / "official_state_dict_shapes.json"
 _SHOW = 5  # how many keys of each kind an error message lists
 _HASH_CACHE = "checkpoint_sha256.json"
 _HASH_CACHE_ENTRIES = 256

@@ -2,7 +2,7 @@
 
 A vocabulary is a list of class names; output channel ``t`` of the model is ``names[t]``. A name
 that contains ``", "`` is a list of synonyms (``"person, individual, someone"``): its text
-embedding averages the synonyms (see :mod:`sed_fast.text`); :func:`display_name` gives the first.
+embedding averages the synonyms (see :mod:`sed_fast.data.text`); :func:`display_name` gives the first.
 
 Names are used exactly as given (no stripping, no case change) because the text embedding is
 computed from the exact string: the official ``ade150`` list, for instance, holds ``"bed "`` with a
@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Union
 __all__ = ["BUILTIN_VOCABULARIES", "load_vocabulary", "validate_names", "display_name", "parse_vocabulary_arg",
            "builtin_vocabulary_path"]
 
-_VOCAB_DIR = Path(__file__).resolve().parent / "data" / "vocabularies"
+_VOCAB_DIR = Path(__file__).resolve().parent / "vocabularies"
 
 #: The built-in vocabularies (the class lists of the official evaluation sets).
 BUILTIN_VOCABULARIES = ("ade150", "ade847", "pc59", "pc459", "voc20", "voc20b", "coco")
@@ -61,7 +61,7 @@ def validate_names(names, source: str = "vocabulary") -> List[str]:
     such as ``"\\ud800"``, e.g. from a mis-decoded file name), a synonym list with an empty synonym
     (``"dog, "``), duplicate names (all listed with their indices). Names that differ only in what
     the tokenizer normalises away (``"cat"`` / ``"Cat"``) are caught when the text embeddings are
-    computed (:func:`sed_fast.text.check_tokenized_duplicates`).
+    computed (:func:`sed_fast.data.text.check_tokenized_duplicates`).
     """
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
         raise TypeError(f"{source}: expected a list of class names, got {type(names).__name__}")

@@ -27,7 +27,7 @@ from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 
-from .envvars import env_value
+from ..base.envvars import env_value
 
 __all__ = ["InputFileError", "ImageTooLargeError", "ImageInfo", "check_regular_file", "open_regular_file",
            "max_pixels", "open_image", "read_rgb", "apply_exif_orientation"]
@@ -271,3 +271,11 @@ def read_rgb(path: PathLike, limit: Optional[int] = None, what: str = "image") -
             oriented.close()
     return out, ImageInfo(width, height, file_mode, file_format, 0, frames)
 
+
+def load_image(path, max_pixels: Optional[int] = None):
+    """An image file as an RGB PIL image, as detectron2's ``read_image(path, "RGB")`` reads it
+    (:func:`read_rgb`: regular files only, the pixel limit, EXIF orientation applied, frame 0, wide
+    greyscale that would be clipped refused)."""
+    from PIL import Image
+
+    return Image.fromarray(read_rgb(path, max_pixels)[0])
