@@ -16,6 +16,7 @@ import PIL
 from PIL import Image
 
 from sed_fast import cli
+from sed_fast.segment import cli as segment_cli
 from sed_fast.inputs.image_files import ImageTooLargeError, InputFileError, check_regular_file, read_rgb
 from fake_model import FakeModel
 
@@ -157,12 +158,13 @@ def test_pixel_limit_is_ours_not_pillows_warning(tmp_path, fake_build, monkeypat
 _PEAK = """
 import resource, sys
 from sed_fast import cli
+from sed_fast.segment import cli as segment_cli
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
-build = cli._build_model
+build = segment_cli.build_model
 after_build = {}
 
 def measured_build(*args, **kwargs):
@@ -175,7 +177,7 @@ def measured_build(*args, **kwargs):
         after_build["kb"] = 0  # no reset: peaks are compared with the baseline run's as they are
     return built
 
-cli._build_model = measured_build
+segment_cli.build_model = measured_build
 code = cli.main(sys.argv[1:])
 print("PEAK_KB", status("VmHWM") - after_build["kb"], "CODE", code)
 """

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sed_fast import cli
+from sed_fast.segment import cli as segment_cli
 from fake_model import FakeModel as _FakeModel
 from sed_fast.visualize import (class_areas, colorize, draw_legend, label_image, overlay, palette,
                                 render_overlay)
@@ -229,7 +230,7 @@ def test_collect_images(tmp_path):
         (tmp_path / "d" / name).write_bytes(b"x")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "a.png").write_bytes(b"x")
-    items = cli.collect_images([str(tmp_path / "d"), str(tmp_path / "*" / "a.png"), str(tmp_path / "d" / "a.png")],
+    items = segment_cli.collect_images([str(tmp_path / "d"), str(tmp_path / "*" / "a.png"), str(tmp_path / "d" / "a.png")],
                                quiet=True)
     assert [i.path.name for i in items] == ["a.png", "b.JPG", "e.tiff", "a.png"]  # no repeat of d/a.png
     assert all(i.missing is None for i in items)
@@ -292,7 +293,7 @@ def test_external_subcommands_dispatch(monkeypatch):
     monkeypatch.setitem(sys.modules, "sed_fast.bench.e2e", fake)
     code, _ = run_main(["bench", "--size", "768", "--help"])
     assert code == 0 and seen["argv"] == ["--size", "768", "--help"]
-    monkeypatch.setitem(cli._EXTERNAL, "profile", ("benchmarks.no_such_module_xyz", ""))
+    monkeypatch.setitem(cli.COMMANDS, "profile", ("benchmarks.no_such_module_xyz", ""))
     code, err = run_main(["profile", "--x"])
     assert code == 2 and "benchmarks.no_such_module_xyz" in err and "Traceback" not in err
 

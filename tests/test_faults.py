@@ -21,6 +21,7 @@ from PIL import Image
 
 from fake_model import FakeModel
 from sed_fast import cli
+from sed_fast.toolkit import outputs as outputs_mod
 from sed_fast.data.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,7 @@ _SIGNAL_SCRIPT = textwrap.dedent("""
     import torch
     import sed_fast.api
     from sed_fast import cli
+    from sed_fast.toolkit.outputs import OutputFolder
 
     mode, at = sys.argv[1], int(sys.argv[2])
     calls = {"model": 0, "write": 0}
@@ -219,14 +221,14 @@ _SIGNAL_SCRIPT = textwrap.dedent("""
 
     sed_fast.api.build_sed = lambda variant, **kwargs: Fake()
     if mode == "write":  # the signal arrives while an image's first file is being written
-        original = cli._OutputFolder.write
+        original = OutputFolder.write
         def write(self, name, save):
             if name.endswith("_labels.png"):
                 calls["write"] += 1
                 if calls["write"] == at:
                     os.kill(os.getpid(), signal.SIGTERM)
             return original(self, name, save)
-        cli._OutputFolder.write = write
+        OutputFolder.write = write
     sys.exit(cli.main(sys.argv[3:]))
 """)
 
@@ -273,7 +275,7 @@ def test_read_only_out_is_a_usage_error_before_the_model_is_built(tmp_path, fake
 def test_unwritable_out_is_a_usage_error_before_the_model_is_built(tmp_path, fake_build, monkeypatch):
     """As the read-only case, for any user: creating files in --out fails with EACCES."""
     out = (tmp_path / "o").resolve()
-    real_mkstemp = cli.tempfile.mkstemp
+    real_mkstemp = outputs_mod.tempfile.mkstemp
 
     def mkstemp(*args, dir=None, **kwargs):
         if dir is not None and Path(dir).resolve() == out:
@@ -287,7 +289,7 @@ def test_unwritable_out_is_a_usage_error_before_the_model_is_built(tmp_path, fak
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(outputs_mod.tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr("builtins.open", open_)
     code, err = run_main(["segment", _images(tmp_path / "in", 1), *FAKE_ARGS, "--out", out])
     assert code == 2 and "cannot write" in err and "Permission denied" in err

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sed_fast import cli
+from sed_fast.segment import cli as segment_cli
 
 
 def run_main(argv):
@@ -33,7 +34,7 @@ def test_video_files_in_an_image_folder_are_reported(tmp_path):
         (tmp_path / name).write_bytes(b"\0" * 16)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        items = cli.collect_images([str(tmp_path)], quiet=True)  # said even with --quiet: inputs are left out
+        items = segment_cli.collect_images([str(tmp_path)], quiet=True)  # said even with --quiet: inputs are left out
     assert [item.path.name for item in items] == ["a.png"]
     assert "skipped 2 video file(s)" in err.getvalue()
     assert "clip.mp4" in err.getvalue() and "take2.MOV" in err.getvalue()

@@ -24,6 +24,7 @@ import sed_fast.data.checkpoint as checkpoint_mod
 import sed_fast.toolkit.outdir_lock as lock_mod
 from fake_model import FakeModel
 from sed_fast import cli
+from sed_fast.segment import cli as segment_cli
 from sed_fast.data.checkpoint import CheckpointError, check_state_dict, checkpoint_sha256, file_identity
 from sed_fast.base.files import atomic_write_set
 from sed_fast.toolkit.outdir_lock import LOCK_NAME, OutputDirBusy, OutputDirError, exclusive_output_dir, holder
@@ -179,7 +180,7 @@ def test_segment_on_a_disk_that_fills_leaves_a_final_summary(tmp_path, fake_buil
     """The disk fills completely after the first image: the second image fails, so does the summary's
     rewrite after it, and the run stops; summary.json says so, overwritten in place (there is no
     room for a new file), never "running"."""
-    real = cli._write_outputs
+    real = segment_cli._write_outputs
     calls = []
 
     def write_outputs(output, item, result, args, random_weights):
@@ -188,7 +189,7 @@ def test_segment_on_a_disk_that_fills_leaves_a_final_summary(tmp_path, fake_buil
             fill(output.folder)  # every block taken
         return real(output, item, result, args, random_weights)
 
-    monkeypatch.setattr(cli, "_write_outputs", write_outputs)
+    monkeypatch.setattr(segment_cli, "_write_outputs", write_outputs)
     with tmpfs(tmp_path / "full", 2048) as out:
         code, err = run_main(["segment", _images(tmp_path / "in", 4), *FAKE_ARGS, "--out", out])
         assert code == 1 and "No space left" in err and "Traceback" not in err, err
@@ -197,7 +198,7 @@ def test_segment_on_a_disk_that_fills_leaves_a_final_summary(tmp_path, fake_buil
         assert "No space left" in summary["error"]
         assert "No space left" in summary["summary_error"] and summary["images"] is None
         assert summary["pid"] == os.getpid() and summary["num_ok"] == 1
-        assert cli.read_summary(out)["status"] == summary["status"]
+        assert segment_cli.read_summary(out)["status"] == summary["status"]
         names = sorted(p.name for p in out.iterdir())
         assert not [n for n in names if n.endswith(".tmp")] and LOCK_NAME not in names, names
         with Image.open(out / "img000_labels.png") as image:  # the first image's files are whole
@@ -239,11 +240,11 @@ def test_a_killed_segment_run_reads_as_interrupted_and_its_folder_is_taken_over(
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["status"] == "running" and on_disk["num_images"] == 2  # nothing could finish it
     assert holder(out)["held"] is False and holder(out)["pid"] == on_disk["pid"]
-    read = cli.read_summary(out / "summary.json")
+    read = segment_cli.read_summary(out / "summary.json")
     assert read["status"] == "interrupted" and read["exit_code"] is None and str(on_disk["pid"]) in read["note"]
     code, err = run_main(["segment", folder, *FAKE_ARGS, "--out", out])  # the stale lock is no obstacle
     assert code == 0, err
-    assert cli.read_summary(out)["status"] == "complete" and not (out / LOCK_NAME).exists()
+    assert segment_cli.read_summary(out)["status"] == "complete" and not (out / LOCK_NAME).exists()
 
 
 def test_read_summary_of_a_live_run_says_running(tmp_path):
@@ -251,8 +252,8 @@ def test_read_summary_of_a_live_run_says_running(tmp_path):
     with holding(out) as child:
         (out / "summary.json").write_text(json.dumps({"status": "running", "pid": child.pid,
                                                       "host": lock_mod.socket.gethostname()}))
-        assert cli.read_summary(out)["status"] == "running"
-    assert cli.read_summary(out)["status"] == "interrupted"  # it ended without finishing the summary
+        assert segment_cli.read_summary(out)["status"] == "running"
+    assert segment_cli.read_summary(out)["status"] == "interrupted"  # it ended without finishing the summary
 
 
 # -- all-or-nothing file sets --------------------------------------------------------------------

@@ -356,7 +356,7 @@ def check_end_to_end(device: torch.device, dtype: torch.dtype = torch.float32, r
 
     from ..api import RandomWeightsWarning, build_sed
     from ..models.config import NUM_PROMPTS
-    from ..demo import draw_sample
+    from ..inputs.sample import draw_sample
     from ..models.fast import SEDFast
 
     start = time.perf_counter()

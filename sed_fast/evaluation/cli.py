@@ -27,16 +27,14 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, signal_name
+from ..toolkit.options import DTYPES, add_model_options, check_model_options, read_checkpoint
+
+EXIT_INTERRUPTED = EXIT_SIGINT  # a signal n exits 128 + n: 130 for SIGINT
 _PROG = "sed-fast eval"
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs: nothing is evaluated, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _DTYPES
     from .datasets import DATASETS
 
     parser = argparse.ArgumentParser(
@@ -75,28 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "results.json) instead of stopping")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint (model_final.pth)")
-    model.add_argument("--random-weights", action="store_true",
-                       help="run without a checkpoint (random weights: meaningless figures, for tests and benchmarks)")
+    add_model_options(model, impl_default="fast")
     model.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0; every process of "
                                                           "a torchrun job builds the same ones)")
-    model.add_argument("--variant", default="b", help="b (SED-B) or l (SED-L); default b")
-    model.add_argument("--impl", choices=("fast", "reference"), default="fast", help="implementation (default fast)")
     model.add_argument("--compare", choices=("reference",), default=None,
                        help="also evaluate the reference implementation (same weights, same images) and report "
                             "both metric sets, the pixel agreement of their labels and the classes whose IoU differs")
     model.add_argument("--iou-tolerance", type=float, default=0.0, metavar="PP",
                        help="with --compare: list the classes whose IoU differs by more than PP percentage points "
                             "(default 0: any difference)")
-    model.add_argument("--cer-topk", type=int, default=None, metavar="K",
-                       help="category early rejection keeping the per-pixel top-K classes (default: exact)")
-    model.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
-                       help="compute dtype (default float32, the official precision)")
-    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available; under "
-                                                      "torchrun each process takes cuda:LOCAL_RANK)")
-    model.add_argument("--resolution", type=int, default=768, metavar="PX",
-                       help="encoder input side, a multiple of 32 (official: 768)")
-    model.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
@@ -145,9 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DatasetError as error:  # a file of the dataset: bad input, and the fix is the user's
         _error(str(error) + _bad_file_hint(args, error), args)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        _error("interrupted" + (_resume_hint(args) or f"; nothing was saved in {args.out}"), args)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:
+        code = getattr(stop, "exit_code", EXIT_SIGINT)
+        _error(f"interrupted ({signal_name(code - 128)})" + (_resume_hint(args) or f"; nothing was saved in {args.out}"),
+               args)
+        return code
     except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
         _error(f"{type(error).__name__}: {error}" + _resume_hint(args), args)
         if not args.debug:
@@ -199,9 +186,7 @@ def _error(message: str, args) -> None:
 def _check_options(args):
     import torch
 
-    from ..cli import check_model_options
-
-    spec, dtype, device = check_model_options(args, error=UsageError)
+    spec, dtype, device = check_model_options(args)
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--save-every", args.save_every, 0), ("--limit", args.limit, 1)):
         if value is not None and value < low:
@@ -224,19 +209,15 @@ def _check_options(args):
     return spec, dtype, device_type
 
 def _device(args, device_type: str, ctx):
+    """The torch device of this process (:func:`sed_fast.toolkit.options.parse_device`; under torchrun
+    cuda:LOCAL_RANK)."""
     import torch
+
+    from ..toolkit.options import parse_device
 
     if device_type == "cpu":
         return torch.device("cpu")
-    if ctx.distributed:
-        if args.device is not None and ":" in args.device:
-            raise UsageError(f"--device {args.device}: under torchrun each process uses cuda:LOCAL_RANK; pass "
-                             "--device cuda (or nothing)")
-        return torch.device("cuda", ctx.local_rank)
-    device = torch.device(args.device or "cuda")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return parse_device(args.device or "cuda", ctx.local_rank if ctx.distributed else None)
 
 
 def _default_workers() -> int:
@@ -245,42 +226,11 @@ def _default_workers() -> int:
 
 
 def _load_dataset(args):
-    from ..data.vocabulary import parse_vocabulary_arg
-    from .datasets import DatasetError, custom_dataset, resolve_dataset
+    from .dataset_options import load_dataset
 
-    try:
-        if args.dataset is not None:
-            dataset = resolve_dataset(args.dataset, args.data_root)
-        else:
-            try:
-                names = parse_vocabulary_arg(args.vocab)
-            except Exception as error:  # noqa: BLE001 - a bad --vocab, whatever the reason
-                raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
-            dataset = custom_dataset(args.images, args.labels, names, args.ignore)
-    except DatasetError as error:
-        raise UsageError(str(error)) from error
-    if args.limit is not None:
-        dataset.samples = dataset.samples[:args.limit]
-    dataset.palette = _load_palette(args, dataset)
-    return dataset
-
-
-def _load_palette(args, dataset):
-    """The colour palette of --label-palette / --palette-from, checked against the classes; or None."""
-    from .datasets import DATASETS
-    from .palette import PaletteError, builtin_palette, load_palette
-
-    if args.label_palette is None and args.palette_from is None:
-        return None
-    try:
-        if args.label_palette is not None:
-            palette = load_palette(args.label_palette)
-        else:
-            palette = builtin_palette(args.palette_from, list(DATASETS))
-        palette.check_classes(dataset.class_names)
-    except PaletteError as error:
-        raise UsageError(str(error)) from error
-    return palette
+    return load_dataset(args.dataset, data_root=args.data_root, images=args.images, labels=args.labels,
+                        vocab=args.vocab, ignore=args.ignore, limit=args.limit, label_palette=args.label_palette,
+                        palette_from=args.palette_from)
 
 
 def _fingerprint(items: Sequence[str]) -> str:
@@ -292,8 +242,6 @@ def _fingerprint(items: Sequence[str]) -> str:
 
 def _settings(args, dataset, spec, device) -> dict:
     """What a resumed run must share with the saved one: everything that changes a figure."""
-    from ..cli import _DTYPES
-
     # The images by file stem: a copy of the dataset elsewhere resumes, and a label map fixed after
     # an "invalid label" error (not finished yet) does not block the resume.
     stems = [sample.stem for sample in dataset.samples]
@@ -306,7 +254,7 @@ def _settings(args, dataset, spec, device) -> dict:
             "class_names": f"sha1 {_fingerprint(dataset.class_names)[:16]}",
             "ignore_label": dataset.spec.ignore_label, "background_from": dataset.spec.background_from,
             "invalid_labels": args.invalid_labels, "variant": spec.name, "impl": args.impl, "compare": args.compare,
-            "weights": weights, "dtype": _DTYPES[args.dtype], "cer_topk": args.cer_topk, "resolution": args.resolution,
+            "weights": weights, "dtype": DTYPES[args.dtype], "cer_topk": args.cer_topk, "resolution": args.resolution,
             "device_type": device.type,
             # only with a palette: states saved without one stay resumable
             **({"label_palette": dataset.palette.fingerprint()} if getattr(dataset, "palette", None) else {})}
@@ -337,11 +285,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
 
     state_dict = None
     if args.checkpoint is not None:
-        from ..cli import UsageError as SegmentUsageError, _read_checkpoint
-        try:
-            state_dict = _read_checkpoint(args.checkpoint)
-        except SegmentUsageError as error:
-            raise UsageError(str(error)) from error
+        state_dict = read_checkpoint(args.checkpoint)
         # The settings (and a resumed state) name the weights by the file's sha256, taken before
         # the model was built: the file read must still be that one (cached unless cheap to hash).
         read, named = _checkpoint_sha256(args.checkpoint), settings_weights.split(" ", 1)[-1]

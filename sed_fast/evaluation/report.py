@@ -19,8 +19,6 @@ import hashlib
 import io
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -28,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..base.files import atomic_write_bytes, atomic_write_set
+from ..toolkit.record import environment, git_commit
 from .metrics import compute_metrics, per_class, summary
 
 __all__ = ["build_results", "write_reports", "read_results", "ResultSetError", "RESULTS_FILE", "log_line",
@@ -44,41 +43,6 @@ def log_line(message: str, when: Optional[float] = None, name: str = "sed_fast.e
     """A line as detectron2's file logger writes it: ``[MM/DD HH:MM:SS] name INFO: message``."""
     stamp = time.strftime("%m/%d %H:%M:%S", time.localtime(when if when is not None else time.time()))
     return f"[{stamp}] {name} INFO: {message}"
-
-
-def git_commit(path: Optional[Path] = None) -> dict:
-    """The git commit of the sed_fast sources (and whether they have uncommitted changes), if known."""
-    folder = Path(path or Path(__file__).resolve().parents[2])
-    try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode != 0:
-            return {"commit": None, "dirty": None}
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-
-
-def environment(device=None) -> dict:
-    import torch
-
-    from .. import __version__
-
-    versions = {"sed_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__}
-    for module in ("open_clip", "PIL", "triton", "matplotlib"):
-        try:
-            versions[module] = getattr(__import__(module), "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - optional
-            versions[module] = None
-    info = {"versions": versions, "platform": platform.platform(), "cuda": torch.version.cuda}
-    if device is not None:
-        info["device"] = str(device)
-        if getattr(device, "type", None) == "cuda":
-            info["device_name"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _finite(value):

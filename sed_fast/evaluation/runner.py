@@ -22,7 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..toolkit.signals import SignalHandlers
+from ..toolkit.progress import Progress
+
+from ..toolkit.signals import StopSignals
 from .datasets import DatasetError, EvalDataset, InvalidLabelError, ResolvedDataset, collate
 from .distributed import Context, shard
 from .metrics import ConfusionMatrix
@@ -43,65 +45,6 @@ def predict(model, images: List[torch.Tensor]) -> List[torch.Tensor]:
     test-time resize and never holds the full-size (T, H, W) scores.
     """
     return model.predict_labels(images)
-
-
-class Progress:
-    """Images done, images/s and ETA: a tqdm bar on a terminal, else one line every ``interval`` s
-    (logs, pipes), also when tqdm is not installed."""
-
-    def __init__(self, total: int, enabled: bool, desc: str = "sed-fast eval", interval: float = 30.0,
-                 stream=None):
-        self.total = total
-        self.done = 0
-        self.enabled = enabled and total > 0
-        self.stream = stream or sys.stderr
-        self.interval = interval
-        self.desc = desc
-        self.start = time.perf_counter()
-        self.last = self.start
-        self.bar = None
-        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, unit="img", file=self.stream, dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(count)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.interval or self.done == self.total:
-            self.last = now
-            print(self.line(now), file=self.stream, flush=True)
-
-    def line(self, now: Optional[float] = None) -> str:
-        elapsed = (now or time.perf_counter()) - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = _clock(left) if left == left else "?"
-        return (f"{self.desc}: {self.done}/{self.total} images ({100 * self.done / self.total:.1f}%), "
-                f"{rate:.2f} images/s, elapsed {_clock(elapsed)}, ETA {eta}")
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def sync_plan(todo: int, world_size: int, batch_size: int, save_every: int):
@@ -134,18 +77,20 @@ def _quiet_excepthook(previous):
     return hook
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
     """Set up a loader worker: Ctrl-C (a terminal sends it to the whole process group) is left to
     the main process, which saves the state and stops the workers; and a worker stopped while the
     main process fetches a batch's shared file descriptors from it (multiprocessing's resource
     sharer) does not print the sharer's traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closing terminal signals the whole group too
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.excepthook = _quiet_excepthook(sys.excepthook)
 
 
 @contextlib.contextmanager
 def quiet_loader_shutdown():
-    """The main process's side of :func:`_worker_init`, while the run lasts. Other exceptions are
+    """The main process's side of :func:`worker_init`, while the run lasts. Other exceptions are
     reported as usual."""
     previous = sys.excepthook
     sys.excepthook = _quiet_excepthook(previous)
@@ -183,7 +128,7 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
         EvalDataset(samples, mine, num_classes, dataset.spec.ignore_label, invalid_labels, palette),
         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_worker_init if workers > 0 else None)
+        worker_init_fn=worker_init if workers > 0 else None)
     batches = iter(loader)
     matrices = {name: ConfusionMatrix(num_classes, device, dataset.spec.background_from) for name in models}
     counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
@@ -222,9 +167,9 @@ def evaluate(models: Dict[str, torch.nn.Module], dataset: ResolvedDataset, state
     # A batch's counts and its stems are added together (``adding``); an error anywhere else
     # leaves the running counts consistent with ``done``, so one process can still save them.
     adding = False
-    # Ctrl-C raises KeyboardInterrupt and is recorded: one swallowed in a finaliser still stops the
-    # loop at the next image.
-    interrupt = SignalHandlers(("SIGINT",))
+    # SIGINT, SIGTERM and SIGHUP raise Interrupted (a KeyboardInterrupt that carries its exit code
+    # 128 + n) and are recorded: one swallowed in a finaliser still stops the loop at the next image.
+    interrupt = StopSignals()
     try:
         interrupt.install()
         for sync in range(syncs):

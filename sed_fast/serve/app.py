@@ -260,7 +260,7 @@ def build_app(segmenter: Segmenter, *, title: str = "sed_fast: open-vocabulary s
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from ..demo import draw_sample
+    from ..inputs.sample import draw_sample
     from ..data.vocabulary import BUILTIN_VOCABULARIES
 
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="sed_fast_serve_examples_"))

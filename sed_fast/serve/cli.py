@@ -1,7 +1,7 @@
 """``sed-fast serve``: the browser demo (Gradio; ``pip install -e ".[demo]"``).
 
-    sed-fast serve                                  # random weights, said on the page
     sed-fast serve --checkpoint model_final.pth --port 7860
+    sed-fast serve --random-weights                 # no checkpoint: meaningless output, said on the page
 
 It serves on 127.0.0.1 unless ``--host`` says otherwise (``--host 0.0.0.0`` exposes it to the
 network: no authentication). One model is built at start-up and shared by all requests.
@@ -13,70 +13,61 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from ..toolkit.errors import EXIT_OK, EXIT_USAGE, UsageError, error
+from ..toolkit.options import add_model_options, build_model, check_model_options, read_checkpoint
 from .app import DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_VIDEO_FRAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sed-fast serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint (default: random weights)")
-    parser.add_argument("--variant", default="b", help="b (SED-B) or l (SED-L); default b")
-    parser.add_argument("--impl", choices=("fast", "reference"), default="fast", help="implementation (default fast)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bf16", "bfloat16", "fp16", "float16"),
-                        help="compute dtype (default float32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--resolution", type=int, default=768, metavar="PX", help="encoder input side (official 768)")
+    add_model_options(parser, impl_default="fast", cer_topk=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     parser.add_argument("--max-megapixels", type=float, default=DEFAULT_MAX_MEGAPIXELS,
                         help=f"largest image accepted (default {DEFAULT_MAX_MEGAPIXELS:g} megapixels)")
     parser.add_argument("--max-video-frames", type=int, default=DEFAULT_MAX_VIDEO_FRAMES,
                         help=f"frames segmented per clip (default {DEFAULT_MAX_VIDEO_FRAMES})")
-    parser.add_argument("--no-text-cache", action="store_true", help="do not cache text embeddings on disk")
     return parser
 
 
 def build_segmenter(args: argparse.Namespace):
     """The model (built once) wrapped for the app; raises the CLI's UsageError for bad options."""
-    from .. import cli
     from .app import Segmenter
 
-    args.random_weights = args.checkpoint is None
     args.cer_topk = None
     args.debug = False
-    spec, dtype, device = cli.check_model_options(args)
-    state = None if args.random_weights else cli._read_checkpoint(args.checkpoint)
-    model, impl = cli._build_model(args, spec, dtype, device, state)
+    spec, dtype, device = check_model_options(args)
+    state = None if args.random_weights else read_checkpoint(args.checkpoint)
+    model, impl = build_model(args, spec, dtype, device, state)
     random_weights = bool(getattr(model, "random_weights", args.random_weights))
     return Segmenter(model, random_weights=random_weights, max_megapixels=args.max_megapixels,
                      max_video_frames=args.max_video_frames), impl
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .. import cli
-
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         import gradio  # noqa: F401
-    except ImportError as error:
-        cli._error(f"`sed-fast serve` needs Gradio ({error}): pip install -e \".[demo]\"")
-        return cli.EXIT_USAGE
+    except ImportError as problem:
+        error(f"`sed-fast serve` needs Gradio ({problem}): pip install -e \".[demo]\"")
+        return EXIT_USAGE
     if args.max_megapixels <= 0 or args.max_video_frames < 1:
-        cli._error("--max-megapixels must be > 0 and --max-video-frames >= 1")
-        return cli.EXIT_USAGE
+        error("--max-megapixels must be > 0 and --max-video-frames >= 1")
+        return EXIT_USAGE
     if not 0 <= args.port <= 65535:
-        cli._error(f"--port must be in 0..65535, got {args.port}")
-        return cli.EXIT_USAGE
+        error(f"--port must be in 0..65535, got {args.port}")
+        return EXIT_USAGE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             segmenter, impl = build_segmenter(args)
-    except cli.UsageError as error:
-        cli._error(str(error))
-        return cli.EXIT_USAGE
+    except UsageError as problem:
+        error(str(problem))
+        return EXIT_USAGE
     from .app import build_app, launch_kwargs
 
     if segmenter.random_weights:
-        print("sed-fast serve: WARNING: RANDOM WEIGHTS (no --checkpoint): the page says so; every segmentation is "
+        print("sed-fast serve: WARNING: RANDOM WEIGHTS (--random-weights): the page says so; every segmentation is "
               "meaningless", file=sys.stderr)
     app = build_app(segmenter)
     kwargs = launch_kwargs(args.host, args.port or None)
@@ -87,12 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         app.launch(**kwargs)
     except KeyboardInterrupt:
         pass
-    except OSError as error:  # the port is taken
-        cli._error(f"cannot serve on {args.host}:{args.port}: {error} (choose another --port)")
-        return cli.EXIT_USAGE
+    except OSError as problem:  # the port is taken
+        error(f"cannot serve on {args.host}:{args.port}: {problem} (choose another --port)")
+        return EXIT_USAGE
     finally:
         app.close()
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,8 +9,14 @@ weakref callback ran) with :meth:`SignalHandlers.check`.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Dict, Optional, Sequence
+
+from .errors import Interrupted
+
+#: The signals that stop a command: each exits 128 + its number once the command has saved its work.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 
 class SignalHandlers:
@@ -55,3 +61,37 @@ class SignalHandlers:
         """Raise KeyboardInterrupt if a signal came (its own exception may have been swallowed)."""
         if self.received is not None:
             raise KeyboardInterrupt
+
+
+class StopSignals(SignalHandlers):
+    """SIGINT, SIGTERM and SIGHUP raise :class:`~sed_fast.toolkit.errors.Interrupted` in the main
+    thread; inside :meth:`deferred` they wait until the block ends, so that a group of file writes
+    (an image's outputs and the summary, a state file) is never cut halfway."""
+
+    def __init__(self):
+        super().__init__(STOP_SIGNALS)
+        self.depth = 0
+        self.pending: Optional[int] = None
+
+    def handle(self, signum: int, first: bool) -> None:
+        if self.depth:
+            if self.pending is None:
+                self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came and its exception was swallowed."""
+        if self.received is not None and not self.depth:
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import os
 import sys
 import time
@@ -26,14 +25,12 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from ..toolkit.options import add_model_options, check_model_options
+
 _PROG = "sed-fast train"
 _AUTOCAST = {"float32": None, "fp32": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
              "float16": "float16"}
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: nothing is trained, exit code 2."""
 
 
 def _sizes(text: str) -> List[int]:
@@ -111,21 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "-1 draws one per run, here a run is reproducible)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", metavar="PATH", help="weights to start from (official SED checkpoint)")
-    model.add_argument("--random-weights", action="store_true", help="start from random weights (tests)")
-    model.add_argument("--variant", default="b", help="b (SED-B) or l (SED-L); default b")
-    model.add_argument("--impl", choices=("fast", "reference"), default="fast", help="implementation (default fast)")
-    model.add_argument("--dtype", default="float32", choices=sorted(_AUTOCAST),
-                       help="autocast compute dtype; the weights stay float32 (default float32, the official)")
+    add_model_options(model, impl_default="fast", cer_topk=False, text_cache=False,
+                      checkpoint_help="weights to start from (official SED checkpoint)")
     model.add_argument("--activation-checkpointing", action="store_true",
                        help="recompute decoder activations in the backward (less memory, more time)")
-    model.add_argument("--resolution", type=int, default=768, metavar="PX",
-                       help="encoder input side, a multiple of 32 (official: 768)")
     model.add_argument("--drop-path", type=float, default=None, metavar="P",
                        help="stochastic depth of the CLIP ConvNeXt trunk, rising linearly to P over its blocks as "
                             "timm spreads it (default: the variant's, as the official code's CLIP configs: "
                             "SED-B 0, SED-L 0.1)")
-    model.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda if available)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
@@ -214,11 +204,9 @@ def _error(message: str, args) -> None:
 def _check_options(args):
     import torch
 
-    from ..cli import check_model_options
-
     args.cer_topk = None
     args_for_model = argparse.Namespace(**{**vars(args), "dtype": "float32"})
-    spec, _, device = check_model_options(args_for_model, error=UsageError)
+    spec, _, device = check_model_options(args_for_model)
     for name, value, low in (("--max-iter", args.max_iter, 1), ("--ims-per-batch", args.ims_per_batch, 1),
                              ("--save-every", args.save_every, 0), ("--eval-every", args.eval_every, 0),
                              ("--workers", args.workers, 0), ("--limit", args.limit, 1),
@@ -299,11 +287,8 @@ def _load_train_data(args):
         raise UsageError(str(error)) from error
     if args.limit is not None:
         dataset.samples = dataset.samples[:args.limit]
-    from ..evaluation.cli import UsageError as EvalUsageError, _load_palette
-    try:
-        dataset.palette = _load_palette(args, dataset)
-    except EvalUsageError as error:
-        raise UsageError(str(error)) from error
+    from ..evaluation.dataset_options import load_palette_option
+    dataset.palette = load_palette_option(args.label_palette, args.palette_from, dataset.class_names)
     return dataset
 
 
@@ -311,23 +296,15 @@ def _load_eval_data(args):
     """The evaluation set, resolved by ``sed-fast eval``'s own options and code."""
     if args.eval_dataset is None and args.eval_images is None:
         return None
-    from ..evaluation.cli import UsageError as EvalUsageError, _load_dataset, build_parser as eval_parser
+    from ..evaluation.dataset_options import load_dataset
 
-    if args.eval_dataset is not None:
-        argv = [args.eval_dataset]
-    else:
-        argv = ["--images", args.eval_images, "--labels", args.eval_labels, "--vocab", args.eval_vocab,
-                "--ignore", str(args.eval_ignore)]
-    root = args.eval_data_root or args.data_root
-    argv += (["--data-root", root] if root else []) + (["--limit", str(args.eval_limit)] if args.eval_limit else [])
     try:
-        with contextlib.redirect_stderr(io.StringIO()) as errors:
-            ns = eval_parser().parse_args(argv + ["--out", "unused", "--random-weights"])
-    except SystemExit:
-        raise UsageError(f"evaluation set: {errors.getvalue().strip().splitlines()[-1]}") from None
-    try:
-        return _load_dataset(ns)
-    except EvalUsageError as error:
+        if args.eval_dataset is not None:
+            return load_dataset(args.eval_dataset, data_root=args.eval_data_root or args.data_root,
+                                limit=args.eval_limit or None)
+        return load_dataset(images=args.eval_images, labels=args.eval_labels, vocab=args.eval_vocab,
+                            ignore=args.eval_ignore, limit=args.eval_limit or None)
+    except UsageError as error:
         raise UsageError(f"evaluation set: {error}") from error
 
 
@@ -479,11 +456,8 @@ def _run(args) -> int:
         if resumed is not None:
             weights = resumed[1]
         elif args.checkpoint is not None:
-            from ..cli import UsageError as SegmentUsageError, _read_checkpoint
-            try:
-                weights = _read_checkpoint(args.checkpoint)
-            except SegmentUsageError as error:
-                raise UsageError(str(error)) from error
+            from ..toolkit.options import read_checkpoint
+            weights = read_checkpoint(args.checkpoint)
         from ..data.checkpoint import CheckpointError
         try:
             model = _build_model(args, spec, device, weights, list(dataset.vocabulary))
@@ -566,9 +540,9 @@ class _WorkerInit:
         import numpy as np
         import torch
 
-        from ..evaluation.runner import _worker_init
+        from ..evaluation.runner import worker_init
 
-        _worker_init(worker_id)
+        worker_init(worker_id)
         seed = (self.seed * 1000003 + self.rank * 1009 + worker_id) % 2**31
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -576,13 +550,15 @@ class _WorkerInit:
 
 
 def _device(args, device_type: str, ctx):
+    """The torch device of this process (:func:`sed_fast.toolkit.options.parse_device`; under torchrun
+    cuda:LOCAL_RANK)."""
     import torch
+
+    from ..toolkit.options import parse_device
 
     if device_type == "cpu":
         return torch.device("cpu")
-    if ctx.distributed:
-        return torch.device("cuda", ctx.local_rank)
-    return torch.device(args.device or "cuda")
+    return parse_device(args.device or "cuda", ctx.local_rank if ctx.distributed else None)
 
 
 # Parameters of the released models (CLIP image and text towers + decoder), for the space check.
@@ -607,22 +583,50 @@ def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, spec):
     return lock
 
 
+#: What a training run writes into --out (the only names it may delete or overwrite there).
+TRAIN_OUTPUTS = ("metrics.jsonl", "log.txt", "loss_curve.png", "last_checkpoint", "model_final.pth",
+                 "model_final.pth.state.pt", "model_" + "[0-9]" * 7 + ".pth", "model_" + "[0-9]" * 7 + ".pth.state.pt")
+
+
 def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
-    """Rank 0: create --out; return the checkpoint to resume from, or None for a fresh run."""
+    """Rank 0: create --out; return the checkpoint to resume from, or None for a fresh run. Only
+    files a training run provably wrote are deleted (``--overwrite``); a user's file of the same
+    name as an output (a ``model_final.pth`` to fine-tune from) stops the run, untouched."""
+    from ..toolkit.outputs import OutputClaim
+
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
     marker = out_dir / state_mod.LAST_CHECKPOINT
     has_run = marker.exists() or (out_dir / "metrics.jsonl").exists()
-    if args.resume and marker.exists():
+    if args.resume:
+        if not marker.exists():
+            raise UsageError(f"--resume: {args.out} holds no saved training state to resume (no "
+                             f"{state_mod.LAST_CHECKPOINT}); nothing was changed. Leave out --resume to start a run")
         resumed = state_mod.load_training(out_dir)
         state_mod.check_settings(resumed[2]["settings"], settings, resumed[0])
         return resumed[0]
-    if has_run and not args.overwrite and not args.resume:
+    if has_run and not args.overwrite:
         raise UsageError(f"{out_dir} holds a training run: pass --resume to continue it, --overwrite to start over, "
                          "or another --out")
-    loop_mod.remove_outputs(out_dir)
+
+    def written_by_an_earlier_run(name: str) -> bool:  # a folder trained into by a sed-fast without claims
+        if name.endswith(state_mod.STATE_SUFFIX) or name in ("metrics.jsonl", "log.txt", "loss_curve.png",
+                                                             state_mod.LAST_CHECKPOINT):
+            return has_run
+        return (out_dir / (name + state_mod.STATE_SUFFIX)).exists()  # a checkpoint with its training state
+
+    def with_its_state(name: str) -> bool:  # a checkpoint a run wrote has its training state beside it
+        return not name.endswith(".pth") or (out_dir / (name + state_mod.STATE_SUFFIX)).exists()
+
+    claim = OutputClaim(out_dir, "train", TRAIN_OUTPUTS, legacy_owned=written_by_an_earlier_run,
+                        confirm=with_its_state)
+    keep = [Path(os.path.expanduser(args.checkpoint))] if args.checkpoint else []
+    claim.refuse_collisions(f"--out {args.out}", keep=keep)  # before anything is deleted
+    if args.overwrite:
+        claim.remove_owned(keep=keep)
+    claim.claim()
     return None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -23,7 +22,7 @@ import torch
 
 from ..evaluation.datasets import DatasetError
 from ..base.files import atomic_write_text
-from ..toolkit.signals import SignalHandlers
+from ..toolkit.signals import STOP_SIGNALS, SignalHandlers
 from .optim import set_lr, trainable_parameters
 from .state import rng_state, save_training, set_rng_state
 
@@ -67,7 +66,7 @@ class SignalFlag(SignalHandlers):
     state); a second one stops at once (the last saved state stands)."""
 
     def __init__(self):
-        super().__init__(("SIGINT", "SIGTERM"))
+        super().__init__(STOP_SIGNALS)
 
     def handle(self, signum: int, first: bool) -> None:
         if not first:
@@ -297,10 +296,3 @@ def truncate_metrics(out_dir: Path, done: int) -> List[dict]:
             kept.append(record)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
-
-
-def remove_outputs(out_dir: Path) -> None:
-    for pattern in ("metrics.jsonl", "log.txt", "loss_curve.png", "last_checkpoint", "model_*.pth",
-                    "model_*.pth.state.pt"):
-        for path in Path(out_dir).glob(pattern):
-            os.unlink(path)

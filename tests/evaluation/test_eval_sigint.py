@@ -1,5 +1,5 @@
-"""A real Ctrl-C (SIGINT) during ``sed-fast eval`` with loader workers keeps the finished images;
-``--resume`` then gives the uninterrupted result."""
+"""A real Ctrl-C (SIGINT), SIGTERM or SIGHUP during ``sed-fast eval`` with loader workers keeps the
+finished images and exits 128 + the signal's number; ``--resume`` then gives the uninterrupted result."""
 import contextlib
 import io
 import os
@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COUNT = 40
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
-def test_sigint_then_resume(tmp_path, shared_build):
+@pytest.mark.skipif(sys.platform == "win32", reason="signals to a child process are POSIX")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_saves_then_resume_completes(tmp_path, shared_build, signum):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
     labels.mkdir()
@@ -44,11 +46,12 @@ def test_sigint_then_resume(tmp_path, shared_build):
     for line in child.stderr:  # progress lines: one per image
         seen.append(line)
         if f"2/{COUNT} images" in line or time.monotonic() > deadline:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signum)
             break
     err = "".join(seen) + child.stderr.read()  # the same buffered reader: nothing lost
     child.wait(timeout=120)
-    assert child.returncode == 130, err
+    assert child.returncode == 128 + signum, err
+    assert signal.Signals(signum).name in err
     assert "--resume" in err and "Traceback" not in err
     state = torch.load(out / "eval_state.pt", weights_only=True)
     kept = len(state["finished"])

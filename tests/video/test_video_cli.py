@@ -19,6 +19,7 @@ from PIL import Image
 import sed_fast.api
 from fake_model import FakeModel
 from sed_fast import cli
+from sed_fast.toolkit.errors import Interrupted
 from sed_fast.video import io as video_io
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
@@ -134,7 +135,7 @@ class InterruptingModel(FakeModel):
     def predict_labels(self, images):
         self.calls += 1
         if self.calls == self.at_call:
-            raise cli.Interrupted(signal.SIGINT)
+            raise Interrupted(signal.SIGINT)
         return super().predict_labels(images)
 
 

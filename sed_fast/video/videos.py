@@ -1,4 +1,4 @@
-"""``sed-fast segment`` for videos, cameras and streams (called from :mod:`sed_fast.cli` when the
+"""``sed-fast segment`` for videos, cameras and streams (called from :mod:`sed_fast.segment.cli` when the
 inputs are videos; the exit codes and ``summary.json`` conventions are the image path's).
 
 Per video: ``<stem>_overlay.mp4``, ``<stem>_labels/`` or ``<stem>_labels.npz`` (``--save-labels``),
@@ -10,14 +10,20 @@ present over time (intervals of decoded-frame indices).
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
-from .. import cli as _cli
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, describe, \
+    error as report_error, signal_name, warn
+from ..toolkit.options import DTYPES, build_model, check_model_options, load_vocabulary, read_checkpoint
+from ..toolkit.outputs import OutputFolder, safe_stem
+from ..toolkit.record import now, run_record
 from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
 from .io import SourceError, VideoError, import_av, open_source
 from .run import VideoOptions, segment_video
@@ -27,9 +33,9 @@ def _stem(spec: str, used: set) -> str:
     if is_stream_url(spec):
         rest = spec.split("://", 1)[1].split("?", 1)[0]
         suffix = Path(rest).suffix
-        base = _cli._safe(rest[:-len(suffix)] if suffix.lower() in VIDEO_EXTENSIONS else rest)
+        base = safe_stem(rest[:-len(suffix)] if suffix.lower() in VIDEO_EXTENSIONS else rest)
     else:
-        base = _cli._safe(Path(spec).stem)
+        base = safe_stem(Path(spec).stem)
     candidate, k = base, 2
     while candidate.lower() in used:
         candidate, k = f"{base}-{k}", k + 1
@@ -38,7 +44,6 @@ def _stem(spec: str, used: set) -> str:
 
 
 def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> None:
-    UsageError = _cli.UsageError
     if others:
         raise UsageError("give videos or images, not both, in one run: " + ", ".join(repr(o) for o in others[:3])
                          + (" ..." if len(others) > 3 else "") + " are not videos ("
@@ -59,15 +64,14 @@ def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> No
 def segment_videos(args: argparse.Namespace, signals) -> int:
     """The video run of ``segment`` (options already checked by the image path's checks; ``--out``
     held by the caller)."""
-    UsageError = _cli.UsageError
     videos, others = split_inputs(args.images or [])
     _check(args, videos, others)
     try:
         import_av()
     except SourceError as error:
         raise UsageError(str(error)) from None
-    class_names = _cli._load_vocabulary(args.vocab)
-    spec, dtype, device = _cli.check_model_options(args)
+    class_names = load_vocabulary(args.vocab)
+    spec, dtype, device = check_model_options(args)
     out_dir = Path(args.out).expanduser()
     # --out is held by the caller (cli._segment, as for images): a second lock here, on another
     # file description in this process, would find the folder busy with this very run.
@@ -76,8 +80,7 @@ def segment_videos(args: argparse.Namespace, signals) -> int:
 
 def _segment_videos_locked(args, signals, videos: List[str], class_names: List[str], spec, dtype, device,
                            out_dir: Path) -> int:
-    UsageError = _cli.UsageError
-    output = _cli._OutputFolder(out_dir)
+    output = OutputFolder(out_dir)
     info = (lambda message: None) if args.quiet else (lambda message: print(f"sed-fast: {message}", file=sys.stderr))
 
     # Open every file source first: a missing camera or an unreadable only input is a usage error
@@ -101,13 +104,14 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
     from .. import __version__
 
     summary: Dict[str, object] = {
-        "status": "running", "exit_code": None, "run_id": uuid.uuid4().hex, "started_at": _cli._now(),
+        "status": "running", "exit_code": None, "run_id": uuid.uuid4().hex, "pid": os.getpid(),
+        "host": socket.gethostname(), "started_at": now(),
         "finished_at": None, "sed_fast_version": __version__, "kind": "video", "random_weights": random_weights,
         "checkpoint": None if random_weights else str(Path(args.checkpoint).expanduser().resolve()),
-        "variant": spec.name, "impl": None, "dtype": _cli._DTYPES[args.dtype], "device": None,
+        "variant": spec.name, "impl": None, "dtype": DTYPES[args.dtype], "device": None,
         "cer_topk": args.cer_topk, "clip_resolution": args.resolution, "batch_size": args.batch_size,
         "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
-        "num_inputs": len(inputs), "videos": [],
+        "num_inputs": len(inputs), "run": run_record(), "videos": [],
     }
     records: List[dict] = summary["videos"]  # type: ignore[assignment]
     last_save = {"t": 0.0}
@@ -121,9 +125,9 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
     save()
     current: Dict[str, Optional[dict]] = {"record": None}
     try:
-        checkpoint_state = None if random_weights else _cli._read_checkpoint(args.checkpoint)
+        checkpoint_state = None if random_weights else read_checkpoint(args.checkpoint)
         start = time.perf_counter()
-        model, impl = _cli._build_model(args, spec, dtype, device, checkpoint_state)
+        model, impl = build_model(args, spec, dtype, device, checkpoint_state)
         del checkpoint_state
         info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
              f"{time.perf_counter() - start:.1f} s")
@@ -146,7 +150,7 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
             except SourceError as error:
                 first_error = first_error or error
                 records.append({"input": spec_text, "status": "error", "error": str(error)})
-                _cli._error(str(error))
+                report_error(str(error))
                 save()
                 continue
             record = {"input": source.label, "status": "running"}
@@ -162,8 +166,8 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
                 raise
             except (VideoError, OSError, RuntimeError, ValueError, MemoryError) as error:
                 record.update(getattr(error, "video_record", {}))
-                record.update(status="error", error=f"{type(error).__name__}: {_cli._describe(error)}")
-                _cli._error(f"{spec_text}: {record['error']}")
+                record.update(status="error", error=f"{type(error).__name__}: {describe(error)}")
+                report_error(f"{spec_text}: {record['error']}")
                 if args.debug:
                     traceback.print_exception(type(error), error, error.__traceback__)
                 save()
@@ -173,29 +177,29 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
             _report(record, info)
             save()
     except KeyboardInterrupt as error:
-        code = getattr(error, "exit_code", _cli.EXIT_SIGINT)
+        code = getattr(error, "exit_code", EXIT_SIGINT)
         record = current["record"]
         if record is not None:
             where = (f"{record.get('frames_written', 0)} frame(s) written to "
                      f"{out_dir / record['outputs']['overlay']} (the file is complete and plays)"
                      if record.get("outputs", {}).get("overlay") else "no frame was written")
-            _cli._error(f"interrupted in {record['input']} after {record.get('frames_segmented', 0)} segmented "
+            report_error(f"interrupted in {record['input']} after {record.get('frames_segmented', 0)} segmented "
                         f"frame(s): {where}")
-        save(status="interrupted", exit_code=code, signal=_cli._signal_name(code - 128), finished_at=_cli._now())
+        save(status="interrupted", exit_code=code, signal=signal_name(code - 128), finished_at=now())
         raise
     except UsageError as error:
-        save(status="failed", exit_code=_cli.EXIT_USAGE, error=str(error), finished_at=_cli._now())
+        save(status="failed", exit_code=EXIT_USAGE, error=str(error), finished_at=now())
         raise
     except Exception as error:
-        save(status="failed", exit_code=_cli.EXIT_FAILED, error=f"{type(error).__name__}: {_cli._describe(error)}",
-             finished_at=_cli._now())
+        save(status="failed", exit_code=EXIT_FAILED, error=f"{type(error).__name__}: {describe(error)}",
+             finished_at=now())
         raise
     failed = [r for r in records if r["status"] != "ok"]
-    code = _cli.EXIT_FAILED if failed else _cli.EXIT_OK
-    save(status="complete", exit_code=code, finished_at=_cli._now())
+    code = EXIT_FAILED if failed else EXIT_OK
+    save(status="complete", exit_code=code, finished_at=now())
     for r in failed:
         if r["status"] == "truncated":
-            _cli._error(f"{r['input']}: {r['error']}")
+            report_error(f"{r['input']}: {r['error']}")
     info(f"{len(records) - len(failed)} of {len(records)} video(s) segmented; outputs in {out_dir}")
     if random_weights:
         print("sed-fast: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
@@ -207,17 +211,8 @@ def _report(record: dict, info) -> None:
     info(f"{record['input']}: {record['frames_written']} frame(s) in {record['seconds']:.1f} s "
          f"({record['processing_fps'] or 0:.2f} frames/s; ms per frame: {stages})")
     if record.get("corrupt_frames"):
-        _cli._warn(f"{record['input']}: {record['corrupt_frames']} corrupt frame(s) skipped "
+        warn(f"{record['input']}: {record['corrupt_frames']} corrupt frame(s) skipped "
                    f"({'; '.join(record.get('corrupt_details', [])[:2])})")
     if record.get("dropped_frames"):
-        _cli._warn(f"{record['input']}: {record['dropped_frames']} frame(s) dropped (the model was slower than "
+        warn(f"{record['input']}: {record['dropped_frames']} frame(s) dropped (the model was slower than "
                    "the live source)")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sed_fast.video.cli VIDEO... --vocab ... --out DIR`` = ``sed-fast segment VIDEO...``."""
-    return _cli.main(["segment", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
