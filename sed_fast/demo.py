@@ -44,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--ui" in argv:
         from .serve.cli import main as serve
         rest = [a for a in argv if a != "--ui"]
-        weights = [] if any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in rest) else ["--random-weights"]
+        asked = any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in rest)
+        weights = [] if asked else ["--random-weights"]  # the demo runs on random weights unless given some
         return serve(rest + weights)
     args = build_parser().parse_args(argv)
     out = Path(args.out).expanduser()

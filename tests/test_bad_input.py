@@ -16,7 +16,6 @@ import PIL
 from PIL import Image
 
 from sed_fast import cli
-from sed_fast.segment import cli as segment_cli
 from sed_fast.inputs.image_files import ImageTooLargeError, InputFileError, check_regular_file, read_rgb
 from fake_model import FakeModel
 
@@ -158,13 +157,13 @@ def test_pixel_limit_is_ours_not_pillows_warning(tmp_path, fake_build, monkeypat
 _PEAK = """
 import resource, sys
 from sed_fast import cli
-from sed_fast.segment import cli as segment_cli
+from sed_fast.toolkit import options
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
-build = segment_cli.build_model
+build = options.build_model
 after_build = {}
 
 def measured_build(*args, **kwargs):
@@ -177,7 +176,7 @@ def measured_build(*args, **kwargs):
         after_build["kb"] = 0  # no reset: peaks are compared with the baseline run's as they are
     return built
 
-segment_cli.build_model = measured_build
+options.build_model = measured_build
 code = cli.main(sys.argv[1:])
 print("PEAK_KB", status("VmHWM") - after_build["kb"], "CODE", code)
 """

@@ -230,8 +230,8 @@ def test_collect_images(tmp_path):
         (tmp_path / "d" / name).write_bytes(b"x")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "a.png").write_bytes(b"x")
-    items = segment_cli.collect_images([str(tmp_path / "d"), str(tmp_path / "*" / "a.png"), str(tmp_path / "d" / "a.png")],
-                               quiet=True)
+    items = segment_cli.collect_images([str(tmp_path / "d"), str(tmp_path / "*" / "a.png"),
+                                        str(tmp_path / "d" / "a.png")], quiet=True)
     assert [i.path.name for i in items] == ["a.png", "b.JPG", "e.tiff", "a.png"]  # no repeat of d/a.png
     assert all(i.missing is None for i in items)
     stems = [i.stem for i in items]

@@ -70,7 +70,7 @@ def _absent(name):
     (["--format", "pt2", "--out", "m.pt2", "--kept-budget", "4"], "give --cer-topk too"),
     (["--format", "pt2", "--out", "m.pt2", "--cer-topk", "2", "--kept-budget", "0"], "must be at least 1"),
     (["--format", "onnx", "--out", "m.onnx", "--dtype", "bfloat16"], "exports float32 only"),
-    (["--format", "pt2", "--out", "m.pt2", "--dtype", "int8"], "expected float32, bfloat16 or float16"),
+    (["--format", "pt2", "--out", "m.pt2", "--dtype", "int8"], "invalid choice: 'int8'"),
     (["--format", "pt2", "--out", "m.pt2", "--max-side", "100"], "--max-side must be in [256, 2560]"),
     (["--format", "pt2", "--out", "m.pt2", "--max-memory-gb", "0"], "--max-memory-gb must be positive"),
     (["--format", "onnx", "--out", "m.pt2"], "must end in .onnx"),

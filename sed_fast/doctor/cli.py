@@ -17,7 +17,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, parse_command_line
+
 _PROG = "sed-fast doctor"
 _REEXEC_FLAG = "--_interpreter-reexec"  # internal: the re-run with TRITON_INTERPRET=1 set
 
@@ -49,11 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+    args, code = parse_command_line(build_parser(), argv)
+    if args is None:
+        return code
     if args.reps is not None and args.reps < 0:
         print(f"{_PROG}: error: --reps must be >= 0", file=sys.stderr)
         return EXIT_USAGE

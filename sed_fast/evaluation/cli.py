@@ -23,12 +23,13 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, signal_name
-from ..toolkit.options import DTYPES, add_model_options, check_model_options, read_checkpoint
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, parse_command_line, \
+    signal_name
+from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, read_checkpoint
+from ..toolkit.outputs import hold_output
 
 EXIT_INTERRUPTED = EXIT_SIGINT  # a signal n exits 128 + n: 130 for SIGINT
 _PROG = "sed-fast eval"
@@ -112,11 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast eval`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args([str(a) for a in argv])
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    args, code = parse_command_line(build_parser(), argv)
+    if args is None:
+        return code
     from .datasets import DatasetError
     from .runner import quiet_loader_shutdown
     from .state import StateError
@@ -132,8 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as stop:
         code = getattr(stop, "exit_code", EXIT_SIGINT)
-        _error(f"interrupted ({signal_name(code - 128)})" + (_resume_hint(args) or f"; nothing was saved in {args.out}"),
-               args)
+        saved = _resume_hint(args) or f"; nothing was saved in {args.out}"
+        _error(f"interrupted ({signal_name(code - 128)})" + saved, args)
         return code
     except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
         _error(f"{type(error).__name__}: {error}" + _resume_hint(args), args)
@@ -279,10 +278,6 @@ def _needed_bytes(num_classes: int, models: int) -> int:
 # -- model ---------------------------------------------------------------------------------------
 def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
                   settings_weights: str = "") -> Dict[str, object]:
-
-    import sed_fast.api as api
-    from ..data.checkpoint import CheckpointError
-
     state_dict = None
     if args.checkpoint is not None:
         state_dict = read_checkpoint(args.checkpoint)
@@ -293,26 +288,8 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
             raise UsageError(f"the checkpoint {args.checkpoint} changed while the evaluation started (sha256 "
                              f"{named} when the settings were taken, {read} when it was read): rerun")
 
-    def build(impl: str):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", api.RandomWeightsWarning)  # said once, below
-            return api.build_sed(spec.name, impl=impl, checkpoint=state_dict, device=device, dtype=dtype,
-                                 cer_topk=args.cer_topk, clip_resolution=args.resolution,
-                                 text_cache=not args.no_text_cache, seed=args.seed)
-
     start = time.perf_counter()
-    impl = "reference" if args.compare else args.impl
-    try:
-        first = build(impl)
-    except CheckpointError as error:
-        raise UsageError(str(error)) from error
-    except (KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as error:  # noqa: BLE001
-        if impl != "fast":
-            raise
-        raise UsageError(f"the fast implementation cannot be built ({type(error).__name__}: {error}); "
-                         "use --impl reference") from error
+    first, impl = build_model(args, spec, dtype, device, state_dict, impl="reference" if args.compare else None)
     state_dict = None  # the weights are in the model now
     info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {device}) in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
@@ -471,15 +448,9 @@ def _run(args) -> int:
 
 def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, dataset, note) -> None:
     """Rank 0: take --out for this run (writable, space for the state, no other run in it)."""
-    from ..toolkit.outdir_lock import OutputDirError, exclusive_output_dir
-
     models = 2 if args.compare else 1
-    try:
-        command = f"{_PROG} {args.dataset or 'custom dataset ' + str(args.images)} --out {args.out}"
-        lock = held.enter_context(exclusive_output_dir(out_dir, command,
-                                                       need_bytes=_needed_bytes(dataset.num_classes, models)))
-    except OutputDirError as error:
-        raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
+    lock = held.enter_context(hold_output(args.out, f"eval {args.dataset or 'custom dataset ' + str(args.images)}",
+                                          need_bytes=_needed_bytes(dataset.num_classes, models)))
     if lock.previous:
         note(f"took over the lock of {out_dir} left by PID {lock.previous.get('pid')} on "
              f"{lock.previous.get('host')}, which is no longer running")

@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_command_line
+from ..toolkit.options import add_model_options, check_weights_options
+
 _PROG = "sed-fast export"
 CHECK_SIZES = ((96, 128), (131, 77))
 
@@ -45,18 +47,12 @@ CHECK_SIZES = ((96, 128), (131, 77))
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
     parser.add_argument("--vocab", required=True, metavar="NAME|FILE|LIST", help="vocabulary baked into the model")
-    weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", metavar="PATH", help="official SED checkpoint")
-    weights.add_argument("--random-weights", action="store_true", help="random weights (tests, benchmarks)")
-    parser.add_argument("--variant", default="b", help="b or l (default b)")
-    parser.add_argument("--resolution", type=int, default=768, metavar="PX", help="encoder input side (official 768)")
+    add_model_options(parser, impl=False, text_cache=False,
+                      device_help="pt2: cpu or cuda, the device the package runs on (default cpu); onnx is exported "
+                                  "from the CPU")
     parser.add_argument("--format", choices=("pt2", "onnx"), required=True, help="pt2 (AOTInductor) or onnx")
     parser.add_argument("--out", required=True, metavar="FILE", help="output file (.pt2 or .onnx)")
     parser.add_argument("--scores", action="store_true", help="also output the scores (T, H, W)")
-    parser.add_argument("--dtype", default="float32",
-                        help="compute dtype: float32 (default), bfloat16 or float16 (pt2 only)")
-    parser.add_argument("--cer-topk", type=int, default=None, metavar="K",
-                        help="category early rejection keeping each pixel's top K classes (default: exact decoding)")
     parser.add_argument("--kept-budget", type=int, default=None, metavar="N",
                         help="with --cer-topk: rows each rejection step carries (default: every class, always exact)")
     parser.add_argument("--official-resize", choices=("caller", "included"), default="caller",
@@ -71,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-memory-gb", type=float, default=16.0, metavar="GB",
                         help="refuse a vocabulary whose full-size scores (T x H x W float32 at the largest size "
                              "accepted) exceed this (default 16)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="pt2: the device the package runs on (default cpu); onnx is exported from the CPU")
     parser.add_argument("--no-fresh-process-check", action="store_true",
                         help="pt2: skip loading the package in a new process that never imports sed_fast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -81,10 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:
-        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+    args, code = parse_command_line(build_parser(), argv)
+    if args is None:
+        return code
     from .core import ExportError
 
     try:
@@ -99,6 +92,14 @@ def _export(args) -> int:
 
     from . import core
     from .core import ExportError
+
+    try:
+        check_weights_options(args)
+    except UsageError as error:
+        raise ExportError(str(error)) from None
+    args.device = args.device or "cpu"
+    if args.device not in ("cpu", "cuda"):
+        raise ExportError(f"--device {args.device}: a package runs on cpu or cuda (it takes the current CUDA device)")
 
     if args.cer_topk is not None and args.cer_topk < 1:
         raise ExportError(f"--cer-topk must be at least 1, got {args.cer_topk}")
@@ -145,14 +146,12 @@ def _export(args) -> int:
         raise ExportError(f"checkpoint file not found: {args.checkpoint}")
 
     from ..inputs.preprocess import official_resize_shape
-    from ..data.vocabulary import load_vocabulary, parse_vocabulary_arg
+    from ..toolkit.options import load_vocabulary
 
     try:
-        names = [str(name) for name in load_vocabulary(parse_vocabulary_arg(args.vocab))]
-    except Exception as error:  # noqa: BLE001 - whatever the reason, it is a bad --vocab
-        raise ExportError(f"--vocab {args.vocab!r}: {error}") from error
-    if not names:
-        raise ExportError(f"--vocab {args.vocab!r}: the vocabulary is empty")
+        names = load_vocabulary(args.vocab)
+    except UsageError as error:
+        raise ExportError(str(error)) from None
     largest = (max_side, max_side) if sizes is None else max(sizes, key=lambda size: size[0] * size[1])
     scores_gb = len(names) * largest[0] * largest[1] * 4 / 1e9
     if scores_gb > args.max_memory_gb:

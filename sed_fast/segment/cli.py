@@ -47,9 +47,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..toolkit.errors import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, PROG as _PROG, UsageError, describe,
-                              error as _error, signal_name, warn as _warn)
-from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, load_vocabulary, \
-    read_checkpoint
+                              error as _error, parse_command_line, signal_name, warn as _warn)
+from ..toolkit.options import DTYPES, add_model_options, build_with_vocabulary, check_model_options, load_vocabulary
 from ..toolkit.outputs import STEM_BYTES, OutputFolder, hold_output, safe_stem, shorten
 from ..toolkit.progress import Progress
 from ..toolkit.record import now, run_record
@@ -110,12 +109,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast segment`` with ``argv``; return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, argparse usage errors
-        if exit_.code == EXIT_USAGE:
+    args, code = parse_command_line(parser, argv)
+    if args is None:
+        if code == EXIT_USAGE:
             _hint_dash_names(parser, argv)
-        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+        return code
     return run(args)
 
 
@@ -309,6 +307,8 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     """``segment`` into ``out_dir``, which this process holds (``run_start``: the command's start,
     for the total time)."""
     output = OutputFolder(out_dir)
+    finished = _finished_records(args, out_dir, inputs) if getattr(args, "resume", False) else {}
+    todo = [item for item in inputs if str(item.path) not in finished]
     random_weights = args.checkpoint is None
     if random_weights:
         print(f"{_PROG}: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this "
@@ -342,6 +342,9 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
         "images": [],
     }
     records: List[dict] = summary["images"]  # type: ignore[assignment]
+    records.extend(finished[str(item.path)] for item in inputs if str(item.path) in finished)
+    if finished:
+        info(f"--resume: {len(finished)} of {len(inputs)} image(s) already segmented in {out_dir}, skipped")
 
     timing = {"last": 0.0, "cost": 0.0}
 
@@ -370,24 +373,13 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
               f"rewrite ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): kept, and listed in "
               f"{summary_path.name} as stale_files")
     try:
-        checkpoint_state = None if random_weights else read_checkpoint(args.checkpoint)
-        start = time.perf_counter()
-        model, impl = build_model(args, spec, dtype, device, checkpoint_state)
-        del checkpoint_state
-        info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
-             f"{time.perf_counter() - start:.1f} s")
-        start = time.perf_counter()
-        try:
-            class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
-        except ValueError as error:  # e.g. names the tokenizer makes identical
-            raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
-        info(f"vocabulary: {len(class_names)} classes ({time.perf_counter() - start:.1f} s)")
+        model, impl, class_names = build_with_vocabulary(args, spec, dtype, device, class_names, info)
         random_weights = bool(getattr(model, "random_weights", random_weights))
         save_summary(impl=impl, device=str(model.device), random_weights=random_weights)
 
-        progress = Progress(len(inputs), enabled=not args.quiet and len(inputs) > 1, desc=_PROG, unit="image")
-        for first in range(0, len(inputs), args.batch_size):
-            for item, result in _segment_batch(model, inputs[first:first + args.batch_size], class_names, args,
+        progress = Progress(len(todo), enabled=not args.quiet and len(todo) > 1, desc=_PROG, unit="image")
+        for first in range(0, len(todo), args.batch_size):
+            for item, result in _segment_batch(model, todo[first:first + args.batch_size], class_names, args,
                                                random_weights):
                 signals.check()  # a Ctrl-C whose exception a finaliser swallowed stops the run here
                 record = {"input": str(item.path), "status": "ok"}
@@ -452,6 +444,35 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     if random_weights:
         print(f"{_PROG}: WARNING: these outputs were made with RANDOM WEIGHTS", file=sys.stderr)
     return code
+
+
+def _finished_records(args, out_dir: Path, inputs: List[_Input]) -> Dict[str, dict]:
+    """``--resume``: the summary records (by input path) of the images an earlier, unfinished run
+    into ``out_dir`` segmented completely (status ok, each of its output files present). Nothing
+    to resume (no summary, not a segment run, a finished one) is a usage error."""
+    path = out_dir / "summary.json"
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("images"), list):
+        raise UsageError(f"--resume: --out {args.out} holds no segment run to resume (no readable summary.json "
+                         "of one); nothing was changed. Leave out --resume to start a run")
+    if earlier.get("status") == "complete":
+        raise UsageError(f"--resume: the run in --out {args.out} finished (summary.json says complete); nothing "
+                         "to resume. Leave out --resume to segment again")
+    wanted = {str(item.path): item.stem for item in inputs}
+    needed = {"labels", "overlay"} | ({"scores"} if args.save_scores else set()) \
+        | ({"labels_npy"} if args.save_label_npy else set())  # this run's outputs, not only the earlier one's
+    finished = {}
+    for record in earlier["images"]:
+        if not isinstance(record, dict) or record.get("status") != "ok" or record.get("input") not in wanted:
+            continue
+        outputs = record.get("outputs") or {}
+        if needed <= set(outputs) and all(isinstance(name, str) and name.startswith(wanted[record["input"]] + "_")
+                           and (out_dir / name).is_file() for name in outputs.values()):
+            finished[record["input"]] = record
+    return finished
 
 
 _OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_scores.npy", "_labels.npy")

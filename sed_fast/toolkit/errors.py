@@ -69,3 +69,12 @@ def describe(problem: BaseException) -> str:
     if isinstance(problem, (FileNotFoundError, IsADirectoryError, PermissionError)) and problem.filename:
         text = f"{problem.strerror or type(problem).__name__}: {problem.filename}"
     return text or type(problem).__name__
+
+
+def parse_command_line(parser, argv):
+    """``(args, None)``, or ``(None, exit code)`` once argparse has answered ``--help`` (0) or
+    reported a usage error (2)."""
+    try:
+        return parser.parse_args([str(a) for a in argv]), None
+    except SystemExit as exit_:
+        return None, EXIT_OK if exit_.code in (0, None) else EXIT_USAGE

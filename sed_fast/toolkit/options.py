@@ -28,27 +28,30 @@ _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 _BUILTIN_LIKE = re.compile(r"(ade|pc|voc|coco)\d+b?", re.IGNORECASE)
 
 
-def add_model_options(parser, *, impl_default: Optional[str] = None, cer_topk: bool = True, text_cache: bool = True,
+def add_model_options(parser, *, impl_default: Optional[str] = None, impl: bool = True, cer_topk: bool = True,
+                      text_cache: bool = True, device_help: Optional[str] = None,
                       checkpoint_help: str = "official SED checkpoint (model_final.pth)") -> None:
     """Add the shared model options to ``parser`` (an ``ArgumentParser`` or an argument group);
-    ``cer_topk`` and ``text_cache``: whether the command has ``--cer-topk`` and ``--no-text-cache``."""
+    ``impl``, ``cer_topk`` and ``text_cache``: whether the command has ``--impl``, ``--cer-topk``
+    and ``--no-text-cache``; ``device_help``: what ``--device`` means for it, when it differs."""
     parser.add_argument("--checkpoint", metavar="PATH", help=checkpoint_help)
     parser.add_argument("--random-weights", action="store_true",
                         help="run without a checkpoint (random weights: meaningless output, marked as such; for "
                              "tests and benchmarks)")
     parser.add_argument("--variant", default="b", help="b (SED-B, ConvNeXt-B) or l (SED-L, ConvNeXt-L); default b")
-    parser.add_argument("--impl", choices=("fast", "reference"), default=impl_default,
-                        help="implementation (default: fast" + (", falling back to reference with a warning if the "
-                                                                  "fast one cannot be built)" if impl_default is None
-                                                                  else ")"))
+    if impl:
+        parser.add_argument("--impl", choices=("fast", "reference"), default=impl_default,
+                            help="implementation (default: fast" + (
+                                ", falling back to reference with a warning if the fast one cannot be built)"
+                                if impl_default is None else ")"))
     if cer_topk:
         parser.add_argument("--cer-topk", type=int, default=None, metavar="K",
                             help="category early rejection keeping the per-pixel top-K classes (default: exact)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="compute dtype (default float32, the official precision)")
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each process uses "
-                             "cuda:LOCAL_RANK)")
+                        help=device_help or "cpu, cuda or cuda:N (default: cuda if available; under torchrun each "
+                                            "process uses cuda:LOCAL_RANK)")
     parser.add_argument("--resolution", type=int, default=768, metavar="PX",
                         help="encoder input side, a multiple of 32 (official: 768; smaller is faster, non-official)")
     if text_cache:
@@ -155,10 +158,10 @@ def load_vocabulary(text: str, max_classes: int = 65536) -> List[str]:
     return names
 
 
-def build_model(args: argparse.Namespace, spec, dtype, device, checkpoint_state):
-    """Build the model of the model options; the default ``--impl`` falls back from fast to
-    reference with a warning (an explicit ``--impl fast`` has no silent substitute). Returns
-    (model, impl used)."""
+def build_model(args: argparse.Namespace, spec, dtype, device, checkpoint_state, impl: Optional[str] = None):
+    """Build the model of the model options (``impl``: this one rather than ``--impl``'s); the
+    default ``--impl`` falls back from fast to reference with a warning (an explicit ``--impl fast``
+    has no silent substitute). Returns (model, impl used)."""
     import traceback
     import warnings
 
@@ -171,9 +174,10 @@ def build_model(args: argparse.Namespace, spec, dtype, device, checkpoint_state)
             warnings.simplefilter("ignore", RandomWeightsWarning)  # the commands say it their own way
             return build_sed(spec.name, impl=impl, checkpoint=checkpoint_state, device=device, dtype=dtype,
                              cer_topk=getattr(args, "cer_topk", None), clip_resolution=args.resolution,
-                             text_cache=not getattr(args, "no_text_cache", False))
+                             text_cache=not getattr(args, "no_text_cache", False),
+                             **({"seed": args.seed} if getattr(args, "seed", None) is not None else {}))
 
-    impl = args.impl or "fast"
+    impl = impl or args.impl or "fast"
     try:
         return build(impl), impl
     except CheckpointError as problem:
@@ -193,3 +197,24 @@ def build_model(args: argparse.Namespace, spec, dtype, device, checkpoint_state)
         return build("reference"), "reference"
     except CheckpointError as problem:
         raise UsageError(str(problem)) from problem
+
+
+def build_with_vocabulary(args: argparse.Namespace, spec, dtype, device, class_names: List[str], info):
+    """Read ``--checkpoint`` (none with ``--random-weights``), build the model (:func:`build_model`)
+    and set its vocabulary, saying each step's time through ``info(message)``. Returns (model, impl
+    used, class names as the model holds them)."""
+    import time
+
+    checkpoint_state = None if args.checkpoint is None else read_checkpoint(args.checkpoint)
+    start = time.perf_counter()
+    model, impl = build_model(args, spec, dtype, device, checkpoint_state)
+    del checkpoint_state
+    info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
+         f"{time.perf_counter() - start:.1f} s")
+    start = time.perf_counter()
+    try:
+        class_names = model.set_vocabulary(class_names, progress=False if getattr(args, "quiet", False) else None)
+    except ValueError as problem:  # e.g. names the tokenizer makes identical
+        raise UsageError(f"--vocab {args.vocab!r}: {problem}") from problem
+    info(f"vocabulary: {len(class_names)} classes ({time.perf_counter() - start:.1f} s)")
+    return model, impl, class_names

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 from ..base.files import atomic_write
 from .errors import UsageError
@@ -135,18 +135,20 @@ class OutputClaim:
 
 
 @contextlib.contextmanager
-def hold_output(out: str, command: str, need_bytes: int = 0) -> Iterator[Path]:
+def hold_output(out: str, command: str, need_bytes: int = 0):
     """Hold the folder ``--out`` names for this run (:func:`~sed_fast.toolkit.outdir_lock.exclusive_output_dir`:
-    created if needed, writable, no other run in it); its problems are usage errors naming ``--out``."""
+    created if needed, writable, ``need_bytes`` free, no other run in it); yields its
+    :class:`~sed_fast.toolkit.outdir_lock.OutputDirLock`. Its problems are usage errors naming ``--out``."""
     from .outdir_lock import OutputDirError, exclusive_output_dir
 
     out_dir = Path(os.path.expanduser(out))
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(exclusive_output_dir(out_dir, f"sed-fast {command} --out {out}", need_bytes=need_bytes))
+            lock = held.enter_context(exclusive_output_dir(out_dir, f"sed-fast {command} --out {out}",
+                                                           need_bytes=need_bytes))
         except OutputDirError as problem:
             raise UsageError(str(problem).replace(f"output folder {out_dir}", f"--out {out}", 1)) from problem
-        yield out_dir
+        yield lock
 
 
 #: Output names keep at most this many bytes of the input's stem (then a hash).

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_command_line
 from ..toolkit.options import add_model_options, check_model_options
 
 _PROG = "sed-fast train"
@@ -148,11 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast train`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args([str(a) for a in argv])
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USAGE
+    args, code = parse_command_line(build_parser(), argv)
+    if args is None:
+        return code
     from ..evaluation.datasets import DatasetError
     from ..evaluation.runner import quiet_loader_shutdown
     from .loop import NonFiniteError, Stopped
@@ -514,8 +512,15 @@ def _run(args) -> int:
             if start_iter >= args.max_iter:
                 io.note(f"the run in {out_dir} is complete ({start_iter} iterations): nothing to do")
                 return EXIT_OK
-            loop_mod.train(model, optimizer, loader_factory, config, ctx, device, io, start=start_iter, scaler=scaler,
-                           rng_states=rng_states, seconds_before=seconds_before, evaluate=evaluate, flag=flag)
+            try:
+                loop_mod.train(model, optimizer, loader_factory, config, ctx, device, io, start=start_iter,
+                               scaler=scaler, rng_states=rng_states, seconds_before=seconds_before, evaluate=evaluate,
+                               flag=flag)
+            except loop_mod.Stopped as stop:
+                if stop.done < args.max_iter:
+                    raise
+                # the signal came after the last iteration, whose checkpoint is written: the run finished
+                io.note(f"{stop}, after the last iteration: nothing is left to do", always=True)
         finally:
             flag.restore()
         io.note(f"done: {args.max_iter} iterations; weights in {out_dir / 'model_final.pth'}")
@@ -573,14 +578,9 @@ def _needed_bytes(spec) -> int:
 
 def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, spec):
     """Rank 0: take --out for this run (writable, space for a checkpoint, no other run in it)."""
-    from ..toolkit.outdir_lock import OutputDirError, exclusive_output_dir
+    from ..toolkit.outputs import hold_output
 
-    try:
-        lock = held.enter_context(exclusive_output_dir(out_dir, f"{_PROG} --out {args.out}",
-                                                       need_bytes=_needed_bytes(spec)))
-    except OutputDirError as error:
-        raise UsageError(str(error).replace(f"output folder {out_dir}", f"--out {args.out}", 1)) from error
-    return lock
+    return held.enter_context(hold_output(args.out, "train", need_bytes=_needed_bytes(spec)))
 
 
 #: What a training run writes into --out (the only names it may delete or overwrite there).

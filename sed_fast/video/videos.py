@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, describe, \
     error as report_error, signal_name, warn
-from ..toolkit.options import DTYPES, build_model, check_model_options, load_vocabulary, read_checkpoint
+from ..toolkit.options import DTYPES, build_with_vocabulary, check_model_options, load_vocabulary
 from ..toolkit.outputs import OutputFolder, safe_stem
 from ..toolkit.record import now, run_record
 from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
@@ -125,16 +125,7 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
     save()
     current: Dict[str, Optional[dict]] = {"record": None}
     try:
-        checkpoint_state = None if random_weights else read_checkpoint(args.checkpoint)
-        start = time.perf_counter()
-        model, impl = build_model(args, spec, dtype, device, checkpoint_state)
-        del checkpoint_state
-        info(f"built SED-{spec.name.upper()} ({impl}, {args.dtype}, {model.device}) in "
-             f"{time.perf_counter() - start:.1f} s")
-        try:
-            class_names = model.set_vocabulary(class_names, progress=False if args.quiet else None)
-        except ValueError as error:
-            raise UsageError(f"--vocab {args.vocab!r}: {error}") from error
+        model, impl, class_names = build_with_vocabulary(args, spec, dtype, device, class_names, info)
         random_weights = bool(getattr(model, "random_weights", random_weights))
         save(impl=impl, device=str(model.device), random_weights=random_weights)
         options = VideoOptions(batch_size=args.batch_size, every=args.every, max_frames=args.max_frames,

@@ -335,3 +335,15 @@ def test_progress_lines_without_a_terminal():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("sed-fast eval: 4/4 images (100.0%)")
     assert "images/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_users_files_in_out_are_left_alone(tmp_path, shared_build, custom):
+    """The --out rule: a user's model_final.pth and an unrelated file in --out stay byte-identical."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"the user's weights")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_eval([*custom, "--out", out, *COMMON])
+    assert code == 0, err
+    assert {name: (out / name).read_bytes() for name in before} == before

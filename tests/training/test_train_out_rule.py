@@ -79,3 +79,37 @@ def test_a_users_file_named_as_a_checkpoint_stops_overwrite_untouched(tmp_path, 
     assert train_cli.main(_args(images, labels, out, "--overwrite")) == 2
     assert "model_0000000.pth" in capsys.readouterr().err
     assert _digests(out) == before  # refused before anything was deleted
+
+
+def test_a_signal_during_the_last_iteration_finishes_the_run_with_exit_0(tmp_path, monkeypatch, capsys):
+    """The stop request is honoured after the iteration, whose checkpoint is then model_final.pth:
+    the run finished, so it says so and exits 0, never "interrupted" with a --resume to do."""
+    import os
+    import signal
+
+    tiny_build(monkeypatch)
+    build = train_cli._build_model
+
+    def build_and_signal_on_the_last_iteration(*args, **kwargs):
+        model = build(*args, **kwargs)
+        losses, calls = model.losses, []
+
+        def losses_then_sigterm(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:  # --max-iter 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return losses(*a, **k)
+
+        model.losses = losses_then_sigterm
+        return model
+
+    monkeypatch.setattr(train_cli, "_build_model", build_and_signal_on_the_last_iteration)
+    images, labels = write_dataset(tmp_path / "data", count=2)
+    out = tmp_path / "out"
+    args = _args(images, labels, out)
+    args[args.index("--max-iter") + 1] = "2"
+    code = train_cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "after the last iteration" in err and "--resume" not in err
+    assert (out / "model_final.pth").exists()

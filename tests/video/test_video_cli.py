@@ -367,3 +367,18 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     code, err = run_main(["segment", fifo, *ARGS, "--out", tmp_path / "out"])
     assert code == cli.EXIT_USAGE and "named pipe (FIFO), not a regular file" in err, err
+
+
+def test_users_files_in_out_are_left_alone(tmp_path, monkeypatch, clip):
+    """The --out rule: a user's model_final.pth and an unrelated file in --out stay byte-identical."""
+    use_model(monkeypatch, FakeModel())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_final.pth").write_bytes(b"the user's weights")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run_main(["segment", clip, *ARGS, "--out", out])
+    assert code == cli.EXIT_OK, err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    summary = read_summary(out)
+    assert summary["pid"] == os.getpid() and summary["host"] and summary["run"]["pid"] == os.getpid()
