@@ -8,8 +8,8 @@ Exit codes: 0 evaluated; 1 the evaluation failed (no labelled pixel at all, an u
 2 bad input: a usage error (bad option, missing dataset folder, unusable resume file, an --out that
 cannot be written or lacks the space for the state, an --out another run is using: nothing was
 evaluated) or a file of the dataset that cannot be used (an unreadable image or label map, invalid
-label values: the message says which fix applies); 130 interrupted (what was finished is saved:
-rerun with --resume).
+label values: the message says which fix applies); 128 + n stopped by signal n (130 SIGINT,
+143 SIGTERM, 129 SIGHUP: what was finished is saved, rerun with --resume).
 
 Rank 0 holds ``--out`` for the whole run (:func:`sed_fast.toolkit.outdir_lock.exclusive_output_dir`): a
 second evaluation into the same folder stops at once, naming the PID of the first.
@@ -31,7 +31,6 @@ from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, Usag
 from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, read_checkpoint
 from ..toolkit.outputs import hold_output
 
-EXIT_INTERRUPTED = EXIT_SIGINT  # a signal n exits 128 + n: 130 for SIGINT
 _PROG = "sed-fast eval"
 
 
@@ -112,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast eval`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args, code = parse_command_line(build_parser(), argv)
     if args is None:
         return code
@@ -392,8 +390,9 @@ def _run(args) -> int:
                       preprocess=getattr(next(iter(models.values())), "preprocess", None),
                       label_palette=dataset.palette.source if dataset.palette is not None else None,
                       skip_unreadable=args.skip_unreadable)
-        env = report.environment(device)
-        env["git"] = report.git_commit()
+        from ..toolkit.record import run_record
+        env = run_record(device)  # versions, device, CPU features, threads, commit, PID, host, command line
+        env["git"] = {"commit": env["commit"], "dirty": env["dirty"]}
         timing = {"wall_seconds_this_session": time.perf_counter() - wall_start,
                   "eval_seconds_this_session": eval_seconds, "images_this_session": session_images,
                   "images_per_second_this_session":

@@ -74,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args, code = parse_command_line(build_parser(), argv)
     if args is None:
         return code

@@ -71,10 +71,10 @@ def describe(problem: BaseException) -> str:
     return text or type(problem).__name__
 
 
-def parse_command_line(parser, argv):
+def parse_command_line(parser, argv=None):
     """``(args, None)``, or ``(None, exit code)`` once argparse has answered ``--help`` (0) or
-    reported a usage error (2)."""
+    reported a usage error (2). ``argv``: default ``sys.argv[1:]``."""
     try:
-        return parser.parse_args([str(a) for a in argv]), None
+        return parser.parse_args([str(a) for a in (sys.argv[1:] if argv is None else argv)]), None
     except SystemExit as exit_:
         return None, EXIT_OK if exit_.code in (0, None) else EXIT_USAGE

@@ -9,14 +9,17 @@ Every option of the official recipe is a flag named after its config key, with t
 as default (``configs/convnextB_768.yaml`` over ``configs/config.yaml``, ``train_net.py``).
 
 Exit codes: 0 trained; 1 training failed (unreadable image, non-finite loss...); 2 usage error
-(bad option, bad data, unusable resume state): nothing was trained; 128 + signal number: stopped
-by SIGINT/SIGTERM after saving a resumable state (rerun with --resume).
+(bad option, bad data, unusable resume state, --resume with nothing to resume, a file of the
+user's in --out under an output's name): nothing was trained; 128 + signal number: stopped by
+SIGINT/SIGTERM/SIGHUP after saving a resumable state (rerun with --resume). A stop request that
+lands in the last iteration finishes the run: exit 0.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -25,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_command_line
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, parse_command_line
 from ..toolkit.options import add_model_options, check_model_options
 
 _PROG = "sed-fast train"
@@ -147,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast train`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args, code = parse_command_line(build_parser(), argv)
     if args is None:
         return code
@@ -173,9 +175,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DatasetError as error:
         _error(f"{error}. {_last_good(args)}", args)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _error(f"interrupted. {_last_good(args)}", args)
-        return 130
+        return getattr(stop, "exit_code", EXIT_SIGINT)
     except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
         _error(f"{type(error).__name__}: {error}. {_last_good(args)}", args)
         if not args.debug:
@@ -429,6 +431,10 @@ def _run(args) -> int:
         resume_from = decision[1]  # None or the checkpoint path
         resumed = state_mod.load_training(out_dir) if resume_from is not None else None
 
+        if ctx.is_main:
+            from ..base.files import atomic_write_text
+            from ..toolkit.record import run_record
+            atomic_write_text(out_dir / "run.json", json.dumps(run_record(device), indent=2) + "\n")
         io.note(f"training set {dataset.spec.name}: {len(dataset.samples)} pairs from {dataset.image_dir} and "
                 f"{dataset.label_dir}, {len(dataset.vocabulary)} classes, ignore {dataset.spec.ignore_label}; "
                 f"{ctx.world_size} process(es) x {batch_per_rank} image(s) per iteration on {device}")
@@ -584,7 +590,7 @@ def _hold_output(held: contextlib.ExitStack, args, out_dir: Path, spec):
 
 
 #: What a training run writes into --out (the only names it may delete or overwrite there).
-TRAIN_OUTPUTS = ("metrics.jsonl", "log.txt", "loss_curve.png", "last_checkpoint", "model_final.pth",
+TRAIN_OUTPUTS = ("metrics.jsonl", "log.txt", "loss_curve.png", "last_checkpoint", "run.json", "model_final.pth",
                  "model_final.pth.state.pt", "model_" + "[0-9]" * 7 + ".pth", "model_" + "[0-9]" * 7 + ".pth.state.pt")
 
 
@@ -613,7 +619,7 @@ def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
 
     def written_by_an_earlier_run(name: str) -> bool:  # a folder trained into by a sed-fast without claims
         if name.endswith(state_mod.STATE_SUFFIX) or name in ("metrics.jsonl", "log.txt", "loss_curve.png",
-                                                             state_mod.LAST_CHECKPOINT):
+                                                             "run.json", state_mod.LAST_CHECKPOINT):
             return has_run
         return (out_dir / (name + state_mod.STATE_SUFFIX)).exists()  # a checkpoint with its training state
 
