@@ -10,7 +10,7 @@ shared memory. This report closes that gap without a GPU.
 
 How: each case calls the op's Triton launcher (the code the model runs) with CPU tensors at the
 model's real shapes, while Triton's driver is replaced by a compile-only one for the target and each
-launch by a compile (``warmup``). So what is compiled is exactly what the launcher would launch on
+launch by a compile through its compile hook. So what is compiled is exactly what the launcher would launch on
 that GPU: the same block sizes, warps, stages and argument specialisation (divisibility, strides of 1).
 Nothing runs: the outputs are never written.
 
@@ -95,7 +95,7 @@ class FailedCase:
 # Compile-only Triton driver
 # ---------------------------------------------------------------------------------------------------
 class _CompileOnlyDriver:
-    """Just enough of Triton's driver interface for ``JITFunction.run(warmup=True)`` to compile."""
+    """Just enough of Triton's driver interface for a launch to reach the compile hook."""
 
     DEVICE = "compile-only"  # a key no real device uses in Triton's per-device caches
 
@@ -118,12 +118,37 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
+class _NoDriver:
+    """Stands where Triton had no driver (a machine without a GPU): any use raises what Triton raised."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __getattr__(self, name):
+        raise RuntimeError(str(self.error))
+
+
+def _options_from(specialization_data: str) -> Dict[str, object]:
+    """The launch's full compile options, from the JSON Triton hands its compile hooks (lists back to tuples)."""
+    options = json.loads(specialization_data)["options"]
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+
+
 @contextlib.contextmanager
 def compile_only(arch: int) -> Iterator[List[object]]:
     """Within: every Triton launch compiles for ``sm_<arch>`` and appends the compiled kernel to the
-    yielded list instead of running."""
+    yielded list instead of running.
+
+    Through Triton's public knobs: the active driver is one that only names the target, and the
+    ``jit_cache_hook`` (called before each compile, with the launch's specialisation) compiles the
+    kernel itself with ``triton.compile`` and answers "handled", so the launch neither compiles again
+    nor runs. Nothing is cached for the fake device: every launch is compiled.
+    """
+    import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver, jit
+    from triton.compiler import ASTSource
+    from triton.runtime import driver
 
     from sed_fast.kernels import dispatch
 
@@ -131,23 +156,25 @@ def compile_only(arch: int) -> Iterator[List[object]]:
         raise RuntimeError("compile_report needs Triton in compiled mode: run it in a process started "
                            "without TRITON_INTERPRET")
     compiled: List[object] = []
-    original_run = jit.JITFunction.run
+    target = GPUTarget("cuda", arch, 32)
 
-    def run(self, *args, grid, warmup, **kwargs):
-        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if hasattr(kernel, "result"):  # async compile mode hands back a future
-            kernel = kernel.result()
-        compiled.append(kernel)
-        return kernel
+    def compile_instead_of_launch(*, fn, compile, **_):
+        source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+        compiled.append(triton.compile(source, target=target, options=_options_from(compile["specialization_data"])))
+        return True  # handled: the launch returns without compiling or running
 
-    previous = getattr(driver, "_active", None)  # None: no driver made yet (none can be on a CPU machine)
-    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
-    jit.JITFunction.run = run
+    previous_hook = knobs.runtime.jit_cache_hook
+    try:
+        previous_driver = driver.active
+    except RuntimeError as error:  # no GPU driver on this machine
+        previous_driver = _NoDriver(error)
+    driver.set_active(_CompileOnlyDriver(target))
+    knobs.runtime.jit_cache_hook = compile_instead_of_launch
     try:
         yield compiled
     finally:
-        jit.JITFunction.run = original_run
-        driver._active = previous
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver.set_active(previous_driver)
 
 
 # ---------------------------------------------------------------------------------------------------
