@@ -300,7 +300,7 @@ def _cost_map_case(classes: int, dim: int, variant: str) -> Case:
 
 def _cost_map_backward_case(classes: int, dim: int, variant: str) -> Case:
     def launch(dtype):
-        from sed_fast.kernels.cost_map_backward import cost_map_backward_triton
+        from sed_fast.kernels.cost_map import cost_map_backward_triton
         img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
         text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
         grad = torch.empty((classes, PROMPTS, COST_SIZE, COST_SIZE), dtype=dtype).contiguous(
@@ -321,7 +321,7 @@ def _dwconv_case(classes: int, channels: int, side: int) -> Case:
 
 def _dwconv_backward_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
-        from sed_fast.kernels.dwconv_layernorm_backward import dwconv_layernorm_backward_triton
+        from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_backward_triton
         x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
         weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
         vector = torch.empty((channels,), dtype=dtype)
@@ -342,7 +342,7 @@ def _class_attention_case(classes: int, channels: int, side: int) -> Case:
 
 def _class_attention_backward_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
-        from sed_fast.kernels.class_attention_backward import class_attention_backward_triton
+        from sed_fast.kernels.class_attention import class_attention_backward_triton
         qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)
         q, k, v = qkv.split(channels, dim=-1)
         grad = torch.empty((classes, side * side, channels), dtype=dtype)

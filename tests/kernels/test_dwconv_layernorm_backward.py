@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sed_fast.kernels import dwconv_layernorm
-from sed_fast.kernels import dwconv_layernorm_backward as backward_module
-from sed_fast.kernels.dwconv_layernorm_backward import (dwconv_layernorm_backward_reference,
+from sed_fast.kernels import dwconv_layernorm as backward_module
+from sed_fast.kernels.dwconv_layernorm import (dwconv_layernorm_backward_reference,
                                                         dwconv_layernorm_backward_triton)
 
 NAMES = ("x", "dw_weight", "dw_bias", "ln_weight", "ln_bias")
