@@ -23,6 +23,7 @@ the row and pixel strides go to the kernel, only the channel stride must be 1 (e
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, nbytes, register_op_cost
 from ._autograd import reference_vjp, zeros_where_missing
 
 OP_NAME = "class_attention"
@@ -310,31 +312,6 @@ def class_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_off
     return _class_attention_op(q, k, v, class_offsets, num_heads, float(eps))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Cost model (for benchmarks)
-# ---------------------------------------------------------------------------------------------------
-def bytes_moved(total_classes: int, pixels: int, channels: int, element_size: int = 2) -> int:
-    """Minimum DRAM traffic: read q, k, v once, write out once: 4 * total_T*P*C * element_size."""
-    return 4 * total_classes * pixels * channels * element_size
-
-
-def flops(total_classes: int, pixels: int, channels: int, num_heads: int = 4) -> int:
-    """KV and output: 2 * d multiply-adds per value each; ksum and normaliser are lower order.
-
-    4 * total_T * P * C * d, d = C / num_heads.
-    """
-    head_dim = channels // num_heads
-    return 4 * total_classes * pixels * channels * head_dim
-
-
-def flops_of_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
-                  num_heads: int = 4, eps: float = 1e-6) -> int:
-    return flops(*q.shape, num_heads=num_heads)
-
-
-dispatch.register_cost_model(OP_NAME, flops_of_call)
-
-
 # ===================================================================================================
 # The backward op
 # ===================================================================================================
@@ -524,3 +501,69 @@ def _backward(ctx, grad):
 
 
 _class_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (FLOPs as torch.utils.flop_counter counts the reference; least bytes moved)
+# ---------------------------------------------------------------------------------------------------
+def flops(total_classes: int, pixels: int, channels: int, num_heads: int = 4) -> int:
+    """The linear form's three contractions per pixel and head: KV = K^T V and Q KV (2 * T*d*d each)
+    and the normaliser Q . sum(K) (2 * T*d): 4 * T*P*C*d + 2 * T*P*C, d = C / num_heads."""
+    head_dim = channels // num_heads
+    return 4 * total_classes * pixels * channels * head_dim + 2 * total_classes * pixels * channels
+
+
+def bytes_moved(total_classes: int, pixels: int, channels: int, element_size: int = 2) -> int:
+    """Read q, k, v once, write out once: 4 * total_T*P*C * element_size."""
+    return 4 * total_classes * pixels * channels * element_size
+
+
+def cost(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, class_offsets: torch.Tensor,
+         num_heads: int = 4, eps: float = 1e-6) -> Cost:
+    """sed_fast::class_attention: see :func:`flops` and :func:`bytes_moved`."""
+    return Cost(flops(*q.shape, num_heads=num_heads),
+                bytes_moved(*q.shape, element_size=q.element_size()) + nbytes(class_offsets))
+
+
+def backward_cost(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  class_offsets: torch.Tensor, num_heads: int, eps: float) -> Cost:
+    """sed_fast::class_attention_backward: each of the forward's contractions gives two gradients of
+    its size (2x the forward); reads grad, q, k, v, writes dq, dk, dv."""
+    return Cost(2 * flops(*q.shape, num_heads=num_heads), nbytes(grad, q, k, v, class_offsets) + 3 * nbytes(q))
+
+
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+register_op_cost(f"sed_fast::{BACKWARD_OP_NAME}", backward_cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small" (two images with 2 and 3 classes) and "model": SED-B's
+#: first decoder level at 768 px (24x24 pixels, C = 128), 150 classes of one image.
+EXAMPLE_SHAPES = {"small": dict(classes=(2, 3), pixels=12, channels=32, num_heads=4),
+                  "model": dict(classes=(150,), pixels=24 * 24, channels=128, num_heads=4)}
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                   generator: Optional[torch.Generator] = None, **shape) -> tuple:
+    """Arguments of one ``sed_fast::class_attention``
+    call (as its reference and backends take them): ``(q, k, v, class_offsets, num_heads, eps)``:
+    q, k, v views of one fused (total_T, P, 3C) projection as the fast decoder gives them, random
+    normal (seed 0 unless ``generator``); ``shape["classes"]`` is the classes per image."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    classes = tuple(s["classes"])
+    channels = s["channels"]
+    qkv = torch.randn(sum(classes), s["pixels"], 3 * channels, generator=generator).to(device, dtype)
+    q, k, v = qkv.split(channels, dim=-1)
+    offsets = torch.tensor([0, *itertools.accumulate(classes)], dtype=torch.int32, device=device)
+    return q, k, v, offsets, s["num_heads"], 1e-6
+
+
+def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+    """Arguments of one ``sed_fast::class_attention_backward`` call: ``(grad, *forward arguments)``."""
+    generator = generator or torch.Generator().manual_seed(0)
+    args = example_inputs(device, dtype, size, generator, **shape)
+    return (torch.randn(args[0].shape, generator=generator).to(device, dtype), *args)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, matmul_flops, nbytes, register_op_cost
 from ._layout import pixel_strides
 from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
 
@@ -240,32 +241,6 @@ def cost_map(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = 
     """
     _check_inputs(img_feats, text)
     return _cost_map_op(img_feats, text, channels_last)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Cost model (for benchmarks)
-# ---------------------------------------------------------------------------------------------------
-def bytes_moved(batch: int, dim: int, height: int, width: int, classes: int, prompts: int,
-                element_size: int = 2) -> int:
-    """Minimum DRAM traffic: read img_feats and text once, write the output once.
-
-    element_size * (B*D*h*w + T*P*D + B*T*P*h*w)
-    """
-    return element_size * (batch * dim * height * width + classes * prompts * dim
-                           + batch * classes * prompts * height * width)
-
-
-def flops(batch: int, dim: int, height: int, width: int, classes: int, prompts: int) -> int:
-    """Matmul FLOPs (the norms are lower order): 2 * B*h*w * T*P * D."""
-    return 2 * batch * height * width * classes * prompts * dim
-
-
-def flops_of_call(img_feats: torch.Tensor, text: torch.Tensor, *args, **kwargs) -> int:
-    batch, dim, height, width = img_feats.shape
-    return flops(batch, dim, height, width, text.shape[0], text.shape[1])
-
-
-dispatch.register_cost_model(OP_NAME, flops_of_call)
 
 
 # ===================================================================================================
@@ -549,3 +524,70 @@ def _backward(ctx, grad):
 
 
 _cost_map_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (FLOPs as torch.utils.flop_counter counts the reference; least bytes moved)
+# ---------------------------------------------------------------------------------------------------
+def flops(batch: int, dim: int, height: int, width: int, classes: int, prompts: int) -> int:
+    """The cosine matmul: 2 * B*h*w * T*P * D (the norms are elementwise: not counted)."""
+    return matmul_flops(batch * height * width, dim, classes * prompts)
+
+
+def bytes_moved(batch: int, dim: int, height: int, width: int, classes: int, prompts: int,
+                element_size: int = 2) -> int:
+    """Read img_feats and text once, write the map once: element_size * (B*D*h*w + T*P*D + B*T*P*h*w)."""
+    return element_size * (batch * dim * height * width + classes * prompts * dim
+                           + batch * classes * prompts * height * width)
+
+
+def cost(img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool = True) -> Cost:
+    """sed_fast::cost_map: see :func:`flops` and :func:`bytes_moved`."""
+    batch, dim, height, width = img_feats.shape
+    return Cost(flops(batch, dim, height, width, text.shape[0], text.shape[1]),
+                bytes_moved(batch, dim, height, width, text.shape[0], text.shape[1], img_feats.element_size()))
+
+
+def backward_cost(grad: torch.Tensor, img_feats: torch.Tensor, text: torch.Tensor, channels_last: bool,
+                  need_img: bool, need_text: bool) -> Cost:
+    """sed_fast::cost_map_backward: one matmul the forward's size per gradient asked for; reads grad
+    and both inputs, writes the gradients asked for."""
+    batch, dim, height, width = img_feats.shape
+    forward = flops(batch, dim, height, width, text.shape[0], text.shape[1])
+    written = (nbytes(img_feats) if need_img else 0) + (nbytes(text) if need_text else 0)
+    return Cost(forward * (int(bool(need_img)) + int(bool(need_text))), nbytes(grad, img_feats, text) + written)
+
+
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+register_op_cost(f"sed_fast::{BACKWARD_OP_NAME}", backward_cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small" runs anywhere in milliseconds; "model" is SED-B at a
+#: 768x768 input (24x24 cost map, D = 640, P = 80 prompts, ADE-150).
+EXAMPLE_SHAPES = {"small": dict(batch=2, dim=48, height=5, width=7, classes=3, prompts=4),
+                  "model": dict(batch=1, dim=640, height=24, width=24, classes=150, prompts=80)}
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                   generator: Optional[torch.Generator] = None, **shape) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """Arguments of one ``sed_fast::cost_map``
+    call (as its reference and backends take them): (img_feats, text, channels_last): random normal
+    values (generator, else seed 0) at EXAMPLE_SHAPES[size], any entry overridden by shape."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    img = torch.randn(s["batch"], s["dim"], s["height"], s["width"], generator=generator).to(device, dtype)
+    text = torch.randn(s["classes"], s["prompts"], s["dim"], generator=generator).to(device, dtype)
+    return img, text, True
+
+
+def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+    """Arguments of one ``sed_fast::cost_map_backward`` call, ``(grad, img_feats, text, channels_last,
+    need_img, need_text)``, both gradients asked for; the map's gradient in channels-last rows."""
+    generator = generator or torch.Generator().manual_seed(0)
+    img, text, channels_last = example_inputs(device, dtype, size, generator, **shape)
+    grad = torch.randn(img.shape[0] * text.shape[0], text.shape[1], *img.shape[2:], generator=generator)
+    return (grad.to(device, dtype).contiguous(memory_format=torch.channels_last), img, text, channels_last, True, True)

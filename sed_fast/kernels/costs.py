@@ -18,12 +18,13 @@ The profiler's interface (``sed_fast.kernels.costs``):
   ``"sed_fast::cost_map"``, ``"sed_fast::cost_map_backward"`` or ``"mkldnn::_linear_pointwise"``
   (the name in the op's schema, ``func._schema.name`` in a dispatch mode); ``None`` if unknown;
 * ``registered_ops()`` the names; ``op_cost(op)`` the :class:`OpCost` entry;
-* ``REFERENCE_DIFFERENCES``: where the fast model's count differs from the reference's by design,
-  per stage, with the reason (printable data; see :mod:`sed_fast.kernels.model_costs`).
+* ``REFERENCE_DIFFERENCES`` and ``reference_difference(stage)``: where the fast model's count
+  differs from the reference's by design, per stage, with the reason (printable data).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -97,7 +98,37 @@ def matmul_flops(rows: int, inner: int, cols: int) -> int:
     return 2 * rows * inner * cols
 
 
-#: Stages where the fast model's FLOPs differ from the reference's by an algorithmic change, and
-#: why. Keyed by the stage name of :mod:`sed_fast.models` (see :mod:`.model_costs`); each entry
-#: is (ratio of fast to reference FLOPs expected, reason). Filled by the op files and model_costs.
-REFERENCE_DIFFERENCES: Dict[str, Tuple[str, str]] = {}
+@dataclass(frozen=True)
+class StageDifference:
+    """A stage of the fast model whose FLOPs differ from the reference's by design.
+
+    ``stages``: an fnmatch pattern of stage names (those of :mod:`sed_fast.base.stages`, which the
+    fast model marks and ``sed_fast.bench.instrument`` gives the reference); ``fast_count``: "fewer"
+    (the fast model does less of the same work) or "none" (it skips the work); ``reason``: why, in
+    a sentence the profiler can print under its table.
+    """
+    stages: str
+    fast_count: str
+    reason: str
+
+
+#: Every stage where ``FlopCounterMode`` over the fast model differs from the reference at the same
+#: configuration (exact decoding). Everywhere else the counts are equal: the ops' formulas count what
+#: torch counts over their references (class attention is the linear form in both models).
+REFERENCE_DIFFERENCES: Tuple[StageDifference, ...] = (
+    StageDifference(
+        "decoder*.double_conv", "fewer",
+        "The first 3x3 convolution reads the image guidance, which is the same for every class: the fast "
+        "model convolves it once per image and broadcast-adds the result, where the reference convolves "
+        "it repeated T times; (T-1)/T of that part's FLOPs are saved (2 * (T-1) * 2H*2W * g * C_out * 9 "
+        "per image)."),
+    StageDifference(
+        "aux_head*", "none",
+        "With exact decoding (no category early rejection) nothing reads the auxiliary heads' logits: the "
+        "fast model does not compute them, the reference does."),
+)
+
+
+def reference_difference(stage: str) -> Optional[StageDifference]:
+    """The documented difference for this stage name, or None where the counts should be equal."""
+    return next((d for d in REFERENCE_DIFFERENCES if fnmatchcase(stage, d.stages)), None)

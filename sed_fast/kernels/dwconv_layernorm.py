@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, nbytes, register_op_cost
 from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
 
 OP_NAME = "dwconv_layernorm"
@@ -207,30 +208,6 @@ def dwconv_layernorm(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Te
     """
     _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias)
     return _dwconv_layernorm_op(x, dw_weight, dw_bias, ln_weight, ln_bias, float(eps))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Cost model (for benchmarks)
-# ---------------------------------------------------------------------------------------------------
-def bytes_moved(batch: int, channels: int, height: int, width: int, kernel_size: int = 9,
-                element_size: int = 2) -> int:
-    """Minimum DRAM traffic: read x once, write the output once, read the parameters.
-
-    element_size * (2*N*C*H*W + C*(K*K + 3))
-    """
-    return element_size * (2 * batch * channels * height * width + channels * (kernel_size * kernel_size + 3))
-
-
-def flops(batch: int, channels: int, height: int, width: int, kernel_size: int = 9) -> int:
-    """2 per tap multiply-add plus about 8 per output element (bias, LayerNorm): N*C*H*W*(2*K*K + 8)."""
-    return batch * channels * height * width * (2 * kernel_size * kernel_size + 8)
-
-
-def flops_of_call(x: torch.Tensor, dw_weight: torch.Tensor, *args, **kwargs) -> int:
-    return flops(*x.shape, kernel_size=dw_weight.shape[-1])
-
-
-dispatch.register_cost_model(OP_NAME, flops_of_call)
 
 
 # ===================================================================================================
@@ -496,3 +473,78 @@ def _backward(ctx, grad):
 
 
 _dwconv_layernorm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (FLOPs as torch.utils.flop_counter counts the reference; least bytes moved)
+# ---------------------------------------------------------------------------------------------------
+def flops(batch: int, channels: int, height: int, width: int, kernel_size: int = 9) -> int:
+    """The depthwise convolution: 2 * N*C*H*W * K*K (bias and LayerNorm are elementwise: not counted)."""
+    return 2 * batch * channels * height * width * kernel_size * kernel_size
+
+
+def bytes_moved(batch: int, channels: int, height: int, width: int, kernel_size: int = 9,
+                element_size: int = 2) -> int:
+    """Read x and the parameters once, write the tokens once: element_size * (2*N*C*H*W + C*(K*K + 3))."""
+    return element_size * (2 * batch * channels * height * width + channels * (kernel_size * kernel_size + 3))
+
+
+def cost(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor, ln_weight: torch.Tensor,
+         ln_bias: torch.Tensor, eps: float = 1e-6) -> Cost:
+    """sed_fast::dwconv_layernorm: see :func:`flops` and :func:`bytes_moved`."""
+    return Cost(flops(*x.shape, kernel_size=dw_weight.shape[-1]),
+                bytes_moved(*x.shape, kernel_size=dw_weight.shape[-1], element_size=x.element_size()))
+
+
+def backward_cost(grad: torch.Tensor, x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor,
+                  ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-6) -> Cost:
+    """sed_fast::dwconv_layernorm_backward: two depthwise convolutions the forward's size (grad x,
+    grad weight); reads grad, x and the parameters, writes the five gradients.
+
+    torch's counter over autograd of the reference says (1 + C) times the forward: its
+    convolution_backward formula leaves out the groups for the weight gradient. The true count is 2x."""
+    params = (dw_weight, dw_bias, ln_weight, ln_bias)
+    return Cost(2 * flops(*x.shape, kernel_size=dw_weight.shape[-1]),
+                nbytes(grad, x, *params) + nbytes(x, *params))
+
+
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+register_op_cost(f"sed_fast::{BACKWARD_OP_NAME}", backward_cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small" (C = 32: a width every backend takes, the CUDA kernel
+#: 32, 64 or 128) and "model": SED-B's first decoder level at 768 px, 150 classes.
+EXAMPLE_SHAPES = {"small": dict(batch=3, channels=32, height=7, width=9, kernel_size=9),
+                  "model": dict(batch=150, channels=128, height=24, width=24, kernel_size=9)}
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                   generator: Optional[torch.Generator] = None, **shape) -> tuple:
+    """Arguments of one ``sed_fast::dwconv_layernorm``
+    call (as its reference and backends take them): ``(x, dw_weight, dw_bias, ln_weight, ln_bias,
+    eps)``: x channels-last as the decoder gives it, weights scaled like a trained block's (seed 0
+    unless ``generator``), at ``EXAMPLE_SHAPES[size]`` with any entry overridden by ``shape``."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    channels, k = s["channels"], s["kernel_size"]
+
+    def rand(*dims):
+        return torch.randn(*dims, generator=generator)
+
+    x = rand(s["batch"], channels, s["height"], s["width"]).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
+    return (x, (rand(channels, 1, k, k) / k).to(device, dtype), rand(channels).to(device, dtype),
+            (1 + 0.1 * rand(channels)).to(device, dtype), (0.1 * rand(channels)).to(device, dtype), 1e-6)
+
+
+def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+    """Arguments of one ``sed_fast::dwconv_layernorm_backward`` call: ``(grad, *forward arguments)``,
+    the gradient of the (N, H, W, C) tokens."""
+    generator = generator or torch.Generator().manual_seed(0)
+    args = example_inputs(device, dtype, size, generator, **shape)
+    n, c, h, w = args[0].shape
+    return (torch.randn(n, h, w, c, generator=generator).to(device, dtype), *args)
