@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
+from ._examples import normal
 from ._autograd import reference_vjp, zeros_where_missing
 
 OP_NAME = "class_attention"
@@ -546,7 +547,7 @@ EXAMPLE_SHAPES = {"small": dict(classes=(2, 3), pixels=12, channels=32, num_head
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, **shape) -> tuple:
+                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
     """Arguments of one ``sed_fast::class_attention``
     call (as its reference and backends take them): ``(q, k, v, class_offsets, num_heads, eps)``:
     q, k, v views of one fused (total_T, P, 3C) projection as the fast decoder gives them, random
@@ -555,15 +556,15 @@ def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str =
     generator = generator or torch.Generator().manual_seed(0)
     classes = tuple(s["classes"])
     channels = s["channels"]
-    qkv = torch.randn(sum(classes), s["pixels"], 3 * channels, generator=generator).to(device, dtype)
+    qkv = normal((sum(classes), s["pixels"], 3 * channels), generator, device, dtype, empty)
     q, k, v = qkv.split(channels, dim=-1)
     offsets = torch.tensor([0, *itertools.accumulate(classes)], dtype=torch.int32, device=device)
     return q, k, v, offsets, s["num_heads"], 1e-6
 
 
 def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+                            generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
     """Arguments of one ``sed_fast::class_attention_backward`` call: ``(grad, *forward arguments)``."""
     generator = generator or torch.Generator().manual_seed(0)
-    args = example_inputs(device, dtype, size, generator, **shape)
-    return (torch.randn(args[0].shape, generator=generator).to(device, dtype), *args)
+    args = example_inputs(device, dtype, size, generator, empty, **shape)
+    return (normal(args[0].shape, generator, device, dtype, empty), *args)

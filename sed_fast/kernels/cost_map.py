@@ -31,6 +31,7 @@ import triton.language as tl
 from . import dispatch
 from .costs import Cost, matmul_flops, nbytes, register_op_cost
 from ._layout import pixel_strides
+from ._examples import normal
 from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
 
 OP_NAME = "cost_map"
@@ -572,22 +573,22 @@ EXAMPLE_SHAPES = {"small": dict(batch=2, dim=48, height=5, width=7, classes=3, p
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, **shape) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """Arguments of one ``sed_fast::cost_map``
     call (as its reference and backends take them): (img_feats, text, channels_last): random normal
     values (generator, else seed 0) at EXAMPLE_SHAPES[size], any entry overridden by shape."""
     s = dict(EXAMPLE_SHAPES[size], **shape)
     generator = generator or torch.Generator().manual_seed(0)
-    img = torch.randn(s["batch"], s["dim"], s["height"], s["width"], generator=generator).to(device, dtype)
-    text = torch.randn(s["classes"], s["prompts"], s["dim"], generator=generator).to(device, dtype)
+    img = normal((s["batch"], s["dim"], s["height"], s["width"]), generator, device, dtype, empty)
+    text = normal((s["classes"], s["prompts"], s["dim"]), generator, device, dtype, empty)
     return img, text, True
 
 
 def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+                            generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
     """Arguments of one ``sed_fast::cost_map_backward`` call, ``(grad, img_feats, text, channels_last,
     need_img, need_text)``, both gradients asked for; the map's gradient in channels-last rows."""
     generator = generator or torch.Generator().manual_seed(0)
-    img, text, channels_last = example_inputs(device, dtype, size, generator, **shape)
-    grad = torch.randn(img.shape[0] * text.shape[0], text.shape[1], *img.shape[2:], generator=generator)
-    return (grad.to(device, dtype).contiguous(memory_format=torch.channels_last), img, text, channels_last, True, True)
+    img, text, channels_last = example_inputs(device, dtype, size, generator, empty, **shape)
+    grad = normal((img.shape[0] * text.shape[0], text.shape[1], *img.shape[2:]), generator, device, dtype, empty)
+    return (grad.contiguous(memory_format=torch.channels_last), img, text, channels_last, True, True)

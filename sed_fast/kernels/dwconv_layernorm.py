@@ -28,6 +28,7 @@ import triton.language as tl
 
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
+from ._examples import normal
 from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
 
 OP_NAME = "dwconv_layernorm"
@@ -522,7 +523,7 @@ EXAMPLE_SHAPES = {"small": dict(batch=3, channels=32, height=7, width=9, kernel_
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, **shape) -> tuple:
+                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
     """Arguments of one ``sed_fast::dwconv_layernorm``
     call (as its reference and backends take them): ``(x, dw_weight, dw_bias, ln_weight, ln_bias,
     eps)``: x channels-last as the decoder gives it, weights scaled like a trained block's (seed 0
@@ -534,17 +535,17 @@ def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str =
     def rand(*dims):
         return torch.randn(*dims, generator=generator)
 
-    x = rand(s["batch"], channels, s["height"], s["width"]).to(device, dtype).contiguous(
+    x = normal((s["batch"], channels, s["height"], s["width"]), generator, device, dtype, empty).contiguous(
         memory_format=torch.channels_last)
     return (x, (rand(channels, 1, k, k) / k).to(device, dtype), rand(channels).to(device, dtype),
             (1 + 0.1 * rand(channels)).to(device, dtype), (0.1 * rand(channels)).to(device, dtype), 1e-6)
 
 
 def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                            generator: Optional[torch.Generator] = None, **shape) -> tuple:
+                            generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
     """Arguments of one ``sed_fast::dwconv_layernorm_backward`` call: ``(grad, *forward arguments)``,
     the gradient of the (N, H, W, C) tokens."""
     generator = generator or torch.Generator().manual_seed(0)
-    args = example_inputs(device, dtype, size, generator, **shape)
+    args = example_inputs(device, dtype, size, generator, empty, **shape)
     n, c, h, w = args[0].shape
-    return (torch.randn(n, h, w, c, generator=generator).to(device, dtype), *args)
+    return (normal((n, h, w, c), generator, device, dtype, empty), *args)

@@ -466,13 +466,15 @@ EXAMPLE_SHAPES = {"small": dict(height=37, width=53, new_h=20, new_w=29),
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.uint8, size: str = "small",
-                   generator: Optional[torch.Generator] = None, **shape) -> Tuple[torch.Tensor, int, int, bool]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, int, int, bool]:
     """Arguments of one ``sed_fast::pil_bilinear_resize``
     call (as its reference and backends take them): ``(image, new_h, new_w, horizontal_first)``:
     a random uint8 RGB image (a view of an HWC array, as a decoded photo is; the dtype is always
     uint8) and the pass order the installed Pillow uses for these sizes."""
     s = dict(EXAMPLE_SHAPES[size], **shape)
     generator = generator or torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (s["height"], s["width"], 3), dtype=torch.uint8, generator=generator)
+    hwc = (s["height"], s["width"], 3)
+    image = torch.empty(hwc, dtype=torch.uint8) if empty else torch.randint(0, 256, hwc, dtype=torch.uint8,
+                                                                             generator=generator)
     first = installed_pillow_horizontal_first(s["height"], s["width"], s["new_h"], s["new_w"])
     return image.to(device).permute(2, 0, 1), s["new_h"], s["new_w"], first

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from . import dispatch
 from .costs import Cost, register_op_cost
+from ._examples import normal
 from ._layout import pixel_strides
 
 OP_NAME = "topk_union_reject"
@@ -423,16 +424,18 @@ def distinct_logits(batch: int, classes: int, height: int, width: int,
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, **shape) -> Tuple[torch.Tensor, int]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, int]:
     """Arguments of one ``sed_fast::topk_union_reject``
     call (as its reference and backends take them): ``(aux_logits, k)``, without ties."""
     s = dict(EXAMPLE_SHAPES[size], **shape)
+    if empty:
+        return normal((s["batch"], s["classes"], s["height"], s["width"]), generator, device, dtype, empty), s["k"]
     logits = distinct_logits(s["batch"], s["classes"], s["height"], s["width"], generator)
     return logits.to(device, dtype), s["k"]
 
 
 def gather_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                          generator: Optional[torch.Generator] = None,
+                          generator: Optional[torch.Generator] = None, empty: bool = False,
                           **shape) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Arguments of one ``sed_fast::gather_rows``
     call (as its reference and backends take them): ``(x, flat_idx, total)``: channels-last rows, the
@@ -440,7 +443,7 @@ def gather_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size
     s = dict(EXAMPLE_SHAPES[size], **shape)
     generator = generator or torch.Generator().manual_seed(0)
     rows, kept = s["batch"] * s["classes"], min(s["kept"], s["batch"] * s["classes"])
-    x = torch.randn(rows, s["channels"], s["height"], s["width"], generator=generator)
+    x = normal((rows, s["channels"], s["height"], s["width"]), generator, device, dtype, empty)
     flat_idx = torch.full((rows,), -1, dtype=torch.int32)
     flat_idx[:kept] = torch.randperm(rows, generator=generator)[:kept].sort().values.to(torch.int32)
-    return x.to(device, dtype).contiguous(memory_format=torch.channels_last), flat_idx.to(device), kept
+    return x.contiguous(memory_format=torch.channels_last), flat_idx.to(device), kept
