@@ -142,11 +142,11 @@ def dwconv_case(classes: int, channels: int, size: int) -> Case:
         y = F.conv2d(x["x"], x["w"], x["b"], padding=4, groups=channels).permute(0, 2, 3, 1)
         return F.layer_norm(y, (channels,), x["ln_w"], x["ln_b"], 1e-6)
 
-    numel = classes * channels * size * size
     return Case("dwconv_layernorm", f"({classes},{channels},{size},{size})", classes, make, official,
                 lambda k, x: k.dwconv_layernorm(x["x_cl"], x["w"], x["b"], x["ln_w"], x["ln_b"], 1e-6),
                 _diff, _max_abs_scale, bytes=lambda es: op.bytes_moved(classes, channels, size, size, 9, es),
-                flops=float(op.flops(classes, channels, size, size, 9)), params={"N": classes, "C": channels, "H": size, "W": size},
+                flops=float(op.flops(classes, channels, size, size, 9)),
+                params={"N": classes, "C": channels, "H": size, "W": size},
                 op_args=lambda x: (x["x_cl"], x["w"], x["b"], x["ln_w"], x["ln_b"], 1e-6))
 
 

@@ -573,7 +573,8 @@ EXAMPLE_SHAPES = {"small": dict(batch=2, dim=48, height=5, width=7, classes=3, p
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> Tuple[torch.Tensor, torch.Tensor, bool]:
     """Arguments of one ``sed_fast::cost_map``
     call (as its reference and backends take them): (img_feats, text, channels_last): random normal
     values (generator, else seed 0) at EXAMPLE_SHAPES[size], any entry overridden by shape."""
@@ -585,7 +586,8 @@ def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str =
 
 
 def backward_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                            generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> tuple:
+                            generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> tuple:
     """Arguments of one ``sed_fast::cost_map_backward`` call, ``(grad, img_feats, text, channels_last,
     need_img, need_text)``, both gradients asked for; the map's gradient in channels-last rows."""
     generator = generator or torch.Generator().manual_seed(0)

@@ -466,7 +466,8 @@ EXAMPLE_SHAPES = {"small": dict(height=37, width=53, new_h=20, new_w=29),
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.uint8, size: str = "small",
-                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, int, int, bool]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> Tuple[torch.Tensor, int, int, bool]:
     """Arguments of one ``sed_fast::pil_bilinear_resize``
     call (as its reference and backends take them): ``(image, new_h, new_w, horizontal_first)``:
     a random uint8 RGB image (a view of an HWC array, as a decoded photo is; the dtype is always

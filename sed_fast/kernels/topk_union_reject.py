@@ -424,7 +424,8 @@ def distinct_logits(batch: int, classes: int, height: int, width: int,
 
 
 def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
-                   generator: Optional[torch.Generator] = None, empty: bool = False, **shape) -> Tuple[torch.Tensor, int]:
+                   generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> Tuple[torch.Tensor, int]:
     """Arguments of one ``sed_fast::topk_union_reject``
     call (as its reference and backends take them): ``(aux_logits, k)``, without ties."""
     s = dict(EXAMPLE_SHAPES[size], **shape)
