@@ -3,7 +3,7 @@
 Every differentiable ``sed_fast::<op>`` has a backward op ``sed_fast::<op>_backward`` (its own
 custom op, so torch.compile treats the backward as one opaque call, with a fake kernel) whose
 backends come from :mod:`.dispatch` like the forward's: ``"triton"`` on CUDA, ``"torch"``
-(autograd of the op's plain PyTorch reference, recomputed from the saved inputs) everywhere.
+(``torch.func.vjp`` of the op's plain PyTorch reference, recomputed from the saved inputs) everywhere.
 The forward saves its inputs only: nothing the size of an activation beyond them.
 """
 from __future__ import annotations
