@@ -10,7 +10,7 @@ shared memory. This report closes that gap without a GPU.
 
 How: each case calls the op's Triton launcher (the code the model runs) with CPU tensors at the
 model's real shapes, while Triton's driver is replaced by a compile-only one for the target and each
-launch by a compile (``warmup``). So what is compiled is exactly what the launcher would launch on
+launch by a compile through its compile hook. So what is compiled is exactly what the launcher would launch on
 that GPU: the same block sizes, warps, stages and argument specialisation (divisibility, strides of 1).
 Nothing runs: the outputs are never written.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import re
 import shutil
@@ -95,7 +96,7 @@ class FailedCase:
 # Compile-only Triton driver
 # ---------------------------------------------------------------------------------------------------
 class _CompileOnlyDriver:
-    """Just enough of Triton's driver interface for ``JITFunction.run(warmup=True)`` to compile."""
+    """Just enough of Triton's driver interface for a launch to reach the compile hook."""
 
     DEVICE = "compile-only"  # a key no real device uses in Triton's per-device caches
 
@@ -118,12 +119,37 @@ class _CompileOnlyDriver:
         return torch.device("cpu")
 
 
+class _NoDriver:
+    """Stands where Triton had no driver (a machine without a GPU): any use raises what Triton raised."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __getattr__(self, name):
+        raise RuntimeError(str(self.error))
+
+
+def _options_from(specialization_data: str) -> Dict[str, object]:
+    """The launch's full compile options, from the JSON Triton hands its compile hooks (lists back to tuples)."""
+    options = json.loads(specialization_data)["options"]
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
+
+
 @contextlib.contextmanager
 def compile_only(arch: int) -> Iterator[List[object]]:
     """Within: every Triton launch compiles for ``sm_<arch>`` and appends the compiled kernel to the
-    yielded list instead of running."""
+    yielded list instead of running.
+
+    Through Triton's public knobs: the active driver is one that only names the target, and the
+    ``jit_cache_hook`` (called before each compile, with the launch's specialisation) compiles the
+    kernel itself with ``triton.compile`` and answers "handled", so the launch neither compiles again
+    nor runs. Nothing is cached for the fake device: every launch is compiled.
+    """
+    import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver, jit
+    from triton.compiler import ASTSource
+    from triton.runtime import driver
 
     from sed_fast.kernels import dispatch
 
@@ -131,23 +157,25 @@ def compile_only(arch: int) -> Iterator[List[object]]:
         raise RuntimeError("compile_report needs Triton in compiled mode: run it in a process started "
                            "without TRITON_INTERPRET")
     compiled: List[object] = []
-    original_run = jit.JITFunction.run
+    target = GPUTarget("cuda", arch, 32)
 
-    def run(self, *args, grid, warmup, **kwargs):
-        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if hasattr(kernel, "result"):  # async compile mode hands back a future
-            kernel = kernel.result()
-        compiled.append(kernel)
-        return kernel
+    def compile_instead_of_launch(*, fn, compile, **_):
+        source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
+        compiled.append(triton.compile(source, target=target, options=_options_from(compile["specialization_data"])))
+        return True  # handled: the launch returns without compiling or running
 
-    previous = getattr(driver, "_active", None)  # None: no driver made yet (none can be on a CPU machine)
-    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
-    jit.JITFunction.run = run
+    previous_hook = knobs.runtime.jit_cache_hook
+    try:
+        previous_driver = driver.active
+    except RuntimeError as error:  # no GPU driver on this machine
+        previous_driver = _NoDriver(error)
+    driver.set_active(_CompileOnlyDriver(target))
+    knobs.runtime.jit_cache_hook = compile_instead_of_launch
     try:
         yield compiled
     finally:
-        jit.JITFunction.run = original_run
-        driver._active = previous
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver.set_active(previous_driver)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,90 +290,92 @@ class Case:
     launch: Callable[[torch.dtype], None]  # calls a Triton launcher with CPU tensors of that dtype
 
 
+def _model_inputs(module: str, maker: str, dtype: torch.dtype, **shape) -> tuple:
+    """The op file's example inputs at these model shapes, unset (nothing is run, only launched)."""
+    make = getattr(importlib.import_module(f"sed_fast.kernels.{module}"), maker)
+    return make("cpu", dtype, "model", None, True, **shape)
+
+
 def _cost_map_case(classes: int, dim: int, variant: str) -> Case:
+    shape = dict(dim=dim, classes=classes, prompts=PROMPTS, height=COST_SIZE, width=COST_SIZE)
+
     def launch(dtype):
         from sed_fast.kernels.cost_map import cost_map_triton
-        img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
-        text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
-        cost_map_triton(img, text, channels_last=True)
+        cost_map_triton(*_model_inputs("cost_map", "example_inputs", dtype, **shape))
     return Case(f"cost_map SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
 
 
 def _cost_map_backward_case(classes: int, dim: int, variant: str) -> Case:
+    shape = dict(dim=dim, classes=classes, prompts=PROMPTS, height=COST_SIZE, width=COST_SIZE)
+
     def launch(dtype):
-        from sed_fast.kernels.cost_map_backward import cost_map_backward_triton
-        img = torch.empty((1, dim, COST_SIZE, COST_SIZE), dtype=dtype)
-        text = torch.empty((classes, PROMPTS, dim), dtype=dtype)
-        grad = torch.empty((classes, PROMPTS, COST_SIZE, COST_SIZE), dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
-        cost_map_backward_triton(grad, img, text, True, True, True)
+        from sed_fast.kernels.cost_map import cost_map_backward_triton
+        cost_map_backward_triton(*_model_inputs("cost_map", "backward_example_inputs", dtype, **shape))
     return Case(f"cost_map backward SED-{variant.upper()} D={dim} T={classes} {COST_SIZE}x{COST_SIZE}", launch)
 
 
 def _dwconv_case(classes: int, channels: int, side: int) -> Case:
+    shape = dict(batch=classes, channels=channels, height=side, width=side)
+
     def launch(dtype):
         from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_triton
-        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
-        vector = torch.empty((channels,), dtype=dtype)
-        dwconv_layernorm_triton(x, weight, vector, vector, vector, 1e-6)
+        dwconv_layernorm_triton(*_model_inputs("dwconv_layernorm", "example_inputs", dtype, **shape))
     return Case(f"dwconv_layernorm N={classes} C={channels} {side}x{side}", launch)
 
 
 def _dwconv_backward_case(classes: int, channels: int, side: int) -> Case:
+    shape = dict(batch=classes, channels=channels, height=side, width=side)
+
     def launch(dtype):
-        from sed_fast.kernels.dwconv_layernorm_backward import dwconv_layernorm_backward_triton
-        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        weight = torch.empty((channels, 1, 9, 9), dtype=dtype)
-        vector = torch.empty((channels,), dtype=dtype)
-        grad = torch.empty((classes, side, side, channels), dtype=dtype)
-        dwconv_layernorm_backward_triton(grad, x, weight, vector, vector, vector, 1e-6)
+        from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_backward_triton
+        dwconv_layernorm_backward_triton(*_model_inputs("dwconv_layernorm", "backward_example_inputs", dtype,
+                                                        **shape))
     return Case(f"dwconv_layernorm backward N={classes} C={channels} {side}x{side}", launch)
 
 
 def _class_attention_case(classes: int, channels: int, side: int) -> Case:
-    def launch(dtype):
+    shape = dict(classes=(classes,), pixels=side * side, channels=channels)
+
+    def launch(dtype):  # q, k, v: views of one fused projection
         from sed_fast.kernels.class_attention import class_attention_triton
-        qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)  # one fused projection
-        q, k, v = qkv.split(channels, dim=-1)
-        offsets = torch.tensor([0, classes], dtype=torch.int32)
-        class_attention_triton(q, k, v, offsets, num_heads=4, eps=1e-6)
+        q, k, v, offsets, heads, eps = _model_inputs("class_attention", "example_inputs", dtype, **shape)
+        class_attention_triton(q, k, v, offsets, num_heads=heads, eps=eps)
     return Case(f"class_attention T={classes} P={side * side} C={channels}", launch)
 
 
 def _class_attention_backward_case(classes: int, channels: int, side: int) -> Case:
+    shape = dict(classes=(classes,), pixels=side * side, channels=channels)
+
     def launch(dtype):
-        from sed_fast.kernels.class_attention_backward import class_attention_backward_triton
-        qkv = torch.empty((classes, side * side, 3 * channels), dtype=dtype)
-        q, k, v = qkv.split(channels, dim=-1)
-        grad = torch.empty((classes, side * side, channels), dtype=dtype)
-        offsets = torch.tensor([0, classes], dtype=torch.int32)
-        class_attention_backward_triton(grad, q, k, v, offsets, num_heads=4, eps=1e-6)
+        from sed_fast.kernels.class_attention import class_attention_backward_triton
+        grad, q, k, v, offsets, heads, eps = _model_inputs("class_attention", "backward_example_inputs", dtype,
+                                                           **shape)
+        class_attention_backward_triton(grad, q, k, v, offsets, num_heads=heads, eps=eps)
     return Case(f"class_attention backward T={classes} P={side * side} C={channels}", launch)
 
 
 def _rejection_case(classes: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.topk_union_reject import topk_union_reject_triton
-        logits = torch.empty((1, classes, side, side), dtype=dtype)
-        topk_union_reject_triton(logits, TOPK)
+        topk_union_reject_triton(*_model_inputs("topk_union_reject", "example_inputs", dtype, classes=classes,
+                                                height=side, width=side, k=TOPK))
     return Case(f"topk_union_reject T={classes} {side}x{side} k={TOPK}", launch)
 
 
 def _gather_case(classes: int, channels: int, side: int) -> Case:
     def launch(dtype):
         from sed_fast.kernels.topk_union_reject import gather_rows_triton
-        x = torch.empty((classes, channels, side, side), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        rows = torch.zeros((KEPT,), dtype=torch.int32)
-        gather_rows_triton(x, rows, KEPT)
+        gather_rows_triton(*_model_inputs("topk_union_reject", "gather_example_inputs", dtype, classes=classes,
+                                          channels=channels, height=side, width=side, kept=KEPT))
     return Case(f"gather_rows {KEPT} of {classes} C={channels} {side}x{side}", launch)
 
 
 def _pil_resize_case(height: int, width: int, new_h: int, new_w: int, horizontal_first: bool) -> Case:
     def launch(dtype):  # uint8 images: the case's dtype does not apply
         from sed_fast.kernels.pil_bilinear_resize import pil_bilinear_resize_triton
-        image = torch.empty((height, width, 3), dtype=torch.uint8).permute(2, 0, 1)  # a decoded HWC photo
-        pil_bilinear_resize_triton(image, new_h, new_w, horizontal_first)
+        image, new_h_, new_w_, _ = _model_inputs("pil_bilinear_resize", "example_inputs", torch.uint8,
+                                                 height=height, width=width, new_h=new_h, new_w=new_w)
+        pil_bilinear_resize_triton(image, new_h_, new_w_, horizontal_first)  # a decoded HWC photo, permuted
     order = "horizontal first" if horizontal_first else "vertical first"
     return Case(f"pil_bilinear_resize uint8 RGB {width}x{height} -> {new_w}x{new_h} ({order})", launch)
 

@@ -27,14 +27,16 @@ gather_rows            x (T, C, H, W) at the three levels (channels-last), 32 ro
 The op gets its inputs in the layout the fast model gives it (channels-last activations, q/k/v as
 views of one fused qkv projection).
 
-Bytes and FLOPs (the cost models; es = bytes per element):
+Inputs and costs come from each op's file: ``example_inputs(device, dtype, "model", **shape)``
+and its cost model (``flops``, ``bytes_moved``; es = bytes per element), FLOPs counted as
+``torch.utils.flop_counter`` counts the op's reference (matmuls and convolutions only):
 
 * cost_map: bytes es*(B*D*h*w + T*P*D + B*T*P*h*w) (read both inputs, write the map once);
   FLOPs 2*B*h*w*T*P*D.
 * dwconv_layernorm: bytes es*(2*N*C*H*W + C*(81 + 3)) (read x, write the normalised tokens);
-  FLOPs N*C*H*W*(2*81 + 8) (taps + LayerNorm).
-* class_attention: bytes 4*T*P*C*es (read q, k, v, write out); FLOPs 4*T*P*C*d, d = C/heads
-  (K^T V and Q (K^T V); the normaliser is lower order).
+  FLOPs 2*N*C*H*W*81 (the taps; LayerNorm is elementwise).
+* class_attention: bytes 4*T*P*C*es (read q, k, v, write out); FLOPs 4*T*P*C*d + 2*T*P*C,
+  d = C/heads (K^T V, Q (K^T V) and the normaliser).
 * topk_union_reject: bytes es*B*T*h*w + 5*B*T + 4*(B+1); no FLOPs (comparisons).
 * gather_rows: bytes 2*kept*C*H*W*es; no FLOPs.
 
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -109,10 +112,11 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def cost_map_case(classes: int, dim: int, prompts: int, size: int) -> Case:
     from sed_fast.models.decoder import SEDDecoder
 
+    op = importlib.import_module("sed_fast.kernels.cost_map")
+
     def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        img = torch.randn(1, dim, size, size, generator=g).to(device, dtype)
-        text = torch.randn(classes, prompts, dim, generator=g).to(device, dtype)
+        img, text, _ = op.example_inputs(device, dtype, "model", batch=1, dim=dim, height=size, width=size,
+                                         classes=classes, prompts=prompts)
         return {"img": img, "text": text}
 
     def official(x):
@@ -120,31 +124,29 @@ def cost_map_case(classes: int, dim: int, prompts: int, size: int) -> Case:
 
     return Case("cost_map", f"img (1,{dim},{size},{size}) text ({classes},{prompts},{dim})", classes, make, official,
                 lambda k, x: k.cost_map(x["img"], x["text"], channels_last=True), _diff, _max_abs_scale,
-                bytes=lambda es: es * (dim * size * size + classes * prompts * dim + classes * prompts * size * size),
-                flops=2.0 * size * size * classes * prompts * dim,
+                bytes=lambda es: op.bytes_moved(1, dim, size, size, classes, prompts, es),
+                flops=float(op.flops(1, dim, size, size, classes, prompts)),
                 params={"B": 1, "D": dim, "P": prompts, "h": size, "w": size},
                 op_args=lambda x: (x["img"], x["text"], True))
 
 
 def dwconv_case(classes: int, channels: int, size: int) -> Case:
+    op = importlib.import_module("sed_fast.kernels.dwconv_layernorm")
+
     def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(1)
-        x = torch.randn(classes, channels, size, size, generator=g).to(device, dtype)
-        return {"x": x, "x_cl": x.contiguous(memory_format=torch.channels_last),
-                "w": (torch.randn(channels, 1, 9, 9, generator=g) / 9).to(device, dtype),
-                "b": torch.randn(channels, generator=g).to(device, dtype),
-                "ln_w": (1 + 0.1 * torch.randn(channels, generator=g)).to(device, dtype),
-                "ln_b": (0.1 * torch.randn(channels, generator=g)).to(device, dtype)}
+        x_cl, w, b, ln_w, ln_b, _ = op.example_inputs(device, dtype, "model", batch=classes, channels=channels,
+                                                      height=size, width=size, kernel_size=9)
+        return {"x": x_cl.contiguous(), "x_cl": x_cl, "w": w, "b": b, "ln_w": ln_w, "ln_b": ln_b}
 
     def official(x):
         y = F.conv2d(x["x"], x["w"], x["b"], padding=4, groups=channels).permute(0, 2, 3, 1)
         return F.layer_norm(y, (channels,), x["ln_w"], x["ln_b"], 1e-6)
 
-    numel = classes * channels * size * size
     return Case("dwconv_layernorm", f"({classes},{channels},{size},{size})", classes, make, official,
                 lambda k, x: k.dwconv_layernorm(x["x_cl"], x["w"], x["b"], x["ln_w"], x["ln_b"], 1e-6),
-                _diff, _max_abs_scale, bytes=lambda es: es * (2 * numel + channels * (81 + 3)),
-                flops=float(numel * (2 * 81 + 8)), params={"N": classes, "C": channels, "H": size, "W": size},
+                _diff, _max_abs_scale, bytes=lambda es: op.bytes_moved(classes, channels, size, size, 9, es),
+                flops=float(op.flops(classes, channels, size, size, 9)),
+                params={"N": classes, "C": channels, "H": size, "W": size},
                 op_args=lambda x: (x["x_cl"], x["w"], x["b"], x["ln_w"], x["ln_b"], 1e-6))
 
 
@@ -154,15 +156,16 @@ def class_attention_case(classes: int, channels: int, size: int, heads: int = 4)
     pixels = size * size
     head_dim = channels // heads
 
+    op = importlib.import_module("sed_fast.kernels.class_attention")
+
     def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(2)
-        qkv = torch.randn(classes, pixels, 3 * channels, generator=g).to(device, dtype)  # fused projection
-        q, k, v = qkv.split(channels, dim=-1)
+        q, k, v, offsets, _, _ = op.example_inputs(device, dtype, "model", classes=(classes,), pixels=pixels,
+                                                   channels=channels, num_heads=heads)  # a fused projection
 
         def official_layout(t):  # (T, P, C) -> (P, T, heads, d) contiguous, as the official q/k/v linears give
             return t.transpose(0, 1).reshape(pixels, classes, heads, head_dim).contiguous()
 
-        return {"q": q, "k": k, "v": v, "offsets": torch.tensor([0, classes], dtype=torch.int32, device=device),
+        return {"q": q, "k": k, "v": v, "offsets": offsets,
                 "q_o": official_layout(q), "k_o": official_layout(k), "v_o": official_layout(v)}
 
     def official(x):
@@ -173,8 +176,8 @@ def class_attention_case(classes: int, channels: int, size: int, heads: int = 4)
 
     return Case("class_attention", f"({classes},{pixels},{channels}) h={heads}", classes, make, official,
                 lambda k, x: k.class_attention(x["q"], x["k"], x["v"], x["offsets"], num_heads=heads),
-                compare, _max_abs_scale, bytes=lambda es: 4 * classes * pixels * channels * es,
-                flops=4.0 * classes * pixels * channels * head_dim,
+                compare, _max_abs_scale, bytes=lambda es: op.bytes_moved(classes, pixels, channels, es),
+                flops=float(op.flops(classes, pixels, channels, heads)),
                 params={"T": classes, "P": pixels, "C": channels, "heads": heads},
                 op_args=lambda x: (x["q"], x["k"], x["v"], x["offsets"], heads, 1e-6))
 
@@ -182,11 +185,11 @@ def class_attention_case(classes: int, channels: int, size: int, heads: int = 4)
 def rejection_case(classes: int, size: int, k: int) -> Case:
     from sed_fast.models.rejection import TopKUnion
 
-    def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(3)
-        # Distinct values (no ties): a random permutation per pixel, scaled into a small range.
-        logits = torch.rand(1, classes, size, size, generator=g).argsort(dim=1).float() / classes
-        return {"aux": (logits * 4 - 2).to(device, dtype)}
+    op = importlib.import_module("sed_fast.kernels.topk_union_reject")
+
+    def make(device, dtype):  # distinct values (no ties)
+        aux, _ = op.example_inputs(device, dtype, "model", batch=1, classes=classes, height=size, width=size, k=k)
+        return {"aux": aux}
 
     def official(x):
         keep = TopKUnion(k).keep_mask(x["aux"])
@@ -204,25 +207,25 @@ def rejection_case(classes: int, size: int, k: int) -> Case:
         return float((got != ref).sum())
 
     return Case("topk_union_reject", f"(1,{classes},{size},{size}) k={k}", classes, make, official, fast, compare,
-                bytes=lambda es: es * classes * size * size + 5 * classes + 8, flops=None, exact=True,
+                bytes=lambda es: op.bytes_moved(1, classes, size, size, es), flops=None, exact=True,
                 params={"B": 1, "T": classes, "h": size, "w": size, "k": k}, op_args=lambda x: (x["aux"], k))
 
 
 def gather_case(classes: int, channels: int, size: int, kept: int) -> Case:
     kept = min(kept, classes)
 
+    op = importlib.import_module("sed_fast.kernels.topk_union_reject")
+
     def make(device, dtype):
-        g = torch.Generator(device="cpu").manual_seed(4)
-        x = torch.randn(classes, channels, size, size, generator=g).to(device, dtype)
-        idx = torch.randperm(classes, generator=g)[:kept].sort().values
-        mask = torch.zeros(classes, dtype=torch.bool)
-        mask[idx] = True
-        return {"x": x.contiguous(memory_format=torch.channels_last), "idx": idx.to(device),
-                "mask": mask.to(device)}
+        x, flat_idx, _ = op.gather_example_inputs(device, dtype, "model", batch=1, classes=classes,
+                                                  channels=channels, height=size, width=size, kept=kept)
+        mask = torch.zeros(classes, dtype=torch.bool, device=device)
+        mask[flat_idx[:kept].long()] = True
+        return {"x": x, "idx": flat_idx, "mask": mask}
 
     return Case("gather_rows", f"({classes},{channels},{size},{size}) kept={kept}", classes, make,
                 lambda x: x["x"][x["mask"]], lambda k, x: k.gather_rows(x["x"], x["idx"], kept), _diff,
-                bytes=lambda es: 2 * kept * channels * size * size * es, flops=None, exact=True,
+                bytes=lambda es: op.gather_bytes_moved(kept, channels * size * size, es), flops=None, exact=True,
                 params={"T": classes, "C": channels, "H": size, "W": size, "kept": kept},
                 op_args=lambda x: (x["x"], x["idx"], kept))
 

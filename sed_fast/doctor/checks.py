@@ -2,6 +2,7 @@
 the dispatch table and the model end to end. Each returns plain data (JSON-ready)."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import platform
 import shutil
@@ -127,35 +128,11 @@ def _equal(ref: torch.Tensor, out: torch.Tensor, dtype=None) -> Tuple[float, boo
     return error, bool(torch.equal(out, ref))
 
 
-def _rand(gen: torch.Generator, *shape) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen)
-
-
-def _cost_map(device, dtype, gen):
-    return (_rand(gen, 2, 48, 5, 7).to(device, dtype), _rand(gen, 3, 4, 48).to(device, dtype), True)
-
-
-def _dwconv(device, dtype, gen):
-    channels = 32  # a width every backend takes (the CUDA kernel: 32, 64 or 128)
-    x = _rand(gen, 3, channels, 7, 9).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    return (x, (_rand(gen, channels, 1, 9, 9) / 9).to(device, dtype), _rand(gen, channels).to(device, dtype),
-            (1 + 0.1 * _rand(gen, channels)).to(device, dtype), (0.1 * _rand(gen, channels)).to(device, dtype), 1e-6)
-
-
-def _class_attention(device, dtype, gen):
-    qkv = _rand(gen, 5, 12, 3 * 32).to(device, dtype)  # a fused projection, as the fast decoder gives
-    q, k, v = qkv.split(32, dim=-1)
-    offsets = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)  # two images, ragged
-    return (q, k, v, offsets, 4, 1e-6)
-
-
-def _distinct_logits(gen, batch, classes, height, width):
-    """No ties: a random permutation of the classes per pixel."""
-    return torch.rand(batch, classes, height, width, generator=gen).argsort(dim=1).float() / classes * 4 - 2
-
-
-def _topk(device, dtype, gen):
-    return (_distinct_logits(gen, 2, 7, 5, 6).to(device, dtype), 3)
+def _example(module: str, maker: str = "example_inputs") -> Callable:
+    """The op file's own example inputs (the "small" shapes), as a case's ``make(device, dtype, gen)``."""
+    def make(device, dtype, gen):
+        return getattr(importlib.import_module(f"sed_fast.kernels.{module}"), maker)(device, dtype, "small", gen)
+    return make
 
 
 def _compare_topk(ref, out, dtype=None):
@@ -164,21 +141,6 @@ def _compare_topk(ref, out, dtype=None):
     total = int(ref_offsets[-1])
     results = [_equal(ref_mask, mask), _equal(ref_offsets, offsets), _equal(ref_idx[:total], idx[:total])]
     return max(error for error, _ in results), all(ok for _, ok in results)
-
-
-def _gather(device, dtype, gen):
-    x = _rand(gen, 7, 16, 5, 6).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    flat_idx = torch.tensor([1, 3, 4, 6, -1, -1, -1], dtype=torch.int32, device=device)
-    return (x, flat_idx, 4)
-
-
-def _resize(device, dtype, gen):
-    from ..kernels.pil_bilinear_resize import installed_pillow_horizontal_first
-
-    image = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=gen).to(device)
-    new_h, new_w = 20, 29
-    first = installed_pillow_horizontal_first(37, 53, new_h, new_w)
-    return (image, new_h, new_w, first)
 
 
 def _pillow(args) -> torch.Tensor:
@@ -193,12 +155,14 @@ def _pillow(args) -> torch.Tensor:
 
 
 CASES = (
-    Case("cost_map", "img (2,48,5,7) text (3,4,48)", _cost_map, _close),
-    Case("dwconv_layernorm", "x (3,32,7,9) 9x9", _dwconv, _close),
-    Case("class_attention", "qkv (5,12,32) 2 images, 4 heads", _class_attention, _close),
-    Case("topk_union_reject", "aux (2,7,5,6) k=3", _topk, _compare_topk, dtypes=(torch.float32,)),
-    Case("gather_rows", "x (7,16,5,6) 4 rows", _gather, _equal),
-    Case("pil_bilinear_resize", "uint8 (3,37,53) -> (20,29)", _resize, _equal, dtypes=(torch.uint8,), oracle=_pillow),
+    Case("cost_map", "img (2,48,5,7) text (3,4,48)", _example("cost_map"), _close),
+    Case("dwconv_layernorm", "x (3,32,7,9) 9x9", _example("dwconv_layernorm"), _close),
+    Case("class_attention", "qkv (5,12,32) 2 images, 4 heads", _example("class_attention"), _close),
+    Case("topk_union_reject", "aux (2,7,5,6) k=3", _example("topk_union_reject"), _compare_topk,
+         dtypes=(torch.float32,)),
+    Case("gather_rows", "x (14,16,5,6) 4 rows", _example("topk_union_reject", "gather_example_inputs"), _equal),
+    Case("pil_bilinear_resize", "uint8 (3,37,53) -> (20,29)", _example("pil_bilinear_resize"), _equal,
+         dtypes=(torch.uint8,), oracle=_pillow),
 )
 
 CASES_BY_OP = {case.op: case for case in CASES}

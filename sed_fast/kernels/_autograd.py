@@ -3,44 +3,39 @@
 Every differentiable ``sed_fast::<op>`` has a backward op ``sed_fast::<op>_backward`` (its own
 custom op, so torch.compile treats the backward as one opaque call, with a fake kernel) whose
 backends come from :mod:`.dispatch` like the forward's: ``"triton"`` on CUDA, ``"torch"``
-(autograd of the op's plain PyTorch reference, recomputed from the saved inputs) everywhere.
+(``torch.func.vjp`` of the op's plain PyTorch reference, recomputed from the saved inputs) everywhere.
 The forward saves its inputs only: nothing the size of an activation beyond them.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
-
-# The keys autograd records through. A custom op's body runs below autograd (the dispatcher
-# excludes these keys while it runs), so the reference backward, which differentiates the
-# reference forward, has to lift that exclusion for its own recomputation.
-_AUTOGRAD_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
-                  | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView))
-
-
-@contextlib.contextmanager
-def autograd_inside_op() -> Iterator[None]:
-    """Within: autograd records again (grad mode on, autograd dispatch keys no longer excluded),
-    autocast still off as in any op body."""
-    include = torch._C._dispatch_tls_local_include_set()
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    with torch._C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS), torch.enable_grad():
-        yield
 
 
 def reference_vjp(forward: Callable[..., torch.Tensor], grad_out: torch.Tensor, inputs: Sequence[torch.Tensor],
                   needs: Sequence[bool], *constants) -> List[Optional[torch.Tensor]]:
-    """Gradients of ``forward(*inputs, *constants)`` against ``grad_out``, by autograd of a
-    recomputation: one per input, None where ``needs`` is False (or nothing reaches it)."""
-    with autograd_inside_op():
-        leaves = [t.detach().requires_grad_(bool(need)) for t, need in zip(inputs, needs)]
-        out = forward(*leaves, *constants)
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ()
-    found = iter(grads)
-    return [next(found) if leaf.requires_grad else None for leaf in leaves]
+    """Gradients of ``forward(*inputs, *constants)`` against ``grad_out``, by a recomputation: one per
+    input, None where ``needs`` is False.
+
+    ``torch.func.vjp``, not ``torch.autograd.grad``: a custom op's body runs below autograd (the
+    dispatcher excludes the autograd keys there), where plain autograd records nothing, while
+    torch.func's transform records at its own level, so it differentiates inside the op too.
+    """
+    wanted = [i for i, need in enumerate(needs) if need]
+    if not wanted:
+        return [None] * len(inputs)
+    detached = [t.detach() for t in inputs]
+
+    def forward_of_wanted(*leaves):
+        args = list(detached)
+        for index, leaf in zip(wanted, leaves):
+            args[index] = leaf
+        return forward(*args, *constants)
+
+    _, vjp = torch.func.vjp(forward_of_wanted, *(detached[i] for i in wanted))
+    found = iter(vjp(grad_out))
+    return [next(found) if need else None for need in needs]
 
 
 def zeros_where_missing(grads: Sequence[Optional[torch.Tensor]], inputs: Sequence[torch.Tensor],

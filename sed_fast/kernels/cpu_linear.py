@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..base.envvars import env_value
+from .costs import Cost, matmul_flops, nbytes, register_op_cost
 
 _state = {"usable": None}  # None: not probed yet
 
@@ -77,3 +78,20 @@ def onednn_linear_mode(device: torch.device):
     if torch.device(device).type != "cpu" or not onednn_linear_enabled():
         return contextlib.nullcontext()
     return _OneDNNLinearMode()
+
+
+# Cost model: the routed calls are matmuls that torch's counter has no formula for (it counts the
+# addmm of F.linear), so the fast model's linears would vanish from FlopCounterMode without it.
+def linear_cost(x: torch.Tensor, *args, **kwargs) -> Cost:
+    """mkldnn::_linear_pointwise: 2 * rows * in * out FLOPs, as torch counts F.linear's addmm; reads
+    x, the weight and bias once, writes the output once. Both overloads: ``(x, weight, bias, attr,
+    scalars, algorithm)`` and ``.binary``'s ``(x, other, weight, bias, attr)``."""
+    binary = len(args) >= 4 and isinstance(args[0], torch.Tensor) and isinstance(args[3], str)
+    weight, bias = (args[1], args[2]) if binary else (args[0], args[1] if len(args) > 1 else None)
+    out_features, in_features = weight.shape[0], weight.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    return Cost(matmul_flops(rows, in_features, out_features),
+                nbytes(x, weight, bias, args[0] if binary else None) + rows * out_features * x.element_size())
+
+
+register_op_cost("mkldnn::_linear_pointwise", linear_cost)

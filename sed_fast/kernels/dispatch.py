@@ -74,7 +74,6 @@ class BackendError(RuntimeError):
 _backends: Dict[str, Dict[str, Backend]] = {}
 _overrides: Dict[str, str] = {}
 _autotune_override: Optional[bool] = None
-_cost_models: Dict[str, Callable[..., int]] = {}
 _excluded: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why it is not to be used
 
 
@@ -260,15 +259,3 @@ def resolve(op: str, device: torch.device, args: Optional[tuple] = None, kwargs:
     """The function to run ``op`` on ``device`` for these inputs (pass them: the choice may
     depend on them)."""
     return _known(op)[resolve_name(op, device, args, kwargs)].fn
-
-
-# -- cost models -----------------------------------------------------------------------------------
-def register_cost_model(op: str, flops_of_call: Callable[..., int]) -> None:
-    """Register ``flops_of_call(*op_args) -> int``: the FLOPs (or comparisons) of one call of ``op``,
-    from the kernel's own cost model (profilers read it: custom ops are opaque to torch's counter)."""
-    _cost_models[op] = flops_of_call
-
-
-def cost_model(op: str) -> Optional[Callable[..., int]]:
-    """The FLOP count of a call of ``op`` (see :func:`register_cost_model`), or None."""
-    return _cost_models.get(op)

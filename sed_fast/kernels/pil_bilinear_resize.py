@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, nbytes, register_op_cost
 
 OP_NAME = "pil_bilinear_resize"
 PRECISION_BITS = 32 - 8 - 2  # Pillow's PRECISION_BITS: 8-bit result, 2 bits of headroom
@@ -441,3 +442,40 @@ def pil_bilinear_resize(image: torch.Tensor, size: Sequence[int],
     if horizontal_first is None:
         horizontal_first = installed_pillow_horizontal_first(image.shape[1], image.shape[2], new_h, new_w)
     return _pil_bilinear_resize_op(image, new_h, new_w, bool(horizontal_first))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost model (FLOPs as torch.utils.flop_counter counts the reference: fixed-point blends are
+# elementwise and count none; least bytes moved)
+# ---------------------------------------------------------------------------------------------------
+def cost(image: torch.Tensor, new_h: int, new_w: int, horizontal_first: bool = True) -> Cost:
+    """sed_fast::pil_bilinear_resize: no FLOPs; reads the uint8 image once, writes the resized one once."""
+    return Cost(0, nbytes(image) + image.shape[0] * new_h * new_w * image.element_size())
+
+
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small", and "model": the official test-time resize of a
+#: 1920x1080 photo to a 640 shortest edge.
+EXAMPLE_SHAPES = {"small": dict(height=37, width=53, new_h=20, new_w=29),
+                  "model": dict(height=1080, width=1920, new_h=640, new_w=1138)}
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.uint8, size: str = "small",
+                   generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> Tuple[torch.Tensor, int, int, bool]:
+    """Arguments of one ``sed_fast::pil_bilinear_resize``
+    call (as its reference and backends take them): ``(image, new_h, new_w, horizontal_first)``:
+    a random uint8 RGB image (a view of an HWC array, as a decoded photo is; the dtype is always
+    uint8) and the pass order the installed Pillow uses for these sizes."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    hwc = (s["height"], s["width"], 3)
+    image = torch.empty(hwc, dtype=torch.uint8) if empty else torch.randint(0, 256, hwc, dtype=torch.uint8,
+                                                                             generator=generator)
+    first = installed_pillow_horizontal_first(s["height"], s["width"], s["new_h"], s["new_w"])
+    return image.to(device).permute(2, 0, 1), s["new_h"], s["new_w"], first

@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, register_op_cost
+from ._examples import normal
 from ._layout import pixel_strides
 
 OP_NAME = "topk_union_reject"
@@ -373,19 +375,15 @@ def gather_rows(x: torch.Tensor, flat_idx: torch.Tensor, total: int) -> torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------
-# Cost model (for benchmarks)
+# Cost models (FLOPs as torch.utils.flop_counter counts the references: comparisons and copies
+# count none; least bytes moved)
 # ---------------------------------------------------------------------------------------------------
 def bytes_moved(batch: int, classes: int, height: int, width: int, element_size: int = 2) -> int:
-    """Minimum DRAM traffic: read the logits once; the outputs (B*T bool + B*T int32) are minor.
+    """Read the logits once; the outputs (B*T bool + B*T int32 + (B+1) int32) are minor.
 
     element_size * B*T*h*w + 5 * B*T + 4 * (B + 1)
     """
     return element_size * batch * classes * height * width + 5 * batch * classes + 4 * (batch + 1)
-
-
-def flops(batch: int, classes: int, height: int, width: int, k: int) -> int:
-    """Comparisons, not FLOPs: about (k + 1) per logit (k threshold rounds and the union pass)."""
-    return (min(k, classes) + 1) * batch * classes * height * width
 
 
 def gather_bytes_moved(total: int, row_numel: int, element_size: int = 2) -> int:
@@ -393,8 +391,60 @@ def gather_bytes_moved(total: int, row_numel: int, element_size: int = 2) -> int
     return 2 * total * row_numel * element_size
 
 
-def flops_of_call(aux_logits: torch.Tensor, k: int) -> int:
-    return flops(*aux_logits.shape, k=k)
+def cost(aux_logits: torch.Tensor, k: int) -> Cost:
+    """sed_fast::topk_union_reject: no FLOPs (about k + 1 comparisons per logit); see :func:`bytes_moved`."""
+    return Cost(0, bytes_moved(*aux_logits.shape, element_size=aux_logits.element_size()))
 
 
-dispatch.register_cost_model(OP_NAME, flops_of_call)
+def gather_cost(x: torch.Tensor, flat_idx: torch.Tensor, total: int) -> Cost:
+    """sed_fast::gather_rows: no FLOPs; reads the indices and each gathered row once, writes them once."""
+    row_numel = x[0].numel() if x.shape[0] else 0
+    return Cost(0, gather_bytes_moved(total, row_numel, x.element_size()) + 4 * total)
+
+
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+register_op_cost(f"sed_fast::{GATHER_OP_NAME}", gather_cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small", and "model": SED-B's first rejection at 768 px
+#: (24x24 aux logits, 150 classes, the official k = 8; 32 rows gathered at C = 128).
+EXAMPLE_SHAPES = {"small": dict(batch=2, classes=7, height=5, width=6, k=3, channels=16, kept=4),
+                  "model": dict(batch=1, classes=150, height=24, width=24, k=8, channels=128, kept=32)}
+
+
+def distinct_logits(batch: int, classes: int, height: int, width: int,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Logits without ties (a random permutation of the classes at each pixel, scaled into [-2, 2)),
+    so every implementation keeps the same classes."""
+    generator = generator or torch.Generator().manual_seed(0)
+    return torch.rand(batch, classes, height, width, generator=generator).argsort(dim=1).float() / classes * 4 - 2
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                   generator: Optional[torch.Generator] = None, empty: bool = False,
+                   **shape) -> Tuple[torch.Tensor, int]:
+    """Arguments of one ``sed_fast::topk_union_reject``
+    call (as its reference and backends take them): ``(aux_logits, k)``, without ties."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    if empty:
+        return normal((s["batch"], s["classes"], s["height"], s["width"]), generator, device, dtype, empty), s["k"]
+    logits = distinct_logits(s["batch"], s["classes"], s["height"], s["width"], generator)
+    return logits.to(device, dtype), s["k"]
+
+
+def gather_example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                          generator: Optional[torch.Generator] = None, empty: bool = False,
+                          **shape) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Arguments of one ``sed_fast::gather_rows``
+    call (as its reference and backends take them): ``(x, flat_idx, total)``: channels-last rows, the
+    first ``kept`` entries of flat_idx sorted distinct rows and the rest -1, as the rejection leaves them."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    rows, kept = s["batch"] * s["classes"], min(s["kept"], s["batch"] * s["classes"])
+    x = normal((rows, s["channels"], s["height"], s["width"]), generator, device, dtype, empty)
+    flat_idx = torch.full((rows,), -1, dtype=torch.int32)
+    flat_idx[:kept] = torch.randperm(rows, generator=generator)[:kept].sort().values.to(torch.int32)
+    return x.contiguous(memory_format=torch.channels_last), flat_idx.to(device), kept

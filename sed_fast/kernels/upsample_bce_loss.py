@@ -20,6 +20,7 @@ source logits with float32 atomics. ``upsample_bce_loss_reference`` is the offic
 from __future__ import annotations
 
 import contextlib
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import dispatch
+from .costs import Cost, nbytes, register_op_cost
 
 OP_NAME = "upsample_bce_loss"
 BACKWARD_OP_NAME = "upsample_bce_loss_backward"
@@ -325,15 +327,41 @@ def upsample_bce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_value: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Cost model (for benchmarks)
+# Cost model (FLOPs as torch.utils.flop_counter counts the reference: the bilinear blend and the
+# loss are elementwise and count none; least bytes moved)
 # ---------------------------------------------------------------------------------------------------
-def flops(batch: int, classes: int, out_h: int, out_w: int) -> int:
-    """About 12 per output element (bilinear blend 7, softplus 4, target 1)."""
-    return 12 * batch * classes * out_h * out_w
+def cost(logits: torch.Tensor, labels: torch.Tensor, ignore_value: int) -> Cost:
+    """sed_fast::upsample_bce_loss: no FLOPs (about 12 elementwise operations per upsampled logit);
+    reads the logits and labels once, writes a scalar."""
+    return Cost(0, nbytes(logits, labels) + 4)
 
 
-def flops_of_call(logits: torch.Tensor, labels: torch.Tensor, *args, **kwargs) -> int:
-    return flops(logits.shape[0], logits.shape[1], *labels.shape[-2:])
+def backward_cost(grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ignore_value: int) -> Cost:
+    """sed_fast::upsample_bce_loss_backward: no FLOPs; reads the logits and labels, writes grad logits."""
+    return Cost(0, nbytes(grad, logits, labels) + nbytes(logits))
 
 
-dispatch.register_cost_model(OP_NAME, flops_of_call)
+register_op_cost(f"sed_fast::{OP_NAME}", cost)
+register_op_cost(f"sed_fast::{BACKWARD_OP_NAME}", backward_cost)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Example inputs (doctor, benchmarks, compile report, tests)
+# ---------------------------------------------------------------------------------------------------
+#: Shapes of :func:`example_inputs`: "small", and "model": SED-B training at 384 px crops
+#: (logits at 96x96, 171 COCO-Stuff classes, batch 4).
+EXAMPLE_SHAPES = {"small": dict(batch=2, classes=5, height=6, width=7, out_h=13, out_w=15, ignore_value=255),
+                  "model": dict(batch=4, classes=171, height=96, width=96, out_h=384, out_w=384, ignore_value=255)}
+
+
+def example_inputs(device="cpu", dtype: torch.dtype = torch.float32, size: str = "small",
+                   generator: Optional[torch.Generator] = None, **shape) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Arguments of one ``sed_fast::upsample_bce_loss``
+    call (as its reference and backends take them): ``(logits, labels, ignore_value)``: random
+    logits, int64 labels with a fifth of the pixels ignored."""
+    s = dict(EXAMPLE_SHAPES[size], **shape)
+    generator = generator or torch.Generator().manual_seed(0)
+    logits = torch.randn(s["batch"], s["classes"], s["height"], s["width"], generator=generator)
+    labels = torch.randint(0, s["classes"], (s["batch"], s["out_h"], s["out_w"]), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.2] = s["ignore_value"]
+    return logits.to(device, dtype), labels.to(device), s["ignore_value"]

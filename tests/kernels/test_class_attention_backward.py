@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sed_fast.kernels import class_attention
-from sed_fast.kernels.class_attention_backward import (class_attention_backward_reference,
-                                                       class_attention_backward_triton)
+from sed_fast.kernels.class_attention import class_attention_backward_reference, class_attention_backward_triton
 
 
 def _offsets(lengths, device):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sed_fast.kernels import cost_map
-from sed_fast.kernels.cost_map_backward import cost_map_backward_reference, cost_map_backward_triton
+from sed_fast.kernels.cost_map import cost_map_backward_reference, cost_map_backward_triton
 
 
 def _inputs(batch, dim, height, width, classes, prompts, dtype, device, generator, channels_last_grad=True):

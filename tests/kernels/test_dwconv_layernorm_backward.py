@@ -1,13 +1,16 @@
 """dwconv_layernorm backward: the Triton kernels against autograd of conv2d -> permute -> LayerNorm."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from sed_fast.kernels import dwconv_layernorm
-from sed_fast.kernels import dwconv_layernorm_backward as backward_module
-from sed_fast.kernels.dwconv_layernorm_backward import (dwconv_layernorm_backward_reference,
-                                                        dwconv_layernorm_backward_triton)
+from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm_backward_reference, dwconv_layernorm_backward_triton
+
+# The op's module (the package attribute of the same name is the function).
+backward_module = importlib.import_module("sed_fast.kernels.dwconv_layernorm")
 
 NAMES = ("x", "dw_weight", "dw_bias", "ln_weight", "ln_bias")
 
