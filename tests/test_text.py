@@ -439,6 +439,19 @@ def test_cache_size_cap_evicts_least_recently_used(clip_model, tokenizer, tmp_pa
     assert len(run(["sky"])) == 1  # only the entry just written stays
 
 
+def test_eviction_deletes_only_cache_entries(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "0")
+    mine = [tmp_path / "notes.pt", tmp_path / f"{'c' * 64}.pt", tmp_path / ".notes.tmp"]
+    for path in mine:
+        path.write_bytes(b"the user's")
+    os.utime(mine[2], (time.time() - 7200, time.time() - 7200))
+    for name in ("cat", "dog"):
+        encode_vocabulary(clip_model, tokenizer, [name], templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path)
+    entries, _ = text_mod.cache_files(tmp_path)
+    assert len(entries) == 1 and all(path.read_bytes() == b"the user's" for path in mine)
+
+
 def test_bad_cache_cap_fails_before_encoding(clip_model, tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
     monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "lots")
@@ -500,7 +513,7 @@ def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_pat
     data = torch.load(path, weights_only=True)
     torch.save({"format": 3, "key": data["key"], "names": [data["name"]], "embeddings": data["embeddings"][None]},
                path)
-    stale = tmp_path / ".0123456789abcdef.x.tmp"  # left by a killed writer
+    stale = tmp_path / f".{'0' * 64}.x_1y.tmp"  # left by a killed writer
     stale.write_bytes(b"partial")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     with warnings.catch_warnings():

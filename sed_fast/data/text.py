@@ -55,6 +55,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -71,7 +72,7 @@ from ..base.envvars import cache_root, env_value
 from ..base.files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
-           "class_cache_keys",
+           "class_cache_keys", "cache_files", "describe_cache_file", "stale_temporary",
            "default_cache_dir", "cache_enabled", "cache_limit_bytes", "check_tokenized_duplicates",
            "TruncatedPromptWarning"]
 
@@ -495,25 +496,84 @@ def _save_cached(path: Path, key: str, name: str, entry: _ClassEntry) -> bool:
     return True
 
 
-def _evict(folder: Path, keep: Sequence[str], limit: int) -> None:
-    """Delete the least recently used ``*.pt`` entries of ``folder`` (oldest modification time
-    first) until the rest fit in ``limit`` bytes; the entries named in ``keep`` (those of the
-    vocabulary just encoded) stay. Temporary files over an hour old (left by a killed process) are
-    deleted too."""
-    keep = set(keep)
-    entries = []
-    stale = time.time() - 3600
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.pt")  # <key>.pt
+_TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{64}\.[A-Za-z0-9_]+\.tmp")  # atomic_write's ".<key>.<random>.tmp"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's file format
+_STALE_TEMPORARY_SECONDS = 3600  # a younger temporary file may still be being written
+
+
+def _is_torch_file(path: Path) -> bool:
     try:
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_mtime < stale:
-                        os.unlink(entry.path)
-            elif entry.name.endswith(".pt") and entry.is_file(follow_symlinks=False):
-                stat = entry.stat(follow_symlinks=False)
-                entries.append((stat.st_mtime, entry.name, stat.st_size))
+        with open(path, "rb") as handle:
+            return handle.read(4) == _ZIP_MAGIC
     except OSError:
-        return
+        return False
+
+
+def cache_files(folder: Union[str, os.PathLike, None] = None) -> Tuple[List[Path], List[Path]]:
+    """The files of a text cache folder (default :func:`default_cache_dir`) that this module wrote:
+    (entries, temporary files left by writers). An entry is a regular file named ``<64 hex digits>.pt``
+    in torch's file format (entries of earlier formats included); a temporary file is named as
+    :func:`sed_fast.base.files.atomic_write` names it for an entry. Anything else is not listed."""
+    folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+    entries: List[Path] = []
+    temporaries: List[Path] = []
+    try:
+        scanned = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:
+        return entries, temporaries
+    for entry in scanned:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if _ENTRY_NAME.fullmatch(entry.name) and _is_torch_file(Path(entry.path)):
+            entries.append(Path(entry.path))
+        elif _TEMPORARY_NAME.fullmatch(entry.name):
+            temporaries.append(Path(entry.path))
+    return entries, temporaries
+
+
+def stale_temporary(path: Path) -> bool:
+    """Whether a temporary file is old enough that no writer can still be writing it (an hour)."""
+    try:
+        return path.lstat().st_mtime < time.time() - _STALE_TEMPORARY_SECONDS
+    except OSError:
+        return False
+
+
+def describe_cache_file(path: Union[str, os.PathLike]) -> str:
+    """What a text cache entry holds, in words: the class name and shape, or that it is a vocabulary
+    entry of an earlier version (no longer read), or why it cannot be read."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged entry is described, not raised
+        return f"unreadable ({type(error).__name__}); recomputed when next needed"
+    if not isinstance(data, dict):
+        return "not a text-embedding entry"
+    embeddings = data.get("embeddings")
+    shape = "x".join(map(str, embeddings.shape)) if isinstance(embeddings, torch.Tensor) else "?"
+    if data.get("format") == _FORMAT_VERSION:
+        return f"{data.get('name')!r} ({shape}: templates x width)"
+    names = data.get("names")
+    count = len(names) if isinstance(names, list) else "?"
+    return f"vocabulary of {count} names (format {data.get('format')}, no longer read)"
+
+
+def _evict(folder: Path, keep: Sequence[str], limit: int) -> None:
+    """Delete the least recently used entries of ``folder`` (see :func:`cache_files`; oldest
+    modification time first) until the rest fit in ``limit`` bytes; the entries named in ``keep``
+    (those of the vocabulary just encoded) stay. Temporary files over an hour old (left by a killed
+    process) are deleted too."""
+    keep = set(keep)
+    found, temporaries = cache_files(folder)
+    for path in temporaries:
+        if stale_temporary(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    entries = []
+    for path in found:
+        with contextlib.suppress(OSError):
+            stat = path.lstat()
+            entries.append((stat.st_mtime, path.name, stat.st_size))
     total = sum(size for _, _, size in entries)
     for _, name, size in sorted(entries):
         if total <= limit:
