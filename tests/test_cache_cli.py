@@ -179,3 +179,19 @@ def test_usage_errors_exit_2(argv, tmp_path, monkeypatch, capsys):
     code, _, err = _run(capsys, *argv)
     assert code == 2 and "error" in err
     assert cache_cli.main(["--help"]) == 0
+
+
+def test_the_readme_block_runs_verbatim(root, capsys):
+    """Each line of the README's `sed-fast cache` block, as written, exits 0."""
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Caches: `sed-fast cache`", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in section.splitlines() if line.startswith("    sed-fast cache")]
+    assert len(lines) == 4
+    for line in lines:
+        argv = shlex.split(line, comments=True)
+        assert argv[:2] == ["sed-fast", "cache"]
+        code, out, _ = _run(capsys, *argv[2:])
+        assert code == 0, line
+    assert "text: removed 3 file(s)" in out
