@@ -778,8 +778,9 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
         batch_size: prompts per text-tower forward.
         trim_context: cut each batch's context to its longest prompt (exact; see :func:`encode_tokens`).
         cache: use the on-disk cache (also disabled by ``SED_FAST_TEXT_CACHE=0``); None means True.
-        cache_dir: cache folder; default :func:`default_cache_dir`. Files are ``<key>.pt`` with
-            ``key = text_cache_key(...)``; a corrupt file is recomputed and overwritten with a warning.
+        cache_dir: cache folder; default :func:`default_cache_dir`. Files are ``<key>.pt``,
+            one per class name, ``key`` from :func:`class_cache_keys`; a corrupt file is recomputed and
+            overwritten with a warning. Only the names without a valid entry are encoded.
         progress: None shows a tqdm bar on a terminal for more than 3 batches, and elsewhere (logs,
             pipes) writes a progress line to stderr every 10 s; True forces the bar; False silences both.
 
