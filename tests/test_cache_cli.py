@@ -112,7 +112,7 @@ def test_clear_each_kind_removes_only_its_entries(root, capsys):
     code, out, _ = _run(capsys, "clear", "--text", "--dry-run")
     assert code == 0 and "would remove 3 file(s)" in out and len(list((cache_root / "text").glob("*"))) > 3
     code, out, _ = _run(capsys, "clear", "--text")
-    assert code == 0 and f"text: removed 3 file(s)" in out and f"({text_bytes} bytes)" in out
+    assert code == 0 and "text: removed 3 file(s)" in out and f"({text_bytes} bytes)" in out
     assert "kept " in out and "less than an hour old" in out
     assert inventory.autotune_cache().entries and inventory.extension_cache().entries  # untouched
     assert [entry.path.name for entry in inventory.text_cache().entries] == [f".{'b' * 64}.p2_q8.tmp"]

@@ -657,7 +657,8 @@ def _token_facts(tokenizer, per_class, prompts: List[str], tokens: torch.Tensor)
     cut: set = set()
     eot = getattr(tokenizer, "eot_token_id", None)
     if eot is not None:  # else not open_clip's tokenizer: no reliable way to see truncation
-        full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
+        # end-of-text in the last slot: cut, or just fits
+        full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()
         encode = getattr(tokenizer, "encode", None)
         if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
             try:
