@@ -541,3 +541,28 @@ def test_truncation_warning_is_kept_with_the_cache_entry(clip_model, tokenizer, 
         encode_vocabulary(clip_model, tokenizer, ["cat"], **args)
         monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
         encode_vocabulary(clip_model, tokenizer, ["cat"], **args)  # hit: no warning either
+
+
+def test_concurrent_writers_share_the_cache(clip_model, tokenizer, tmp_path, monkeypatch):
+    """Writers with overlapping vocabularies at once (threads here; processes share files the same
+    way): each gets its own vocabulary's embeddings, every entry left is whole, no temporary file stays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE_MB", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+    vocabularies = [["cat", "dog", "sky"], ["dog", "sky", "tree"], ["sky", "cat", "water"], ["tree", "cat"]] * 2
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda names: encode_vocabulary(clip_model, tokenizer, names, templates=templates,
+                                                                cache_dir=tmp_path, progress=False), vocabularies))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry valid: no corrupt-entry warning
+        for names, got in zip(vocabularies, results):
+            fresh = encode_vocabulary(clip_model, tokenizer, names, templates=templates, cache=False, progress=False)
+            assert (got - fresh).abs().max().item() <= 1e-6
+            with pytest.MonkeyPatch.context() as patch:
+                counter = _Counter(patch)
+                encode_vocabulary(clip_model, tokenizer, names, templates=templates, cache_dir=tmp_path,
+                                  progress=False)
+                assert counter.calls == 0
+    assert len(list(tmp_path.glob("*.pt"))) == 5 and not list(tmp_path.glob(".*"))
