@@ -35,6 +35,7 @@ COMMANDS = {
     "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
     "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end"),
     "export": ("sed_fast.export.cli", "export SED with a baked-in vocabulary: AOTInductor .pt2 or ONNX"),
+    "cache": ("sed_fast.cache.cli", "list, size or clear the caches (text embeddings, autotune, CUDA build)"),
 }
 
 

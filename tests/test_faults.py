@@ -119,7 +119,7 @@ def test_damaged_cache_entry_is_recomputed_and_replaced(tiny_clip, tmp_path, mon
     model, tokenizer = tiny_clip
 
     def encode():
-        return encode_vocabulary(model, tokenizer, ["cat", "dog"], templates=PROMPT_TEMPLATES[:3],
+        return encode_vocabulary(model, tokenizer, ["cat"], templates=PROMPT_TEMPLATES[:3],  # one entry per name
                                  cache_dir=tmp_path, progress=False)
 
     good = encode()

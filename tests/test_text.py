@@ -150,20 +150,23 @@ def test_encode_vocabulary_all_80_templates(clip_model, tokenizer):
 
 
 class _Counter:
-    """Wraps _TextTower.encode and encode_with_prefixes and counts their calls."""
+    """Wraps _TextTower.encode and encode_with_prefixes and counts their calls and the prompts
+    (token rows) they encode."""
 
     def __init__(self, monkeypatch):
-        self.calls = 0
+        self.calls = self.prompts = 0
         original = text_mod._TextTower.encode
         with_prefixes = text_mod._TextTower.encode_with_prefixes
 
         def counting(tower, tokens, trim_context=True):
             self.calls += 1
+            self.prompts += tokens.shape[0]
             return original(tower, tokens, trim_context=trim_context)
 
-        def counting_prefixed(tower, *args):
+        def counting_prefixed(tower, tokens, *args):
             self.calls += 1
-            return with_prefixes(tower, *args)
+            self.prompts += tokens.shape[0]
+            return with_prefixes(tower, tokens, *args)
 
         monkeypatch.setattr(text_mod._TextTower, "encode", counting)
         monkeypatch.setattr(text_mod._TextTower, "encode_with_prefixes", counting_prefixed)
@@ -204,18 +207,22 @@ def test_cache_hit_and_misses(tokenizer, tmp_path, monkeypatch):
     def run(names=NAMES[:3], templates=templates, model=model):
         return encode_vocabulary(model, tokenizer, names, templates=templates, cache_dir=tmp_path, progress=False)
 
-    first = run()
-    assert counter.calls > 0 and len(list(tmp_path.glob("*.pt"))) == 1
+    first = run()  # 4 + 3 * 4 + 4 distinct prompts, one entry per name
+    assert counter.prompts == 20 and len(list(tmp_path.glob("*.pt"))) == 3
     assert not list(tmp_path.glob("*.tmp"))
     calls = counter.calls
     second = run()
     assert counter.calls == calls and torch.equal(first, second)  # hit
 
-    run(names=["cat", "person, individual, someone", "bed"])  # one name changed
-    assert counter.calls > calls
+    counter.prompts = 0
+    changed_name = run(names=["cat", "person, individual, someone", "bed"])  # one name changed: one encoded
+    assert counter.prompts == len(templates) and len(list(tmp_path.glob("*.pt"))) == 4
+    assert torch.equal(changed_name[:2], first[:2])
+    fresh = encode_vocabulary(model, tokenizer, ["bed"], templates=templates, cache=False, progress=False)
+    assert (changed_name[2:] - fresh).abs().max().item() <= 1e-6
     calls = counter.calls
-    run(templates=templates[:3])  # template list changed
-    assert counter.calls > calls
+    run(templates=templates[:3])  # template list changed: every name again
+    assert counter.calls > calls and len(list(tmp_path.glob("*.pt"))) == 7
     calls = counter.calls
     with torch.no_grad():
         model.transformer.resblocks[1].mlp.c_fc.weight[3, 5] += 1e-3  # one weight value changed
@@ -224,7 +231,44 @@ def test_cache_hit_and_misses(tokenizer, tmp_path, monkeypatch):
     calls = counter.calls
     run()
     assert counter.calls == calls
-    assert len(list(tmp_path.glob("*.pt"))) == 4
+    assert len(list(tmp_path.glob("*.pt"))) == 10
+
+
+def test_changing_one_of_150_names_encodes_one_name(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE_MB", raising=False)
+    model = _tiny_clip(7)
+    templates = PROMPT_TEMPLATES[:3]
+    names = [f"thing {index}" for index in range(150)]
+    names[40] = "tree, shrub"  # a class with synonyms among them
+    args = dict(templates=templates, cache_dir=tmp_path, progress=False)
+    counter = _Counter(monkeypatch)
+    first = encode_vocabulary(model, tokenizer, names, **args)
+    assert counter.prompts == 151 * len(templates)
+    renamed = list(names)
+    renamed[77] = "a grassy field"
+    counter.prompts = 0
+    again = encode_vocabulary(model, tokenizer, renamed, **args)
+    assert counter.prompts == len(templates)  # only the new name's prompts
+    keep = [index for index in range(150) if index != 77]
+    assert torch.equal(again[keep], first[keep])
+    fresh = encode_vocabulary(model, tokenizer, renamed, templates=templates, cache=False, progress=False)
+    assert (again - fresh).abs().max().item() <= 1e-6
+    counter.prompts = 0
+    reordered = encode_vocabulary(model, tokenizer, renamed[::-1], **args)  # other order: all hits
+    assert counter.prompts == 0 and torch.equal(reordered, again.flip(0))
+
+
+def test_cached_names_still_refuse_duplicates_and_warn(clip_model, tokenizer, tmp_path, monkeypatch):
+    """"cat" and "Cat" cached by two vocabularies are still duplicates together, without encoding."""
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    args = dict(templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path, progress=False)
+    encode_vocabulary(clip_model, tokenizer, ["cat"], **args)
+    encode_vocabulary(clip_model, tokenizer, ["Cat"], **args)
+    counter = _Counter(monkeypatch)
+    with pytest.raises(ValueError, match=r"'cat' \(index 0\) = 'Cat' \(index 1\)"):
+        encode_vocabulary(clip_model, tokenizer, ["cat", "Cat"], **args)
+    assert counter.calls == 0
 
 
 def test_cache_key_sensitivity(tokenizer):
@@ -245,12 +289,14 @@ def test_corrupt_cache_is_recomputed(clip_model, tokenizer, tmp_path, monkeypatc
     monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
     templates = PROMPT_TEMPLATES[:3]
     first = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
-    (path,) = tmp_path.glob("*.pt")
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    path = _entry_path(tmp_path, clip_model, tokenizer, "cat", templates)
     path.write_bytes(b"not a torch file")
     counter = _Counter(monkeypatch)
     with pytest.warns(RuntimeWarning, match="corrupt"):
         again = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
-    assert counter.calls > 0 and torch.equal(first, again)
+    assert counter.prompts == len(templates)  # only the corrupt entry, in a batch of its own:
+    assert torch.equal(first[1], again[1]) and (first[0] - again[0]).abs().max().item() <= 1e-6  # float32 rounding
     calls = counter.calls
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # overwritten with a good file: no warning, no recomputation
@@ -303,6 +349,11 @@ def test_callable_templates_and_progress(clip_model, tokenizer, capsys):
 
 
 # -- cache integrity, size cap, tokenizer checks, progress -------------------------------------
+def _entry_path(folder, model, tokenizer, name, templates):
+    (key,) = text_mod.class_cache_keys(model, tokenizer, [name], templates)
+    return folder / f"{key}.pt"
+
+
 def _overwrite_floats(path, value=2.0):
     """Overwrite floats inside the stored embeddings with finite values (the file still parses)."""
     data = bytearray(path.read_bytes())
@@ -318,14 +369,15 @@ def test_corrupt_payload_is_detected_and_recomputed(clip_model, tokenizer, tmp_p
     monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
     templates = PROMPT_TEMPLATES[:3]
     first = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
-    (path,) = tmp_path.glob("*.pt")
+    path = _entry_path(tmp_path, clip_model, tokenizer, "dog", templates)
     _overwrite_floats(path)
-    assert not torch.equal(torch.load(path, weights_only=True)["embeddings"], first)
+    assert not torch.equal(torch.load(path, weights_only=True)["embeddings"], first[1])
     counter = _Counter(monkeypatch)
     with pytest.warns(RuntimeWarning, match="corrupt.*checksum"):
         again = encode_vocabulary(clip_model, tokenizer, ["cat", "dog"], templates=templates, cache_dir=tmp_path)
-    assert counter.calls > 0 and torch.equal(again, first)
-    assert torch.equal(torch.load(path, weights_only=True)["embeddings"], first)  # overwritten
+    assert counter.prompts == len(templates) and torch.equal(again[0], first[0])
+    assert (again[1] - first[1]).abs().max().item() <= 1e-6  # recomputed alone: float32 rounding
+    assert torch.equal(torch.load(path, weights_only=True)["embeddings"], again[1])  # overwritten
 
 
 def test_unreadable_cache_file_is_not_called_corrupt(clip_model, tokenizer, tmp_path, monkeypatch):
@@ -387,6 +439,19 @@ def test_cache_size_cap_evicts_least_recently_used(clip_model, tokenizer, tmp_pa
     assert len(run(["sky"])) == 1  # only the entry just written stays
 
 
+def test_eviction_deletes_only_cache_entries(clip_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "0")
+    mine = [tmp_path / "notes.pt", tmp_path / f"{'c' * 64}.pt", tmp_path / ".notes.tmp"]
+    for path in mine:
+        path.write_bytes(b"the user's")
+    os.utime(mine[2], (time.time() - 7200, time.time() - 7200))
+    for name in ("cat", "dog"):
+        encode_vocabulary(clip_model, tokenizer, [name], templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path)
+    entries, _ = text_mod.cache_files(tmp_path)
+    assert len(entries) == 1 and all(path.read_bytes() == b"the user's" for path in mine)
+
+
 def test_bad_cache_cap_fails_before_encoding(clip_model, tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
     monkeypatch.setenv("SED_FAST_TEXT_CACHE_MB", "lots")
@@ -446,8 +511,9 @@ def test_old_format_entries_are_replaced_silently(clip_model, tokenizer, tmp_pat
     first = encode_vocabulary(clip_model, tokenizer, ["cat"], templates=templates, cache_dir=tmp_path)
     (path,) = tmp_path.glob("*.pt")
     data = torch.load(path, weights_only=True)
-    torch.save({"format": 1, "key": data["key"], "names": data["names"], "embeddings": data["embeddings"]}, path)
-    stale = tmp_path / ".0123456789abcdef.x.tmp"  # left by a killed writer
+    torch.save({"format": 3, "key": data["key"], "names": [data["name"]], "embeddings": data["embeddings"][None]},
+               path)
+    stale = tmp_path / f".{'0' * 64}.x_1y.tmp"  # left by a killed writer
     stale.write_bytes(b"partial")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     with warnings.catch_warnings():
@@ -463,7 +529,7 @@ def test_truncation_warning_is_kept_with_the_cache_entry(clip_model, tokenizer, 
     args = dict(templates=PROMPT_TEMPLATES[:2], cache_dir=tmp_path, progress=False)
     with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as computed:
         first = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert len(list(tmp_path.glob("*.pt"))) == 2
     monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
     with pytest.warns(text_mod.TruncatedPromptWarning, match=r"index 1.*Shorten") as cached:
         again = encode_vocabulary(clip_model, tokenizer, ["cat", long_name], **args)  # a cache hit
@@ -475,3 +541,28 @@ def test_truncation_warning_is_kept_with_the_cache_entry(clip_model, tokenizer, 
         encode_vocabulary(clip_model, tokenizer, ["cat"], **args)
         monkeypatch.setattr(text_mod._TextTower, "encode", lambda *a, **k: pytest.fail("not a cache hit"))
         encode_vocabulary(clip_model, tokenizer, ["cat"], **args)  # hit: no warning either
+
+
+def test_concurrent_writers_share_the_cache(clip_model, tokenizer, tmp_path, monkeypatch):
+    """Writers with overlapping vocabularies at once (threads here; processes share files the same
+    way): each gets its own vocabulary's embeddings, every entry left is whole, no temporary file stays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE", raising=False)
+    monkeypatch.delenv("SED_FAST_TEXT_CACHE_MB", raising=False)
+    templates = PROMPT_TEMPLATES[:2]
+    vocabularies = [["cat", "dog", "sky"], ["dog", "sky", "tree"], ["sky", "cat", "water"], ["tree", "cat"]] * 2
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda names: encode_vocabulary(clip_model, tokenizer, names, templates=templates,
+                                                                cache_dir=tmp_path, progress=False), vocabularies))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry valid: no corrupt-entry warning
+        for names, got in zip(vocabularies, results):
+            fresh = encode_vocabulary(clip_model, tokenizer, names, templates=templates, cache=False, progress=False)
+            assert (got - fresh).abs().max().item() <= 1e-6
+            with pytest.MonkeyPatch.context() as patch:
+                counter = _Counter(patch)
+                encode_vocabulary(clip_model, tokenizer, names, templates=templates, cache_dir=tmp_path,
+                                  progress=False)
+                assert counter.calls == 0
+    assert len(list(tmp_path.glob("*.pt"))) == 5 and not list(tmp_path.glob(".*"))

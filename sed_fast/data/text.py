@@ -24,15 +24,20 @@ What makes it fast (the official loop runs one 77-token forward per class: ~10 s
    whole prompt, to float32 rounding (~1e-7), and about 60% fewer token-layer passes for the 80
    templates (a prompt averages ~9 tokens, ~5 of them shared); towers of another block structure take
    the per-prompt path;
-4. results are cached on disk per (text-tower weights, names, templates, tokenizer) key.
+4. results are cached on disk per class name, keyed by (text-tower weights with their dtype, tokenizer,
+   the name, the templates): a vocabulary that differs from a cached one by one name encodes that name.
 
-The cache: one ``<key>.pt`` file per vocabulary, holding the embeddings and the sha256 of their bytes,
-checked on every load (a file that fails the check, or cannot be parsed, is reported as corrupt,
-recomputed and overwritten; one that cannot be read at all, e.g. permission denied, is reported as
-unreadable and recomputed). Files are written to a temporary file in the cache folder and renamed into
-place, so an interrupted write never leaves a partial entry. After each write the least recently used
-entries (by modification time; a cache hit touches its file) are deleted until the cache holds at most
-``SED_FAST_TEXT_CACHE_MB`` megabytes; the entry just written is always kept.
+The cache: one ``<key>.pt`` file per class name (its (P, D) float32 embeddings, the signature of its
+tokens and its prompts cut at the context), with the sha256 of all of it, checked on every load (a file
+that fails the check, or cannot be parsed, is reported as corrupt, recomputed and overwritten; one that
+cannot be read at all, e.g. permission denied, is reported as unreadable and recomputed). Files are
+written to a temporary file in the cache folder and renamed into place, so an interrupted write never
+leaves a partial entry and concurrent processes each see whole entries. After a vocabulary's new entries
+are written the least recently used entries (by modification time; a cache hit touches its file) are
+deleted until the cache holds at most ``SED_FAST_TEXT_CACHE_MB`` megabytes; the entries of the
+vocabulary just encoded are always kept. Per-vocabulary entries of earlier versions (format 3) sit in
+the same folder, are never read, and leave by the same size cap. A name computed in another vocabulary
+went through other batches: its embeddings equal a fresh computation to float32 rounding (~1e-7).
 
 Before encoding, names the tokenizer makes identical (it lower-cases and cleans whitespace: ``"cat"``,
 ``"Cat"``, ``" cat"``; or two long names equal in their first ``context_length`` tokens) are refused as
@@ -50,6 +55,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -66,6 +72,7 @@ from ..base.envvars import cache_root, env_value
 from ..base.files import atomic_write
 
 __all__ = ["PROMPT_TEMPLATES", "encode_vocabulary", "encode_tokens", "class_prompts", "text_cache_key",
+           "class_cache_keys", "cache_files", "describe_cache_file", "stale_temporary",
            "default_cache_dir", "cache_enabled", "cache_limit_bytes", "check_tokenized_duplicates",
            "TruncatedPromptWarning"]
 
@@ -76,7 +83,8 @@ PROMPT_TEMPLATES: Tuple[str, ...] = tuple(template("{}") for template in _OPENAI
 
 Template = Union[str, Callable[[str], str]]
 
-_FORMAT_VERSION = 3  # 2: entries carry the sha256 of the embeddings' bytes; 3: and the warnings of their making
+_FORMAT_VERSION = 4  # 2: entries carry the sha256 of the embeddings; 3: and the warnings of their making;
+#                    4: one entry per class name, with the signature of its tokens and its prompts cut
 _PROGRESS_SECONDS = 10.0  # interval of the progress lines written when no progress bar is shown
 _CLIP_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
                     "attn_mask")
@@ -372,39 +380,72 @@ def _template_identity(template: Template) -> str:
     return f"<callable {getattr(template, '__qualname__', type(template).__name__)}>"
 
 
-def text_cache_key(clip_model: nn.Module, tokenizer, names: Sequence[str],
-                   templates: Sequence[Template] = PROMPT_TEMPLATES) -> str:
-    """The cache key (sha256 hex) of a vocabulary's embeddings.
-
-    It hashes the format version, every text-tower parameter and buffer (token embedding, positional
-    embedding, transformer, final LayerNorm, projection, attention mask; by sorted name, with dtype, shape
-    and raw bytes), the tower's structure (activations, norms, pooling), the tokenizer's identity (class,
-    context length, vocabulary size, a probe tokenisation), the exact names, the exact templates and
-    every filled prompt. Changing any weight, name or template changes the key.
-    """
+def _model_digest(clip_model: nn.Module, tokenizer) -> str:
+    """What identifies the embeddings apart from the class and templates (sha256 hex): the format
+    version, every text-tower parameter and buffer (by sorted name, with dtype, shape and raw bytes),
+    the tower's structure and the tokenizer's identity."""
     tower = _TextTower(clip_model)
     digest = hashlib.sha256()
     digest.update(f"sed_fast.data.text.encode_vocabulary format {_FORMAT_VERSION}\n".encode())
     for name, tensor in tower.named_tensors():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         _hash_tensor(digest, tensor)
-    prompts = [class_prompts(name, templates)[0] for name in names]
-    meta = {"architecture": tower.architecture(), "tokenizer": _tokenizer_identity(tokenizer),
-            "names": list(names), "templates": [_template_identity(t) for t in templates], "prompts": prompts}
+    meta = {"architecture": tower.architecture(), "tokenizer": _tokenizer_identity(tokenizer)}
     digest.update(json.dumps(meta, ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()
 
 
-def _payload_digest(embeddings: torch.Tensor) -> str:
+def _class_key(model_digest: str, name: str, templates: Sequence[Template]) -> str:
+    meta = {"model": model_digest, "name": name, "templates": [_template_identity(t) for t in templates],
+            "prompts": class_prompts(name, templates)[0]}
+    return hashlib.sha256(json.dumps(meta, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def class_cache_keys(clip_model: nn.Module, tokenizer, names: Sequence[str],
+                     templates: Sequence[Template] = PROMPT_TEMPLATES) -> List[str]:
+    """The cache key (sha256 hex) of each class name's (P, D) embeddings, in the order of ``names``.
+
+    A key hashes the format version, every text-tower parameter and buffer (token embedding,
+    positional embedding, transformer, final LayerNorm, projection, attention mask; by sorted name,
+    with dtype, shape and raw bytes), the tower's structure (activations, norms, pooling), the
+    tokenizer's identity (class, context length, vocabulary size, a probe tokenisation), the exact
+    name, the exact templates and every filled prompt. Changing any weight, the name or a template
+    changes the key; the other names of a vocabulary do not enter it.
+    """
+    model_digest = _model_digest(clip_model, tokenizer)
+    templates = tuple(templates)
+    return [_class_key(model_digest, name, templates) for name in names]
+
+
+def text_cache_key(clip_model: nn.Module, tokenizer, names: Sequence[str],
+                   templates: Sequence[Template] = PROMPT_TEMPLATES) -> str:
+    """One key (sha256 hex) for a whole vocabulary's embeddings: the hash of its names' keys
+    (:func:`class_cache_keys`) in order. Changing any weight, name, the names' order or a template
+    changes it. The cache itself is kept per class name."""
+    return hashlib.sha256("\n".join(class_cache_keys(clip_model, tokenizer, names, templates)).encode()).hexdigest()
+
+
+def _payload_digest(embeddings: torch.Tensor, signature: str, truncated: Sequence[str]) -> str:
     digest = hashlib.sha256()
     digest.update(f"{embeddings.dtype}|{tuple(embeddings.shape)}\n".encode())
     _hash_tensor(digest, embeddings.contiguous())
+    digest.update(json.dumps([signature, list(truncated)], ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()
 
 
-def _load_cached(path: Path, key: str, names: Sequence[str],
-                 shape: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, List[str]]]:
-    """(embeddings, the warnings given when they were computed) from a valid entry, else None."""
+class _ClassEntry:
+    """One class name's embeddings (P, D) and what its tokens said: a signature of its tokens (two
+    names with equal signatures tokenize identically) and its prompts cut at the context length."""
+
+    __slots__ = ("embeddings", "signature", "truncated")
+
+    def __init__(self, embeddings: Optional[torch.Tensor], signature: str, truncated: List[str]):
+        self.embeddings, self.signature, self.truncated = embeddings, signature, truncated
+
+
+def _load_cached(path: Path, key: str, name: str, num_templates: int) -> Optional[_ClassEntry]:
+    """The entry of ``path`` when it is valid for ``key``, else None (with a warning for a corrupt or
+    unreadable file; silently for a missing one or one of an older format)."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -417,17 +458,17 @@ def _load_cached(path: Path, key: str, names: Sequence[str],
     try:
         data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < _FORMAT_VERSION:
-            return None  # written by an older version (no checksum): recomputed and replaced, silently
+            return None  # written by an older version: recomputed and replaced, silently
         embeddings = data["embeddings"]
-        notes = data.get("warnings")
-        valid = (isinstance(notes, list) and all(isinstance(note, str) for note in notes)
+        truncated = data.get("truncated")
+        valid = (isinstance(truncated, list) and all(isinstance(prompt, str) for prompt in truncated)
                  and data.get("format") == _FORMAT_VERSION and data.get("key") == key
-                 and list(data.get("names", ())) == list(names) and isinstance(embeddings, torch.Tensor)
-                 and embeddings.dtype == torch.float32 and embeddings.ndim == 3
-                 and tuple(embeddings.shape[:2]) == shape)
+                 and data.get("name") == name and isinstance(data.get("signature"), str)
+                 and isinstance(embeddings, torch.Tensor) and embeddings.dtype == torch.float32
+                 and embeddings.ndim == 2 and embeddings.shape[0] == num_templates)
         if not valid:
             raise ValueError("contents do not match the key")
-        if data.get("sha256") != _payload_digest(embeddings):
+        if data.get("sha256") != _payload_digest(embeddings, data["signature"], truncated):
             raise ValueError("the embeddings' checksum does not match (the file was modified or damaged)")
     except Exception as error:  # noqa: BLE001 - any unparsable or failing file is recomputed
         warnings.warn(f"ignoring corrupt text-embedding cache file {path} ({type(error).__name__}: {error}); "
@@ -437,45 +478,107 @@ def _load_cached(path: Path, key: str, names: Sequence[str],
         os.utime(path)  # a hit makes the entry recently used (eviction is by modification time)
     except OSError:
         pass
-    return embeddings, list(notes)
+    return _ClassEntry(embeddings, data["signature"], list(truncated))
 
 
-def _save_cached(path: Path, key: str, names: Sequence[str], embeddings: torch.Tensor, limit: int,
-                 notes: Sequence[str] = ()) -> None:
-    embeddings = embeddings.detach().cpu().contiguous()
-    entry = {"format": _FORMAT_VERSION, "key": key, "names": list(names), "sha256": _payload_digest(embeddings),
-             "embeddings": embeddings, "warnings": [str(note) for note in notes]}
+def _save_cached(path: Path, key: str, name: str, entry: _ClassEntry) -> bool:
+    """Write one class's entry atomically; False (with a warning) when it cannot be written."""
+    embeddings = entry.embeddings.detach().cpu().contiguous()
+    data = {"format": _FORMAT_VERSION, "key": key, "name": name,
+            "sha256": _payload_digest(embeddings, entry.signature, entry.truncated),
+            "embeddings": embeddings, "signature": entry.signature, "truncated": list(entry.truncated)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda handle: torch.save(entry, handle), fsync=True)
+        atomic_write(path, lambda handle: torch.save(data, handle), fsync=True)
     except OSError as error:
         warnings.warn(f"could not write the text-embedding cache {path}: {error}", RuntimeWarning, stacklevel=3)
-        return
-    _evict(path.parent, keep=path, limit=limit)
+        return False
+    return True
 
 
-def _evict(folder: Path, keep: Path, limit: int) -> None:
-    """Delete the least recently used ``*.pt`` entries of ``folder`` (oldest modification time
-    first) until the rest fit in ``limit`` bytes; ``keep`` (the entry just written) stays. Temporary
-    files over an hour old (left by a killed process) are deleted too."""
-    entries = []
-    stale = time.time() - 3600
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.pt")  # <key>.pt
+_TEMPORARY_NAME = re.compile(r"\.[0-9a-f]{64}\.[A-Za-z0-9_]+\.tmp")  # atomic_write's ".<key>.<random>.tmp"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's file format
+_STALE_TEMPORARY_SECONDS = 3600  # a younger temporary file may still be being written
+
+
+def _is_torch_file(path: Path) -> bool:
     try:
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_mtime < stale:
-                        os.unlink(entry.path)
-            elif entry.name.endswith(".pt") and entry.is_file(follow_symlinks=False):
-                stat = entry.stat(follow_symlinks=False)
-                entries.append((stat.st_mtime, entry.name, stat.st_size))
+        with open(path, "rb") as handle:
+            return handle.read(4) == _ZIP_MAGIC
     except OSError:
-        return
+        return False
+
+
+def cache_files(folder: Union[str, os.PathLike, None] = None) -> Tuple[List[Path], List[Path]]:
+    """The files of a text cache folder (default :func:`default_cache_dir`) that this module wrote:
+    (entries, temporary files left by writers). An entry is a regular file named ``<64 hex digits>.pt``
+    in torch's file format (entries of earlier formats included); a temporary file is named as
+    :func:`sed_fast.base.files.atomic_write` names it for an entry. Anything else is not listed."""
+    folder = Path(folder).expanduser() if folder is not None else default_cache_dir()
+    entries: List[Path] = []
+    temporaries: List[Path] = []
+    try:
+        scanned = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:
+        return entries, temporaries
+    for entry in scanned:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if _ENTRY_NAME.fullmatch(entry.name) and _is_torch_file(Path(entry.path)):
+            entries.append(Path(entry.path))
+        elif _TEMPORARY_NAME.fullmatch(entry.name):
+            temporaries.append(Path(entry.path))
+    return entries, temporaries
+
+
+def stale_temporary(path: Path) -> bool:
+    """Whether a temporary file is old enough that no writer can still be writing it (an hour)."""
+    try:
+        return path.lstat().st_mtime < time.time() - _STALE_TEMPORARY_SECONDS
+    except OSError:
+        return False
+
+
+def describe_cache_file(path: Union[str, os.PathLike]) -> str:
+    """What a text cache entry holds, in words: the class name and shape, or that it is a vocabulary
+    entry of an earlier version (no longer read), or why it cannot be read."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a damaged entry is described, not raised
+        return f"unreadable ({type(error).__name__}); recomputed when next needed"
+    if not isinstance(data, dict):
+        return "not a text-embedding entry"
+    embeddings = data.get("embeddings")
+    shape = "x".join(map(str, embeddings.shape)) if isinstance(embeddings, torch.Tensor) else "?"
+    if data.get("format") == _FORMAT_VERSION:
+        return f"{data.get('name')!r} ({shape}: templates x width)"
+    names = data.get("names")
+    count = len(names) if isinstance(names, list) else "?"
+    return f"vocabulary of {count} names (format {data.get('format')}, no longer read)"
+
+
+def _evict(folder: Path, keep: Sequence[str], limit: int) -> None:
+    """Delete the least recently used entries of ``folder`` (see :func:`cache_files`; oldest
+    modification time first) until the rest fit in ``limit`` bytes; the entries named in ``keep``
+    (those of the vocabulary just encoded) stay. Temporary files over an hour old (left by a killed
+    process) are deleted too."""
+    keep = set(keep)
+    found, temporaries = cache_files(folder)
+    for path in temporaries:
+        if stale_temporary(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    entries = []
+    for path in found:
+        with contextlib.suppress(OSError):
+            stat = path.lstat()
+            entries.append((stat.st_mtime, path.name, stat.st_size))
     total = sum(size for _, _, size in entries)
     for _, name, size in sorted(entries):
         if total <= limit:
             break
-        if name == keep.name:
+        if name in keep:
             continue
         try:
             os.unlink(folder / name)
@@ -548,40 +651,58 @@ def _class_rows(names: Sequence[str], templates: Sequence[Template]):
     return per_class, list(unique)
 
 
-def _check_tokens(tokenizer, names: Sequence[str], per_class, prompts: List[str],
-                  tokens: torch.Tensor) -> Optional[str]:
-    """Refuse classes whose prompts all tokenize identically; return the warning about prompts cut
-    at the context (None when none is cut)."""
-    groups: Dict[bytes, List[int]] = {}
-    for index, (rows, synonyms) in enumerate(per_class):
-        signature = tokens[torch.as_tensor(rows)].numpy().tobytes() + synonyms.to_bytes(4, "little")
-        groups.setdefault(signature, []).append(index)
+def _token_facts(tokenizer, per_class, prompts: List[str], tokens: torch.Tensor) -> List[_ClassEntry]:
+    """Per class (rows into ``prompts``/``tokens``, synonyms): an entry without embeddings holding the
+    signature of its tokens and its prompts cut at the context, in the class's prompt order."""
+    cut: set = set()
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is not None:  # else not open_clip's tokenizer: no reliable way to see truncation
+        # end-of-text in the last slot: cut, or just fits
+        full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()
+        encode = getattr(tokenizer, "encode", None)
+        if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
+            try:
+                full = [row for row in full if len(encode(prompts[row])) + 2 > tokens.shape[1]]
+            except Exception:  # noqa: BLE001 - keep the conservative list
+                pass
+        cut = set(full)
+    facts = []
+    for rows, synonyms in per_class:
+        signature = hashlib.sha256(tokens[torch.as_tensor(rows)].numpy().tobytes()
+                                   + synonyms.to_bytes(4, "little")).hexdigest()
+        truncated = list(dict.fromkeys(prompts[row] for row in rows if row in cut))
+        facts.append(_ClassEntry(None, signature, truncated))
+    return facts
+
+
+def _context_length(tokenizer) -> int:
+    length = getattr(tokenizer, "context_length", None)
+    return int(length) if isinstance(length, int) else int(_tokenize(tokenizer, [""]).shape[1])
+
+
+def _check_tokens(names: Sequence[str], facts: Sequence[_ClassEntry], context: int) -> Optional[str]:
+    """Refuse classes whose prompts all tokenize identically (equal signatures); return the warning
+    about prompts cut at the ``context`` length (None when none is cut)."""
+    groups: Dict[str, List[int]] = {}
+    for index, fact in enumerate(facts):
+        groups.setdefault(fact.signature, []).append(index)
     same = [indices for indices in groups.values() if len(indices) > 1]
     if same:
         detail = "; ".join(" = ".join(f"{names[i]!r} (index {i})" for i in indices) for indices in same[:5])
         more = f"; ... and {len(same) - 5} more groups" if len(same) > 5 else ""
         raise ValueError(
             f"class names that the tokenizer makes identical: {detail}{more}. The tokenizer lower-cases, "
-            f"cleans whitespace and keeps only the first {tokens.shape[1]} tokens of a prompt, so these "
+            f"cleans whitespace and keeps only the first {context} tokens of a prompt, so these "
             "would give identical output channels: remove or reword the duplicates")
-    eot = getattr(tokenizer, "eot_token_id", None)
-    if eot is None:  # not open_clip's tokenizer: no reliable way to see truncation
+    classes = [index for index, fact in enumerate(facts) if fact.truncated]
+    if not classes:
         return None
-    full = torch.nonzero(tokens[:, -1] == eot).reshape(-1).tolist()  # end-of-text in the last slot: cut, or just fits
-    encode = getattr(tokenizer, "encode", None)
-    if callable(encode):  # open_clip SimpleTokenizer: count the tokens without the context limit
-        try:
-            full = [row for row in full if len(encode(prompts[row])) + 2 > tokens.shape[1]]
-        except Exception:  # noqa: BLE001 - keep the conservative list
-            pass
-    if full:
-        classes = sorted({i for i, (rows, _) in enumerate(per_class) if set(rows) & set(full)})
-        shown = ", ".join(f"{names[i]!r} (index {i})" for i in classes[:5])
-        more = f" ... and {len(classes) - 5} more" if len(classes) > 5 else ""
-        return (f"{len(full)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
-                f"{tokens.shape[1]}-token context and are cut off (e.g. {prompts[full[0]]!r}): {shown}{more}. "
-                "Shorten those class names")
-    return None
+    cut = list(dict.fromkeys(prompt for index in classes for prompt in facts[index].truncated))
+    shown = ", ".join(f"{names[i]!r} (index {i})" for i in classes[:5])
+    more = f" ... and {len(classes) - 5} more" if len(classes) > 5 else ""
+    return (f"{len(cut)} prompt(s) of {len(classes)} class(es) are longer than the tokenizer's "
+            f"{context}-token context and are cut off (e.g. {cut[0]!r}): {shown}{more}. "
+            "Shorten those class names")
 
 
 def check_tokenized_duplicates(tokenizer, names: Sequence[str],
@@ -591,7 +712,8 @@ def check_tokenized_duplicates(tokenizer, names: Sequence[str],
     indices; warn (:class:`TruncatedPromptWarning`) about prompts cut at the context length."""
     names = list(names)
     per_class, prompts = _class_rows(names, tuple(templates))
-    message = _check_tokens(tokenizer, names, per_class, prompts, _tokenize(tokenizer, prompts))
+    tokens = _tokenize(tokenizer, prompts)
+    message = _check_tokens(names, _token_facts(tokenizer, per_class, prompts, tokens), tokens.shape[1])
     if message:
         warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
 
@@ -657,8 +779,9 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
         batch_size: prompts per text-tower forward.
         trim_context: cut each batch's context to its longest prompt (exact; see :func:`encode_tokens`).
         cache: use the on-disk cache (also disabled by ``SED_FAST_TEXT_CACHE=0``); None means True.
-        cache_dir: cache folder; default :func:`default_cache_dir`. Files are ``<key>.pt`` with
-            ``key = text_cache_key(...)``; a corrupt file is recomputed and overwritten with a warning.
+        cache_dir: cache folder; default :func:`default_cache_dir`. Files are ``<key>.pt``,
+            one per class name, ``key`` from :func:`class_cache_keys`; a corrupt file is recomputed and
+            overwritten with a warning. Only the names without a valid entry are encoded.
         progress: None shows a tqdm bar on a terminal for more than 3 batches, and elsewhere (logs,
             pipes) writes a progress line to stderr every 10 s; True forces the bar; False silences both.
 
@@ -679,33 +802,69 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
     tower = _TextTower(clip_model)
     device = tower.device
 
-    path = key = None
+    entries: List[Optional[_ClassEntry]] = [None] * len(names)
+    folder = keys = None
     if cache_enabled(cache):
         limit = cache_limit_bytes()  # read first: a bad value fails before the work, not after
-        key = text_cache_key(clip_model, tokenizer, names, templates)
-        path = Path(cache_dir).expanduser() / f"{key}.pt" if cache_dir is not None else \
-            default_cache_dir() / f"{key}.pt"
-        cached = _load_cached(path, key, names, (len(names), len(templates)))
-        if cached is not None:
-            embeddings, notes = cached
-            for message in notes:  # kept with the entry: a cache hit warns as the computation did
-                warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
-            return embeddings.to(device)
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        keys = class_cache_keys(clip_model, tokenizer, names, templates)
+        for index, (name, key) in enumerate(zip(names, keys)):
+            entries[index] = _load_cached(folder / f"{key}.pt", key, name, len(templates))
+        widths = {entry.embeddings.shape[1] for entry in entries if entry is not None}
+        if len(widths) > 1:  # entries of one model disagree: none of them can be trusted
+            warnings.warn(f"text-embedding cache entries in {folder} for one model have different widths "
+                          f"{sorted(widths)}; recomputing them", RuntimeWarning, stacklevel=2)
+            entries = [None] * len(names)
+    missing = [index for index, entry in enumerate(entries) if entry is None]
 
-    # All prompts, each distinct string encoded once.
-    per_class, prompts = _class_rows(names, templates)
-    tokens = _tokenize(tokenizer, prompts)
-    message = _check_tokens(tokenizer, names, per_class, prompts, tokens)
-    notes = [message] if message else []
-    for note in notes:
-        warnings.warn(note, TruncatedPromptWarning, stacklevel=2)
+    # Only the names without a cache entry are tokenized and encoded, each distinct prompt once.
+    per_class = prompts = tokens = None
+    context = None
+    if missing:
+        per_class, prompts = _class_rows([names[index] for index in missing], templates)
+        tokens = _tokenize(tokenizer, prompts)
+        context = tokens.shape[1]
+        for index, fact in zip(missing, _token_facts(tokenizer, per_class, prompts, tokens)):
+            entries[index] = fact
+    message = _check_tokens(names, entries, context if context is not None else _context_length(tokenizer))
+    if message:
+        warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
+    if missing:
+        computed = _encode_classes(tower, per_class, prompts, tokens, len(templates), batch_size, trim_context,
+                                   device, progress)
+        for position, index in enumerate(missing):
+            entries[index].embeddings = computed[position]
+        cached_widths = {entries[index].embeddings.shape[1] for index in range(len(names)) if index not in missing}
+        if cached_widths and cached_widths != {computed.shape[2]}:  # entries that cannot be this model's
+            warnings.warn(f"text-embedding cache entries in {folder} are {sorted(cached_widths)} wide where this "
+                          f"model gives {computed.shape[2]}; recomputing them", RuntimeWarning, stacklevel=2)
+            missing = list(range(len(names)))
+            per_class, prompts = _class_rows(names, templates)
+            tokens = _tokenize(tokenizer, prompts)
+            entries = _token_facts(tokenizer, per_class, prompts, tokens)
+            computed = _encode_classes(tower, per_class, prompts, tokens, len(templates), batch_size,
+                                       trim_context, device, progress)
+            for index in missing:
+                entries[index].embeddings = computed[index]
+        if folder is not None:
+            written = [_save_cached(folder / f"{keys[index]}.pt", keys[index], names[index], entries[index])
+                       for index in missing]
+            if any(written):
+                _evict(folder, keep=[f"{key}.pt" for key in keys], limit=limit)
+    return torch.stack([entry.embeddings.to(device) for entry in entries])
+
+
+def _encode_classes(tower: "_TextTower", per_class, prompts: List[str], tokens: torch.Tensor, num_templates: int,
+                    batch_size: int, trim_context: bool, device: torch.device,
+                    progress: Optional[bool]) -> torch.Tensor:
+    """(C, P, D) float32 embeddings of the classes ``per_class`` (rows into the distinct ``prompts``)."""
     batches = (len(prompts) + batch_size - 1) // batch_size
     bar = _progress_bar(progress, batches, len(prompts))
-    log = _ProgressLog(bar is None and progress is not False, len(prompts), len(names), announce=batches > 3)
+    log = _ProgressLog(bar is None and progress is not False, len(prompts), len(per_class), announce=batches > 3)
     try:
         embeddings = None
         with torch.no_grad():
-            for rows, out in _encode_batches(tower, tokens, per_class, len(templates), batch_size, trim_context,
+            for rows, out in _encode_batches(tower, tokens, per_class, num_templates, batch_size, trim_context,
                                              device):
                 out = out / out.norm(dim=-1, keepdim=True)
                 if embeddings is None:
@@ -720,14 +879,12 @@ def encode_vocabulary(clip_model: nn.Module, tokenizer, names: Sequence[str], *,
     log.close()
 
     with torch.no_grad():
-        result = torch.empty(len(names), len(templates), embeddings.shape[-1], dtype=torch.float32,
+        result = torch.empty(len(per_class), num_templates, embeddings.shape[-1], dtype=torch.float32,
                              device=embeddings.device)
         for index, (rows, synonyms) in enumerate(per_class):
             class_embeddings = embeddings[torch.as_tensor(rows, device=embeddings.device)]
             if synonyms > 1:
-                class_embeddings = class_embeddings.reshape(len(templates), synonyms, -1).mean(dim=1)
+                class_embeddings = class_embeddings.reshape(num_templates, synonyms, -1).mean(dim=1)
                 class_embeddings = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
             result[index] = class_embeddings
-    if path is not None:
-        _save_cached(path, key, names, result, limit, notes)
-    return result.to(device)
+    return result

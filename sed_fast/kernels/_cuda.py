@@ -43,6 +43,7 @@ logger = logging.getLogger("sed_fast.cuda")
 LIBRARY = "sed_fast_cuda"
 OPS = ("topk_union_reject", "dwconv_layernorm")
 JIT_NAME = "sed_fast_C"
+BUILD_CACHE_FOLDER = "cuda_ext"  # JIT builds go to cache_root() / BUILD_CACHE_FOLDER / extension_tag()
 CSRC_DIR = Path(__file__).resolve().parent.parent.parent / "csrc"
 
 
@@ -82,7 +83,7 @@ def default_build_directory(archs: Optional[str] = None) -> Path:
     folder = env_value("SED_FAST_CUDA_BUILD_DIR")
     if folder is not None:
         return folder
-    return cache_root() / "cuda_ext" / extension_tag(archs)
+    return cache_root() / BUILD_CACHE_FOLDER / extension_tag(archs)
 
 
 def sources() -> List[str]:

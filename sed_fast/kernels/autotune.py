@@ -178,6 +178,11 @@ def cached_choices() -> Dict[Tuple, str]:
 
 
 # -- optional disk cache ---------------------------------------------------------------------------
+#: The disk cache: files ``<DISK_CACHE_PREFIX><versions tag>.json`` in ``cache_root() / DISK_CACHE_FOLDER``
+#: (``sed-fast cache`` finds them by these names).
+DISK_CACHE_FOLDER = "autotune"
+DISK_CACHE_PREFIX = "backend_choices-"
+
 
 def _disk_cache_on() -> bool:
     return env_value("SED_FAST_AUTOTUNE_CACHE")
@@ -191,7 +196,7 @@ def _disk_cache_path() -> Path:
         triton_version = "none"
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-triton{triton_version}"
     tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
-    return cache_root() / "autotune" / f"backend_choices-{tag}.json"
+    return cache_root() / DISK_CACHE_FOLDER / f"{DISK_CACHE_PREFIX}{tag}.json"
 
 
 def _encode(key: Tuple) -> str:
