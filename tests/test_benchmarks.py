@@ -120,6 +120,12 @@ def test_e2e_rows(results):
         for field in ("encoder_ms", "text_ms", "decoder_ms"):
             assert isinstance(row[field], float) and row[field] >= 0
         assert row["stages_ms"]["image_encoder"] > 0 and row["stages_total_ms"] > 0
+        # what ran and how close to the roofs: the stage's %peak against this machine's measured peaks
+        assert row["peaks"]["matmul_tflop_per_s"]["float32"] > 0 and row["peaks"]["copy_gb_per_s"] > 0
+        assert row["linear_routing"]["fast_float32"] and row["cpu"]["name"] and row["libraries"]["torch"]
+        assert row["stages_flops"]["image_encoder"] > 0 and row["total_flops"] > 0
+        assert row["stages_frac_peak"]["image_encoder"] > 0 and row["stages_bound"]["image_encoder"]
+        assert any(path.startswith(("linear:", "matmul:")) for path in row["stages_paths"]["image_encoder"])
         if row["setting"] == "exact":
             assert row["cer_topk"] is None and row["kept_classes"] is None and row["kept_mean"] is None
         elif row["setting"] == "cer1":
