@@ -269,15 +269,38 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
+    assert "| FLOP/B | roof | % peak |" in markdown and "Roofs (measured on this CPU" in markdown
     pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
-    import matplotlib.image
-    for png in ("latency_vs_classes.png", "stages.png"):
-        path = tmp_path / png
-        data = path.read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-        image = matplotlib.image.imread(path)
-        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    for png in ("stages.png", "roofline.png"):
+        _check_png(tmp_path / png)
         assert f"]({png})" in markdown
+    # --smoke measured one class count: a latency line would be one point, so it is not drawn, and said
+    assert not (tmp_path / "latency_vs_classes.png").exists()
+    assert "## Plots not drawn" in markdown and "latency_vs_classes.png: every run measured one class count" in markdown
+    assert "not drawn: latency_vs_classes.png: every run measured one class count per line (voc20 (T=20))" in printed
+
+
+def _check_png(path):
+    import matplotlib.image
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_draws_latency_with_two_class_counts_and_says_why_no_roofline(results, tmp_path, capsys):
+    folder, _ = results
+    rows = _rows(folder / "e2e.jsonl")
+    more = [dict(r, vocab="random40", T=40, median_ms=r["median_ms"] * 2) for r in rows]
+    common.append_rows(tmp_path / "e2e.jsonl", rows + more)
+    assert report.main(["--results-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (tmp_path / "report.md").read_text()
+    assert "](latency_vs_classes.png)" in markdown and "latency_vs_classes.png:" not in markdown
+    assert "roofline.png: no profile rows" in markdown and "not drawn: roofline.png" in printed
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
+    _check_png(tmp_path / "latency_vs_classes.png")
+    assert not (tmp_path / "roofline.png").exists()
 
 
 def test_report_flags_wrong_rows(tmp_path):
