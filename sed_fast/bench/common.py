@@ -474,6 +474,7 @@ def measure_cpu_peaks(budget_s: float = 0.25) -> Dict[str, object]:
     began = time.perf_counter()
     n = 1024
     flops = 2.0 * n ** 3
+    threads = f"{torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
     generator = torch.Generator().manual_seed(0)
     matmul: Dict[str, float] = {}
     paths: Dict[str, Dict[str, Optional[float]]] = {}
@@ -503,10 +504,10 @@ def measure_cpu_peaks(budget_s: float = 0.25) -> Dict[str, object]:
         "matmul_paths_tflop_per_s": paths,
         "threads": torch.get_num_threads(),
         "how": (f"fastest of a few {n}^3 matmuls per dtype (torch mm and oneDNN matmul, the better one is the "
-                f"roof) and of a {copy_bytes >> 20} MiB copy (read + write), {torch.get_num_threads()} threads"),
+                f"roof) and of a {copy_bytes >> 20} MiB copy (read + write), {threads}"),
         "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "measure_seconds": round(time.perf_counter() - began, 3),
-        "source": f"measured on this CPU ({torch.get_num_threads()} threads)",
+        "source": f"measured on this CPU ({threads})",
     }
 
 
@@ -531,10 +532,12 @@ def machine_peaks(device: Union[str, torch.device], refresh: bool = False,
                   use_cache: bool = True) -> Optional[Dict[str, object]]:
     """The roofs of ``device``: on CPU measured here (:func:`measure_cpu_peaks`), read from the cache
     when this CPU model, thread count and library versions were measured before (``cached`` says
-    which); on CUDA the datasheet peaks (None for an unlisted GPU)."""
+    which); on CUDA (and for any device whose name :data:`DATASHEET_PEAKS` lists) the datasheet peaks,
+    None for an unlisted GPU."""
     device = torch.device(device)
-    if device.type != "cpu":
-        return datasheet_peaks(device)
+    listed = datasheet_peaks(device)
+    if listed is not None or device.type != "cpu":
+        return listed
     key = cpu_peaks_key()
     path = peaks_cache_file(key)
     if use_cache and not refresh and path.exists():

@@ -202,9 +202,10 @@ def peaks_note(device: str, peaks, precision: str) -> str:
     bandwidth = float(peaks["copy_gb_per_s"])
     where = peaks["source"]
     if "measure_seconds" in peaks:
-        where = (f"{'read from the cache' if peaks.get('cached') else 'measured in this run'} "
-                 f"({peaks['measure_seconds']:.1f} s: {peaks['how']})")
-    return (f"%peak: the stage's rate over its binding roof (C: compute, {flops:.3f} TFLOP/s {precision} GEMM; "
+        where = (f"{'read from the cache of ' + str(peaks.get('measured')) if peaks.get('cached') else 'measured'} "
+                 f"(a {peaks['measure_seconds']:.1f} s measurement: {peaks['how']})")
+    return (f"%peak: the stage's rate over its binding roof (C: compute, {flops:.3f} TFLOP/s {precision} GEMM, "
+            f"{peaks['source']}; "
             f"M: memory, {bandwidth:.0f} GB/s; the ridge at {flops * 1e3 / bandwidth:.1f} FLOP/B), by its "
             f"arithmetic intensity FLOP/B; peaks {where}. Bytes are op-by-op traffic (an upper bound of what a "
             "fused execution moves; data kept in cache is counted again), so a memory-bound stage can exceed "
