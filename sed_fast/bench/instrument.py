@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -142,30 +142,30 @@ def linear_pointwise_flops(x, weight, *args, **kwargs) -> int:
     return 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * out_features
 
 
-def _kernel_costs():
-    """The kernels' cost registry: ``(flops_of_call, bytes_of_call, explained_differences)``.
-
-    Reads ``sed_fast.kernels.cost_registry`` when the kernels provide it (``flops(op, *args)``,
-    ``bytes(op, *args)`` and ``EXPLAINED_DIFFERENCES``); otherwise the FLOP cost models of
-    :func:`sed_fast.kernels.cost_model` only, no bytes models, no explanations."""
+def _cost_registry():
+    """The kernels' cost registry (``sed_fast.kernels.costs``: ``cost_of_call(op, *args) -> Cost(flops,
+    bytes)`` by schema name, ``REFERENCE_DIFFERENCES``), or None in a version without one: then
+    FLOPs come from torch's formulas and :func:`sed_fast.kernels.cost_model`, bytes from tensor sizes."""
     try:
-        from ..kernels import cost_registry  # type: ignore[attr-defined]
+        from ..kernels import costs
     except ImportError:
-        cost_registry = None
-    if cost_registry is not None:
-        return (getattr(cost_registry, "flops", None), getattr(cost_registry, "bytes", None),
-                getattr(cost_registry, "EXPLAINED_DIFFERENCES", None))
-
-    def flops_of(op, *args, **kwargs):
-        model = cost_model(op)
-        return model(*args, **kwargs) if model is not None else None
-    return flops_of, None, None
+        return None
+    return costs
 
 
-def explained_differences():
-    """The kernels' explanations of where the fast model's FLOPs differ from the reference's
-    (``{stage or op: text}``), or None when the cost registry provides none."""
-    return _kernel_costs()[2]
+def explained_differences(stage_names) -> Optional[List[Dict[str, str]]]:
+    """The cost registry's documented reasons why the fast model's FLOPs differ from the reference's,
+    for the stages among ``stage_names`` they cover (``stages``, ``fast_count``, ``reason``); None
+    when the registry documents none."""
+    from fnmatch import fnmatchcase
+
+    registry = _cost_registry()
+    documented = getattr(registry, "REFERENCE_DIFFERENCES", None) if registry is not None else None
+    if documented is None:
+        return None
+    names = list(stage_names)
+    return [{"stages": str(d.stages), "fast_count": str(getattr(d, "fast_count", "")), "reason": str(d.reason)}
+            for d in documented if any(fnmatchcase(name, d.stages) for name in names)]
 
 
 class OpCounter(_TorchDispatchMode):
@@ -177,7 +177,8 @@ class OpCounter(_TorchDispatchMode):
     then the kernels' own cost models for a custom op without a registered formula, and the
     oneDNN-routed linears (``mkldnn::_linear_pointwise``) as the ``F.linear`` they replace;
     elementwise ops count no FLOPs. An op that multiplies but has no formula is listed in
-    ``uncounted``. Bytes: the op's bytes model where the kernels' cost registry has one, else the
+    ``uncounted``. Bytes: the op's least bytes from the kernels' cost registry
+    (``sed_fast.kernels.costs.cost_of_call``) where it has the op, else the
     sizes of the tensors it reads and writes (views move nothing), i.e. the traffic of an unfused
     execution; ``bytes_source`` counts the ops of each kind per stage. ``paths``: per stage, how
     many calls went where (``linear: oneDNN``, ``matmul: MKL``, ``class_attention: cpu`` ...).
@@ -195,7 +196,7 @@ class OpCounter(_TorchDispatchMode):
         self.uncounted: Dict[str, set] = defaultdict(set)
         self.cuda = device is not None and torch.device(device).type == "cuda"
         self._blas = "cuBLAS" if self.cuda else blas_name()
-        self._flops_of, self._bytes_of, _ = _kernel_costs()
+        self._costs = _cost_registry()
         try:
             from torch.utils.flop_counter import flop_registry
             self._registry = flop_registry
@@ -241,8 +242,8 @@ class OpCounter(_TorchDispatchMode):
         flops = None
         if packet in self._registry:
             flops = self._registry[packet](*args, **kwargs, out_val=out)
-        elif namespace == "sed_fast" and self._flops_of is not None:
-            flops = self._flops_of(base, *args, **kwargs)
+        elif namespace == "sed_fast" and cost_model(base) is not None:
+            flops = cost_model(base)(*args, **kwargs)
         elif namespace == "mkldnn" and base == "_linear_pointwise":
             flops = linear_pointwise_flops(*args, **kwargs)
         multiplies = (namespace == "sed_fast" and base not in MOVING_OPS) or base in MULTIPLYING_OPS
@@ -253,10 +254,11 @@ class OpCounter(_TorchDispatchMode):
         if multiplies or namespace == "sed_fast":
             self.paths[name][self._path(namespace, base, args, kwargs)] += 1
         modeled = None
-        if namespace == "sed_fast" and self._bytes_of is not None:
+        if self._costs is not None:
             try:
-                modeled = self._bytes_of(base, *args, **kwargs)
-            except Exception:  # noqa: BLE001 - no model for this op: sizes below
+                cost = self._costs.cost_of_call(op_name, *args, **kwargs)
+                modeled = None if cost is None else cost.bytes
+            except Exception:  # noqa: BLE001 - a model that cannot take these arguments: sizes below
                 modeled = None
         if modeled is not None:
             self.bytes[name] += float(modeled)
