@@ -501,15 +501,16 @@ def test_profile_reads_bytes_models_and_explained_differences_from_the_cost_regi
     def cost_of_call(op, *args, **kwargs):
         return SimpleNamespace(flops=0, bytes=1000) if op == "sed_fast::class_attention" else None
     difference = SimpleNamespace(stages="decoder*.double_conv", fast_count="fewer", reason="guidance convolved once")
-    unused = SimpleNamespace(stages="no_such_stage*", fast_count="none", reason="never shown")
+    unused = SimpleNamespace(stages="no_such_stage*", fast_count="none", reason="not run here")
     monkeypatch.setattr(instrument, "_cost_registry", lambda: SimpleNamespace(
         cost_of_call=cost_of_call, REFERENCE_DIFFERENCES=(difference, unused)))
     assert profile.main(TINY + ["--reps", "1", "--warmup", "1", "--json", str(tmp_path / "p.json")]) == 0
     text = capsys.readouterr().out
-    assert "  decoder*.double_conv (fast: fewer): guidance convolved once" in text and "never shown" not in text
+    assert "  decoder*.double_conv (fast: fewer): guidance convolved once" in text
+    assert "  no_such_stage* (fast: none; no such stage in this profile): not run here" in text
     assert re.search(r"^bytes: 3 op calls from the kernels' bytes models, \d+ from the sizes", text, flags=re.M)
     record = json.loads((tmp_path / "p.json").read_text())
-    assert record["explained_differences"] == [{"stages": "decoder*.double_conv", "fast_count": "fewer",
-                                                "reason": "guidance convolved once"}]
+    assert record["explained_differences"][0] == {"stages": "decoder*.double_conv", "fast_count": "fewer",
+                                                  "reason": "guidance convolved once", "in_this_profile": True}
     attention = {s["stage"]: s for s in record["stages"]}["decoder2.class_attention"]
     assert attention["bytes"] > 1000  # its q/k/v linears by tensor sizes, plus the op's 1000 modelled bytes

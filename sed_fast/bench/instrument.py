@@ -154,9 +154,10 @@ def _cost_registry():
 
 
 def explained_differences(stage_names) -> Optional[List[Dict[str, str]]]:
-    """The cost registry's documented reasons why the fast model's FLOPs differ from the reference's,
-    for the stages among ``stage_names`` they cover (``stages``, ``fast_count``, ``reason``); None
-    when the registry documents none."""
+    """The cost registry's documented reasons why the fast model's FLOPs differ from the reference's
+    (``stages``, ``fast_count``, ``reason``, and ``in_this_profile``: whether a stage of
+    ``stage_names`` matches: a stage only one model runs explains a difference of totals too);
+    None when the registry documents none."""
     from fnmatch import fnmatchcase
 
     registry = _cost_registry()
@@ -164,8 +165,8 @@ def explained_differences(stage_names) -> Optional[List[Dict[str, str]]]:
     if documented is None:
         return None
     names = list(stage_names)
-    return [{"stages": str(d.stages), "fast_count": str(getattr(d, "fast_count", "")), "reason": str(d.reason)}
-            for d in documented if any(fnmatchcase(name, d.stages) for name in names)]
+    return [{"stages": str(d.stages), "fast_count": str(getattr(d, "fast_count", "")), "reason": str(d.reason),
+             "in_this_profile": any(fnmatchcase(name, d.stages) for name in names)} for d in documented]
 
 
 class OpCounter(_TorchDispatchMode):

@@ -378,7 +378,9 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
     if explained:
         notes.append("where the fast and the reference model's FLOPs differ by design at this configuration "
                      "(the kernels' cost registry):")
-        notes += [f"  {d['stages']} (fast: {d['fast_count']}): {d['reason']}" for d in explained]
+        notes += [f"  {d['stages']} (fast: {d['fast_count']}"
+                  f"{'' if d['in_this_profile'] else '; no such stage in this profile'}): {d['reason']}"
+                  for d in explained]
     for line in notes:
         print(line)
     where = paths_summary(rows)
