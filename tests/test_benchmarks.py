@@ -270,6 +270,9 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
     assert "| FLOP/B | roof | % peak |" in markdown and "Roofs (measured on this CPU" in markdown
+    stage_peaks = table_after("(compute: GEMM rate; memory: bandwidth):")
+    assert len(stage_peaks) == 2 + len(e2e_rows) and re.search(r"image_encoder [\d.,]+ ms \d+% (compute|memory)",
+                                                              stage_peaks[2])
     pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
     for png in ("stages.png", "roofline.png"):
         _check_png(tmp_path / png)

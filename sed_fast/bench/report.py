@@ -220,6 +220,23 @@ def kernel_table(rows) -> List[str]:
                    "max diff", "status"], body)
 
 
+def stage_peak_table(rows, most: int = 6) -> List[str]:
+    """End-to-end rows with per-stage counts: their longest stages with time, roof and %peak."""
+    body = []
+    for r in rows:
+        fractions, stages = r.get("stages_frac_peak") or {}, r.get("stages_ms") or {}
+        if not fractions or r.get("valid") is False:
+            continue
+        longest = sorted(stages, key=lambda name: -(stages[name] or 0))[:most]
+        cells = [f"{name} {common.fmt(stages[name], 1)} ms "
+                 + (f"{100 * fractions[name]:.0f}% {(r.get('stages_bound') or {}).get(name) or ''}".rstrip()
+                    if fractions.get(name) is not None else "-")
+                 for name in longest]
+        body.append([f"SED-{str(r.get('variant')).upper()} {r.get('impl')} {_dtype(r)} {r.get('vocab')} "
+                     f"B={r.get('batch')} {_setting(r)}", "; ".join(cells)])
+    return _table(["row", f"longest {most} stages: ms, %peak of the binding roof"], body) if body else []
+
+
 def profile_section(row) -> List[str]:
     lines = [f"**{row.get('config')}**", ""]
     body = []
@@ -266,6 +283,11 @@ def write_markdown(path: Path, rows, plots: Sequence[str], not_plotted: Optional
         lines += ["## End to end", ""]
         for key, group in group_runs(e2e).items():
             lines += [f"### {names[key]}: {run_label(key)}", ""] + e2e_table(group) + [""]
+            peaks = next((r.get("peaks") for r in group if r.get("peaks")), None)
+            stage_peaks = stage_peak_table(group)
+            if stage_peaks:
+                lines += [f"Per stage, against the roofs {peaks.get('source') if peaks else '-'} "
+                          "(compute: GEMM rate; memory: bandwidth):", ""] + stage_peaks + [""]
         lines += [f"## Beside the paper (SED-B, 768x768, batch 1; paper: one {PAPER_GPU}, a DIFFERENT GPU)", "",
                   "The paper's CER rows come from trained weights that reject most classes; random weights keep "
                   "almost all, so compare the paper's k columns with our forced kept-class rows (kept32).", ""]

@@ -6,7 +6,7 @@ interpreted-or-compiled when it is imported, so ``TRITON_INTERPRET=1`` is set he
 imports it; if Triton was already imported in compiled mode in this process, the doctor runs again in
 a new process with the variable set (and says so).
 
-Exit code: 0 all is well, 1 something failed, 2 usage error.
+Exit code: 0 no problem found (the last line says what was not checked), 1 something failed, 2 usage error.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG, description="Check sed_fast on this machine: versions, device, CUDA extension, every backend "
                                 "of every op against its reference, what dispatch chooses, and the model end to end. "
                                 "A backend that disagrees is excluded from dispatch in this process. "
-                                "Exit code 0: all is well; 1: something failed; 2: usage error.")
+                                "Exit code 0: no problem found; 1: something failed; 2: usage error.")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the Triton kernels under Triton's interpreter on CPU tensors (sets "
