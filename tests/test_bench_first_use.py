@@ -106,7 +106,7 @@ def test_profile_on_a_known_device_model_gives_every_percentage_in_0_100(tmp_pat
     fractions = [s["frac_peak_flops"] for s in stages if s["frac_peak_flops"] is not None]
     assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
     assert all(s["frac_peak_bw"] is None for s in stages)
-    percents = [int(p) for p in re.findall(r"\s(\d+)%!?$", text, flags=re.M)]
+    percents = [int(p) for p in re.findall(r"\s(\d+)%!? [CM]$", text, flags=re.M)]
     assert percents and all(0 <= p <= 100 for p in percents) and "%!" not in text
-    assert "H100 SXM5 datasheet peak of 67.0 TFLOP/s" in text
+    assert "C: compute, 67.000 TFLOP/s float32 GEMM, H100 SXM5 datasheet;" in text
     assert re.search(r"^total \(median forward\).*the rows add up to [\d.]+% of it", text, flags=re.M)

@@ -120,6 +120,12 @@ def test_e2e_rows(results):
         for field in ("encoder_ms", "text_ms", "decoder_ms"):
             assert isinstance(row[field], float) and row[field] >= 0
         assert row["stages_ms"]["image_encoder"] > 0 and row["stages_total_ms"] > 0
+        # what ran and how close to the roofs: the stage's %peak against this machine's measured peaks
+        assert row["peaks"]["matmul_tflop_per_s"]["float32"] > 0 and row["peaks"]["copy_gb_per_s"] > 0
+        assert row["linear_routing"]["fast_float32"] and row["cpu"]["name"] and row["libraries"]["torch"]
+        assert row["stages_flops"]["image_encoder"] > 0 and row["total_flops"] > 0
+        assert row["stages_frac_peak"]["image_encoder"] > 0 and row["stages_bound"]["image_encoder"]
+        assert any(path.startswith(("linear:", "matmul:")) for path in row["stages_paths"]["image_encoder"])
         if row["setting"] == "exact":
             assert row["cer_topk"] is None and row["kept_classes"] is None and row["kept_mean"] is None
         elif row["setting"] == "cer1":
@@ -263,15 +269,41 @@ def test_report_markdown_and_plots(results, tmp_path, capsys):
     assert kernel_table[0].startswith("| op | shape |") and len(kernel_table) == 2 + len(kernel_rows)
     paper = table_after("DIFFERENT GPU)")
     assert len(paper) == 2 + len(report.PAPER_LATENCY_MS) and "861.0" in markdown
+    assert "| FLOP/B | roof | % peak |" in markdown and "Roofs (measured on this CPU" in markdown
+    stage_peaks = table_after("(compute: GEMM rate; memory: bandwidth):")
+    assert len(stage_peaks) == 2 + len(e2e_rows) and re.search(r"image_encoder [\d.,]+ ms \d+% (compute|memory)",
+                                                              stage_peaks[2])
     pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
-    import matplotlib.image
-    for png in ("latency_vs_classes.png", "stages.png"):
-        path = tmp_path / png
-        data = path.read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
-        image = matplotlib.image.imread(path)
-        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    for png in ("stages.png", "roofline.png"):
+        _check_png(tmp_path / png)
         assert f"]({png})" in markdown
+    # --smoke measured one class count: a latency line would be one point, so it is not drawn, and said
+    assert not (tmp_path / "latency_vs_classes.png").exists()
+    assert "## Plots not drawn" in markdown and "latency_vs_classes.png: every run measured one class count" in markdown
+    assert "not drawn: latency_vs_classes.png: every run measured one class count per line (voc20 (T=20))" in printed
+
+
+def _check_png(path):
+    import matplotlib.image
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_draws_latency_with_two_class_counts_and_says_why_no_roofline(results, tmp_path, capsys):
+    folder, _ = results
+    rows = _rows(folder / "e2e.jsonl")
+    more = [dict(r, vocab="random40", T=40, median_ms=r["median_ms"] * 2) for r in rows]
+    common.append_rows(tmp_path / "e2e.jsonl", rows + more)
+    assert report.main(["--results-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    markdown = (tmp_path / "report.md").read_text()
+    assert "](latency_vs_classes.png)" in markdown and "latency_vs_classes.png:" not in markdown
+    assert "roofline.png: no profile rows" in markdown and "not drawn: roofline.png" in printed
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the `plots` extra)")
+    _check_png(tmp_path / "latency_vs_classes.png")
+    assert not (tmp_path / "roofline.png").exists()
 
 
 def test_report_flags_wrong_rows(tmp_path):
@@ -316,3 +348,172 @@ def test_fast_options_parsing():
     assert e2e.parse_options("") == {}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         e2e.parse_options("cuda_graphs")
+
+
+# -- profile: FLOPs, roofline, what ran -------------------------------------------------------------
+def test_profile_counts_every_multiplying_stage_and_gives_each_a_percent_of_peak(results):
+    folder, outputs = results
+    for name in ("profile_fast", "profile_reference"):
+        record = json.loads((folder / f"{name}.json").read_text())
+        peaks = record["peaks"]
+        assert peaks["copy_gb_per_s"] > 0 and peaks["matmul_tflop_per_s"]["float32"] > 0
+        assert set(peaks["matmul_tflop_per_s"]) >= {"float32", "bfloat16"} and peaks["measure_seconds"] >= 0
+        stages = [s for s in record["stages"] if s["stage"] != profile.OTHER]
+        multiplying = [s for s in stages if any(path.split(":")[0] in ("matmul", "linear", "conv", "cost_map",
+                                                                      "class_attention", "dwconv_layernorm")
+                                                for path in s["paths"])]
+        assert not any(s["uncounted_ops"] for s in record["stages"]), record["stages"]
+        assert {"image_encoder", "conv1", "decoder1.convnext_mlp", "decoder2.class_attention",
+                "decoder3.double_conv", "head"} <= {s["stage"] for s in multiplying}
+        for s in multiplying:  # no "-" in the FLOP column for a stage that multiplies
+            assert s["flops"] and s["flops"] > 0, s
+        for s in stages:
+            if s["ms"] > 0 and (s["flops"] or s["bytes"]):
+                assert s["frac_peak_flops"] is not None and s["bound"] in ("compute", "memory"), s
+        assert record["total_flops"] == pytest.approx(sum(s["flops"] or 0 for s in record["stages"]))
+        assert record["linear_routing"]["fast_float32"] in ("oneDNN", common.blas_name())
+        assert record["cpu"]["features"] == list(__import__("sed_fast.base.cpu_features", fromlist=["x"]).cpu_flags())
+        assert record["libraries"]["torch"] == torch.__version__
+        text = outputs[name]
+        assert "%peak: none" not in text and "binding roof" in text
+        assert re.search(r"^FLOPs per forward: \d+\.\d+ GFLOP", text, flags=re.M)
+    fast = json.loads((folder / "profile_fast.json").read_text())
+    mlp = next(s for s in fast["stages"] if s["stage"] == "decoder1.convnext_mlp")
+    if fast["linear_routing"]["fast_float32"] == "oneDNN":
+        assert "linear: oneDNN" in mlp["paths"]  # the routed linears are counted where they run
+
+
+def _tiny_model(impl):
+    import warnings
+
+    import sed_fast
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sed_fast.build_sed("b", impl=impl, device="cpu", clip_resolution=32)
+    images = torch.rand(1, 3, 40, 40) * 255
+    text, names, _ = e2e.synthetic_text(model, "voc20", 5, "random", images)
+    model.text_embeddings, model.class_names = text, names
+    return model, images
+
+
+def test_counter_matches_flop_counter_mode_on_the_reference():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sed_fast.base.stages import recording
+    from sed_fast.bench.instrument import OpCounter, instrument
+
+    model, images = _tiny_model("reference")
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as plain:
+            model(images)
+        counter = OpCounter("cpu")
+        with recording("cpu", nvtx=False), instrument(model), counter:
+            model(images)
+    assert plain.get_total_flops() > 1e6
+    assert sum(counter.flops.values()) == pytest.approx(plain.get_total_flops(), rel=1e-9)
+    assert not any(counter.uncounted.values())
+
+
+def test_counter_counts_a_custom_op_through_its_registered_flop_formula():
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    from sed_fast.base.stages import recording, stage
+    from sed_fast.bench.instrument import OpCounter
+
+    @torch.library.custom_op("sed_fast_profile_test::double_mm", mutates_args=())
+    def double_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 2 * (a @ b)
+
+    packet = torch.ops.sed_fast_profile_test.double_mm
+    register_flop_formula(packet)(lambda a_shape, b_shape, *args, **kwargs: 2 * a_shape[0] * a_shape[1] * b_shape[1])
+    try:
+        counter = OpCounter("cpu")
+        with recording("cpu", nvtx=False), counter:
+            with stage("custom"):
+                packet(torch.ones(3, 4), torch.ones(4, 5))
+            with stage("plain"):
+                torch.ones(3, 4) @ torch.ones(4, 5)
+    finally:
+        flop_registry.pop(packet, None)
+    assert counter.flops["custom"] == 2 * 3 * 4 * 5  # once: the op's own formula, not its inner matmul
+    assert counter.flops["plain"] == 2 * 3 * 4 * 5
+    assert counter.paths["plain"] == {f"matmul: {common.blas_name()}": 1}
+
+
+def test_onednn_linear_is_counted_like_the_linear_it_replaces():
+    from sed_fast.bench.instrument import linear_pointwise_flops
+    x, weight = torch.ones(2, 7, 16), torch.ones(24, 16)
+    assert linear_pointwise_flops(x, weight, None, "none", [], "") == 2 * 14 * 16 * 24
+
+
+def test_roofline_picks_the_binding_roof():
+    peaks = {"copy_gb_per_s": 100.0, "matmul_tflop_per_s": {"float32": 1.0, "bfloat16": 4.0}}  # ridge 10 FLOP/B
+    compute = common.roofline(1e9, 1e7, 2.0, peaks, "float32")  # 100 FLOP/B, 0.5 TFLOP/s
+    assert compute["bound"] == "compute" and compute["frac_peak"] == pytest.approx(0.5)
+    memory = common.roofline(1e9, 1e9, 20.0, peaks, "float32")  # 1 FLOP/B: roof 0.1 TFLOP/s, achieved 0.05
+    assert memory["bound"] == "memory" and memory["roof_tflop_per_s"] == pytest.approx(0.1)
+    assert memory["frac_peak"] == pytest.approx(0.5)
+    assert common.roofline(1e9, 1e7, 2.0, peaks, "bfloat16")["frac_peak"] == pytest.approx(0.125)
+    copy = common.roofline(None, 1e9, 20.0, peaks, "float32")  # 50 GB/s of 100
+    assert copy["bound"] == "memory" and copy["frac_peak"] == pytest.approx(0.5)
+    assert common.roofline(1e9, 1e7, 2.0, None, "float32")["frac_peak"] is None
+
+
+def test_cpu_peaks_are_cached_per_cpu_threads_and_libraries(tmp_path, monkeypatch):
+    monkeypatch.setenv("SED_FAST_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_measure():
+        calls.append(torch.get_num_threads())
+        return {"copy_gb_per_s": 10.0, "matmul_tflop_per_s": {"float32": 0.1, "bfloat16": 0.2},
+                "source": "measured", "how": "fake", "measure_seconds": 0.0}
+    monkeypatch.setattr(common, "measure_cpu_peaks", fake_measure)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first, again = common.machine_peaks("cpu"), common.machine_peaks("cpu")
+        assert (first["cached"], again["cached"], len(calls)) == (False, True, 1)
+        assert again["matmul_tflop_per_s"] == first["matmul_tflop_per_s"]
+        assert str(tmp_path / "peaks") in again["cache_file"]
+        assert common.machine_peaks("cpu", refresh=True)["cached"] is False and len(calls) == 2
+        monkeypatch.setattr(common, "library_versions", lambda: {"torch": "another"})
+        assert common.machine_peaks("cpu")["cached"] is False and len(calls) == 3  # other libraries: measured
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_routing_that_differs_from_the_default_is_said_first(monkeypatch, capsys):
+    monkeypatch.setenv("SED_FAST_ONEDNN_LINEAR", "0")
+    env = common.environment("cpu")
+    assert env["linear_routing"]["differs"] and env["linear_routing"]["fast_float32"] == common.blas_name()
+    assert "SED_FAST_ONEDNN_LINEAR=0" in common.routing_warning(env)
+    assert profile.main(TINY + ["--reps", "1", "--warmup", "1", "--no-counts"]) == 0
+    assert capsys.readouterr().out.startswith("NOTE: the fast model's float32 linears run on")
+    monkeypatch.delenv("SED_FAST_ONEDNN_LINEAR")
+    assert common.routing_warning(common.environment("cpu")) is None
+
+
+def test_profile_reads_bytes_models_and_explained_differences_from_the_cost_registry(tmp_path, monkeypatch, capsys):
+    """With a cost registry (``sed_fast.kernels.costs`` where the kernels provide it; a stand-in
+    here): bytes of the ops it knows come from it, and its documented differences are printed."""
+    from types import SimpleNamespace
+
+    from sed_fast.bench import instrument
+
+    def cost_of_call(op, *args, **kwargs):
+        return SimpleNamespace(flops=0, bytes=1000) if op == "sed_fast::class_attention" else None
+    difference = SimpleNamespace(stages="decoder*.double_conv", fast_count="fewer", reason="guidance convolved once")
+    unused = SimpleNamespace(stages="no_such_stage*", fast_count="none", reason="not run here")
+    monkeypatch.setattr(instrument, "_cost_registry", lambda: SimpleNamespace(
+        cost_of_call=cost_of_call, REFERENCE_DIFFERENCES=(difference, unused)))
+    assert profile.main(TINY + ["--reps", "1", "--warmup", "1", "--json", str(tmp_path / "p.json")]) == 0
+    text = capsys.readouterr().out
+    assert "  decoder*.double_conv (fast: fewer): guidance convolved once" in text
+    assert "  no_such_stage* (fast: none; no such stage in this profile): not run here" in text
+    assert re.search(r"^bytes: 3 op calls from the kernels' bytes models, \d+ from the sizes", text, flags=re.M)
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["explained_differences"][0] == {"stages": "decoder*.double_conv", "fast_count": "fewer",
+                                                  "reason": "guidance convolved once", "in_this_profile": True}
+    attention = {s["stage"]: s for s in record["stages"]}["decoder2.class_attention"]
+    assert attention["bytes"] > 1000  # its q/k/v linears by tensor sizes, plus the op's 1000 modelled bytes

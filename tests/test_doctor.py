@@ -1,6 +1,7 @@
 """``sed-fast doctor`` on CPU: it runs, lists every op, and a backend that disagrees with its
 reference (or raises) is reported, excluded from dispatch in the process, and fails the exit code."""
 import json
+import re
 
 import pytest
 import torch
@@ -37,17 +38,51 @@ def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
     e2e = report["end_to_end"]
     assert e2e["ok"] and [run["cer_topk"] for run in e2e["runs"]] == [None, 2]
     assert all(run["max_score_diff"] <= 1e-4 for run in e2e["runs"])
+    cover = report["coverage"]
+    assert cover["checked"] == sum(r["status"] not in ("not checked", "unavailable") for r in report["backends"])
+    assert cover["not_checked_count"] == sum(r["status"] == "not checked" for r in report["backends"])
 
 
-def test_doctor_prints_a_table_of_every_op(capsys):
+def test_doctor_prints_aligned_tables_of_every_op_and_what_it_did_not_check(capsys):
     code = cli.main(["doctor", "--device", "cpu", "--reps", "0", "--no-e2e"])
     out = capsys.readouterr().out
     assert code == 0
+    backend_table = out.split("== backends vs reference (small random inputs)\n", 1)[1].split("\n==", 1)[0]
+    dispatch_table = out.split("== dispatch (what runs each op here, and why)\n", 1)[1].split("\n==", 1)[0]
+    header, _, *rows = backend_table.splitlines()
+    column = header.index("status")
+    assert len(rows) >= len(dispatch.ops())
+    for row in rows:  # every row's status starts under the header's, after a blank
+        assert row[column - 1] == " " and row[column] != " ", (row, header)
+    arrows = {line.index(" -> ") for line in dispatch_table.splitlines()}
+    assert len(arrows) == 1  # one column for the arrows, however long the op names
     for op in dispatch.ops():
         chosen = "cpu" if "cpu" in dispatch._known(op) else "torch"
-        assert f"{op:<20} -> {chosen}" in out  # the dispatch table
+        assert re.search(rf"^{op} +-> +{chosen}:", dispatch_table, flags=re.M)
         assert out.count(op) >= 2  # rows of the backend table, and the dispatch line
-    assert "all is well" in out
+    result = out.rstrip().splitlines()[-1]
+    assert "all is well" not in out  # the end-to-end check (and any op without a case) was not run
+    not_checked = [r for r in checks.check_backends(torch.device("cpu"), [torch.float32], reps=0)
+                   if r["status"] == "not checked"]
+    match = re.match(r"no problems found in what was checked: (\d+) checked, (\d+) not checked \((.*)\)", result)
+    assert match, result
+    assert int(match.group(2)) == len(not_checked) + 1 and "end to end: skipped with --no-e2e" in match.group(3)
+    for row in not_checked:
+        assert row["op"] in match.group(3)
+
+
+def test_doctor_says_all_is_well_only_when_everything_was_checked():
+    from sed_fast.doctor.cli import coverage, result_line
+    report = {"ok": True, "problems": [], "end_to_end": {"ok": True},
+              "backends": [{"op": "a", "backend": "torch", "status": "ok"},
+                           {"op": "a", "backend": "triton", "status": "unavailable"}]}
+    assert coverage(report)["checked"] == 1
+    assert result_line(report).startswith("all is well: 1 checked; 1 backends cannot run")
+    report["backends"].append({"op": "b", "backend": "torch", "status": "not checked", "reason": "no case"})
+    assert result_line(report) == ("no problems found in what was checked: 1 checked, 1 not checked (b: no case); "
+                                   "1 backends cannot run on this device (see the table)")
+    report.update(ok=False, problems=["a [torch] float32: WRONG"])
+    assert result_line(report).startswith("PROBLEMS: a [torch] float32: WRONG. 1 checked, 1 not checked")
 
 
 @pytest.fixture

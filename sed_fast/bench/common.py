@@ -8,14 +8,17 @@ Timing
     The number of timed calls adapts to the call's duration: enough for ``target_s`` seconds, between
     ``min_reps`` and ``max_reps`` (or exactly ``reps`` when given).
 
-Device peaks
-    "% of peak" divides by the datasheet peaks of the device model (:data:`DATASHEET_PEAKS`: dense
-    FLOP/s per precision and DRAM bytes/s of the GPUs listed there), which no measurement can
-    exceed; on any other device (every CPU, unlisted GPUs) no percentage is given. Measured rates
-    (a large device-to-device copy, read + write bytes / time; a large bf16 and float32 matmul with
-    TF32 off on CUDA, a float32 matmul on CPU; from the 20th-percentile time) are cached per device
-    name in ``<results dir>/device_peaks.json`` and printed for scale: they are what this machine
-    reached once, not an upper bound (small working sets run from cache faster than a large copy).
+Device peaks and the roofline
+    CPU: the machine's own peaks, measured with the run's thread count (:func:`measure_cpu_peaks`,
+    about a second): the float32 and bfloat16 GEMM rate (the better of torch's BLAS ``mm`` and
+    oneDNN's matmul, each recorded) and the memory bandwidth (a copy larger than the last-level
+    cache, read + write bytes / time). Cached in ``<cache root>/peaks/`` under a key of the CPU model,
+    the thread count and the library versions (:func:`machine_peaks`), and recorded in each result.
+    CUDA: the datasheet peaks of the device model (:data:`DATASHEET_PEAKS`); an unlisted GPU has
+    none. Each stage's %peak is against its binding roof (:func:`roofline`): the compute roof when its
+    arithmetic intensity (FLOPs / bytes) is at or above the ridge point (peak FLOP/s / bandwidth), the
+    memory roof below it. Measured copy and matmul rates on CUDA (:func:`device_peaks`) are cached per
+    device name in ``<results dir>/device_peaks.json`` and printed for scale only.
 
 Result rows
     JSON lines appended to ``<results dir>/<name>.jsonl``; every row starts with
@@ -117,6 +120,87 @@ def device_name(device: Union[str, torch.device]) -> str:
     return f"CPU {_cpu_model()} ({torch.get_num_threads()} threads)"
 
 
+def cpu_identity() -> Dict[str, object]:
+    """The CPU: model name, vendor, family / model / stepping numbers (from /proc/cpuinfo), the
+    features that decide the CPU path's speed and torch's vector capability."""
+    from ..base.cpu_features import cpu_flags
+
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
+    found: Dict[str, object] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in fields:
+                    found[fields[key]] = int(value) if value.isdigit() else value
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"name": _cpu_model(), **found, "features": list(cpu_flags()), "torch_capability": capability}
+
+
+def library_versions() -> Dict[str, Optional[str]]:
+    """Versions of what computes: torch, its BLAS (MKL) and oneDNN builds, Triton, CUDA, cuDNN."""
+    config = torch.__config__.show()
+
+    def after(pattern: str) -> Optional[str]:
+        import re
+        match = re.search(pattern, config)
+        return match.group(1) if match else None
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": torch.__version__, "blas": after(r"BLAS_INFO=(\w+)"),
+            "mkl": after(r"Math Kernel Library Version ([\w.\-]+)"), "onednn": after(r"MKL-DNN (v[\d.]+)"),
+            "triton": _triton_version(), "cuda": torch.version.cuda, "cudnn": str(cudnn) if cudnn else None}
+
+
+def blas_name() -> str:
+    """The BLAS torch's CPU ``addmm`` / ``mm`` use (``BLAS_INFO`` of the build, e.g. MKL)."""
+    blas = library_versions()["blas"] or "BLAS"
+    names = {"mkl": "MKL", "open": "OpenBLAS", "openblas": "OpenBLAS", "accelerate": "Accelerate"}
+    return names.get(blas.lower(), blas)
+
+
+#: The routing of the float32 linears on CPU that the README documents (kernels/cpu_linear).
+DEFAULT_CPU_LINEAR = "oneDNN"
+
+
+def linear_routing(device: Union[str, torch.device]) -> Dict[str, object]:
+    """Which library the model's linears use on ``device``: per model dtype, the default and whether
+    this run differs from it (and why)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"fast_float32": "cuBLAS", "reference": "cuBLAS", "default": "cuBLAS", "differs": False, "why": None}
+    from ..base.envvars import env_value as _env
+    from ..kernels.cpu_linear import onednn_linear_usable
+
+    switched_off = not _env("SED_FAST_ONEDNN_LINEAR")
+    usable = onednn_linear_usable()
+    fast = DEFAULT_CPU_LINEAR if usable and not switched_off else blas_name()
+    why = None
+    if switched_off:
+        why = "SED_FAST_ONEDNN_LINEAR=0 switches the oneDNN routing off"
+    elif not usable:
+        why = "oneDNN's linear is missing from this torch build or disagreed with F.linear on the probe"
+    return {"fast_float32": fast, "fast_16bit": f"torch linear ({blas_name()} / oneDNN as torch picks)",
+            "reference": blas_name(), "default": DEFAULT_CPU_LINEAR, "differs": fast != DEFAULT_CPU_LINEAR,
+            "why": why}
+
+
+def routing_warning(env: Dict[str, object]) -> Optional[str]:
+    """A line for the top of a result's output when the linears' routing differs from the default."""
+    routing = env.get("linear_routing") or {}
+    if not routing.get("differs"):
+        return None
+    return (f"NOTE: the fast model's float32 linears run on {routing['fast_float32']}, not the documented "
+            f"default {routing['default']} ({routing['why']}): compare with results of the same routing only.")
+
+
 def _triton_version() -> Optional[str]:
     try:
         import triton
@@ -129,7 +213,9 @@ _GIT_COMMIT: Optional[str] = None
 
 
 def environment(device: Union[str, torch.device]) -> Dict[str, object]:
-    """device, threads, torch, triton, cuda, git_commit, timestamp (UTC, ISO 8601)."""
+    """device, threads, torch, triton, cuda, cpu (:func:`cpu_identity`), libraries
+    (:func:`library_versions`), linear_routing (:func:`linear_routing`), git_commit, timestamp (UTC,
+    ISO 8601)."""
     global _GIT_COMMIT
     if _GIT_COMMIT is None:
         _GIT_COMMIT = git_commit()
@@ -139,6 +225,9 @@ def environment(device: Union[str, torch.device]) -> Dict[str, object]:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "cuda": torch.version.cuda,
+        "cpu": cpu_identity(),
+        "libraries": library_versions(),
+        "linear_routing": linear_routing(device),
         "git_commit": _GIT_COMMIT,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -363,6 +452,140 @@ DATASHEET_PEAKS: Dict[str, Dict[str, object]] = {
         ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB", 1935.0, 19.5, 156.0, 312.0),
         ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB", 1555.0, 19.5, 156.0, 312.0),
     )}
+
+
+def _fastest_ms(fn: Callable[[], object], budget_s: float, min_calls: int = 3, max_calls: int = 20) -> float:
+    """The fastest of repeated calls of ``fn`` (after one warm-up call), within about ``budget_s``."""
+    fn()
+    times: List[float] = []
+    began = time.perf_counter()
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - began < budget_s):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return min(times)
+
+
+def measure_cpu_peaks(budget_s: float = 0.25) -> Dict[str, object]:
+    """This CPU's float32 and bfloat16 GEMM rates (TFLOP/s) and memory bandwidth (GB/s) with torch's
+    current thread count, in about a second: the fastest of a few 1024^3 matmuls through torch's
+    ``mm`` (BLAS) and oneDNN's matmul (the better of the two is the roof, both are recorded), and a
+    copy of 64 MiB (beyond the last-level cache of the CPUs this runs on; read + write bytes)."""
+    began = time.perf_counter()
+    n = 1024
+    flops = 2.0 * n ** 3
+    threads = f"{torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
+    generator = torch.Generator().manual_seed(0)
+    matmul: Dict[str, float] = {}
+    paths: Dict[str, Dict[str, Optional[float]]] = {}
+    with torch.no_grad():
+        for name in ("float32", "bfloat16"):
+            a = torch.randn(n, n, generator=generator).to(DTYPES[name])
+            b = torch.randn(n, n, generator=generator).to(DTYPES[name])
+            candidates = {f"torch mm ({blas_name()})": lambda: torch.mm(a, b),
+                          "oneDNN matmul": lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")}
+            rates_here: Dict[str, Optional[float]] = {}
+            for path, fn in candidates.items():
+                try:
+                    rates_here[path] = flops / (_fastest_ms(fn, budget_s) * 1e-3) / 1e12
+                except Exception:  # noqa: BLE001 - a path this build lacks is recorded as missing
+                    rates_here[path] = None
+            paths[name] = rates_here
+            found = [rate for rate in rates_here.values() if rate]
+            if found:
+                matmul[name] = max(found)
+        copy_bytes = 64 << 20
+        source = torch.ones(copy_bytes // 4)
+        target = torch.empty_like(source)
+        copy_ms = _fastest_ms(lambda: target.copy_(source), budget_s)
+    return {
+        "copy_gb_per_s": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
+        "matmul_tflop_per_s": matmul,
+        "matmul_paths_tflop_per_s": paths,
+        "threads": torch.get_num_threads(),
+        "how": (f"fastest of a few {n}^3 matmuls per dtype (torch mm and oneDNN matmul, the better one is the "
+                f"roof) and of a {copy_bytes >> 20} MiB copy (read + write), {threads}"),
+        "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "measure_seconds": round(time.perf_counter() - began, 3),
+        "source": f"measured on this CPU ({threads})",
+    }
+
+
+def cpu_peaks_key() -> Dict[str, object]:
+    """What the CPU peaks depend on: the CPU model, the thread count, the library versions."""
+    cpu = cpu_identity()
+    return {"cpu": cpu["name"], "family": cpu.get("family"), "model": cpu.get("model"),
+            "stepping": cpu.get("stepping"), "threads": torch.get_num_threads(), "libraries": library_versions()}
+
+
+def peaks_cache_file(key: Dict[str, object]) -> Path:
+    """``<cache root>/peaks/cpu-<hash of key>.json``."""
+    import hashlib
+
+    from ..base.envvars import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "peaks" / f"cpu-{digest}.json"
+
+
+def machine_peaks(device: Union[str, torch.device], refresh: bool = False,
+                  use_cache: bool = True) -> Optional[Dict[str, object]]:
+    """The roofs of ``device``: on CPU measured here (:func:`measure_cpu_peaks`), read from the cache
+    when this CPU model, thread count and library versions were measured before (``cached`` says
+    which); on CUDA (and for any device whose name :data:`DATASHEET_PEAKS` lists) the datasheet peaks,
+    None for an unlisted GPU."""
+    device = torch.device(device)
+    listed = datasheet_peaks(device)
+    if listed is not None or device.type != "cpu":
+        return listed
+    key = cpu_peaks_key()
+    path = peaks_cache_file(key)
+    if use_cache and not refresh and path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored.get("key") == _jsonable(key):
+                return dict(stored["peaks"], cached=True, cache_file=str(path))
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # unreadable or foreign: measure again and replace it
+    peaks = measure_cpu_peaks()
+    if use_cache:
+        from ..base.files import atomic_write_text
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(_jsonable({"key": key, "peaks": peaks}), indent=2) + "\n")
+        except OSError:
+            pass  # a read-only cache costs a second per run, nothing else
+    return dict(peaks, cached=False, cache_file=str(path) if use_cache else None)
+
+
+def roofline(flops: Optional[float], bytes_moved: Optional[float], time_ms: Optional[float],
+             peaks: Optional[Dict[str, object]], precision: str) -> Dict[str, Optional[object]]:
+    """Where a stage sits under the roofs: its arithmetic intensity (FLOPs / byte), the binding roof
+    (``"compute"`` at or above the ridge point, ``"memory"`` below it, ``"memory"`` too for a stage
+    that moves data but multiplies nothing), the attainable rate there and the achieved fraction of
+    it (``frac_peak``: achieved FLOP/s over the attainable FLOP/s, or GB/s over the bandwidth)."""
+    out: Dict[str, Optional[object]] = {"intensity": None, "bound": None, "roof_tflop_per_s": None,
+                                        "frac_peak": None}
+    if flops and bytes_moved:
+        out["intensity"] = flops / bytes_moved
+    if not peaks or not time_ms or time_ms <= 0:
+        return out
+    seconds = time_ms * 1e-3
+    peak = peak_flops(peaks, precision)
+    bandwidth = float(peaks.get("copy_gb_per_s") or 0)  # type: ignore[arg-type]
+    if flops and peak:
+        if bytes_moved and bandwidth:
+            ridge = peak * 1e12 / (bandwidth * 1e9)
+            memory_roof = out["intensity"] * bandwidth * 1e9 / 1e12  # type: ignore[operator]
+            out["bound"] = "compute" if out["intensity"] >= ridge else "memory"  # type: ignore[operator]
+            out["roof_tflop_per_s"] = min(peak, memory_roof)
+        else:
+            out["bound"], out["roof_tflop_per_s"] = "compute", peak
+        out["frac_peak"] = flops / seconds / 1e12 / out["roof_tflop_per_s"]  # type: ignore[operator]
+    elif bytes_moved and bandwidth:
+        out["bound"] = "memory"
+        out["frac_peak"] = bytes_moved / seconds / 1e9 / bandwidth
+    return out
 
 
 def datasheet_peaks(device: Union[str, torch.device, None] = None, name: Optional[str] = None

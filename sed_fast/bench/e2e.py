@@ -43,6 +43,10 @@ events; wall clock on CPU); ``encoder_ms`` (``model.encode_image``), ``text_ms``
 cached text embedding lookup) and ``decoder_ms`` (the decoder alone on precomputed features),
 timed separately; ``stages_ms``: each stage's time in recorded forwards (median of 3 on CUDA, 1 on
 CPU; see ``sed_fast.bench.profile``), ``stages_total_ms`` the total time of those recorded forwards;
+from one more, counted forward: ``stages_flops``, ``stages_bytes``, ``stages_paths`` (where each
+stage's multiplying ops ran: ``linear: oneDNN``, ``matmul: MKL`` ...), ``stages_frac_peak`` and
+``stages_bound`` (the stage's %peak against its binding roof, compute or memory, with the roofs in
+``peaks``: on CPU measured on this machine with the run's threads, see ``sed_fast.bench.common``);
 ``peak_mem_mb``: the model's own weights plus the peak extra memory of its forwards
 (``torch.cuda.max_memory_allocated``; null on CPU), and ``peak_mem_abs_mb``, the process peak.
 
@@ -312,6 +316,29 @@ def _stage_times(model, images, device, repeats: int) -> Tuple[Dict[str, float],
     return {name: common.quantile(values, 0.5) for name, values in per_stage.items()}, common.quantile(totals, 0.5)
 
 
+def _stage_roofline(model, images, device, stages_ms: Dict[str, float], peaks, precision: str) -> Dict[str, object]:
+    """Per top-level stage, from one counted forward (:class:`sed_fast.bench.instrument.OpCounter`):
+    FLOPs, bytes, where its multiplying ops ran, and its %peak against its binding roof
+    (:func:`sed_fast.bench.common.roofline`); empty where counting fails (the row's times stand)."""
+    from sed_fast.base.stages import recording
+
+    from .instrument import OpCounter, instrument
+    try:
+        counter = OpCounter(device)
+        with recording(device, nvtx=False), instrument(model), counter:
+            model(images)
+    except Exception as error:  # noqa: BLE001 - a missing count must not lose the row
+        return {"stages_note": f"FLOPs not counted: {_error_text(error)}"}
+    roofs = {name: common.roofline(counter.flops.get(name) or None, counter.bytes.get(name) or None, ms, peaks,
+                                   precision) for name, ms in stages_ms.items()}
+    return {"stages_flops": {name: counter.flops.get(name) or None for name in stages_ms},
+            "stages_bytes": {name: counter.bytes.get(name) or None for name in stages_ms},
+            "stages_paths": {name: dict(counter.paths[name]) for name in stages_ms if counter.paths.get(name)},
+            "stages_frac_peak": {name: roof["frac_peak"] for name, roof in roofs.items()},
+            "stages_bound": {name: roof["bound"] for name, roof in roofs.items()},
+            "total_flops": sum(counter.flops.values())}
+
+
 def run_row(impl: str, model, dtype_name: str, setting: Setting, images: torch.Tensor, check: ReferenceOutputs,
             base: Dict[str, object], timing: Dict[str, object], stage_timing: bool, autocast_dtype=None,
             compile_mode: Optional[str] = None) -> Dict[str, object]:
@@ -379,6 +406,8 @@ def run_row(impl: str, model, dtype_name: str, setting: Setting, images: torch.T
                 if stage_timing:
                     row["stages_ms"], row["stages_total_ms"] = _stage_times(model, images, device,
                                                                             repeats=3 if cuda else 1)
+                    row.update(_stage_roofline(model, images, device, row["stages_ms"], base.get("peaks"),
+                                               precision))
     except KeyboardInterrupt:  # a time limit (timeout -s INT): record where it stopped, then stop
         row.update(error="interrupted (time limit)" + (" while compiling" if row["compile_ms"] is None
                                                         and compile_mode is not None else ""),
@@ -570,8 +599,25 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
     }
     out_path = None if args.no_save else common.results_dir(args.results_dir) / f"{args.name}.jsonl"
     env = common.environment(device)
+    warning = common.routing_warning(env)
+    if warning:
+        print(warning, flush=True)
+    peaks = None
+    if not args.no_stages:
+        try:
+            peaks = common.machine_peaks(device)
+        except Exception as error:  # noqa: BLE001 - the times are still worth taking
+            print(f"warning: could not measure this machine's GEMM rate and bandwidth: {error}", file=sys.stderr)
+    env["peaks"] = peaks
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"commit {env['git_commit']}; text: {args.text}; TF32 {'on' if args.tf32 else 'off'}", flush=True)
+    routing = env["linear_routing"]
+    print(f"linears: fast float32 on {routing['fast_float32']}, reference on {routing['reference']}; "
+          f"{env['threads']} threads; CPU {env['cpu']['name']} (family {env['cpu'].get('family')}, model "
+          f"{env['cpu'].get('model')}: {' '.join(env['cpu']['features']) or 'no reported features'})"
+          + (f"; roofs {peaks['source']}: " + ", ".join(f"{k} GEMM {v:.3f} TFLOP/s"
+                                                       for k, v in peaks["matmul_tflop_per_s"].items())
+             + f", {peaks['copy_gb_per_s']:.0f} GB/s" if peaks else ""), flush=True)
     start = time.perf_counter()
     skipped: List[str] = []
     rows: List[Dict[str, object]] = []

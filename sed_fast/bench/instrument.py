@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..base import stages
+from .common import blas_name, dtype_name
 from ..kernels import cost_model
 from ..base.stages import stage
 
@@ -122,22 +123,81 @@ try:
 except ImportError:  # pragma: no cover - very old torch
     _TorchDispatchMode = object
 
+#: Ops that multiply (a stage that runs one of them must show FLOPs); custom ``sed_fast::`` ops too.
+MULTIPLYING_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution",
+                   "_linear_pointwise", "_scaled_dot_product_flash_attention",
+                   "_scaled_dot_product_efficient_attention",
+                   "_scaled_dot_product_flash_attention_for_cpu", "einsum", "conv2d", "mkldnn_convolution"}
+
+#: sed_fast ops that only move data (gathers, the official resize's interpolation, which torch's
+#: counter does not count for its own interpolations either): no FLOPs expected.
+MOVING_OPS = {"gather_rows", "pil_bilinear_resize"}
+
+
+def linear_pointwise_flops(x, weight, *args, **kwargs) -> int:
+    """FLOPs of ``mkldnn::_linear_pointwise(x, weight, bias, ...)`` (the oneDNN-routed linear): those of
+    the same ``F.linear``, 2 per multiply-add; the bias add and fused activation are not counted,
+    as torch's ``addmm`` formula does not count them."""
+    out_features = weight.shape[0] if weight.dim() == 2 else weight.shape[-1]
+    return 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * out_features
+
+
+def _cost_registry():
+    """The kernels' cost registry (``sed_fast.kernels.costs``: ``cost_of_call(op, *args) -> Cost(flops,
+    bytes)`` by schema name, ``REFERENCE_DIFFERENCES``), or None in a version without one: then
+    FLOPs come from torch's formulas and :func:`sed_fast.kernels.cost_model`, bytes from tensor sizes."""
+    try:
+        from ..kernels import costs
+    except ImportError:
+        return None
+    return costs
+
+
+def explained_differences(stage_names) -> Optional[List[Dict[str, str]]]:
+    """The cost registry's documented reasons why the fast model's FLOPs differ from the reference's
+    (``stages``, ``fast_count``, ``reason``, and ``in_this_profile``: whether a stage of
+    ``stage_names`` matches: a stage only one model runs explains a difference of totals too);
+    None when the registry documents none."""
+    from fnmatch import fnmatchcase
+
+    registry = _cost_registry()
+    documented = getattr(registry, "REFERENCE_DIFFERENCES", None) if registry is not None else None
+    if documented is None:
+        return None
+    names = list(stage_names)
+    return [{"stages": str(d.stages), "fast_count": str(getattr(d, "fast_count", "")), "reason": str(d.reason),
+             "in_this_profile": any(fnmatchcase(name, d.stages) for name in names)} for d in documented]
+
 
 class OpCounter(_TorchDispatchMode):
-    """Counts FLOPs and bytes of each dispatched op, per active stage (``"(none)"`` outside stages).
+    """Counts FLOPs and bytes of each dispatched op, per active stage (``"(none)"`` outside stages),
+    and which library or backend ran each multiplying op.
 
-    FLOPs: torch's own counter formulas (matmuls, convolutions, attention) and, for the sed_fast
-    kernel ops, the cost model beside each kernel (``sed_fast.kernels.cost_model``); elementwise ops
-    count no FLOPs. Bytes: the sizes of the tensors each op reads and writes (views move nothing),
-    i.e. the traffic of an unfused execution; a fused kernel op counts only its own inputs and
-    outputs. Use inside :func:`recording` so that stages are known.
+    FLOPs: the formulas of ``torch.utils.flop_counter`` (what ``FlopCounterMode`` counts with,
+    including every formula registered with ``register_flop_formula``, e.g. the sed_fast kernels'),
+    then the kernels' own cost models for a custom op without a registered formula, and the
+    oneDNN-routed linears (``mkldnn::_linear_pointwise``) as the ``F.linear`` they replace;
+    elementwise ops count no FLOPs. An op that multiplies but has no formula is listed in
+    ``uncounted``. Bytes: the op's least bytes from the kernels' cost registry
+    (``sed_fast.kernels.costs.cost_of_call``) where it has the op, else the
+    sizes of the tensors it reads and writes (views move nothing), i.e. the traffic of an unfused
+    execution; ``bytes_source`` counts the ops of each kind per stage. ``paths``: per stage, how
+    many calls went where (``linear: oneDNN``, ``matmul: MKL``, ``class_attention: cpu`` ...).
+    Use inside :func:`recording` so that stages are known.
     """
 
-    def __init__(self):
+    def __init__(self, device=None):
         super().__init__()
+
         self.flops: Dict[str, float] = defaultdict(float)
         self.bytes: Dict[str, float] = defaultdict(float)
         self.ops: Dict[str, int] = defaultdict(int)
+        self.paths: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.bytes_source: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.uncounted: Dict[str, set] = defaultdict(set)
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self._blas = "cuBLAS" if self.cuda else blas_name()
+        self._costs = _cost_registry()
         try:
             from torch.utils.flop_counter import flop_registry
             self._registry = flop_registry
@@ -155,9 +215,27 @@ class OpCounter(_TorchDispatchMode):
             pass
         return out
 
+    def _path(self, namespace: str, base: str, args, kwargs) -> str:
+        """Where a multiplying op ran: the library, or the sed_fast backend dispatch picks."""
+        if namespace == "mkldnn":
+            return "linear: oneDNN"
+        if namespace == "sed_fast":
+            from ..kernels import dispatch
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            try:
+                return f"{base}: {dispatch.resolve_name(base, device, tuple(args), dict(kwargs))}"
+            except Exception:  # noqa: BLE001 - an op dispatch does not know (a backward, a helper)
+                return f"{base}: sed_fast"
+        if base in ("convolution", "_convolution", "conv2d", "mkldnn_convolution"):
+            return "conv: cuDNN" if self.cuda else "conv: torch CPU (oneDNN or native, as torch picks)"
+        dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor)), torch.float32)
+        if not self.cuda and dtype in (torch.bfloat16, torch.float16):
+            return f"matmul: torch {dtype_name(dtype)} GEMM (oneDNN where the CPU has it)"
+        return f"matmul: {self._blas}"
+
     def _count(self, name, func, args, kwargs, out) -> None:
         op_name = func._schema.name if hasattr(func, "_schema") else str(func)
-        base = op_name.split("::")[-1]
+        namespace, _, base = op_name.rpartition("::")
         self.ops[name] += 1
         if getattr(func, "is_view", False) or base in _NO_TRAFFIC:
             return
@@ -165,17 +243,35 @@ class OpCounter(_TorchDispatchMode):
         flops = None
         if packet in self._registry:
             flops = self._registry[packet](*args, **kwargs, out_val=out)
-        elif op_name.startswith("sed_fast::"):
-            cost = cost_model(base)  # the kernel's own count (custom ops are opaque to torch's counter)
-            flops = cost(*args, **kwargs) if cost is not None else None
+        elif namespace == "sed_fast" and cost_model(base) is not None:
+            flops = cost_model(base)(*args, **kwargs)
+        elif namespace == "mkldnn" and base == "_linear_pointwise":
+            flops = linear_pointwise_flops(*args, **kwargs)
+        multiplies = (namespace == "sed_fast" and base not in MOVING_OPS) or base in MULTIPLYING_OPS
         if flops:
             self.flops[name] += float(flops)
+        elif multiplies and flops is None:
+            self.uncounted[name].add(op_name)
+        if multiplies or namespace == "sed_fast":
+            self.paths[name][self._path(namespace, base, args, kwargs)] += 1
+        modeled = None
+        if self._costs is not None:
+            try:
+                cost = self._costs.cost_of_call(op_name, *args, **kwargs)
+                modeled = None if cost is None else cost.bytes
+            except Exception:  # noqa: BLE001 - a model that cannot take these arguments: sizes below
+                modeled = None
+        if modeled is not None:
+            self.bytes[name] += float(modeled)
+            self.bytes_source[name]["bytes model"] += 1
+            return
         reads = [v for k, v in kwargs.items() if k != "out"]
         moved = _tensor_bytes(list(args)) + _tensor_bytes(reads) + _tensor_bytes(out)
         if base in ("zeros", "zeros_like", "full", "full_like", "ones", "ones_like", "fill_", "zero_", "arange",
                     "new_zeros", "new_full", "new_ones", "scalar_tensor"):
             moved = _tensor_bytes(out)
         self.bytes[name] += float(moved)
+        self.bytes_source[name]["tensor sizes"] += 1
 
 
 # -------------------------------------------------------------------------------------------------

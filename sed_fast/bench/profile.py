@@ -7,9 +7,13 @@
 
 Runs warm-up forwards, then ``--reps`` forwards with a stage recorder (``sed_fast.base.stages``: CUDA
 events per stage on GPU, wall clock on CPU; NVTX ranges on CUDA), and prints for each stage its
-median time per forward, its share of the rows' sum, and the achieved FLOP rate and op traffic;
-``%peak`` is the FLOP rate over the device model's datasheet peak for the compute precision
-(``sed_fast.bench.common.DATASHEET_PEAKS``), none where the device is not listed (every CPU).
+median time per forward, its share of the rows' sum, the achieved FLOP rate and op traffic, its
+arithmetic intensity (FLOP/B) and ``%peak``: its rate over its binding roof (``C`` compute, ``M`` memory,
+by the intensity against the ridge point; ``sed_fast.bench.common.roofline``). The roofs: on CPU this
+machine's float32 / bfloat16 GEMM rate and memory bandwidth with the run's threads, measured in about
+two seconds or read from the cache under the cache root keyed by CPU model, threads and library
+versions (``--measure-peaks`` measures again); on CUDA the datasheet peaks
+(``sed_fast.bench.common.DATASHEET_PEAKS``), none for an unlisted GPU. The peaks are in the record.
 
 Stages (both models use the same names; the reference is instrumented from outside by
 ``sed_fast.bench.instrument.instrument``): ``image_encoder``, ``text`` (cached embeddings, per forward),
@@ -23,11 +27,17 @@ stages), then the median. Each row is a median over the forwards taken on its ow
 up to about, not exactly, the median total (the footer gives both); shares are of the rows' sum and
 add up to 100%.
 
-FLOPs and bytes per stage come from one extra forward under ``sed_fast.bench.instrument.OpCounter``: FLOPs
-of matmuls / convolutions / the sed_fast kernels, bytes read and written by each op (unfused
+FLOPs and bytes per stage come from one extra forward under ``sed_fast.bench.instrument.OpCounter``:
+FLOPs by the formulas ``FlopCounterMode`` uses (``torch.utils.flop_counter``, including those the
+kernels register with ``register_flop_formula``), the kernels' cost models, and the oneDNN-routed
+linears; the profile prints the total, any multiplying op it could not count, and the kernels'
+explanation of where the fast model's FLOPs differ from the reference's when they provide one. Bytes:
+the kernels' bytes models where registered, else the tensors each op reads and writes (unfused
 traffic: an upper bound of what a fused implementation must move, and more than the memory traffic
-where data stays in cache, so GB/s is not compared with the DRAM bandwidth). ``%peak`` is the FLOP
-rate's fraction of the datasheet peak, which a correct measurement cannot exceed.
+where data stays in cache, so a memory-bound stage can pass 100%, marked ``!``). The record and the
+output name, per stage, where each multiplying op ran (``linear: oneDNN``, ``matmul: MKL``,
+``class_attention: cpu`` ...), the threads, the CPU (family, model, features) and the library
+versions; a run whose linears do not take the documented route says so on its first line.
 
 ``--trace FILE`` writes a ``torch.profiler`` Chrome trace of two forwards (chrome://tracing or
 Perfetto), with the stage ranges. ``--json FILE`` writes the breakdown; ``--save`` appends it as a
@@ -74,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", default=None, metavar="FILE", help="write a torch.profiler Chrome trace")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the breakdown as JSON")
     parser.add_argument("--save", action="store_true", help="append the breakdown to <results dir>/profile.jsonl")
-    parser.add_argument("--results-dir", default=None, help="results folder (device peaks cache; --save)")
+    parser.add_argument("--results-dir", default=None, help="results folder (--save)")
+    parser.add_argument("--measure-peaks", action="store_true",
+                        help="measure this CPU's GEMM rate and bandwidth again instead of reading the cache")
     parser.add_argument("--no-counts", action="store_true", help="skip the FLOP / byte counting forward")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in float32 (default off)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: clip resolution 64, 64x64 image, voc20")
@@ -121,26 +133,35 @@ def build_model(args, device: torch.device):
 
 def breakdown(stage_ms: Dict[str, float], depths: Dict[str, int], order: Sequence[str], total_ms: float,
               flops: Dict[str, float], nbytes: Dict[str, float], peaks, dtype,
-              other_ms: Optional[float] = None) -> List[Dict[str, object]]:
-    """Rows (stage, ms, share, rates) for the top-level stages plus "other" (``other_ms``, the median
+              other_ms: Optional[float] = None, paths: Optional[Dict[str, Dict[str, int]]] = None,
+              uncounted: Optional[Dict[str, set]] = None) -> List[Dict[str, object]]:
+    """Rows (stage, ms, share, rates, roofline) for the stages plus "other" (``other_ms``, the median
     per-forward time outside the stages; default: the total minus the stages, at least 0); shares
-    are of the rows' sum and add up to 100%. ``peaks``: datasheet peaks or None (no % of peak)."""
+    are of the top-level rows' sum and add up to 100%. ``peaks``: the roofs
+    (:func:`sed_fast.bench.common.machine_peaks`) or None (no % of peak). ``frac_peak_flops`` is the
+    fraction of the binding roof (``bound``: compute or memory, by the stage's arithmetic intensity)."""
     top = [name for name in order if depths.get(name, 0) == 0]
     tracked = sum(stage_ms.get(name, 0.0) for name in top)
     other = max(0.0, total_ms - tracked) if other_ms is None else max(0.0, other_ms)
     total = tracked + other
+    paths, uncounted = paths or {}, uncounted or {}
     rows = []
     for name in order:
         ms = stage_ms.get(name, 0.0)
         row = {"stage": name, "depth": depths.get(name, 0), "ms": ms,
                "share": ms / total if total > 0 and depths.get(name, 0) == 0 else None,
-               "flops": flops.get(name) or None, "bytes": nbytes.get(name) or None}
-        row.update(common.rates(row["bytes"], row["flops"], ms, peaks, dtype))
-        row["frac_peak_bw"] = None  # op-by-op bytes are not DRAM traffic: see the module docstring
+               "flops": flops.get(name) or None, "bytes": nbytes.get(name) or None,
+               "paths": dict(paths.get(name, {})), "uncounted_ops": sorted(uncounted.get(name, ()))}
+        row.update(common.rates(row["bytes"], row["flops"], ms, None, dtype))
+        roof = common.roofline(row["flops"], row["bytes"], ms, peaks, dtype)
+        row.update(intensity=roof["intensity"], bound=roof["bound"], roof_tflop_per_s=roof["roof_tflop_per_s"],
+                   frac_peak_flops=roof["frac_peak"], frac_peak_bw=None)
         rows.append(row)
     rows.append({"stage": OTHER, "depth": 0, "ms": other, "share": other / total if total > 0 else None,
                  "flops": None, "bytes": (nbytes.get("(none)") or None), "gb_per_s": None, "tflop_per_s": None,
-                 "frac_peak_bw": None, "frac_peak_flops": None})
+                 "frac_peak_bw": None, "frac_peak_flops": None, "intensity": None, "bound": None,
+                 "roof_tflop_per_s": None, "paths": dict(paths.get("(none)", {})),
+                 "uncounted_ops": sorted(uncounted.get("(none)", ()))})
     return rows
 
 
@@ -148,19 +169,21 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
                     forwards: Optional[int] = None) -> None:
     print(title, file=file)
     header = (f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} "
-              f"{'%peak':>9}")
+              f"{'FLOP/B':>7} {'%peak':>10}")
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
         fraction = r.get("frac_peak_flops")
-        peak = "-" if fraction is None else f"{100 * fraction:.0f}%" + ("!" if fraction > 1 else "")
+        peak = "-" if fraction is None else (f"{100 * fraction:.0f}%" + ("!" if fraction > 1 else "")
+                                             + (" " + str(r.get("bound") or "?")[0].upper()))
         name = ("  " * int(r.get("depth") or 0) + str(r["stage"]))[:30]
         share = f"{100 * r['share']:.1f}%" if r.get("share") is not None else ""
         gflop = r["flops"] / 1e9 if r.get("flops") else None
         mbytes = r["bytes"] / 1e6 if r.get("bytes") else None
         print(f"{name:<30} {common.fmt(r['ms'], 3):>9} {share:>7} {common.fmt(gflop, 2):>9} "
               f"{common.fmt(mbytes, 1):>10} "
-              f"{common.fmt(r.get('tflop_per_s'), 2):>8} {common.fmt(r.get('gb_per_s'), 1):>8} {peak:>9}", file=file)
+              f"{common.fmt(r.get('tflop_per_s'), 2):>8} {common.fmt(r.get('gb_per_s'), 1):>8} "
+              f"{common.fmt(r.get('intensity'), 1):>7} {peak:>10}", file=file)
     shares = sum(r["share"] for r in rows if r.get("share") is not None)
     summed = sum(r["ms"] for r in rows if r.get("depth", 0) == 0)
     print(f"{'sum of the rows':<30} {common.fmt(summed, 3):>9} {100 * shares:>6.1f}%", file=file)
@@ -170,20 +193,47 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
           f"{100 * summed / total_ms if total_ms > 0 else 100:.1f}% of it", file=file)
 
 
-def peaks_note(device: str, peaks, precision: str, measured=None) -> str:
+def peaks_note(device: str, peaks, precision: str) -> str:
     """What %peak means here, or why there is none."""
-    seen = ""
-    if measured:
-        seen = (f"measured here: copy {measured['copy_gb_per_s']:.0f} GB/s, matmul "
-                + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in measured["matmul_tflop_per_s"].items())
-                + " (what this machine reached once, not an upper bound)")
     if not peaks:
-        return (f"%peak: none: no datasheet peak for {device} (listed: {', '.join(common.DATASHEET_PEAKS)})"
-                + (f"; {seen}" if seen else ""))
+        return (f"%peak: none: {device} has no datasheet peaks listed (listed: {', '.join(common.DATASHEET_PEAKS)}); "
+                "FLOP rates and bytes are still exact")
     flops = common.peak_flops(peaks, precision)
-    return (f"%peak: the stage's FLOP rate over the {peaks['source']} peak of {flops:.1f} TFLOP/s ({precision}, "
-            f"dense); GB/s is op-by-op traffic, not compared with the {peaks['copy_gb_per_s']:.0f} GB/s DRAM "
-            "bandwidth (data in cache is counted again)" + (f"; {seen}" if seen else ""))
+    bandwidth = float(peaks["copy_gb_per_s"])
+    where = peaks["source"]
+    if "measure_seconds" in peaks:
+        where = (f"{'read from the cache of ' + str(peaks.get('measured')) if peaks.get('cached') else 'measured'} "
+                 f"(a {peaks['measure_seconds']:.1f} s measurement: {peaks['how']})")
+    return (f"%peak: the stage's rate over its binding roof (C: compute, {flops:.3f} TFLOP/s {precision} GEMM, "
+            f"{peaks['source']}; "
+            f"M: memory, {bandwidth:.0f} GB/s; the ridge at {flops * 1e3 / bandwidth:.1f} FLOP/B), by its "
+            f"arithmetic intensity FLOP/B; peaks {where}. Bytes are op-by-op traffic (an upper bound of what a "
+            "fused execution moves; data kept in cache is counted again), so a memory-bound stage can exceed "
+            "100% (marked !)")
+
+
+def flop_notes(rows: Sequence[Dict[str, object]], bytes_source: Dict[str, Dict[str, int]]) -> List[str]:
+    """Lines on what the counts miss: multiplying ops without a FLOP formula, bytes not modelled."""
+    notes = []
+    missing = {str(r["stage"]): r["uncounted_ops"] for r in rows if r.get("uncounted_ops")}
+    if missing:
+        notes.append("FLOPs not counted (no formula registered for these ops): "
+                     + "; ".join(f"{stage}: {', '.join(ops)}" for stage, ops in missing.items()))
+    sized = sum(counts.get("tensor sizes", 0) for counts in bytes_source.values())
+    modeled = sum(counts.get("bytes model", 0) for counts in bytes_source.values())
+    if sized or modeled:
+        notes.append(f"bytes: {modeled} op calls from the kernels' bytes models, {sized} from the sizes of the "
+                     "tensors each op reads and writes" + ("" if modeled else " (no bytes model registered)"))
+    return notes
+
+
+def paths_summary(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """Per stage, where its multiplying ops ran (``linear: oneDNN x12`` ...)."""
+    lines = []
+    for r in rows:
+        if r.get("paths"):
+            lines.append(f"  {r['stage']}: " + ", ".join(f"{path} x{count}" for path, count in r["paths"].items()))
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -217,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
     from sed_fast.base.stages import recording
 
-    from .instrument import OpCounter, instrument
+    from .instrument import OpCounter, explained_differences, instrument
 
     from .e2e import synthetic_text
 
@@ -277,18 +327,18 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
 
     flops: Dict[str, float] = {}
     nbytes: Dict[str, float] = {}
+    counter = None
     if not args.no_counts:
-        counter = OpCounter()
+        counter = OpCounter(device)
         with recording(device, nvtx=False), instrument(model), counter:
             forward()
         flops, nbytes = dict(counter.flops), dict(counter.bytes)
 
-    peaks = common.datasheet_peaks(device)  # the denominators of % of peak, or None: no percentage
-    measured = None
+    peaks = None  # the roofs of % of peak, or None: no percentage
     try:
-        measured = common.device_peaks(device, args.results_dir)
+        peaks = common.machine_peaks(device, refresh=args.measure_peaks)
     except Exception as error:  # noqa: BLE001 - the times are still worth printing
-        print(f"warning: could not measure the device's copy and matmul rates: {error}", file=sys.stderr)
+        print(f"warning: could not measure this machine's GEMM rate and bandwidth: {error}", file=sys.stderr)
 
     if args.trace:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -304,8 +354,12 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
 
     precision = common.precision_name(compute_dtype, tf32=args.tf32)
     rows = breakdown(stage_ms, depths, order, total_ms, flops, nbytes, peaks, precision,
-                     other_ms=common.quantile(outside, 0.5))
+                     other_ms=common.quantile(outside, 0.5), paths=counter.paths if counter else None,
+                     uncounted=counter.uncounted if counter else None)
     env = common.environment(device)
+    warning = common.routing_warning(env)
+    if warning:
+        print(warning)
     setting = ("exact" if args.cer_topk is None and args.kept_classes is None else
                f"kept{args.kept_classes}" if args.kept_classes is not None else f"cer{args.cer_topk}")
     impl = args.impl + ("+autocast" if autocast_dtype else "") + (f"[{args.fast_options}]" if args.impl == "fast"
@@ -315,7 +369,26 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
              + f", {args.vocab} (T={classes}), batch {args.batch}, {setting}, {args.image_size}px "
                f"(encoder at {args.clip_resolution}) on {env['device']}; median of {len(totals)} forwards")
     print_breakdown(rows, total_ms, title, forwards=len(totals))
-    print(peaks_note(env["device"], peaks, precision, measured))
+    print(peaks_note(env["device"], peaks, precision))
+    notes = flop_notes(rows, counter.bytes_source) if counter else ["FLOPs and bytes not counted (--no-counts)"]
+    total_flops = sum(value for key, value in flops.items())
+    if counter:
+        notes.insert(0, f"FLOPs per forward: {total_flops / 1e9:.3f} GFLOP in all")
+    explained = explained_differences(order) if counter else None
+    if explained:
+        notes.append("where the fast and the reference model's FLOPs differ by design at this configuration "
+                     "(the kernels' cost registry):")
+        notes += [f"  {d['stages']} (fast: {d['fast_count']}"
+                  f"{'' if d['in_this_profile'] else '; no such stage in this profile'}): {d['reason']}"
+                  for d in explained]
+    for line in notes:
+        print(line)
+    where = paths_summary(rows)
+    if where:
+        print(f"where the multiplying ops ran ({env['threads']} threads; CPU {env['cpu']['name']} family "
+              f"{env['cpu'].get('family')} model {env['cpu'].get('model')}, "
+              f"{' '.join(env['cpu']['features']) or 'no reported features'}):")
+        print("\n".join(where))
     if cuda:
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MB")
     record = dict(env, kind="profile", variant=args.variant, impl=impl,
@@ -324,8 +397,9 @@ def _run(args, device, classes, dtype, autocast_dtype, warmup, reps) -> int:
                   image_size=args.image_size, clip_resolution=args.clip_resolution, median_ms=total_ms,
                   p20_ms=common.quantile(totals, 0.2), p80_ms=common.quantile(totals, 0.8), reps=len(totals),
                   stages=rows, stages_ms={r["stage"]: r["ms"] for r in rows if r["depth"] == 0},
-                  peaks_source=peaks["source"] if peaks else None, precision=precision, tf32=bool(args.tf32),
-                  calls=calls, config=title)
+                  peaks_source=peaks["source"] if peaks else None, peaks=peaks, precision=precision,
+                  tf32=bool(args.tf32), calls=calls, config=title, total_flops=total_flops if counter else None,
+                  notes=notes, explained_differences=explained)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(common._jsonable(record), f, indent=2)

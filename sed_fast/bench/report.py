@@ -17,7 +17,15 @@ Writes into ``--out`` (default: the results folder):
   figures dashed in grey (marked as a different GPU) in the SED-B batch-1 panel;
 * ``stages.png``: per-stage stacked bars of the end-to-end rows (``stages_ms`` as shares of the
   recorded forwards scaled to the median latency, else encoder / text / decoder) and of the profile
-  rows (at most 24 bars: profiles first, then batch 1, biggest vocabularies first).
+  rows (at most 24 bars: profiles first, then batch 1, biggest vocabularies first);
+* ``roofline.png``: per profile (the last four), its stage bars beside its roofline: each stage a
+  point at its arithmetic intensity (FLOP/B) and achieved FLOP rate, the compute roof (the GEMM
+  peak of the profile's precision) and the memory roof (bandwidth x intensity) as lines, from the
+  peaks recorded with the profile (measured on the machine on CPU; datasheet on CUDA).
+
+A plot the data cannot support is not drawn; the report says which and why instead (e.g. after
+``bench --smoke``, one class count per line: no latency-vs-classes line; profiles without peaks or
+FLOP counts: no roofline).
 """
 from __future__ import annotations
 
@@ -212,6 +220,23 @@ def kernel_table(rows) -> List[str]:
                    "max diff", "status"], body)
 
 
+def stage_peak_table(rows, most: int = 6) -> List[str]:
+    """End-to-end rows with per-stage counts: their longest stages with time, roof and %peak."""
+    body = []
+    for r in rows:
+        fractions, stages = r.get("stages_frac_peak") or {}, r.get("stages_ms") or {}
+        if not fractions or r.get("valid") is False:
+            continue
+        longest = sorted(stages, key=lambda name: -(stages[name] or 0))[:most]
+        cells = [f"{name} {common.fmt(stages[name], 1)} ms "
+                 + (f"{100 * fractions[name]:.0f}% {(r.get('stages_bound') or {}).get(name) or ''}".rstrip()
+                    if fractions.get(name) is not None else "-")
+                 for name in longest]
+        body.append([f"SED-{str(r.get('variant')).upper()} {r.get('impl')} {_dtype(r)} {r.get('vocab')} "
+                     f"B={r.get('batch')} {_setting(r)}", "; ".join(cells)])
+    return _table(["row", f"longest {most} stages: ms, %peak of the binding roof"], body) if body else []
+
+
 def profile_section(row) -> List[str]:
     lines = [f"**{row.get('config')}**", ""]
     body = []
@@ -220,12 +245,22 @@ def profile_section(row) -> List[str]:
         body.append([s.get("stage"), common.fmt(s.get("ms"), 3),
                      f"{100 * s['share']:.1f}%" if s.get("share") is not None else "",
                      common.fmt(s.get("tflop_per_s"), 2), common.fmt(s.get("gb_per_s"), 1),
+                     common.fmt(s.get("intensity"), 1), s.get("bound") or "-",
                      f"{100 * max(fractions):.0f}%" if fractions else "-"])
-    lines += _table(["stage", "ms", "share", "TFLOP/s", "GB/s", "% peak"], body)
+    lines += _table(["stage", "ms", "share", "TFLOP/s", "GB/s", "FLOP/B", "roof", "% peak"], body)
+    peaks = row.get("peaks")
+    if peaks:
+        lines += ["", f"Roofs ({peaks.get('source')}): "
+                  + ", ".join(f"{k} GEMM {v:.3f} TFLOP/s" for k, v in (peaks.get("matmul_tflop_per_s") or {}).items())
+                  + f", memory {float(peaks.get('copy_gb_per_s') or 0):.0f} GB/s."]
+    routing = row.get("linear_routing") or {}
+    if routing.get("differs"):
+        lines += ["", f"NOTE: linears on {routing.get('fast_float32')}, not the default {routing.get('default')} "
+                  f"({routing.get('why')})."]
     return lines
 
 
-def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
+def write_markdown(path: Path, rows, plots: Sequence[str], not_plotted: Optional[Dict[str, str]] = None) -> None:
     e2e = [r for r in rows if r.get("kind", "e2e") == "e2e"]
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     profiles = [r for r in rows if r.get("kind") == "profile"]
@@ -248,6 +283,11 @@ def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
         lines += ["## End to end", ""]
         for key, group in group_runs(e2e).items():
             lines += [f"### {names[key]}: {run_label(key)}", ""] + e2e_table(group) + [""]
+            peaks = next((r.get("peaks") for r in group if r.get("peaks")), None)
+            stage_peaks = stage_peak_table(group)
+            if stage_peaks:
+                lines += [f"Per stage, against the roofs {peaks.get('source') if peaks else '-'} "
+                          "(compute: GEMM rate; memory: bandwidth):", ""] + stage_peaks + [""]
         lines += [f"## Beside the paper (SED-B, 768x768, batch 1; paper: one {PAPER_GPU}, a DIFFERENT GPU)", "",
                   "The paper's CER rows come from trained weights that reject most classes; random weights keep "
                   "almost all, so compare the paper's k columns with our forced kept-class rows (kept32).", ""]
@@ -268,6 +308,8 @@ def write_markdown(path: Path, rows, plots: Sequence[str]) -> None:
             lines += [f"{names[run_key(row)]}: {run_label(run_key(row))}", ""] + profile_section(row) + [""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
+    if not_plotted:
+        lines += ["## Plots not drawn", ""] + [f"* {name}: {why}" for name, why in not_plotted.items()] + [""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -279,14 +321,107 @@ def _pyplot():
     return plt
 
 
-def plot_latency(path: Path, rows) -> bool:
+def _latency_panels(rows) -> "OrderedDict[Tuple, List[dict]]":
+    """Panels of the latency plot: (variant, batch, run) -> rows, only those where some line has
+    at least two class counts (a line of one point says nothing about how latency grows)."""
     valid = [r for r in rows if r.get("kind", "e2e") == "e2e" and r.get("median_ms") and r.get("T")]
-    runs = {key: i for i, key in enumerate(group_runs(valid), 1)}
-    panels = OrderedDict()
+    panels: "OrderedDict[Tuple, List[dict]]" = OrderedDict()
     for r in valid:  # one panel per run: lines never join rows of different runs
         panels.setdefault((r.get("variant"), r.get("batch"), run_key(r)), []).append(r)
+    kept: "OrderedDict[Tuple, List[dict]]" = OrderedDict()
+    for key, group in panels.items():
+        classes_per_line: Dict[str, set] = defaultdict(set)
+        for r in group:
+            classes_per_line[_series_label(r)].add(r["T"])
+        if any(len(counts) >= 2 for counts in classes_per_line.values()):
+            kept[key] = group
+    return kept
+
+
+def latency_plot_gap(rows) -> Optional[str]:
+    """Why the latency-vs-classes plot cannot be drawn from ``rows``, or None when it can."""
+    valid = [r for r in rows if r.get("kind", "e2e") == "e2e" and r.get("median_ms") and r.get("T")]
+    if not valid:
+        return "no end-to-end row with a valid time"
+    if not _latency_panels(rows):
+        counts = sorted({f"{r.get('vocab')} (T={r['T']})" for r in valid})
+        return (f"every run measured one class count per line ({', '.join(counts)}): a latency-vs-classes line "
+                "needs at least two; run sed-fast bench with several --vocabs (e.g. voc20,ade150)")
+    return None
+
+
+def roofline_plot_gap(rows) -> Optional[str]:
+    """Why no roofline can be drawn from ``rows``, or None when at least one profile has one."""
+    profiles = [r for r in rows if r.get("kind") == "profile"]
+    if not profiles:
+        return "no profile rows (run sed-fast profile --save)"
+    if not _roofline_profiles(rows):
+        return ("no profile has both the machine's peaks and per-stage FLOP and byte counts (profiles saved "
+                "with --no-counts, by an older version, or on a GPU without datasheet peaks)")
+    return None
+
+
+def _roofline_profiles(rows, most: int = 4) -> List[dict]:
+    usable = [r for r in rows if r.get("kind") == "profile" and (r.get("peaks") or {}).get("copy_gb_per_s")
+              and any(s.get("flops") and s.get("bytes") and s.get("ms") for s in r.get("stages") or [])]
+    return usable[-most:]
+
+
+def plot_roofline(path: Path, rows) -> bool:
+    """Per profile: its top-level stage times as bars beside its roofline (stages as points)."""
+    profiles = _roofline_profiles(rows)
+    if not profiles:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(profiles), 2, figsize=(15, 5.5 * len(profiles)), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for (bars, roof), row in zip(axes, profiles):
+        stages = [s for s in row["stages"] if s.get("depth", 0) == 0 and s.get("ms")]
+        bars.barh(range(len(stages)), [s["ms"] for s in stages],
+                  color=[colors[list(STAGE_GROUPS).index(stage_group(str(s["stage"]))) % len(colors)]
+                         if stage_group(str(s["stage"])) in STAGE_GROUPS else "grey" for s in stages])
+        bars.set_yticks(range(len(stages)))
+        bars.set_yticklabels([str(s["stage"]) for s in stages], fontsize=6)
+        bars.invert_yaxis()
+        bars.set_xlabel("ms per forward (median)")
+        bars.set_title(str(row.get("config"))[:120], fontsize=7)
+        peaks = row["peaks"]
+        precision = str(row.get("precision") or row.get("dtype") or "float32")
+        peak = common.peak_flops(peaks, precision) or 0.0
+        bandwidth = float(peaks["copy_gb_per_s"])
+        points = [s for s in row["stages"] if s.get("flops") and s.get("bytes") and s.get("ms")]
+        xs = [s["flops"] / s["bytes"] for s in points]
+        ys = [s["flops"] / (s["ms"] * 1e-3) / 1e12 for s in points]
+        low, high = min(xs + [0.1]) / 2, max(xs + [peak * 1e3 / bandwidth]) * 4
+        ridge = peak * 1e3 / bandwidth  # FLOP/B where the two roofs meet
+        roof.plot([low, ridge], [low * bandwidth / 1e3, peak], "--", color="tab:blue",
+                  label=f"memory roof {bandwidth:.0f} GB/s")
+        roof.plot([ridge, high], [peak, peak], "--", color="tab:red",
+                  label=f"compute roof {peak:.3f} TFLOP/s ({precision}); ridge {ridge:.1f} FLOP/B")
+        for s, x, y in zip(points, xs, ys):
+            group = stage_group(str(s["stage"]))
+            color = colors[list(STAGE_GROUPS).index(group) % len(colors)] if group in STAGE_GROUPS else "grey"
+            roof.scatter([x], [y], s=16, color=color, zorder=3)
+            roof.annotate(str(s["stage"]), (x, y), fontsize=5, xytext=(3, 2), textcoords="offset points")
+        roof.set_xscale("log")
+        roof.set_yscale("log")
+        roof.set_xlabel("arithmetic intensity (FLOP / byte moved, op by op)")
+        roof.set_ylabel("achieved TFLOP/s")
+        roof.set_title(f"roofline: {peaks.get('source')}", fontsize=7)
+        roof.grid(True, which="both", alpha=0.3)
+        roof.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_latency(path: Path, rows) -> bool:
+    """Latency against the number of classes (False, nothing written, when :func:`latency_plot_gap`)."""
+    panels = _latency_panels(rows)
     if not panels:
-        panels[("b", 1, None)] = []
+        return False
+    runs = {key: i for i, key in enumerate(group_runs([r for group in panels.values() for r in group]), 1)}
     plt = _pyplot()
     count = len(panels)
     fig, axes = plt.subplots(1, count, figsize=(7 * count, 5.5), squeeze=False)
@@ -312,7 +447,7 @@ def plot_latency(path: Path, rows) -> bool:
         ax.set_yscale("log")
         ax.set_xlabel("number of classes T")
         ax.set_ylabel("median latency (ms)")
-        where = f"run {runs[key]}: {run_label(key)}" if key is not None else "no rows"
+        where = f"run {runs[key]}: {run_label(key)}"
         ax.set_title(f"SED-{str(variant).upper()}, batch {batch}\n({where})", fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -437,16 +572,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"no result rows in {', '.join(map(str, args.files or [folder]))}", file=sys.stderr)
         return 1
     plots: List[str] = []
+    not_plotted: Dict[str, str] = {}
     if not args.no_plots:
+        gaps = {"latency_vs_classes.png": latency_plot_gap(rows), "roofline.png": roofline_plot_gap(rows)}
+        not_plotted = {name: why for name, why in gaps.items() if why}
         try:
-            if plot_latency(out / "latency_vs_classes.png", rows):
-                plots.append("latency_vs_classes.png")
-            if plot_stages(out / "stages.png", rows):
-                plots.append("stages.png")
+            for name, draw in (("latency_vs_classes.png", plot_latency), ("stages.png", plot_stages),
+                               ("roofline.png", plot_roofline)):
+                if name not in not_plotted and draw(out / name, rows):
+                    plots.append(name)
         except ImportError as error:
             print(f"warning: no plots ({error}); install matplotlib", file=sys.stderr)
-    write_markdown(out / f"{args.name}.md", rows, plots)
+    write_markdown(out / f"{args.name}.md", rows, plots, not_plotted)
     print(f"wrote {out / (args.name + '.md')}" + "".join(f", {out / p}" for p in plots))
+    for name, why in not_plotted.items():
+        print(f"not drawn: {name}: {why}")
     if args.print_summary:
         print_summary(rows)
     return 0

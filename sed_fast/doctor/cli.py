@@ -6,7 +6,7 @@ interpreted-or-compiled when it is imported, so ``TRITON_INTERPRET=1`` is set he
 imports it; if Triton was already imported in compiled mode in this process, the doctor runs again in
 a new process with the variable set (and says so).
 
-Exit code: 0 all is well, 1 something failed, 2 usage error.
+Exit code: 0 no problem found (the last line says what was not checked), 1 something failed, 2 usage error.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG, description="Check sed_fast on this machine: versions, device, CUDA extension, every backend "
                                 "of every op against its reference, what dispatch chooses, and the model end to end. "
                                 "A backend that disagrees is excluded from dispatch in this process. "
-                                "Exit code 0: all is well; 1: something failed; 2: usage error.")
+                                "Exit code 0: no problem found; 1: something failed; 2: usage error.")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--interpret", action="store_true",
                         help="run the Triton kernels under Triton's interpreter on CPU tensors (sets "
@@ -164,7 +164,54 @@ def run(args, notes: List[str]) -> Dict[str, object]:
     if not e2e_ok:
         problems.append("end-to-end check failed")
     report["problems"] = problems
+    report["coverage"] = coverage(report)
     return report
+
+
+def coverage(report: Dict[str, object]) -> Dict[str, object]:
+    """What the doctor checked and what it did not, with why: ``checked`` (op, backend, dtype rows
+    compared with their reference, whatever the outcome), ``not_checked`` ({reason: [op [backend]]},
+    the end-to-end check included when skipped) and ``unavailable`` (backends that cannot run here)."""
+    checked = [r for r in report["backends"] if r["status"] not in ("not checked", "unavailable")]
+    not_checked: Dict[str, List[str]] = {}
+    for r in report["backends"]:
+        if r["status"] == "not checked":
+            reason = r.get("reason") or "no reason given"
+            not_checked.setdefault(reason, []).append(str(r["op"]))
+    if report.get("end_to_end") is None:
+        not_checked.setdefault("skipped with --no-e2e", []).append("end to end")
+    unavailable = [f"{r['op']} [{r['backend']}]" for r in report["backends"] if r["status"] == "unavailable"]
+    return {"checked": len(checked), "not_checked": not_checked,
+            "not_checked_count": sum(len(names) for names in not_checked.values()), "unavailable": unavailable}
+
+
+def result_line(report: Dict[str, object]) -> str:
+    """The last line: "all is well" only when everything was checked and passed; otherwise how many
+    were checked, how many were not and why, and the problems."""
+    cover = report.get("coverage") or coverage(report)
+    counted = f"{cover['checked']} checked"
+    if cover["not_checked_count"]:
+        counted += (f", {cover['not_checked_count']} not checked ("
+                    + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in cover["not_checked"].items())
+                    + ")")
+    if cover["unavailable"]:
+        counted += f"; {len(cover['unavailable'])} backends cannot run on this device (see the table)"
+    if not report["ok"]:
+        return "PROBLEMS: " + "; ".join(report["problems"]) + f". {counted}"
+    if cover["not_checked_count"]:
+        return f"no problems found in what was checked: {counted}"
+    return f"all is well: {counted}"
+
+
+def _table(rows: List[List[str]], right: Sequence[int] = ()) -> List[str]:
+    """Rows of cells as aligned lines: each column as wide as its widest cell (the last column,
+    free text, unpadded); columns in ``right`` right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    return lines
 
 
 # -- printing --------------------------------------------------------------------------------------------
@@ -204,19 +251,23 @@ def print_report(report: Dict[str, object], file=None) -> None:
     say(f"prebuilt sed_fast._C present: {e['prebuilt_sed_fast__C']}; CUDA toolkit: {e['cuda_toolkit'] or 'not found'}; "
         f"csrc/ sources: {'present' if e['sources_present'] else 'absent'}")
     say("== backends vs reference (small random inputs)")
-    header = (f"{'op':<20} {'dtype':<9} {'backend':<10} {'status':<12} {'max error':>10} {'ms':>9} "
-              f"{'speedup':>8}  detail")
-    say(header)
-    say("-" * len(header))
+    rows = [["op", "dtype", "backend", "status", "max error", "ms", "speedup", "detail"]]
     for r in report["backends"]:
         detail = r.get("reason") or r.get("error") or (f"against {r['against']}" if r.get("against") else "")
         if r.get("excluded"):
             detail = ("EXCLUDED from dispatch. " + detail).strip()
-        say(f"{r['op']:<20} {r['dtype'] or '-':<9} {r['backend']:<10} {r['status']:<12} {_fmt(r.get('max_error')):>10} "
-            f"{_fmt(r.get('ms')):>9} {_fmt(r.get('speedup'), 2):>8}  {detail[:110]}")
+        rows.append([str(r["op"]), str(r["dtype"] or "-"), str(r["backend"]), str(r["status"]),
+                     _fmt(r.get("max_error")), _fmt(r.get("ms")), _fmt(r.get("speedup"), 2), detail[:110]])
+    lines = _table(rows, right=(4, 5, 6))
+    say(lines[0])
+    say("-" * max(len(line) for line in lines[:1]))
+    for line in lines[1:]:
+        say(line)
     say("== dispatch (what runs each op here, and why)")
-    for r in report["dispatch"]:
-        say(f"{r['op']:<20} -> {r.get('chosen') or 'NOTHING'}: {r['why']}")
+    dispatch_rows = [[str(r["op"]), "->", f"{r.get('chosen') or 'NOTHING'}:", str(r["why"])]
+                     for r in report["dispatch"]]
+    for line in _table(dispatch_rows) if dispatch_rows else []:
+        say(line)
     if report["excluded"]:
         say("excluded in this process: " + "; ".join(f"{x['op']}[{x['backend']}]" for x in report["excluded"]))
     say("== end to end (fast vs reference, random weights)")
@@ -234,4 +285,4 @@ def print_report(report: Dict[str, object], file=None) -> None:
                 f"({run_['labels_differ_not_ties']} not ties): {'ok' if run_['ok'] else 'FAILED'}")
         say(f"({e2e['seconds']} s)")
     say("== result")
-    say("all is well" if report["ok"] else "PROBLEMS: " + "; ".join(report["problems"]))
+    say(result_line(report))
