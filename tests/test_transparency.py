@@ -9,11 +9,11 @@ from sed_fast.evaluation.datasets import read_image as eval_read_image
 from sed_fast.inputs.image_files import TRANSPARENT_BACKGROUND, flatten_transparency, read_rgb
 
 
-def cut_out(height=24, width=32) -> np.ndarray:
+def cut_out(height=40, width=48) -> np.ndarray:
     """A red square on a transparent background that stores black, with a half-transparent stripe."""
     rgba = np.zeros((height, width, 4), np.uint8)
     rgba[4:20, 4:20] = (200, 30, 30, 255)
-    rgba[:, 26:] = (0, 0, 200, 128)
+    rgba[:, 40:] = (0, 0, 200, 128)
     return rgba
 
 
@@ -24,8 +24,8 @@ def test_transparent_pixels_are_white_and_opaque_ones_unchanged(tmp_path):
     assert TRANSPARENT_BACKGROUND == (255, 255, 255) and info.transparent and info.mode == "RGBA"
     assert (pixels[0, 0] == 255).all()                       # was stored black, fully transparent
     assert tuple(pixels[10, 10]) == (200, 30, 30)             # opaque: as stored
-    blended = (rgba[0, 28, :3].astype(int) * 128 + 255 * 127) / 255
-    assert np.abs(pixels[0, 28].astype(int) - blended).max() <= 1  # half transparent: half white
+    blended = (rgba[0, 44, :3].astype(int) * 128 + 255 * 127) / 255
+    assert np.abs(pixels[0, 44].astype(int) - blended).max() <= 1  # half transparent: half white
 
 
 def test_every_kind_of_transparency(tmp_path):
@@ -63,3 +63,41 @@ def test_api_eval_and_web_app_readers_agree(tmp_path):
 def test_images_without_transparency_are_only_converted(mode):
     image = Image.new(mode, (5, 5), 77 if mode == "L" else (1, 2, 3))
     assert np.array_equal(np.asarray(flatten_transparency(image)), np.asarray(image.convert("RGB")))
+
+
+def test_segment_labels_transparent_areas_as_the_white_background(tmp_path, monkeypatch):
+    """End to end through ``sed-fast segment``: a model that labels bright pixels 1 and dark ones 0
+    sees the transparent (stored black) area as white."""
+    import contextlib
+    import io
+    import json
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    import sed_fast.api
+    from fake_model import FakeModel
+    from sed_fast import cli
+    from sed_fast.inputs.images import as_image_list
+
+    class Brightness(FakeModel):
+        def __call__(self, images):
+            batch = as_image_list(images)
+            scores = []
+            for image in batch.images:
+                bright = (image.float().mean(0) > 128).float()
+                scores.append(torch.stack([1 - bright, bright, torch.zeros_like(bright)]))
+            return scores
+
+    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: Brightness())
+    Image.fromarray(cut_out()).save(tmp_path / "cut.png")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(["segment", str(tmp_path / "cut.png"), "--vocab", "dark,bright,other", "--random-weights",
+                         "--device", "cpu", "--save-label-npy", "--quiet", "--out", str(tmp_path / "out")])
+    assert code == cli.EXIT_OK, err.getvalue()
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["images"][0]
+    labels = np.load(tmp_path / "out" / record["outputs"]["labels_npy"])
+    assert labels[0, 0] == 1          # transparent, stored black: seen as the white background
+    assert labels[10, 10] == 0        # the opaque dark red square
