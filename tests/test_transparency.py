@@ -101,3 +101,4 @@ def test_segment_labels_transparent_areas_as_the_white_background(tmp_path, monk
     labels = np.load(tmp_path / "out" / record["outputs"]["labels_npy"])
     assert labels[0, 0] == 1          # transparent, stored black: seen as the white background
     assert labels[10, 10] == 0        # the opaque dark red square
+    assert record["transparency"] == "transparent pixels composited on white (255,255,255)"

@@ -100,6 +100,13 @@ class ImageInfo:
     transparent: bool = False  # some pixel was (partly) transparent and was composited on white
 
     @property
+    def transparency_note(self) -> Optional[str]:
+        """What was done with transparent pixels, for a summary; None when there were none."""
+        if not self.transparent:
+            return None
+        return "transparent pixels composited on white (%d,%d,%d)" % TRANSPARENT_BACKGROUND
+
+    @property
     def frame_note(self) -> Optional[str]:
         """``"frame 0 of N"`` for a multi-frame file, else None."""
         return f"frame {self.frame} of {self.frames}" if self.frames > 1 else None
