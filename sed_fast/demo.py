@@ -1,10 +1,10 @@
 """``sed-fast demo``: the whole pipeline on a built-in sample, with nothing to download.
 
-It draws a sample photo-like scene (sky, sun, hills, grass, a road, a house, a tree), writes it as
-``sample.png`` into the output folder and segments it with ``sed-fast segment`` using a built-in
-vocabulary and random weights (seeded, so two runs give the same outputs and reuse the cached text
-embeddings). The segmentation means nothing without the official checkpoint: the demo shows that
-everything runs and what the outputs look like.
+It draws a sample photo-like scene (:mod:`sed_fast.data.sample_scene`: sky, sun, mountains, grass, a
+lake, a road, a house, a tree), writes it as ``sample.png`` into the output folder and segments it
+with ``sed-fast segment`` using the names of those things and random weights (seeded, so two runs
+give the same outputs and reuse the cached text embeddings). The segmentation means nothing
+without the official checkpoint: the demo shows that everything runs and what the outputs look like.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .inputs.sample import SAMPLE_SIZE, draw_sample  # noqa: F401 - SAMPLE_SIZE: the demo's image size
+from .data.sample_scene import SAMPLE_SCENE_VOCABULARY, SAMPLE_SIZE  # noqa: F401 - demo.SAMPLE_SIZE for callers
+from .data.sample_scene import draw_sample_scene as draw_sample
 from .toolkit.errors import EXIT_OK, EXIT_USAGE
 
 DEFAULT_OUT = "sed_fast_demo"
-DEFAULT_VOCAB = "voc20"
+DEFAULT_VOCAB = SAMPLE_SCENE_VOCABULARY  # what the scene shows (sky, grass, mountain, water...)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: ./{DEFAULT_OUT})")
     parser.add_argument("--vocab", default=DEFAULT_VOCAB, metavar="NAME|FILE|LIST",
-                        help=f"vocabulary (default: {DEFAULT_VOCAB}, the 20 PASCAL VOC classes)")
+                        help=f"vocabulary (default: what the scene shows: {DEFAULT_VOCAB})")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--impl", choices=("fast", "reference"), default=None, help="implementation (default: fast)")
     parser.add_argument("--resolution", type=int, default=768, metavar="PX",
@@ -70,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sed-fast demo: done. The model had RANDOM WEIGHTS, so the segmentation is meaningless; "
               f"it shows the pipeline runs. Outputs in {out.resolve()}: sample.png (input), "
               f"sample_labels.png, sample_overlay.png, summary.json. For real results pass the official "
-              f"checkpoint: sed-fast segment IMAGE --vocab {args.vocab} --checkpoint model_final.pth --out DIR")
+              f"checkpoint (linked from github.com/xb534/SED): sed-fast segment {sample} --vocab "
+              f"{args.vocab} --checkpoint model_final.pth --out DIR")
     return code
 
 

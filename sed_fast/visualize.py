@@ -17,12 +17,14 @@ Colour = Tuple[int, int, int]
 
 __all__ = ["palette", "class_colour", "label_image", "label_map_image", "class_areas", "colorize", "overlay",
            "draw_legend", "legend_entries", "render_overlay", "draw_banner", "png_info", "PNG_MARKER_KEY",
-           "RANDOM_WEIGHTS_MARKER"]
+           "RANDOM_WEIGHTS_MARKER", "RANDOM_WEIGHTS_BANNER", "RANDOM_WEIGHTS_BANNER_LINE", "RELEASED_WEIGHTS_URL",
+           "BANNER_BACKGROUND", "BANNER_TEXT"]
 
 _LEGEND_BACKGROUND = (255, 255, 255)
 _LEGEND_TEXT = (0, 0, 0)
-_BANNER_BACKGROUND = (200, 0, 0)
-_BANNER_TEXT = (255, 255, 255)
+#: The random-weights banner's colours: white on dark red, contrast 8.4:1 (WCAG asks >= 4.5:1).
+BANNER_BACKGROUND = (160, 0, 0)
+BANNER_TEXT = (255, 255, 255)
 
 
 # -- colours ----------------------------------------------------------------------------------------
@@ -286,23 +288,41 @@ def draw_legend(entries: Sequence[Tuple[str, Colour, float]], *, max_items: int 
 
 
 def draw_banner(width: int, texts: Sequence[str], font_size: int = 12) -> Image.Image:
-    """A red strip of ``width`` pixels with the first of ``texts`` that fits (the last one is
-    clipped if none fits): used to mark outputs made with random weights."""
+    """A dark red strip of ``width`` pixels with the first of ``texts`` whose every line fits (a
+    text may hold several lines, separated by newlines; the last text is clipped if none fits):
+    used to mark outputs made with random weights. White on :data:`BANNER_BACKGROUND` has a
+    contrast ratio above 7:1 (WCAG AAA)."""
     font = _font(font_size)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = max(3, font_size // 3)
     chosen = texts[-1]
     for text in texts:
-        if _text_size(scratch, text, font)[0] + 2 * pad <= width:
+        if all(_text_size(scratch, line, font)[0] + 2 * pad <= width for line in text.split("\n")):
             chosen = text
             break
-    banner = Image.new("RGB", (width, _line_height(font) + 2 * pad), _BANNER_BACKGROUND)
-    ImageDraw.Draw(banner).text((pad, pad), _drawable(chosen, font), fill=_BANNER_TEXT, font=font)
+    lines = chosen.split("\n")
+    step = _line_height(font) + max(1, font_size // 6)
+    banner = Image.new("RGB", (width, step * len(lines) - (step - _line_height(font)) + 2 * pad), BANNER_BACKGROUND)
+    draw = ImageDraw.Draw(banner)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * step), _drawable(line, font), fill=BANNER_TEXT, font=font)
     return banner
 
 
-RANDOM_WEIGHTS_BANNER = ("RANDOM WEIGHTS (no checkpoint): this segmentation is meaningless",
-                         "RANDOM WEIGHTS: meaningless output", "RANDOM WEIGHTS", "RANDOM")
+#: Where the released SED weights are linked from (the official repository's README).
+RELEASED_WEIGHTS_URL = "github.com/xb534/SED"
+#: The random-weights banner of an image overlay, longest first: what the colours are, what a real
+#: checkpoint shows, and where to get one (narrow images get the shorter texts).
+RANDOM_WEIGHTS_BANNER = (
+    "RANDOM WEIGHTS (no checkpoint): these colours are noise, not a segmentation.\n"
+    "With the released weights each region takes the colour of the class it shows (sky, grass, ...).\n"
+    f"Get them from {RELEASED_WEIGHTS_URL} and pass --checkpoint model_final.pth.",
+    "RANDOM WEIGHTS: these colours are noise.\nReal weights: " + RELEASED_WEIGHTS_URL,
+    "RANDOM WEIGHTS: colours are noise", "RANDOM WEIGHTS", "RANDOM")
+#: One line for a video frame, whose picture the banner should not cover much.
+RANDOM_WEIGHTS_BANNER_LINE = (
+    f"RANDOM WEIGHTS: these colours are noise; real weights: {RELEASED_WEIGHTS_URL}",
+    "RANDOM WEIGHTS: colours are noise", "RANDOM WEIGHTS", "RANDOM")
 
 
 #: The PNG text chunk that marks every PNG of a random-weights run: ``{PNG_MARKER_KEY: RANDOM_WEIGHTS_MARKER}``

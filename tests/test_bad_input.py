@@ -247,10 +247,14 @@ def test_band_wise_reading_equals_pillow_convert(tmp_path, monkeypatch):
     monkeypatch.setattr(image_files, "_BAND_PIXELS", 100)  # many bands
     rng = np.random.default_rng(1)
     paletted = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert("P")
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
     for mode, image in (("P", paletted), ("L", Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8))),
-                        ("RGBA", Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)))):
+                        ("RGBA", Image.fromarray(rgba))):
         image.save(tmp_path / f"{mode}.png")
         with Image.open(tmp_path / f"{mode}.png") as expected:
+            if mode == "RGBA":  # transparency is composited on white (tests/test_transparency.py)
+                white = Image.new("RGBA", expected.size, (255, 255, 255, 255))
+                expected = Image.alpha_composite(white, expected.convert("RGBA"))
             assert np.array_equal(read_rgb(tmp_path / f"{mode}.png")[0], np.asarray(expected.convert("RGB")))
 
 

@@ -162,3 +162,82 @@ def test_load_image_applies_exif_orientation_and_the_readme_way_warns_nothing(tm
         warnings.simplefilter("error")  # np.asarray(image) would be read-only: torch warns about it
         tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     assert tensor.shape == (3, 50, 30) and tensor.dtype == torch.uint8
+
+
+# -- the first picture: a scene segmented with the names of what is in it (issue 37) -----------------
+def _relative_luminance(colour) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (0..255 per channel)."""
+    def linear(value):
+        value = value / 255
+        return value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4
+    red, green, blue = (linear(float(v)) for v in colour)
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def contrast_ratio(first, second) -> float:
+    """WCAG 2 contrast ratio, 1..21."""
+    light, dark = sorted((_relative_luminance(first), _relative_luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _banner_colours(strip):
+    """(background, text colour) of a drawn banner: its most common colour and the pixel farthest from it."""
+    import numpy as np
+
+    pixels = np.asarray(strip.convert("RGB")).reshape(-1, 3).astype(int)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    background = colours[counts.argmax()]
+    text = pixels[np.abs(pixels - background).sum(1).argmax()]
+    return tuple(background), tuple(text)
+
+
+def test_contrast_ratio_matches_wcag_reference_values():
+    assert contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21.0)
+    assert contrast_ratio((119, 119, 119), (255, 255, 255)) == pytest.approx(4.48, abs=0.01)  # the usual example
+
+
+def test_demo_segments_the_scene_with_the_names_of_what_it_shows():
+    import numpy as np
+
+    from sed_fast import demo
+    from sed_fast.data.sample_scene import SAMPLE_SCENE_CLASSES, draw_sample_scene
+
+    assert demo.build_parser().parse_args([]).vocab.split(",") == list(SAMPLE_SCENE_CLASSES)
+    assert {"sky", "grass", "tree", "water", "mountain"} <= set(SAMPLE_SCENE_CLASSES)
+    assert "aeroplane" not in SAMPLE_SCENE_CLASSES
+    scene = np.asarray(draw_sample_scene()).astype(int)
+    height, width = scene.shape[:2]
+    # spot checks that the named things are drawn where they should be
+    assert scene[5, 5, 2] > scene[5, 5, 0] + 80                                   # sky: blue at the top
+    lake = scene[int(height * 0.865), int(width * 0.83)]
+    assert lake[2] > lake[1] > lake[0]                                            # water: blue in the grass
+    grass = scene[int(height * 0.9), int(width * 0.05)]
+    assert grass[1] > grass[0] + 50 and grass[1] > grass[2] + 50                  # grass: green
+
+
+def test_random_weights_banner_explains_itself_and_is_readable():
+    import numpy as np
+
+    from sed_fast import visualize
+    from sed_fast.data.sample_scene import SAMPLE_SCENE_CLASSES, draw_sample_scene
+    from sed_fast.video.overlay import render_frame
+
+    scene = draw_sample_scene()
+    labels = np.random.default_rng(0).integers(0, len(SAMPLE_SCENE_CLASSES), (scene.height, scene.width))
+    plain = visualize.render_overlay(scene, labels, list(SAMPLE_SCENE_CLASSES))
+    marked = visualize.render_overlay(scene, labels, list(SAMPLE_SCENE_CLASSES), banner=True)
+    banner_height = marked.height - plain.height
+    strip = marked.crop((0, 0, marked.width, banner_height))
+    # the demo's overlay is wide enough for the full text: what the colours are, what a real
+    # checkpoint shows and where the released weights are linked, on three lines
+    full = visualize.RANDOM_WEIGHTS_BANNER[0]
+    assert "noise" in full and "released weights" in full and "github.com/xb534/SED" in full
+    rows_with_text = (np.asarray(strip).astype(int).sum(-1) > 600).any(axis=1)
+    lines = int(rows_with_text[0]) + int((rows_with_text[1:] & ~rows_with_text[:-1]).sum())
+    assert lines == 3, lines
+    background, text = _banner_colours(strip)
+    assert contrast_ratio(background, text) >= 4.5, (background, text)
+    # a video frame gets one line, as readable
+    frame = render_frame(np.asarray(scene), labels, list(SAMPLE_SCENE_CLASSES), banner=True)
+    assert (frame[:3] == visualize.BANNER_BACKGROUND).all(axis=-1).mean() > 0.9
+    assert contrast_ratio(*_banner_colours(visualize.Image.fromarray(frame[:20]))) >= 4.5

@@ -271,7 +271,7 @@ def sample_images(sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
     """The drawn sample scene (sed_fast.demo) at each size, float32 (1, 3, H, W) 0..255."""
     import numpy as np
 
-    from ..inputs.sample import draw_sample
+    from ..data.sample_scene import draw_sample_scene as draw_sample
 
     return [torch.from_numpy(np.array(draw_sample(h, w), dtype=np.float32)).permute(2, 0, 1)[None].contiguous()
             for h, w in sizes]

@@ -15,6 +15,13 @@ as detectron2 does when that is exact (every value in 0..255) and refused otherw
 ``convert("RGB")`` clips every value above 255 to white, which nobody wants silently. Multi-frame
 files (animated GIF, multi-page TIFF) give frame 0; :class:`ImageInfo` says how many there are
 (``segment`` sends an animated GIF file to the video path instead: :func:`sed_fast.video.is_animated_gif`).
+
+Transparency (RGBA, LA, palette or RGB/L files with a transparent colour) is composited on white
+(:data:`TRANSPARENT_BACKGROUND`, as an image viewer or a web page shows the file) instead of being
+dropped: dropping alpha, as ``convert("RGB")`` does, shows whatever colour the transparent pixels
+happen to store, usually black, and the model would label that. Opaque pixels are read unchanged, so
+an image without transparency reads exactly as detectron2 reads it. :func:`flatten_transparency`
+does the same for an already opened PIL image (the web app's uploads).
 """
 from __future__ import annotations
 
@@ -30,9 +37,12 @@ import numpy as np
 from ..base.envvars import env_value
 
 __all__ = ["InputFileError", "ImageTooLargeError", "ImageInfo", "check_regular_file", "open_regular_file",
-           "max_pixels", "open_image", "read_rgb", "apply_exif_orientation"]
+           "max_pixels", "open_image", "read_rgb", "apply_exif_orientation", "flatten_transparency",
+           "TRANSPARENT_BACKGROUND"]
 
 PathLike = Union[str, os.PathLike]
+#: The colour transparent pixels are composited on (white: how viewers and browsers show them).
+TRANSPARENT_BACKGROUND = (255, 255, 255)
 _BAND_PIXELS = 1 << 20  # pixels converted at a time (a few MB of intermediate copies)
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _EXIF_ORIENTATION = 0x0112
@@ -87,6 +97,14 @@ class ImageInfo:
     format: Optional[str]
     frame: int = 0
     frames: int = 1
+    transparent: bool = False  # some pixel was (partly) transparent and was composited on white
+
+    @property
+    def transparency_note(self) -> Optional[str]:
+        """What was done with transparent pixels, for a summary; None when there were none."""
+        if not self.transparent:
+            return None
+        return "transparent pixels composited on white (%d,%d,%d)" % TRANSPARENT_BACKGROUND
 
     @property
     def frame_note(self) -> Optional[str]:
@@ -242,9 +260,26 @@ def _check_wide_grey(path, image, what: str) -> None:
         "(e.g. value * 255 / 65535 for 16-bit) and save it as an 8-bit image")
 
 
+def _has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def flatten_transparency(image):
+    """A PIL image as RGB, its transparent pixels composited on :data:`TRANSPARENT_BACKGROUND`
+    (an image without transparency is only converted)."""
+    from PIL import Image
+
+    if not _has_alpha(image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def read_rgb(path: PathLike, limit: Optional[int] = None, what: str = "image") -> Tuple[np.ndarray, ImageInfo]:
     """``path`` as detectron2's ``read_image(path, "RGB")``: (H, W, 3) uint8, writable, EXIF
-    orientation applied, frame 0 of a multi-frame file; and its :class:`ImageInfo`.
+    orientation applied, frame 0 of a multi-frame file, transparency composited on white (the only
+    difference: detectron2 drops alpha); and its :class:`ImageInfo`.
 
     Raises :class:`InputFileError` for a path that is not a regular file, an image over the pixel
     limit (``limit`` as in :func:`max_pixels`) and wide greyscale that ``convert("RGB")`` would
@@ -262,14 +297,19 @@ def read_rgb(path: PathLike, limit: Optional[int] = None, what: str = "image") -
         width, height = oriented.size
         out = np.empty((height, width, 3), dtype=np.uint8)
         rows = max(1, _BAND_PIXELS // max(1, width))
+        alpha = _has_alpha(oriented)
+        transparent = False
         with warnings.catch_warnings():  # Pillow suggests RGBA for palette images with transparency
             warnings.simplefilter("ignore", UserWarning)
             for top in range(0, height, rows):
                 band = oriented.crop((0, top, width, min(height, top + rows)))
-                out[top:top + band.height] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+                if alpha:
+                    band = band.convert("RGBA")
+                    transparent = transparent or band.getchannel("A").getextrema()[0] < 255
+                out[top:top + band.height] = np.asarray(flatten_transparency(band))
         if oriented is not image:
             oriented.close()
-    return out, ImageInfo(width, height, file_mode, file_format, 0, frames)
+    return out, ImageInfo(width, height, file_mode, file_format, 0, frames, transparent)
 
 
 def load_image(path, max_pixels: Optional[int] = None):

@@ -675,6 +675,8 @@ def _result(image, labels, scores, class_names: List[str], args, random_weights:
     if image_info is not None and image_info.frames > 1:
         result["record"].update(frame=image_info.frame, num_frames=image_info.frames, note=(
             f"{image_info.frame_note}: only this frame of the {image_info.format or ''} file is segmented"))
+    if image_info is not None and getattr(image_info, "transparency_note", None):
+        result["record"]["transparency"] = image_info.transparency_note
     return result
 
 

@@ -125,6 +125,7 @@ class Segmenter:
     def load_image(self, path: Optional[str]):
         from PIL import Image, ImageOps, UnidentifiedImageError
 
+        from ..inputs.image_files import flatten_transparency
         from ..inputs.images import MIN_IMAGE_SIDE
 
         if not path:
@@ -140,7 +141,7 @@ class Segmenter:
                     raise InputProblem(f"The image is {width}x{height}: at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                                        "pixels are needed.")
                 image = ImageOps.exif_transpose(image)
-                return image.convert("RGB")
+                return flatten_transparency(image)  # transparency on white, as segment and eval read it
         except InputProblem:
             raise
         except (UnidentifiedImageError, SyntaxError):
@@ -260,7 +261,7 @@ def build_app(segmenter: Segmenter, *, title: str = "sed_fast: open-vocabulary s
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from ..inputs.sample import draw_sample
+    from ..data.sample_scene import draw_sample_scene as draw_sample
     from ..data.vocabulary import BUILTIN_VOCABULARIES
 
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="sed_fast_serve_examples_"))

@@ -172,7 +172,8 @@ class ReaderStats:
     taken: int = 0
     corrupt: int = 0
     dropped: int = 0
-    decode_s: float = 0.0
+    decode_s: float = 0.0   # demuxing, decoding and converting to RGB: the decoder's own work
+    waiting_s: float = 0.0  # blocked on a full queue: the model is behind
     corrupt_messages: List[str] = field(default_factory=list)
 
 
@@ -197,6 +198,13 @@ class FrameReader(threading.Thread):
         self.stop_event.set()
 
     def _put(self, item) -> bool:
+        start = time.perf_counter()
+        try:
+            return self._put_waiting(item)
+        finally:
+            self.stats.waiting_s += time.perf_counter() - start
+
+    def _put_waiting(self, item) -> bool:
         while not self.stop_event.is_set():
             try:
                 self.frames.put(item, timeout=0.1)
@@ -244,10 +252,10 @@ class FrameReader(threading.Thread):
                         self.size = height, width = frame.height, frame.width
                     rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
                     stats.decode_s += time.perf_counter() - start
-                    start = time.perf_counter()
                     stats.taken += 1
-                    if not self._put(DecodedFrame(index, frame.time, rgb)):
+                    if not self._put(DecodedFrame(index, frame.time, rgb)):  # its wait counts as waiting_s
                         break
+                    start = time.perf_counter()  # the packet's next frame is decoding work again
                 else:
                     stats.decode_s += time.perf_counter() - start
         except BaseException as error:  # noqa: BLE001 - handed to the main thread
@@ -379,10 +387,13 @@ class EncodeThread(threading.Thread):
         self.handle = handle
         self.items: "queue.Queue" = queue.Queue(maxsize=max(1, capacity))
         self.error: Optional[BaseException] = None
+        self.idle_s = 0.0  # waiting for an item: the model (or the decoder before it) is behind
 
     def run(self) -> None:
         while True:
+            start = time.perf_counter()
             item = self.items.get()
+            self.idle_s += time.perf_counter() - start
             if item is _END:
                 return
             if self.error is not None:

@@ -23,7 +23,7 @@ def render_frame(rgb: np.ndarray, labels: np.ndarray, shown_names: Sequence[str]
     font_size = max(8, min(visualize._font_size_for(max(height, 200)), height // 10))
     top = 0
     if banner:
-        strip = visualize.draw_banner(width, visualize.RANDOM_WEIGHTS_BANNER, font_size)
+        strip = visualize.draw_banner(width, visualize.RANDOM_WEIGHTS_BANNER_LINE, font_size)
         picture.paste(strip, (0, 0))
         top = strip.height
     entries = visualize.legend_entries(labels, shown_names, colours)

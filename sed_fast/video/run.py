@@ -22,6 +22,14 @@ from .io import EncodeThread, FrameReader, Source, VideoWriter, choose_encoder, 
 from .overlay import render_frame
 
 STAGES = ("decode", "model", "overlay", "encode", "labels")
+#: What the main thread (the one running the model) spends the wall time on; these add up to it.
+MAIN_THREAD_PARTS = ("model", "waiting_for_decoded_frames", "waiting_for_encoder_queue", "finishing_encoder",
+                     "closing_outputs", "bookkeeping")
+_PART_WORDS = {"model": "model", "waiting_for_decoded_frames": "waiting for decoded frames",
+               "waiting_for_encoder_queue": "waiting for room in the encoder's queue",
+               "finishing_encoder": "encoding the last frames", "closing_outputs": "closing the outputs",
+               "bookkeeping": "bookkeeping"}
+_PACE_WORDS = {"model": "model", "decoder": "decoder", "encoder": "overlay encoder"}
 
 
 @dataclass
@@ -113,7 +121,7 @@ class _LabelSink:
 
 
 def _stage_clock():
-    totals = {name: 0.0 for name in STAGES}
+    totals = {name: 0.0 for name in (*STAGES, *MAIN_THREAD_PARTS)}
 
     @contextlib.contextmanager
     def clock(name: str):
@@ -225,6 +233,7 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
             seconds_per_frame={name: round((stats.decode_s if name == "decode" else totals[name])
                                            / max(stats.taken if name == "decode" else written, 1), 6)
                                for name in STAGES if name != "labels" or labels_sink is not None},
+            time_s=_time_breakdown(wall, totals, stats, encoder_thread.idle_s, labels_sink is not None),
             classes=timeline.summary(class_names, written),
         )
         if stats.corrupt_messages:
@@ -236,7 +245,8 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
         pending: List = []
         done = False
         while not done:
-            frame = reader.get()
+            with clock("waiting_for_decoded_frames"):
+                frame = reader.get()
             if frame is None:
                 done = True
             else:
@@ -245,29 +255,33 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
                 with clock("model"):
                     labels = _model_labels(model, [f.rgb for f in pending])
                 state["segmented"] += len(pending)
-                for item in zip(pending, labels):
-                    encoder_thread.put(item)
-                if bar is not None:
-                    bar.update(len(pending))
-                pending = []
-                if on_progress is not None:
-                    fill_record("running")
-                    on_progress(record)
+                with clock("waiting_for_encoder_queue"):
+                    for item in zip(pending, labels):
+                        encoder_thread.put(item)
+                with clock("bookkeeping"):
+                    if bar is not None:
+                        bar.update(len(pending))
+                    pending = []
+                    if on_progress is not None:
+                        fill_record("running")
+                        on_progress(record)
     except BaseException as error:  # noqa: BLE001 - the outputs are closed first, then it goes on
         stopped = error
     finally:
         with deferred():
             reader.stop()
-            encoder_thread.finish()
-            reader.join(timeout=5)
-            if bar is not None:
-                bar.close()
-            try:
-                writer.close()
-            finally:
-                if labels_sink is not None:
-                    labels_sink.close()
-                source.close()
+            with clock("finishing_encoder"):
+                encoder_thread.finish()
+            with clock("closing_outputs"):
+                reader.join(timeout=5)
+                if bar is not None:
+                    bar.close()
+                try:
+                    writer.close()
+                finally:
+                    if labels_sink is not None:
+                        labels_sink.close()
+                    source.close()
     if encoder_thread.error is not None and stopped is None:
         stopped = encoder_thread.error
     status = "ok"
@@ -289,6 +303,50 @@ def segment_video(model, source: Source, class_names: List[str], out_dir: Path, 
         stopped.video_record = record  # type: ignore[attr-defined]
         raise stopped
     return record
+
+
+def _time_breakdown(wall: float, totals: Dict[str, float], stats, encoder_idle_s: float, labels: bool) -> dict:
+    """Where the wall time went. ``main`` is the model's thread, whose parts add up to ``wall`` (less a
+    small ``unaccounted`` rest); ``decoder`` and ``encoder`` are the other two threads, whose work
+    overlaps the model's, each with the time it waited for the model."""
+    main = {name: round(totals[name], 4) for name in MAIN_THREAD_PARTS}
+    main["unaccounted"] = round(max(0.0, wall - sum(totals[name] for name in MAIN_THREAD_PARTS)), 4)
+    encoder = {name: round(totals[name], 4) for name in ("overlay", "encode", "labels") if name != "labels" or labels}
+    encoder["waiting_for_model"] = round(encoder_idle_s, 4)
+    return {"wall": round(wall, 4), "main": main,
+            "decoder": {"decode": round(stats.decode_s, 4), "waiting_for_model": round(stats.waiting_s, 4)},
+            "encoder": encoder, "pace_set_by": _pace_setter(totals)}
+
+
+def _pace_setter(totals: Dict[str, float]) -> str:
+    """The stage the model's thread spent most time on or waited for most: what limits the rate."""
+    shares = {"model": totals["model"], "decoder": totals["waiting_for_decoded_frames"],
+              "encoder": totals["waiting_for_encoder_queue"] + totals["finishing_encoder"]}
+    return max(shares, key=shares.get)
+
+
+def describe_timing(record: dict) -> str:
+    """The run's time in words: the parts of the wall time, then the other threads' work per frame."""
+    times = record.get("time_s")
+    if not times:
+        return ""
+    wall, main = times["wall"], times["main"]
+    parts = [f"{_PART_WORDS.get(name, name)} {_seconds(value)} ({100 * value / wall:.0f}%)"
+             for name, value in main.items() if name in _PART_WORDS and (value >= 0.0005 or name == "model")]
+    if main.get("unaccounted", 0) >= 0.0005:
+        parts.append(f"other {_seconds(main['unaccounted'])}")
+    per_frame = record.get("seconds_per_frame", {})
+    work = ", ".join(f"{name} {1000 * per_frame[name]:.1f} ms" for name in ("decode", "overlay", "encode", "labels")
+                     if name in per_frame)
+    decoder_wait = times["decoder"]["waiting_for_model"]
+    return (f"of the {_seconds(wall)}: " + ", ".join(parts) + f". Per frame on the other threads: {work} "
+            f"(the decoder waited {_seconds(decoder_wait)} for the model). The "
+            f"{_PACE_WORDS[times['pace_set_by']]} sets the pace.")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s" if value < 600 else \
+        f"{int(value // 60)} min {value % 60:.0f} s"
 
 
 def _progress_bar(total: Optional[int], enabled: bool):

@@ -4,8 +4,9 @@ inputs are videos; the exit codes and ``summary.json`` conventions are the image
 Per video: ``<stem>_overlay.mp4``, ``<stem>_labels/`` or ``<stem>_labels.npz`` (``--save-labels``),
 and one ``summary.json`` for the run with a record per video under ``"videos"``: frames decoded /
 segmented / written, corrupt and dropped frames, fps in and out (the video's frame rates),
-processing fps, seconds per frame by stage (decode, model, overlay, encode, labels) and the classes
-present over time (intervals of decoded-frame indices).
+processing fps, seconds per frame by stage (decode, model, overlay, encode, labels), where the wall
+time went (``time_s``: the model thread's parts, which add up to it, and the decoder's and encoder's
+work and waiting) and the classes present over time (intervals of decoded-frame indices).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..toolkit.outputs import OutputFolder, safe_stem
 from ..toolkit.record import now, run_record
 from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
 from .io import SourceError, VideoError, import_av, open_source
-from .run import VideoOptions, segment_video
+from .run import VideoOptions, describe_timing, segment_video
 
 
 def _stem(spec: str, used: set) -> str:
@@ -198,9 +199,8 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
 
 
 def _report(record: dict, info) -> None:
-    stages = ", ".join(f"{k} {1000 * v:.1f}" for k, v in record.get("seconds_per_frame", {}).items())
     info(f"{record['input']}: {record['frames_written']} frame(s) in {record['seconds']:.1f} s "
-         f"({record['processing_fps'] or 0:.2f} frames/s; ms per frame: {stages})")
+         f"({record['processing_fps'] or 0:.2f} frames/s); {describe_timing(record)}")
     if record.get("corrupt_frames"):
         warn(f"{record['input']}: {record['corrupt_frames']} corrupt frame(s) skipped "
                    f"({'; '.join(record.get('corrupt_details', [])[:2])})")

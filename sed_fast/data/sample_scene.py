@@ -1,11 +1,24 @@
-"""A built-in sample scene: an input with nothing to download (the demo, doctor, export and serve use it)."""
+"""The built-in sample scene (drawn, nothing to download) and the names of what is in it.
+
+``sed-fast demo``, the web app's example, ``doctor`` and ``export`` use the scene; the demo segments
+it with :data:`SAMPLE_SCENE_CLASSES`, the things drawn in it, so that a real checkpoint has the
+right answer in its vocabulary (the 20 VOC classes, aeroplane, bottle..., name nothing in it).
+"""
 from __future__ import annotations
 
-SAMPLE_SIZE = (480, 640)  # (height, width) of the drawn scene
+#: (height, width) of the drawn scene.
+SAMPLE_SIZE = (480, 640)
+
+#: What the scene shows, largest first: the demo's vocabulary.
+SAMPLE_SCENE_CLASSES = ("sky", "grass", "mountain", "water", "road", "house", "tree", "sun")
+
+#: The same as a ``--vocab`` argument.
+SAMPLE_SCENE_VOCABULARY = ",".join(SAMPLE_SCENE_CLASSES)
 
 
-def draw_sample(height: int = SAMPLE_SIZE[0], width: int = SAMPLE_SIZE[1]):
-    """A deterministic RGB scene as a PIL image (no randomness, no files)."""
+def draw_sample_scene(height: int = SAMPLE_SIZE[0], width: int = SAMPLE_SIZE[1]):
+    """A deterministic RGB landscape as a PIL image: sky, sun, mountains, grass, a lake, a road, a
+    house and a tree (no randomness, no files)."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (width, height))
@@ -21,6 +34,13 @@ def draw_sample(height: int = SAMPLE_SIZE[0], width: int = SAMPLE_SIZE[1]):
     draw.polygon([(int(width * 0.4), horizon), (int(width * 0.75), int(height * 0.42)), (width, horizon)],
                  fill=(80, 104, 88))
     draw.rectangle([0, horizon, width, height], fill=(76, 150, 60))
+    # a lake in the grass, right of the road: blue, lighter towards its far shore
+    lake = (int(width * 0.68), int(height * 0.78), int(width * 0.98), int(height * 0.95))
+    for i in range(lake[3] - lake[1]):
+        t = i / max(1, lake[3] - lake[1] - 1)
+        inset = int((lake[2] - lake[0]) * 0.5 * (1 - (1 - (2 * t - 1) ** 2) ** 0.5))
+        draw.line([(lake[0] + inset, lake[1] + i), (lake[2] - inset, lake[1] + i)],
+                  fill=(int(60 - 20 * t), int(120 - 30 * t), int(190 - 20 * t)))
     draw.polygon([(int(width * 0.42), height), (int(width * 0.49), horizon), (int(width * 0.53), horizon),
                   (int(width * 0.66), height)], fill=(110, 110, 115))
     house = (int(width * 0.08), int(height * 0.45), int(width * 0.3), int(height * 0.72))
