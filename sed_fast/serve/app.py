@@ -81,7 +81,7 @@ class Segmenter:
 
     def __init__(self, model, *, random_weights: bool, limits: Optional[Limits] = None,
                  max_megapixels: Optional[float] = None, max_video_frames: Optional[int] = None,
-                 alpha: float = 0.5):
+                 alpha: float = 0.5, clock=time.monotonic):
         limits = limits or Limits()
         if max_megapixels is not None:
             limits = replace(limits, max_megapixels=max_megapixels)
@@ -96,6 +96,11 @@ class Segmenter:
         self._tokenizer = None
         self.text_encodings = 0  # how many vocabularies were encoded (the rest came from the cache)
         self.forward_times = ForwardTimes()
+        self.clock = clock  # what the per-request deadline reads (a test gives its own)
+
+    def deadline(self) -> Deadline:
+        """The time limit of a request that starts now (called once it holds the model)."""
+        return Deadline(self.limits.time_limit_s, clock=self.clock)
 
     @property
     def max_pixels(self) -> int:
@@ -220,7 +225,7 @@ class Segmenter:
         image = self.load_image(path)
         times["read image"] = time.perf_counter() - start
         with self.lock:
-            deadline = Deadline(self.limits.time_limit_s)  # the time waited for the model is not counted
+            deadline = self.deadline()  # the time waited for the model is not counted
             start = time.perf_counter()
             names = self._set_vocabulary(names, deadline)
             cer = self._set_mode(mode, k)
@@ -272,7 +277,7 @@ class Segmenter:
         out_dir = Path(out_dir or tempfile.mkdtemp(prefix="sed_fast_serve_"))
         out_dir.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            deadline = Deadline(self.limits.time_limit_s)
+            deadline = self.deadline()
             try:
                 names = self._set_vocabulary(names, deadline)
             except InputProblem:
