@@ -148,24 +148,25 @@ class Segmenter:
         return list(names)
 
     def _encode_in_chunks(self, names: List[str], deadline: Optional[Deadline]) -> List[str]:
-        """``model.set_vocabulary`` a chunk at a time (the time limit can stop between chunks);
-        the names are first checked together for ones the tokenizer makes identical, as one
-        ``set_vocabulary`` call would."""
+        """``model.set_vocabulary`` a chunk at a time (the time limit can stop between chunks).
+        Each call refuses names its tokenizer makes identical within the chunk; across chunks such
+        names have the same embeddings, which are compared here (cheaper than tokenizing every
+        prompt twice)."""
         import torch
 
-        from ..data.text import check_tokenized_duplicates
-        from ..models.encoder import create_tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = create_tokenizer(self.model.spec)
-        check_tokenized_duplicates(self._tokenizer, names)
         embeddings = []
         for first in range(0, len(names), TEXT_CHUNK):
             if deadline is not None:
                 deadline.check(f"computing the text embeddings of class {first + 1} of {len(names)}")
             self.model.set_vocabulary(names[first:first + TEXT_CHUNK], progress=False)
             embeddings.append(self.model.text_embeddings)
-        self.model.text_embeddings = torch.cat(embeddings)
+        embeddings = torch.cat(embeddings)
+        same = same_embeddings(embeddings)
+        if same:
+            i, j = same
+            raise InputProblem(f"Class names {i + 1} ({names[i]!r}) and {j + 1} ({names[j]!r}) are the same once "
+                               "tokenized (the tokenizer ignores case and extra spaces): keep one of them.")
+        self.model.text_embeddings = embeddings
         self.model.class_names = list(names)
         return list(names)
 
@@ -310,6 +311,21 @@ class Segmenter:
                 + "  \nms per frame: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in per_frame.items())
                 + f"  \n{len(names)} classes, " + ("exact decoding" if cer is None else f"CER k={cer}"))
         return str(out_dir / record["outputs"]["overlay"]), rows, text
+
+
+def same_embeddings(embeddings, tolerance: float = 1e-4) -> Optional[Tuple[int, int]]:
+    """The first pair of classes whose text embeddings (T, P, D) are equal within ``tolerance``
+    (distance between the flattened rows): classes the tokenizer could not tell apart."""
+    import torch
+
+    flat = embeddings.reshape(len(embeddings), -1).float()
+    distances = torch.cdist(flat, flat)
+    distances.fill_diagonal_(float("inf"))
+    close = torch.nonzero(distances <= tolerance)
+    if len(close) == 0:
+        return None
+    i, j = sorted(close[0].tolist())
+    return i, j
 
 
 def legend_html(entries) -> str:
