@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .limits import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_VIDEO_FRAMES, Deadline, ForwardTimes, InputProblem,
+from .limits import (DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_VIDEO_FRAMES, Deadline, InputProblem, LinearTimes,
                      Limits, TimeLimitExceeded, builtin_vocabulary_name)
 
 TYPED = "typed class names"
@@ -95,7 +95,8 @@ class Segmenter:
         self._embeddings: "OrderedDict[Tuple[str, ...], object]" = OrderedDict()
         self._tokenizer = None
         self.text_encodings = 0  # how many vocabularies were encoded (the rest came from the cache)
-        self.forward_times = ForwardTimes()
+        self.forward_times = LinearTimes()  # of a forward, by its class count
+        self.text_times = LinearTimes()  # of new text embeddings, by the names encoded
         self.clock = clock  # what the per-request deadline reads (a test gives its own)
 
     def deadline(self) -> Deadline:
@@ -133,12 +134,7 @@ class Segmenter:
             self.model.text_embeddings, self.model.class_names = cached
             return list(self.model.class_names)
         try:
-            if len(names) <= TEXT_CHUNK:
-                if deadline is not None:
-                    deadline.check("computing the text embeddings")
-                names = self.model.set_vocabulary(list(names), progress=False)
-            else:
-                names = self._encode_in_chunks(list(names), deadline)
+            names = self._encode(list(names), deadline)
         except ValueError as error:  # e.g. two names the tokenizer makes identical
             raise InputProblem(f"Class names refused: {error}") from None
         self.text_encodings += 1
@@ -147,19 +143,32 @@ class Segmenter:
             self._embeddings.popitem(last=False)
         return list(names)
 
-    def _encode_in_chunks(self, names: List[str], deadline: Optional[Deadline]) -> List[str]:
-        """``model.set_vocabulary`` a chunk at a time (the time limit can stop between chunks).
-        Each call refuses names its tokenizer makes identical within the chunk; across chunks such
-        names have the same embeddings, which are compared here (cheaper than tokenizing every
-        prompt twice)."""
+    def _encode(self, names: List[str], deadline: Optional[Deadline]) -> List[str]:
+        """``model.set_vocabulary`` a chunk at a time. With a deadline, the time per name measured
+        so far must let the remaining names finish in time (else the request is refused at once),
+        and the first name of a server's life is encoded alone to measure it. Each call refuses
+        names its tokenizer makes identical within the chunk; across chunks such names have equal
+        embeddings, which are compared here (cheaper than tokenizing every prompt twice)."""
         import torch
 
+        if deadline is None:
+            return self.model.set_vocabulary(names, progress=False)
         embeddings = []
-        for first in range(0, len(names), TEXT_CHUNK):
-            if deadline is not None:
-                deadline.check(f"computing the text embeddings of class {first + 1} of {len(names)}")
-            self.model.set_vocabulary(names[first:first + TEXT_CHUNK], progress=False)
+        first = 0
+        while first < len(names):
+            doing = f"computing the text embeddings of classes {first + 1} to {len(names)}"
+            estimate = self.text_times.estimate(len(names) - first)
+            if estimate is None:
+                deadline.check(doing)
+            else:
+                deadline.check_estimate(estimate, doing)
+            size = TEXT_CHUNK if estimate is not None else 1
+            chunk = names[first:first + size]
+            start = self.clock()
+            self.model.set_vocabulary(chunk, progress=False)
+            self.text_times.add(len(chunk), self.clock() - start)
             embeddings.append(self.model.text_embeddings)
+            first += len(chunk)
         embeddings = torch.cat(embeddings)
         same = same_embeddings(embeddings)
         if same:

@@ -8,8 +8,9 @@ A vocabulary chosen on the page is a *name* (one of the built-in vocabularies), 
 server.
 
 The time limit is a :class:`Deadline`, checked where the work can stop cleanly: between chunks of
-class names while their text embeddings are computed, before the forward (from the time per class
-measured on earlier requests) and after every batch of video frames. One forward is never cut in
+class names while their text embeddings are computed (and before, from the time per name measured
+so far), before the forward (from the time per class measured on earlier requests) and after every
+batch of video frames. One forward is never cut in
 the middle, so a request can overrun by at most one forward of its (bounded) class count.
 """
 from __future__ import annotations
@@ -151,21 +152,21 @@ class Deadline:
                                     "fewer classes.")
 
 
-class ForwardTimes:
-    """The time of a forward as a function of its class count, ``a + b * classes`` (a: the
+class LinearTimes:
+    """The time of some work as a function of its size, ``a + b * size`` (for a forward, a: the
     encoder and everything else per image, b: the per-class decoder), fitted to the most recent
-    requests; with one class count seen so far, proportional to the classes."""
+    measurements; with one size seen so far, proportional to the size."""
 
     def __init__(self, keep: int = 16):
         self.keep = keep
         self._seen: List[Tuple[int, float]] = []
 
-    def add(self, classes: int, seconds: float) -> None:
-        if classes > 0:
-            self._seen = (self._seen + [(classes, seconds)])[-self.keep:]
+    def add(self, size: int, seconds: float) -> None:
+        if size > 0:
+            self._seen = (self._seen + [(size, seconds)])[-self.keep:]
 
-    def estimate(self, classes: int) -> Optional[float]:
-        """Seconds for a forward of ``classes``, or None before any measurement."""
+    def estimate(self, size: int) -> Optional[float]:
+        """Seconds for work of ``size``, or None before any measurement."""
         if not self._seen:
             return None
         counts = [float(c) for c, _ in self._seen]
@@ -173,7 +174,7 @@ class ForwardTimes:
         mean_c, mean_t = sum(counts) / len(counts), sum(times) / len(times)
         spread = sum((c - mean_c) ** 2 for c in counts)
         if spread == 0:
-            return mean_t * classes / mean_c
+            return mean_t * size / mean_c
         per_class = max(0.0, sum((c - mean_c) * (t - mean_t) for c, t in self._seen) / spread)
         fixed = max(0.0, mean_t - per_class * mean_c)
-        return fixed + per_class * classes
+        return fixed + per_class * size

@@ -11,7 +11,7 @@ from video_clips import write_clip
 import sed_fast.api
 from sed_fast.serve import app as serve_app
 from sed_fast.serve.app import EXACT, TYPED, InputProblem, Segmenter
-from sed_fast.serve.limits import Deadline, ForwardTimes, Limits, TimeLimitExceeded
+from sed_fast.serve.limits import Deadline, LinearTimes, Limits, TimeLimitExceeded
 
 pytestmark = pytest.mark.filterwarnings("ignore::sed_fast.RandomWeightsWarning")
 
@@ -95,7 +95,7 @@ def test_deadline_and_forward_estimate():
     with pytest.raises(TimeLimitExceeded, match="limit of 1.5 s per request .*before step two"):
         deadline.check("step two")  # read at 3 s: 2 s used
 
-    times = ForwardTimes()
+    times = LinearTimes()
     assert times.estimate(10) is None
     times.add(10, 2.0)
     assert times.estimate(20) == pytest.approx(4.0)  # one class count: proportional
@@ -114,14 +114,14 @@ def small_chunks(monkeypatch):
 def test_time_limit_stops_text_encoding_between_chunks_then_a_normal_request_completes(model, picture,
                                                                                       small_chunks):
     names = ", ".join(f"thing {i}" for i in range(3 * serve_app.TEXT_CHUNK))
-    # Each clock read is 1 s: the deadline starts at 1 s, the first chunk's check reads 2 s, the second 3 s.
     segmenter = Segmenter(model, random_weights=True, limits=Limits(time_limit_s=1.5), clock=SteppingClock(1.0))
-    with pytest.raises(TimeLimitExceeded, match=f"before computing the text embeddings of class "
-                                                f"{serve_app.TEXT_CHUNK + 1} of {3 * serve_app.TEXT_CHUNK}"):
+    # The first name is encoded alone, measured at 1 s; the next check reads 4 s used.
+    with pytest.raises(TimeLimitExceeded, match="before computing the text embeddings of classes 2 to 9"):
         segmenter.segment_image(picture, names, TYPED, EXACT, 8)
     assert segmenter.text_encodings == 0, "a stopped vocabulary is not cached"
 
-    segmenter.clock = SteppingClock(0.0)  # time stands still: no limit is reached
+    segmenter.clock = SteppingClock(0.0)  # time stands still
+    segmenter.limits = Limits(time_limit_s=60.0)  # and 1 s per name measured above fits
     overlay, _, rows, _ = segmenter.segment_image(picture, "cat, grass", TYPED, EXACT, 8)
     assert overlay is not None and sum(row[2] for row in rows) == 48 * 64
 
@@ -131,13 +131,13 @@ def test_chunked_text_embeddings_equal_one_call(model, small_chunks):
 
     names = [f"object number {i}" for i in range(serve_app.TEXT_CHUNK + 3)]
     segmenter = Segmenter(model, random_weights=True)
-    assert segmenter._set_vocabulary(list(names)) == names
+    assert segmenter._set_vocabulary(list(names), Deadline(1e9)) == names  # 1 name, then chunks of 3
     chunked = model.text_embeddings.clone()
     model.set_vocabulary(list(names), progress=False)
     torch.testing.assert_close(chunked, model.text_embeddings, rtol=1e-5, atol=1e-6)
     last = len(names) + 1
     with pytest.raises(InputProblem, match=rf"Class names 1 \('object number 0'\) and {last} .* same once tokenized"):
-        segmenter._set_vocabulary([*names, "Object Number 0"])  # in another chunk than its twin
+        segmenter._set_vocabulary([*names, "Object Number 0"], Deadline(1e9))  # in another chunk than its twin
 
 
 def test_forward_estimate_refuses_a_request_that_cannot_finish_in_time(model, picture):
@@ -145,11 +145,16 @@ def test_forward_estimate_refuses_a_request_that_cannot_finish_in_time(model, pi
     segmenter.forward_times.add(2, 100.0)  # as if a forward of 2 classes had taken 100 s
     with pytest.raises(TimeLimitExceeded, match="would take about 100 s"):
         segmenter.segment_image(picture, "cat, grass", TYPED, EXACT, 8)
+    segmenter = Segmenter(model, random_weights=True, limits=Limits(time_limit_s=30.0), clock=lambda: 0.0)
+    segmenter.text_times.add(1, 10.0)  # as if one name's text embeddings had taken 10 s
+    with pytest.raises(TimeLimitExceeded, match="classes 1 to 9 would take about 90 s"):
+        segmenter.segment_image(picture, ", ".join(f"new {i}" for i in range(9)), TYPED, EXACT, 8)
 
 
 def test_time_limit_stops_a_clip_between_batches(model, tmp_path):
     clip = write_clip(tmp_path / "c.mp4", frames=12)
-    segmenter = Segmenter(model, random_weights=True, limits=Limits(time_limit_s=0.3), clock=SteppingClock(0.2))
+    segmenter = Segmenter(model, random_weights=True, limits=Limits(time_limit_s=0.1), clock=SteppingClock(0.2))
+    segmenter._set_vocabulary(["cat", "grass"])  # cached: the clock is read only for the frames
     with pytest.raises(TimeLimitExceeded, match="before segmenting frame 5"):  # after the first batch of 4
         segmenter.segment_clip(str(clip), "cat, grass", TYPED, EXACT, 8, out_dir=tmp_path / "o")
 
