@@ -143,6 +143,12 @@ class Segmenter:
             self._embeddings.popitem(last=False)
         return list(names)
 
+    def prepare_vocabulary(self, names: Sequence[str]) -> List[str]:
+        """Compute the text embeddings of ``names`` ahead of the requests that use them (no time
+        limit applies): e.g. the page's default classes, before the server opens."""
+        with self.lock:
+            return self._set_vocabulary(self.limits.check_names(list(names)))
+
     def _encode(self, names: List[str], deadline: Optional[Deadline]) -> List[str]:
         """``model.set_vocabulary`` a chunk at a time. With a deadline, the time per name measured
         so far must let the remaining names finish in time (else the request is refused at once),
