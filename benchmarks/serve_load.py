@@ -99,10 +99,11 @@ def run_load_test(*, time_limit: float = 5.0, rounds: int = 1, max_classes: int 
             try:
                 seconds, outcome = timed(typed, vocabulary)
             except Exception as error:  # noqa: BLE001 - the server's dropdown refuses a value not among its choices
-                seconds, outcome = 0.0, {"refused": True, "message": f"refused by Gradio (not among the page's choices): {error}",
-                                         "classes_found": 0}
+                message = f"refused by Gradio (not among the page's choices): {error}"
+                seconds, outcome = 0.0, {"refused": True, "message": message, "classes_found": 0}
             refused.append({"request": what, "seconds": round(seconds, 3), **outcome})
-            log(f"{what}: {seconds:.2f} s, {'refused: ' + str(outcome['message']) if outcome['refused'] else 'ANSWERED'}")
+            answer = f"refused: {outcome['message']}" if outcome["refused"] else "ANSWERED"
+            log(f"{what}: {seconds:.2f} s, {answer}")
         report["hostile_refused"] = refused
 
         slow_rounds = []
