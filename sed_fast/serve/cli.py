@@ -92,11 +92,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except cli.UsageError as error:
         cli._error(str(error))
         return cli.EXIT_USAGE
-    from .app import build_app, launch_kwargs
+    from .app import build_app, launch_kwargs, sample_classes
 
     if segmenter.random_weights:
         print("sed-fast serve: WARNING: RANDOM WEIGHTS (no --checkpoint): the page says so; every segmentation is "
               "meaningless", file=sys.stderr)
+    segmenter.prepare_vocabulary(sample_classes())  # the page's default classes: no visitor waits for them
     app = build_app(segmenter)
     kwargs = launch_kwargs(args.host, args.port or None, share=args.share)
     try:

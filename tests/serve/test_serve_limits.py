@@ -196,3 +196,11 @@ def test_app_has_named_endpoints_and_a_bounded_queue(model):
     assert {"segment_image", "segment_clip"} <= names
     assert "at most 100 classes" in str(app.config)
     assert serve_app.launch_kwargs("127.0.0.1", 7860)["share"] is False
+
+
+def test_serve_command_refuses_bad_bounds(capsys):
+    from sed_fast import cli
+
+    assert cli.main(["serve", "--max-classes", "0", "--time-limit", "-1"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--max-classes must be >= 1, got 0" in err and "--time-limit must be > 0 seconds, got -1.0" in err
