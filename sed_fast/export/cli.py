@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "with")
     parser.add_argument("--max-classes", type=int, default=None, metavar="T",
                         help="with --vocab-input: the largest class count accepted (default 1000)")
+    parser.add_argument("--part", choices=("image", "text"), default="image",
+                        help="image: the segmentation model (default); text: the CLIP text tower with SED's prompt "
+                             "ensembling, token ids in, the image model's text_embeddings out (--vocab is then the "
+                             "vocabulary it is checked with)")
     return parser
 
 
@@ -169,6 +173,8 @@ def _export(args) -> int:
         raise ExportError(f"--vocab {args.vocab!r}: {error}") from error
     if not names:
         raise ExportError(f"--vocab {args.vocab!r}: the vocabulary is empty")
+    if args.part == "text":
+        return _export_text(args, names)
     largest = (max_side, max_side) if sizes is None else max(sizes, key=lambda size: size[0] * size[1])
     scores_gb = len(names) * largest[0] * largest[1] * 4 / 1e9
     if scores_gb > args.max_memory_gb and not args.vocab_input:  # a run-time vocabulary: its caller's choice
@@ -234,6 +240,28 @@ def _export(args) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _export_text(args, names) -> int:
+    from .text import export_text_command
+
+    info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
+    try:
+        record = export_text_command(args, names, info)
+    except Exception as error:  # noqa: BLE001 - the exporter's own error, one line
+        print(f"{_PROG}: error: the export failed: {type(error).__name__}: {str(error).strip()[:2000]}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        check = record["checks"][0]
+        print(f"check {check['classes']} classes: embeddings (T, P, C) {check['shape']} within "
+              f"{check['max_relative_diff']:.1e} of the package's (relative): {'ok' if check['ok'] else 'FAILED'}")
+        print(f"{'wrote' if record['ok'] else 'FAILED the check, wrote'} {record['path']} "
+              f"({record['export_seconds']:.0f} s): inputs tokens int64 (T, S, P, L), synonyms int64 (T,); "
+              f"output text_embeddings float32 (T, P, C); make the inputs with sed_exported.text_tokens")
+    return EXIT_OK if record["ok"] else EXIT_FAILED
+
+
 def parse_sizes(text: str, raw: bool):
     """``HxW[,HxW...]`` -> [(H, W), ...] in the order given, duplicates dropped. ``raw``: the sizes of
     raw images (the official resize included), else the model's input sizes."""
@@ -296,7 +324,7 @@ def _export_one(args, core, model, module, path: Path):
         fresh = core.load_pt2_in_fresh_process(path, image)
         labels = fresh[0] if isinstance(fresh, (tuple, list)) else fresh
         with torch.no_grad():
-            here = runner(*image) if module.vocab_input else runner(image)  # the same package loaded in this process: identical output expected
+            here = runner(*image) if module.vocab_input else runner(image)  # this process: same output expected
         expected = here[0] if isinstance(here, (tuple, list)) else here
         record["fresh_process_labels_equal"] = bool(torch.equal(labels, expected.cpu()))
     record["loader"] = str(core.write_loader(path.parent))

@@ -295,11 +295,14 @@ def export_program(module: ExportableSED):
 
 def export_pt2(module: ExportableSED, out: Path) -> Path:
     """torch.export + AOTInductor into a ``.pt2`` package (loads with torch alone)."""
-    program = export_program(module)
+    return export_pt2_program(export_program(module), out, json.dumps(contract(module)))
+
+
+def export_pt2_program(program, out: Path, contract_json: str) -> Path:
+    """AOTInductor package of an exported program, its input contract in the package's metadata."""
     with torch.no_grad():
         path = torch._inductor.aoti_compile_and_package(
-            program, package_path=str(out),
-            inductor_configs={"aot_inductor.metadata": {CONTRACT_KEY: json.dumps(contract(module))}})
+            program, package_path=str(out), inductor_configs={"aot_inductor.metadata": {CONTRACT_KEY: contract_json}})
     return Path(path)
 
 
@@ -316,15 +319,21 @@ def _require_onnx():
 
 def export_onnx(module: ExportableSED, out: Path) -> Path:
     """torch.onnx.export (dynamo) of the reference path, opset 18+, dynamic height and width."""
+    return export_onnx_program(module, module.example_inputs(), module.dynamic_shapes(), module.input_names,
+                               module.output_names, out, json.dumps(contract(module)))
+
+
+def export_onnx_program(module: nn.Module, inputs, dynamic_shapes, input_names, output_names, out: Path,
+                        contract_json: str) -> Path:
+    """torch.onnx.export (dynamo) of ``module``, its input contract in the model's metadata_props."""
     _require_onnx()
     import contextlib
 
     # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(module, module.example_inputs(), dynamo=True,
-                                    dynamic_shapes=module.dynamic_shapes(),
-                                    input_names=module.input_names, output_names=module.output_names)
-    program.model.metadata_props[CONTRACT_KEY] = json.dumps(contract(module))
+        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=input_names, output_names=output_names)
+    program.model.metadata_props[CONTRACT_KEY] = contract_json
     program.save(str(out))
     return out
 

@@ -9,6 +9,9 @@ the model file and this one.
     labels = model(image)                          # vocabulary baked in
     labels = model(image, text_embeddings)         # exported with --vocab-input
 
+    text_model = sed_exported.load("text.pt2")     # sed-fast export --part text
+    text_embeddings = text_model(*sed_exported.text_tokens(["cat", "dog", "grass"], text_model))
+
 The model's input contract travels inside the file (pt2 metadata, ONNX metadata_props, key
 ``sed_fast_contract``, JSON). Each call checks the input against it and raises ``ValueError``
 naming what is wrong: the number of dimensions, each size (fixed or in its range), the dtype,
@@ -24,7 +27,7 @@ CONTRACT_KEY = "sed_fast_contract"
 #: The first line of this file: ``sed-fast export`` overwrites a file of this name only if it starts so.
 MARKER = '"""sed_exported: load a model written by ``sed-fast export`` and call it with its input checked.'
 
-__all__ = ["load", "CheckedModel", "CONTRACT_KEY"]
+__all__ = ["load", "text_tokens", "CheckedModel", "CONTRACT_KEY"]
 
 
 def load(path, threads=None):
@@ -73,11 +76,40 @@ class CheckedModel:
         if self.backend == "pt2":
             import torch
 
+            checked = [value if hasattr(value, "detach") else torch.from_numpy(value) for value in checked]
             with torch.no_grad():
                 return self.runner(*checked)
         checked = [value.detach().cpu().numpy() if hasattr(value, "detach") else value for value in checked]
         outputs = self.runner.run(None, dict(zip(self.input_names, checked)))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def text_tokens(names, text_model):
+    """The text model's inputs for class names: (tokens int64 (T, S, P, L), synonyms int64 (T,)),
+    numpy arrays. Each name's prompts are the model's templates filled with the name, or with each
+    of its synonyms for a name "a, b" (S: the most synonyms of any name; the slots a name does
+    not use repeat its first synonym and are ignored), tokenized by open_clip's tokenizer for the
+    model's CLIP (the only thing this needs besides numpy: pip install open_clip_torch)."""
+    import numpy
+    import open_clip
+
+    contract = text_model.contract
+    if contract.get("kind") != "text":
+        raise ValueError("text_tokens makes the inputs of the text model (sed-fast export --part text), not of "
+                         "an image model")
+    names = [str(name) for name in names]
+    if not names or not all(name.strip() for name in names):
+        raise ValueError("text_tokens needs at least one class name, none of them empty")
+    tokenizer = open_clip.get_tokenizer(contract["tokenizer"])
+    templates = contract["templates"]
+    split = [name.split(", ") if ", " in name else [name] for name in names]
+    slots = max(len(synonyms) for synonyms in split)
+    tokens = []
+    for synonyms in split:
+        padded = synonyms + [synonyms[0]] * (slots - len(synonyms))
+        prompts = [template.format(synonym) for synonym in padded for template in templates]
+        tokens.append(numpy.asarray(tokenizer(prompts), dtype=numpy.int64).reshape(slots, len(templates), -1))
+    return numpy.stack(tokens), numpy.asarray([len(synonyms) for synonyms in split], dtype=numpy.int64)
 
 
 def _describe(spec):
