@@ -26,6 +26,11 @@ with the resize included, the whole official pipeline on the raw image) on sampl
 on ties of the top two classes, which rounding decides, and its scores agree within 1e-5 in
 float32; a pt2 package is also loaded in a new process that never imports sed_fast.
 
+With ``--vocab-input`` the vocabulary is a second input, ``text_embeddings`` float32 (T, P, C)
+(``sed-fast embed-vocab`` writes it), T in [1, --max-classes]; ``--part text`` exports the text side
+(token ids in, those embeddings out). Every export carries its input contract and is written with
+a standalone loader, ``sed_exported.py``, that checks each call's input (sed_fast.export.runtime).
+
 Exit code: 0 exported and checked; 1 the export or its check failed; 2 usage error.
 """
 from __future__ import annotations
