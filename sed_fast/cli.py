@@ -34,7 +34,8 @@ COMMANDS = {
     "train": ("sed_fast.training.cli", "train or fine-tune, official recipe (see `sed-fast train --help`)"),
     "serve": ("sed_fast.serve.cli", "browser demo (Gradio): upload an image or a clip, type class names"),
     "doctor": ("sed_fast.doctor.cli", "check this machine: versions, op backends, dispatch, end to end"),
-    "export": ("sed_fast.export.cli", "export SED with a baked-in vocabulary: AOTInductor .pt2 or ONNX"),
+    "export": ("sed_fast.export.cli", "export SED (vocabulary baked in or an input, or its text side)"),
+    "embed-vocab": ("sed_fast.export.embed_vocab", "text embeddings as .npy for an export's vocab input"),
     "cache": ("sed_fast.cache.cli", "list, size or clear the caches (text embeddings, autotune, CUDA build)"),
 }
 

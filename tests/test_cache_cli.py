@@ -187,7 +187,7 @@ def test_the_readme_block_runs_verbatim(root, capsys):
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Caches: `sed-fast cache`", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for line in section.splitlines() if line.startswith("    sed-fast cache")]
+    lines = [line.strip() for line in section.splitlines() if line.startswith("sed-fast cache")]
     assert len(lines) == 4
     for line in lines:
         argv = shlex.split(line, comments=True)

@@ -26,6 +26,11 @@ with the resize included, the whole official pipeline on the raw image) on sampl
 on ties of the top two classes, which rounding decides, and its scores agree within 1e-5 in
 float32; a pt2 package is also loaded in a new process that never imports sed_fast.
 
+With ``--vocab-input`` the vocabulary is a second input, ``text_embeddings`` float32 (T, P, C)
+(``sed-fast embed-vocab`` writes it), T in [1, --max-classes]; ``--part text`` exports the text side
+(token ids in, those embeddings out). Every export carries its input contract and is written with
+a standalone loader, ``sed_exported.py``, that checks each call's input (sed_fast.export.runtime).
+
 Exit code: 0 exported and checked; 1 the export or its check failed; 2 usage error.
 """
 from __future__ import annotations
@@ -70,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fresh-process-check", action="store_true",
                         help="pt2: skip loading the package in a new process that never imports sed_fast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    # The vocabulary as an input (sed_fast.export.core.ExportableSED's vocab_input).
+    parser.add_argument("--vocab-input", action="store_true",
+                        help="take the vocabulary at run time: a second input text_embeddings (T, P, C) float32, as "
+                             "'sed-fast embed-vocab' writes it; --vocab is then the vocabulary the export is checked "
+                             "with")
+    parser.add_argument("--max-classes", type=int, default=None, metavar="T",
+                        help="with --vocab-input: the largest class count accepted (default 1000)")
+    parser.add_argument("--part", choices=("image", "text"), default="image",
+                        help="image: the segmentation model (default); text: the CLIP text tower with SED's prompt "
+                             "ensembling, token ids in, the image model's text_embeddings out (--vocab is then the "
+                             "vocabulary it is checked with)")
     return parser
 
 
@@ -128,6 +144,14 @@ def _export(args) -> int:
     if not core.MIN_MAX_SIDE <= max_side <= core.MAX_SIDE:
         raise ExportError(f"--max-side must be in [{core.MIN_MAX_SIDE}, {core.MAX_SIDE}], got {max_side}")
     sizes = None if args.sizes is None else parse_sizes(args.sizes, args.official_resize == "included")
+    if args.max_classes is not None and not args.vocab_input:
+        raise ExportError("--max-classes bounds the vocabulary given at run time: give --vocab-input too")
+    max_classes = core.MAX_CLASSES if args.max_classes is None else args.max_classes
+    if not 2 <= max_classes <= core.MAX_CLASSES_LIMIT:
+        raise ExportError(f"--max-classes must be in [2, {core.MAX_CLASSES_LIMIT}], got {max_classes}")
+    if args.vocab_input and args.cer_topk is not None:
+        raise ExportError("--cer-topk exports a static kept-class budget of a baked-in vocabulary: it cannot be "
+                          "combined with --vocab-input")
     if args.max_memory_gb <= 0:
         raise ExportError(f"--max-memory-gb must be positive, got {args.max_memory_gb}")
     if args.resolution < 32 or args.resolution % 32:
@@ -138,6 +162,7 @@ def _export(args) -> int:
         raise ExportError(f"--out {args.out}: a --format {args.format} file must end in {suffix}")
     if not out.parent.is_dir():
         raise ExportError(f"--out {args.out}: the folder {out.parent} does not exist")
+    core.check_loader_slot(out.parent)
     if args.format == "onnx":
         from .core import _require_onnx
         _require_onnx()
@@ -151,9 +176,11 @@ def _export(args) -> int:
         names = load_vocabulary(args.vocab)
     except UsageError as error:
         raise ExportError(str(error)) from None
+    if args.part == "text":
+        return _export_text(args, names)
     largest = (max_side, max_side) if sizes is None else max(sizes, key=lambda size: size[0] * size[1])
     scores_gb = len(names) * largest[0] * largest[1] * 4 / 1e9
-    if scores_gb > args.max_memory_gb:
+    if scores_gb > args.max_memory_gb and not args.vocab_input:  # a run-time vocabulary: its caller's choice
         lower = ("lower --max-side (the largest image side after the official resize)" if sizes is None
                  else "give smaller --sizes")
         raise ExportError(f"--vocab has {len(names)} classes: at {largest[0]}x{largest[1]} the exported model "
@@ -166,7 +193,8 @@ def _export(args) -> int:
     resize_included = args.official_resize == "included"
     modules = [core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
                                   kept_budget=args.kept_budget, max_side=max_side, input_size=size,
-                                  resize_included=resize_included).eval()
+                                  resize_included=resize_included, vocab_input=args.vocab_input,
+                                  max_classes=max_classes).eval()
                for size in (sizes or [None])]
     kept_budget = modules[0].kept_budget if args.cer_topk is not None else None
     decoding = ("exact decoding" if args.cer_topk is None else
@@ -200,7 +228,8 @@ def _export(args) -> int:
     result = {"format": args.format, "variant": args.variant, "classes": len(model.class_names),
               "class_names": model.class_names, "resolution": args.resolution, "dtype": str(dtype)[6:],
               "device": args.device, "cer_topk": args.cer_topk, "kept_budget": kept_budget,
-              "outputs": modules[0].output_names,
+              "inputs": modules[0].input_names, "outputs": modules[0].output_names,
+              "max_classes": max_classes if args.vocab_input else None,
               "scores": args.scores, "official_resize": args.official_resize,
               "random_weights": bool(args.random_weights),
               "export_seconds": round(time.perf_counter() - start, 1), "exports": exports, "ok": ok}
@@ -212,6 +241,28 @@ def _export(args) -> int:
         print(f"{'wrote' if ok else 'FAILED the check of at least one file, wrote'} {len(exports)} files "
               f"({result['export_seconds']:.0f} s)")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _export_text(args, names) -> int:
+    from .text import export_text_command
+
+    info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
+    try:
+        record = export_text_command(args, names, info)
+    except Exception as error:  # noqa: BLE001 - the exporter's own error, one line
+        print(f"{_PROG}: error: the export failed: {type(error).__name__}: {str(error).strip()[:2000]}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        check = record["checks"][0]
+        print(f"check {check['classes']} classes: embeddings (T, P, C) {check['shape']} within "
+              f"{check['max_relative_diff']:.1e} of the package's (relative): {'ok' if check['ok'] else 'FAILED'}")
+        print(f"{'wrote' if record['ok'] else 'FAILED the check, wrote'} {record['path']} "
+              f"({record['export_seconds']:.0f} s): inputs tokens int64 (T, S, P, L), synonyms int64 (T,); "
+              f"output text_embeddings float32 (T, P, C); make the inputs with sed_exported.text_tokens")
+    return EXIT_OK if record["ok"] else EXIT_FAILED
 
 
 def parse_sizes(text: str, raw: bool):
@@ -257,18 +308,29 @@ def _export_one(args, core, model, module, path: Path):
         runner = core.OnnxRunner(path)
     seconds = time.perf_counter() - start
     check_sizes = CHECK_SIZES if module.input_size is None else (module.input_size,)
+    checks = core.check(runner, model, module, check_sizes)
+    if module.vocab_input:  # the same file with another vocabulary: its first class alone, T's lower bound
+        full = model.text_embeddings
+        model.text_embeddings = full[:1]
+        try:
+            checks += core.check(runner, model, module, check_sizes[:1])
+        finally:
+            model.text_embeddings = full
     record = {"path": str(path), "input": core.input_description(module), "export_seconds": round(seconds, 1),
-              "checks": core.check(runner, model, module, check_sizes)}
+              "checks": checks}
     if module.resize_included:  # Pillow's pass order, which changes some pixels by one level
         record["resize_passes"] = "".join(module.resize_passes) or "none"
     if args.format == "pt2" and not args.no_fresh_process_check:
         image = module.sample_input(check_sizes[0])
+        if module.vocab_input:
+            image = (image, model.text_embeddings.float().contiguous())
         fresh = core.load_pt2_in_fresh_process(path, image)
         labels = fresh[0] if isinstance(fresh, (tuple, list)) else fresh
         with torch.no_grad():
-            here = runner(image)  # the same package loaded in this process: identical output expected
+            here = runner(*image) if module.vocab_input else runner(image)  # this process: same output expected
         expected = here[0] if isinstance(here, (tuple, list)) else here
         record["fresh_process_labels_equal"] = bool(torch.equal(labels, expected.cpu()))
+    record["loader"] = str(core.write_loader(path.parent))
     record["ok"] = all(c["ok"] for c in record["checks"]) and record.get("fresh_process_labels_equal", True)
     return record
 
@@ -284,7 +346,8 @@ def _print_record(record, kept_budget) -> None:
             if c["budget_exceeded"]:
                 kept += (f" (MORE than the budget {kept_budget}: not the official result; "
                          f"export with --kept-budget {c['kept_counts'][0]} or more)")
-        print(f"check {c['size'][0]}x{c['size'][1]}: labels {same}"
+        print(f"check {c['size'][0]}x{c['size'][1]}, {c['classes']} class{'es' if c['classes'] != 1 else ''}: "
+              f"labels {same}"
               + (f", max |score diff| {c['max_score_diff']:.2e}" if "max_score_diff" in c else "")
               + kept + f" ({c['seconds']} s): {'ok' if c['ok'] else 'FAILED'}")
     if "fresh_process_labels_equal" in record:

@@ -2,6 +2,7 @@
 (``.pt2``) or ONNX; every export is checked against the eager model on sample images."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.encoder import preprocess_images
+from .runtime import CONTRACT_KEY
 
 FORMATS = ("pt2", "onnx")
 #: Image sides the exported model accepts (each of H and W); the official resize gives a short side
@@ -23,6 +25,12 @@ MIN_SIDE, MAX_SIDE = 32, 2560
 MIN_MAX_SIDE = 256
 #: The largest raw image side an export with the official resize included accepts.
 MAX_RAW_SIDE = 32768
+#: With the vocabulary as an input (``vocab_input``): the default largest class count T it accepts
+#: (every built-in vocabulary fits: ADE-847 is the largest) and the bounds a user may choose.
+MAX_CLASSES = 1000
+MAX_CLASSES_LIMIT = 65536
+#: The name of that second input, as the ONNX model and the pt2 metadata say it.
+TEXT_INPUT = "text_embeddings"
 #: Exported vs eager: labels equal, scores within this, by compute dtype. float32 is exact to
 #: rounding; 16-bit is judged against the error the same computation makes eagerly at that precision
 #: (the compiled graph rounds at other places than eager PyTorch).
@@ -51,6 +59,11 @@ class ExportableSED(nn.Module):
       for this one size, in the pass order of the Pillow installed at export time), and its
       outputs come back at the raw size, as the official ``sem_seg``.
 
+    With ``vocab_input`` the vocabulary is not baked in: ``forward(image, text_embeddings)`` takes
+    the text embeddings (T, P, C) float32 as :meth:`SEDModel.set_vocabulary` makes them (P prompt
+    templates, C the CLIP embedding width, both fixed by the checkpoint), T dynamic in
+    [1, ``max_classes``]; output channel t is the class of row t.
+
     Outputs: ``labels`` (H, W) int64, then the scores (T, H, W) float32 with ``return_scores``,
     then with ``cer_topk`` the kept-set sizes (3,) int64 of the three rejection steps.
 
@@ -61,10 +74,18 @@ class ExportableSED(nn.Module):
 
     def __init__(self, model, return_scores: bool = False, cer_topk: Optional[int] = None,
                  kept_budget: Optional[int] = None, max_side: int = MAX_SIDE,
-                 input_size: Optional[Tuple[int, int]] = None, resize_included: bool = False):
+                 input_size: Optional[Tuple[int, int]] = None, resize_included: bool = False,
+                 vocab_input: bool = False, max_classes: int = MAX_CLASSES):
         super().__init__()
         if model.text_embeddings is None:
             raise ExportError("the model has no vocabulary")
+        if vocab_input and cer_topk is not None:
+            raise ExportError("category early rejection needs a static kept-class budget of the baked-in "
+                              "vocabulary: export it without the vocabulary as an input")
+        if vocab_input and not 2 <= max_classes <= MAX_CLASSES_LIMIT:
+            raise ExportError(f"the largest class count must be in [2, {MAX_CLASSES_LIMIT}], got {max_classes}")
+        self.vocab_input = vocab_input
+        self.max_classes = max_classes
         if not MIN_MAX_SIDE <= max_side <= MAX_SIDE:
             raise ExportError(f"the largest side must be in [{MIN_MAX_SIDE}, {MAX_SIDE}], got {max_side}")
         if resize_included and input_size is None:
@@ -82,7 +103,11 @@ class ExportableSED(nn.Module):
         self.cer_topk = cer_topk
         classes = model.text_embeddings.shape[0]
         self.kept_budget = classes if kept_budget is None else min(int(kept_budget), classes)
-        self.register_buffer("text", model._text_for_decoder().detach().clone())
+        text = model._text_for_decoder().detach().clone()
+        self.text_shape = tuple(text.shape[1:])  # (P, C): templates, embedding width
+        if vocab_input:  # only its dtype and device are kept: the text comes with each call
+            text = text[:0]
+        self.register_buffer("text", text)
         self.resize_passes: List[str] = []
         if resize_included:
             self._bake_official_resize(*self.input_size)
@@ -111,6 +136,10 @@ class ExportableSED(nn.Module):
         return image
 
     @property
+    def input_names(self) -> List[str]:
+        return ["image"] + ([TEXT_INPUT] if self.vocab_input else [])
+
+    @property
     def output_names(self) -> List[str]:
         return ["labels"] + (["scores"] if self.return_scores else []) + (
             ["kept_counts"] if self.cer_topk is not None else [])
@@ -125,6 +154,14 @@ class ExportableSED(nn.Module):
             return torch.zeros(*self.input_size, 3, dtype=torch.uint8, device=self.device)
         return _example(*(self.input_size or (64, 96))).to(self.device)
 
+    def example_inputs(self) -> Tuple[torch.Tensor, ...]:
+        """The exported signature's positional inputs: the image, then with ``vocab_input`` text
+        embeddings of 3 classes (unit rows, as real ones are)."""
+        if not self.vocab_input:
+            return (self.example_input(),)
+        text = torch.randn(3, *self.text_shape, generator=torch.Generator().manual_seed(0))
+        return self.example_input(), (text / text.norm(dim=-1, keepdim=True)).to(self.device)
+
     def sample_input(self, size: Tuple[int, int]) -> torch.Tensor:
         """The drawn sample scene at ``size`` in the exported model's input layout, dtype and device."""
         image = sample_images([size])[0]
@@ -133,13 +170,16 @@ class ExportableSED(nn.Module):
         return image.to(self.device)
 
     def dynamic_shapes(self):
-        if self.input_size is not None:
-            return None
-        height = torch.export.Dim("height", min=MIN_SIDE, max=self.max_side)
-        width = torch.export.Dim("width", min=MIN_SIDE, max=self.max_side)
-        return {"image": {2: height, 3: width}}
+        image = None
+        if self.input_size is None:
+            height = torch.export.Dim("height", min=MIN_SIDE, max=self.max_side)
+            width = torch.export.Dim("width", min=MIN_SIDE, max=self.max_side)
+            image = {2: height, 3: width}
+        if not self.vocab_input:
+            return None if image is None else {"image": image}
+        return {"image": image, "text_embeddings": {0: torch.export.Dim("classes", min=1, max=self.max_classes)}}
 
-    def forward(self, image: torch.Tensor):
+    def forward(self, image: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None):
         if self.resize_included:
             raw = image.permute(2, 0, 1)  # (3, H, W) uint8, read in place
             height, width = raw.shape[-2:]
@@ -148,7 +188,7 @@ class ExportableSED(nn.Module):
             height, width = image.shape[-2:]
         clip_images = preprocess_images(image.to(torch.float32), self.resolution)
         dense, features = self.model.encode_image(clip_images)
-        text = self.text.to(self.model.dtype)
+        text = (self.text if text_embeddings is None else text_embeddings).to(self.model.dtype)
         if self.cer_topk is None:
             scores = self.model.decode(dense, text, features)  # (1, T, h, w)
             kept_counts = None
@@ -176,6 +216,15 @@ def resized_raw_size(height: int, width: int) -> Tuple[int, int]:
 
 def input_description(module: ExportableSED) -> str:
     """The exported model's input, in words (printed and in the command's JSON)."""
+    text = ""
+    if module.vocab_input:
+        templates, width = module.text_shape
+        text = (f"; {TEXT_INPUT} float32 (T, {templates}, {width}), T in [1, {module.max_classes}], as "
+                f"sed-fast embed-vocab writes it")
+    return _image_description(module) + text
+
+
+def _image_description(module: ExportableSED) -> str:
     if module.resize_included:
         height, width = module.input_size
         return (f"image uint8 ({height}, {width}, 3) RGB, the raw image (the model resizes it as the official "
@@ -207,20 +256,53 @@ def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int,
     return model
 
 
+IMAGE_HINT = ("The image is RGB in 0..255, already resized as the official pipeline does "
+              "(the README's export section shows how).")
+RAW_IMAGE_HINT = "The image is the decoded file, uint8 RGB (H, W, 3), of the size the model was exported for."
+TEXT_HINT = ("Make the text embeddings with 'sed-fast embed-vocab --vocab NAMES --checkpoint PATH --out vocab.npy' "
+             "(numpy.load gives this layout) or with the exported text model.")
+
+
+def contract(module: ExportableSED) -> Dict[str, object]:
+    """The exported model's input contract, stored in the file (see :mod:`sed_fast.export.runtime`):
+    per input its name, dtype, shape (an int for a fixed size, [name, low, high] for a dynamic one),
+    value range and a hint; the output names; the class names when the vocabulary is baked in."""
+    if module.resize_included:
+        image = {"name": "image", "dtype": "uint8", "shape": [*module.input_size, 3], "hint": RAW_IMAGE_HINT}
+    else:
+        if module.input_size is not None:
+            sides = list(module.input_size)
+        else:
+            sides = [["H", MIN_SIDE, module.max_side], ["W", MIN_SIDE, module.max_side]]
+        image = {"name": "image", "dtype": "float32", "shape": [1, 3, *sides], "range": [0.0, 255.0],
+                 "hint": IMAGE_HINT}
+    inputs = [image]
+    if module.vocab_input:
+        inputs.append({"name": TEXT_INPUT, "dtype": "float32",
+                       "shape": [["T", 1, module.max_classes], *module.text_shape], "hint": TEXT_HINT})
+    class_names = None if module.vocab_input else list(getattr(module.model, "class_names", None) or [])
+    return {"inputs": inputs, "outputs": module.output_names, "class_names": class_names}
+
+
 def _example(height: int = 64, width: int = 96) -> torch.Tensor:
     return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
 
 
 def export_program(module: ExportableSED):
     with torch.no_grad():
-        return torch.export.export(module, (module.example_input(),), dynamic_shapes=module.dynamic_shapes())
+        return torch.export.export(module, module.example_inputs(), dynamic_shapes=module.dynamic_shapes())
 
 
 def export_pt2(module: ExportableSED, out: Path) -> Path:
     """torch.export + AOTInductor into a ``.pt2`` package (loads with torch alone)."""
-    program = export_program(module)
+    return export_pt2_program(export_program(module), out, json.dumps(contract(module)))
+
+
+def export_pt2_program(program, out: Path, contract_json: str) -> Path:
+    """AOTInductor package of an exported program, its input contract in the package's metadata."""
     with torch.no_grad():
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+        path = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(out), inductor_configs={"aot_inductor.metadata": {CONTRACT_KEY: contract_json}})
     return Path(path)
 
 
@@ -237,16 +319,59 @@ def _require_onnx():
 
 def export_onnx(module: ExportableSED, out: Path) -> Path:
     """torch.onnx.export (dynamo) of the reference path, opset 18+, dynamic height and width."""
+    return export_onnx_program(module, module.example_inputs(), module.dynamic_shapes(), module.input_names,
+                               module.output_names, out, json.dumps(contract(module)))
+
+
+def export_onnx_program(module: nn.Module, inputs, dynamic_shapes, input_names, output_names, out: Path,
+                        contract_json: str) -> Path:
+    """torch.onnx.export (dynamo) of ``module``, its input contract in the model's metadata_props."""
     _require_onnx()
     import contextlib
 
     # The exporter prints its progress on stdout: keep stdout for the command's own output (--json).
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(module, (module.example_input(),), dynamo=True,
-                                    dynamic_shapes=module.dynamic_shapes(),
-                                    input_names=["image"], output_names=module.output_names)
+        program = torch.onnx.export(module, inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=input_names, output_names=output_names)
+    program.model.metadata_props[CONTRACT_KEY] = contract_json
     program.save(str(out))
     return out
+
+
+LOADER_NAME = "sed_exported.py"
+
+
+def loader_source() -> str:
+    """The standalone loader (:mod:`sed_fast.export.runtime`) as written beside every export."""
+    return (Path(__file__).parent / "runtime.py").read_text(encoding="utf-8")
+
+
+def check_loader_slot(folder: Path) -> Path:
+    """The loader's path in ``folder``; an :class:`ExportError` when a file of that name is there that
+    this command did not write (it is never overwritten)."""
+    from .runtime import MARKER
+
+    path = Path(folder) / LOADER_NAME
+    if path.exists():
+        try:
+            first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if first != MARKER:
+            raise ExportError(f"{path} exists and was not written by sed-fast export: the export writes its loader "
+                              f"there; move that file or export into another folder")
+    return path
+
+
+def write_loader(folder: Path) -> Path:
+    """Write (or refresh) the standalone loader beside an export; see :func:`check_loader_slot`."""
+    from ..base.files import atomic_write_text
+
+    path = check_loader_slot(folder)
+    source = loader_source()
+    if not path.exists() or path.read_text(encoding="utf-8") != source:
+        atomic_write_text(path, source)
+    return path
 
 
 class OnnxRunner:
@@ -261,8 +386,11 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, image: torch.Tensor):
-        outputs = self.session.run(None, {"image": image.detach().cpu().numpy()})
+    def __call__(self, image: torch.Tensor, text_embeddings: Optional[torch.Tensor] = None):
+        feed = {"image": image.detach().cpu().numpy()}
+        if text_embeddings is not None:
+            feed[TEXT_INPUT] = text_embeddings.detach().cpu().numpy()
+        outputs = self.session.run(None, feed)
         outputs = [torch.from_numpy(o) for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -302,17 +430,18 @@ def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]
     results = []
     for size in sizes:
         image = module.sample_input(size)
+        inputs = (image,) + ((model.text_embeddings.float().contiguous(),) if module.vocab_input else ())
         with torch.no_grad():
             expected = _eager_scores(model, module, image).cpu()
             start = time.perf_counter()
-            out = runner(image)
+            out = runner(*inputs)
             out = [o.cpu() for o in out] if isinstance(out, (tuple, list)) else [out.cpu()]  # waits for the device
             seconds = time.perf_counter() - start
         labels = out[0]
         scores = out[1] if module.return_scores else None
         expected_labels = expected.argmax(0)
         differ = labels.long() != expected_labels
-        row = {"size": list(size), "labels_equal": bool(not differ.any()),
+        row = {"size": list(size), "classes": int(expected.shape[0]), "labels_equal": bool(not differ.any()),
                "labels_differ": int(differ.sum()), "seconds": round(seconds, 3)}
         bound = tolerance
         if scores is not None:
@@ -331,23 +460,26 @@ def check(runner, model, module: ExportableSED, sizes: Sequence[Tuple[int, int]]
     return results
 
 
-def load_pt2_in_fresh_process(path: Path, image: torch.Tensor, timeout: float = 600) -> torch.Tensor:
+def load_pt2_in_fresh_process(path: Path, image, timeout: float = 600) -> torch.Tensor:
     """Load the package with ``torch._inductor.aoti_load_package`` in a new Python that never
-    imports sed_fast, run it on ``image``; returns its outputs (labels, or (labels, scores))."""
+    imports sed_fast, run it on ``image`` (a tensor, or the tuple of positional inputs); returns its
+    outputs (labels, or (labels, scores))."""
     import tempfile
 
+    path = Path(path).resolve()  # the new process runs in another working directory
     with tempfile.TemporaryDirectory() as folder:
         image_path, out_path = Path(folder) / "image.pt", Path(folder) / "out.pt"
-        torch.save(image.cpu(), image_path)
+        inputs = tuple(image) if isinstance(image, (tuple, list)) else (image,)
+        torch.save([tensor.cpu() for tensor in inputs], image_path)
         code = ("import sys, torch\n"
                 "runner = torch._inductor.aoti_load_package(sys.argv[1])\n"
                 "with torch.no_grad():\n"
-                "    out = runner(torch.load(sys.argv[2]).to(sys.argv[4]))\n"
+                "    out = runner(*[tensor.to(sys.argv[4]) for tensor in torch.load(sys.argv[2])])\n"
                 "out = [o.cpu() for o in out] if isinstance(out, (tuple, list)) else out.cpu()\n"
                 "torch.save(out, sys.argv[3])\n"
                 "assert not [m for m in sys.modules if m.split('.')[0] == 'sed_fast'], 'sed_fast was imported'\n")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        command = [sys.executable, "-c", code, str(path), str(image_path), str(out_path), str(image.device)]
+        command = [sys.executable, "-c", code, str(path), str(image_path), str(out_path), str(inputs[0].device)]
         done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"loading {path} in a fresh process failed: {done.stderr.strip()[-2000:]}")
