@@ -208,32 +208,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _last_good(args) -> str:
-    from .state import iterations_done, last_checkpoint
+    from .state import resume_advice
 
-    path = last_checkpoint(Path(os.path.expanduser(args.out)))
-    if path is None or not path.exists():
-        return "No checkpoint was saved"
-    done = iterations_done(path.name, args.max_iter)
-    if done is None or done >= args.max_iter:
-        return f"The last good checkpoint is {path}"
-    return (f"The last good checkpoint is {path}, after {done} of {args.max_iter} iterations: rerun the same command "
-            f"with --resume to run iterations {done + 1}-{args.max_iter}")
+    return resume_advice(Path(os.path.expanduser(args.out)), args.max_iter)
 
 
 def _finished(args, since: float) -> bool:
-    """Whether --out holds a final checkpoint complete with its state, written by this process
-    (after ``since``, its start)."""
-    from .state import LAST_CHECKPOINT, STATE_SUFFIX
+    from .state import finished_since
 
-    out_dir = Path(os.path.expanduser(args.out))
-    try:
-        named = (out_dir / LAST_CHECKPOINT).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return False
-    try:
-        return named == "model_final.pth" and (out_dir / (named + STATE_SUFFIX)).stat().st_mtime >= since
-    except OSError:
-        return False
+    return finished_since(Path(os.path.expanduser(args.out)), since)
 
 
 def _signal_name(signum: int) -> str:
@@ -423,23 +406,13 @@ def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: i
         value = getattr(args, key)
         settings[key] = list(value) if isinstance(value, (list, tuple)) else value
     if getattr(args, "init_from_file", None) is not None:
-        settings["init_from"] = _continued_run(args.init_from_file)
+        from .state import continued_run
+
+        settings["init_from"] = continued_run(args.init_from_file)
     # Not the evaluation set nor its period: evaluating does not change the steps (a resumed run
     # may evaluate on another set, or stop evaluating).
     del eval_dataset
     return settings
-
-
-def _continued_run(path: Path) -> str:
-    """What --init-from continues, for the run's settings and log: the file and its iterations."""
-    import torch
-
-    try:
-        iteration = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iteration")
-    except Exception:  # noqa: BLE001 - the weights are read (and checked) later; this is a note
-        iteration = None
-    done = f", after {int(iteration) + 1} iterations of the run in {path.parent}" if isinstance(iteration, int) else ""
-    return f"{path.resolve()}{done}"
 
 
 def _default_workers() -> int:

@@ -35,7 +35,7 @@ from ..base.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["StateError", "checkpoint_name", "save_training", "load_training", "rng_state", "set_rng_state",
            "LAST_CHECKPOINT", "check_settings", "check_resumable", "iterations_done", "written_outputs",
-           "resolve_init_from",
+           "resolve_init_from", "continued_run", "resume_advice", "finished_since",
            "DEFAULT_KEEP_LAST"]
 
 LAST_CHECKPOINT = "last_checkpoint"
@@ -208,6 +208,39 @@ def resolve_init_from(given) -> Path:
         raise StateError(f"--init-from {given}: no such file or folder; give a checkpoint file (e.g. "
                          "OUT/model_final.pth) or the --out folder of a training run")
     return path
+
+
+def continued_run(path: Path) -> str:
+    """What ``--init-from`` continues, for the new run's settings and log: the file and its iterations."""
+    try:
+        iteration = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iteration")
+    except Exception:  # noqa: BLE001 - the weights are read (and checked) later; this is a note
+        iteration = None
+    done = f", after {int(iteration) + 1} iterations of the run in {path.parent}" if isinstance(iteration, int) else ""
+    return f"{Path(path).resolve()}{done}"
+
+
+def resume_advice(out_dir: Path, max_iter: int) -> str:
+    """After a failure or an interruption: the last good checkpoint in ``out_dir`` and what
+    ``--resume`` will run from it (by its name: no state is read)."""
+    path = last_checkpoint(out_dir)
+    if path is None or not path.exists():
+        return "No checkpoint was saved"
+    done = iterations_done(path.name, max_iter)
+    if done is None or done >= max_iter:
+        return f"The last good checkpoint is {path}"
+    return (f"The last good checkpoint is {path}, after {done} of {max_iter} iterations: rerun the same command "
+            f"with --resume to run iterations {done + 1}-{max_iter}")
+
+
+def finished_since(out_dir: Path, since: float) -> bool:
+    """Whether ``out_dir`` holds a final checkpoint complete with its state, written after ``since``
+    (a time.time(): the start of the process asking)."""
+    try:
+        named = (Path(out_dir) / LAST_CHECKPOINT).read_text(encoding="utf-8").strip()
+        return named == "model_final.pth" and os.stat(Path(out_dir) / (named + STATE_SUFFIX)).st_mtime >= since
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def check_resumable(state: dict, current: dict, path, out_dir) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sed_fast.base.files import (atomic_write, atomic_write_bytes, atomic_write_set, is_temporary_name,
+from sed_fast.base.files import (atomic_write, atomic_write_set, is_temporary_name,
                                  remove_stale_temporaries)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -194,7 +194,8 @@ def test_non_finite_loss_stops_naming_the_iteration(tmp_path, data, tiny, monkey
     assert train_cli.main(_common(*data, out, "--max-iter", "3", "--ims-per-batch", "1", "--save-every", "1")) == 1
     message = capsys.readouterr().err
     assert "iteration 1: non-finite loss" in message and "loss_sem_seg_2=nan" in message
-    assert "model_0000000.pth" in message  # the last good checkpoint is named
+    assert "model_0000000.pth, after 1 of 3 iterations" in message  # the last good checkpoint is named
+    assert "--resume to run iterations 2-3" in message  # with what --resume would do
     assert not (out / "model_0000001.pth").exists() and not (out / "model_final.pth").exists()
     good = _weights(out / "model_0000000.pth")["model"]
     assert all(torch.isfinite(v).all() for v in good.values())
