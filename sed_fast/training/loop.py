@@ -287,7 +287,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
             raise Stopped(flag.received or signal.SIGTERM, done, last_saved, config.max_iter)
         if stop:  # the signal came during the last iteration: its checkpoint is written, the run is done
             io.note(f"{signal.Signals(flag.received or signal.SIGTERM).name} came during the last iteration, "
-                    "after which the final checkpoint was written: the run finished", always=True)
+                    "after which the final checkpoint was written: the run finished")
     io.plot_curve(force=True)
     return done
 

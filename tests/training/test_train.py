@@ -267,8 +267,10 @@ def test_a_signal_in_the_last_iteration_finishes_the_run(yardstick, tmp_path, da
     _stop_after(monkeypatch, 3)
     assert train_cli.main(args) == 0
     message = capsys.readouterr().err
-    assert "SIGINT came during the last iteration" in message and "the run finished" in message
+    assert "the run finished before SIGINT took effect: model_final.pth is complete" in message
     assert "--resume" not in message
+    assert "SIGINT came during the last iteration, after which the final checkpoint was written" in \
+        (out / "log.txt").read_text()
     assert _weights(out / "model_final.pth")["iteration"] == 2
     monkeypatch.undo()
     tiny_build(monkeypatch)
@@ -391,6 +393,9 @@ def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, mo
     model = build_sed("b", impl="reference", checkpoint=out / "model_final.pth", device="cpu", clip_resolution=64)
     state = model.state_dict()
     assert all(torch.equal(state[k], saved["model"][k]) for k in saved["model"])
+    # A finished run keeps no optimizer state: the final state file is a few kB, not the size of the weights.
+    assert sorted(p.name for p in out.glob("model_*")) == ["model_final.pth", "model_final.pth.state.pt"]
+    assert (out / "model_final.pth.state.pt").stat().st_size < 100_000
 
     model.train()
     groups = param_groups(model, SolverConfig())

@@ -124,3 +124,31 @@ def test_a_run_removes_temporaries_a_killed_run_left(tmp_path, data, tiny):
     assert not stale.exists() and alive.exists()
     assert f"removed 1 temporary file(s) left by an interrupted earlier run: {stale.name}" in \
         (out / "log.txt").read_text()
+
+
+def test_a_second_signal_during_a_checkpoint_write_leaves_no_temporary(tmp_path, data, tiny, monkeypatch, capsys):
+    """The first SIGINT asks for a stop, the second raises in the middle of writing a checkpoint:
+    the half-written temporary is removed, the previous checkpoint stands and the message says what
+    --resume will run."""
+    import signal
+
+    from sed_fast.base import files
+    from sed_fast.training import state
+
+    def interrupted(path, data, fsync=False):
+        def write(handle):
+            handle.write(data[: len(data) // 2])
+            if path.name == "model_0000001.pth":
+                os.kill(os.getpid(), signal.SIGINT)  # stop after this iteration
+                os.kill(os.getpid(), signal.SIGINT)  # stop now
+            handle.write(data[len(data) // 2:])
+        return files.atomic_write(path, write, fsync=fsync)
+
+    monkeypatch.setattr(state, "atomic_write_bytes", interrupted)
+    out = tmp_path / "out"
+    assert train_cli.main(_args(*data, out, "--max-iter", "3", "--save-every", "1")) == 130
+    message = capsys.readouterr().err
+    assert "model_0000000.pth, after 1 of 3 iterations" in message and "--resume to run iterations 2-3" in message
+    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000000.pth",
+                                                     "model_0000000.pth.state.pt"]
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000000.pth"
