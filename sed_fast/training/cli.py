@@ -10,7 +10,8 @@ as default (``configs/convnextB_768.yaml`` over ``configs/config.yaml``, ``train
 
 Exit codes: 0 trained; 1 training failed (unreadable image, non-finite loss...); 2 usage error
 (bad option, bad data, unusable resume state): nothing was trained; 128 + signal number: stopped
-by SIGINT/SIGTERM after saving a resumable state (rerun with --resume).
+by SIGINT/SIGTERM after saving a resumable state (rerun with --resume); a signal that comes after
+the final checkpoint was written exits 0 (the run finished).
 """
 from __future__ import annotations
 
