@@ -212,12 +212,13 @@ def resolve_init_from(given) -> Path:
 
 def continued_run(path: Path) -> str:
     """What ``--init-from`` continues, for the new run's settings and log: the file and its iterations."""
+    path = Path(path).resolve()
     try:
         iteration = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iteration")
     except Exception:  # noqa: BLE001 - the weights are read (and checked) later; this is a note
         iteration = None
     done = f", after {int(iteration) + 1} iterations of the run in {path.parent}" if isinstance(iteration, int) else ""
-    return f"{Path(path).resolve()}{done}"
+    return f"{path}{done}"
 
 
 def resume_advice(out_dir: Path, max_iter: int) -> str:
