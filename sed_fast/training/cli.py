@@ -287,8 +287,7 @@ def _apply_init_from(args) -> None:
     args.init_from_file = None
     if args.init_from is None:
         return
-    for flag, given in (("--checkpoint", args.checkpoint), ("--random-weights", args.random_weights),
-                        ("--resume", args.resume)):
+    for flag, given in (("--checkpoint", args.checkpoint), ("--random-weights", args.random_weights)):
         if given:
             raise UsageError(f"--init-from and {flag} exclude each other: --init-from starts a new run from the "
                              "weights it names")

@@ -2,6 +2,7 @@
 continuing a finished run (``--init-from``), and stale temporary files of a killed run."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -63,7 +64,23 @@ def test_keep_last_must_keep_one(tmp_path, data, tiny, capsys):
     assert "--keep-last must be >= 1" in capsys.readouterr().err
 
 
-def test_a_finished_run_continues_with_init_from(tmp_path, data, tiny, capsys):
+def _stop_after(monkeypatch, iterations):
+    """SIGINT to this process during iteration ``iterations`` (from 1): the run saves and stops after it."""
+    from sed_fast.training import loop
+
+    calls = []
+    real = loop._compute_losses
+
+    def counting(model, images, labels, ignore_value):
+        calls.append(1)
+        if len(calls) == iterations:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(model, images, labels, ignore_value)
+
+    monkeypatch.setattr(loop, "_compute_losses", counting)
+
+
+def test_a_finished_run_continues_with_init_from(tmp_path, data, tiny, monkeypatch, capsys):
     first = tmp_path / "first"
     assert train_cli.main(_args(*data, first, "--max-iter", "4", "--save-every", "0")) == 0
     final = _weights(first / "model_final.pth")
@@ -95,6 +112,18 @@ def test_a_finished_run_continues_with_init_from(tmp_path, data, tiny, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], final["model"][k]) for k in a)  # and it trained
     assert _weights(first / "model_final.pth")["iteration"] == 3  # the finished run is untouched
+
+    # An interrupted continuation resumes with the same command plus --resume, bit for bit.
+    stopped = tmp_path / "stopped"
+    args = _without_random(_args(*data, stopped, "--max-iter", "3", "--save-every", "0", "--init-from", str(first)))
+    _stop_after(monkeypatch, 2)
+    assert train_cli.main(args) == 128 + signal.SIGINT
+    assert "--resume to run iteration 3 (1 left)" in capsys.readouterr().err
+    monkeypatch.undo()
+    tiny_build(monkeypatch)
+    assert train_cli.main(args + ["--resume"]) == 0
+    c = _weights(stopped / "model_final.pth")["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_init_from_refuses_what_would_overwrite_or_mix(tmp_path, data, tiny, capsys):
@@ -130,8 +159,6 @@ def test_a_second_signal_during_a_checkpoint_write_leaves_no_temporary(tmp_path,
     """The first SIGINT asks for a stop, the second raises in the middle of writing a checkpoint:
     the half-written temporary is removed, the previous checkpoint stands and the message says what
     --resume will run."""
-    import signal
-
     from sed_fast.base import files
     from sed_fast.training import state
 
