@@ -1,17 +1,29 @@
 """Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
 
 A reader sees the complete new file or the previous one, never a half-written file; a symbolic
-link at the target is replaced itself, not written through; a failed write leaves no temporary file.
+link at the target is replaced itself, not written through; a failed or interrupted write (an
+exception, or a signal whose handler raises, as SIGINT's KeyboardInterrupt) leaves no temporary file.
 :func:`atomic_write_set` does the same for a group of files that belong together.
+
+Temporary files are named ``.<target name>.<pid>.<random>.tmp``: the owner's process id in the name
+lets :func:`remove_stale_temporaries` delete those of a process that no longer runs (killed with
+SIGKILL, or a power cut), which nothing else would ever remove.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import tempfile
 from pathlib import Path
-from typing import Callable, List, Mapping, Union
+from typing import Callable, Iterator, List, Mapping, Union
 
 PathLike = Union[str, os.PathLike]
+
+#: ``.<name>.<pid>.<random>.tmp``: what :func:`_make_temporary` creates (mkstemp's random part is 8 characters).
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp$")
+_DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _umask_mode() -> int:
@@ -20,13 +32,42 @@ def _umask_mode() -> int:
     return 0o666 & ~umask  # what open() would give: mkstemp makes files 0600
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back (they are delivered when the block ends) while a temporary
+    file is created or removed, so that a handler that raises cannot leave one without a name to
+    remove it by. Where the platform cannot block signals this does nothing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _make_temporary(folder: Path, target_name: str):
+    """(file descriptor, path) of a new temporary file for ``target_name`` in ``folder``."""
+    return tempfile.mkstemp(dir=folder, prefix=f".{target_name[:64]}.{os.getpid()}.", suffix=".tmp")
+
+
+def _remove_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_write(path: PathLike, write: Callable, binary: bool = True, fsync: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``
-    (with ``fsync``, flushed to disk first). On any error the temporary file is removed and
-    ``path`` is left as it was. Returns ``path``."""
+    (with ``fsync``, flushed to disk first). On any error, KeyboardInterrupt and SystemExit included,
+    the temporary file is removed and ``path`` is left as it was. Returns ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    tmp = None
     try:
+        with _signals_deferred():
+            fd, tmp = _make_temporary(path.parent, path.name)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             if fsync:
@@ -35,10 +76,9 @@ def atomic_write(path: PathLike, write: Callable, binary: bool = True, fsync: bo
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            with _signals_deferred():
+                _remove_quietly(tmp)
         raise
     return path
 
@@ -64,8 +104,9 @@ def atomic_write_set(folder: PathLike, files: Mapping[str, bytes], fsync: bool =
     try:
         for name, data in files.items():
             final = folder / name
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{final.name[:64]}.", suffix=".tmp")
-            staged.append((tmp, final))
+            with _signals_deferred():
+                fd, tmp = _make_temporary(folder, final.name)
+                staged.append((tmp, final))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 if fsync:
@@ -75,11 +116,9 @@ def atomic_write_set(folder: PathLike, files: Mapping[str, bytes], fsync: bool =
         for tmp, final in staged:
             os.replace(tmp, final)
     except BaseException:
-        for tmp, _ in staged:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        with _signals_deferred():
+            for tmp, _ in staged:
+                _remove_quietly(tmp)
         raise
     if fsync:
         _fsync_folder(folder)
@@ -98,3 +137,45 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is one of this module's temporary file names."""
+    return _TEMPORARY.match(name) is not None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid this module wrote: leave the file alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete the temporary files in ``folder`` (not its sub-folders) left by writers of this module
+    whose process no longer runs on this host (the pid in the name is not alive); the temporaries
+    of live processes, this one included, and every other file are left alone. Returns what was
+    deleted. Meant for a folder that one command owns while it runs (a training run's ``--out``,
+    held under its lock): a pid is only meaningful on the host that wrote it."""
+    removed: List[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match is None or int(match.group("pid")) == os.getpid():
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or _process_alive(int(match.group("pid"))):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed

@@ -12,7 +12,7 @@ Exit codes: 0 trained; 1 training failed (unreadable image, non-finite loss...);
 (bad option, bad data, unusable resume state, --resume with nothing to resume, a file of the
 user's in --out under an output's name): nothing was trained; 128 + signal number: stopped by
 SIGINT/SIGTERM/SIGHUP after saving a resumable state (rerun with --resume). A stop request that
-lands in the last iteration finishes the run: exit 0.
+lands in the last iteration, or after the final checkpoint was written, finishes the run: exit 0.
 """
 from __future__ import annotations
 
@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="SOLVER.CHECKPOINT_PERIOD: checkpoint every N iterations (5000; 0: only at the end)")
     run.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings)")
     run.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
+    run.add_argument("--keep-last", type=int, default=2, metavar="N",
+                     help="keep the N newest checkpoints this run wrote (model_final.pth counts), delete its older "
+                          "ones; only the newest keeps the resumable state (default 2)")
+    run.add_argument("--init-from", metavar="PATH",
+                     help="continue a finished run: a NEW run (new --out, new cosine schedule over --max-iter, fresh "
+                          "optimizer) starting from the weights of PATH, a checkpoint file or a run's --out folder "
+                          "(its model_final.pth); instead of --checkpoint")
     run.add_argument("--workers", type=int, default=None, metavar="W",
                      help="DATALOADER.NUM_WORKERS per process (default: up to 8, the CPUs shared by this "
                           "machine's processes; 0 loads in the main process)")
@@ -150,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sed-fast train`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    started = time.time()
     args, code = parse_command_line(build_parser(), argv)
     if args is None:
         return code
@@ -165,9 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error(str(error), args)
         return EXIT_USAGE
     except Stopped as stop:
-        where = f" in {stop.path}" if stop.path else ""
+        where = f" with {stop.path}" if stop.path else ""
         print(f"{_PROG}: {stop}; the resumable state is saved{where}: rerun the same command with --resume to "
-              "continue", file=sys.stderr)
+              f"run {stop.redo()}", file=sys.stderr)
         return 128 + int(stop.signum)
     except NonFiniteError as error:
         _error(f"{error}. {_last_good(args)}", args)
@@ -176,6 +184,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error(f"{error}. {_last_good(args)}", args)
         return EXIT_FAILED
     except KeyboardInterrupt as stop:
+        if _finished(args, started):
+            print(f"{_PROG}: interrupted after the run finished: model_final.pth is complete, nothing is left to "
+                  "resume", file=sys.stderr)
+            return EXIT_OK
         _error(f"interrupted. {_last_good(args)}", args)
         return getattr(stop, "exit_code", EXIT_SIGINT)
     except Exception as error:  # noqa: BLE001 - one line; --debug shows the traceback
@@ -186,12 +198,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _last_good(args) -> str:
-    from .state import last_checkpoint
+    from .state import resume_advice
 
-    path = last_checkpoint(Path(os.path.expanduser(args.out)))
-    if path is None or not path.exists():
-        return "No checkpoint was saved"
-    return f"The last good checkpoint is {path} (rerun with --resume to continue from it)"
+    return resume_advice(Path(os.path.expanduser(args.out)), args.max_iter)
+
+
+def _finished(args, since: float) -> bool:
+    from .state import finished_since
+
+    return finished_since(Path(os.path.expanduser(args.out)), since)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def _error(message: str, args) -> None:
@@ -205,9 +226,11 @@ def _check_options(args):
     import torch
 
     args.cer_topk = None
+    _apply_init_from(args)
     args_for_model = argparse.Namespace(**{**vars(args), "dtype": "float32"})
     spec, _, device = check_model_options(args_for_model)
-    for name, value, low in (("--max-iter", args.max_iter, 1), ("--ims-per-batch", args.ims_per_batch, 1),
+    for name, value, low in (("--max-iter", args.max_iter, 1), ("--keep-last", args.keep_last, 1),
+                             ("--ims-per-batch", args.ims_per_batch, 1),
                              ("--save-every", args.save_every, 0), ("--eval-every", args.eval_every, 0),
                              ("--workers", args.workers, 0), ("--limit", args.limit, 1),
                              ("--max-size-train", args.max_size_train, 1),
@@ -244,6 +267,27 @@ def _check_options(args):
     if autocast == "float16" and device_type != "cuda":
         raise UsageError("--dtype float16 trains with a gradient scaler on CUDA only; on CPU use bfloat16 or float32")
     return spec, device_type, autocast
+
+
+def _apply_init_from(args) -> None:
+    """--init-from: the weights of a finished run become this new run's --checkpoint."""
+    args.init_from_file = None
+    if args.init_from is None:
+        return
+    for flag, given in (("--checkpoint", args.checkpoint), ("--random-weights", args.random_weights)):
+        if given:
+            raise UsageError(f"--init-from and {flag} exclude each other: --init-from starts a new run from the "
+                             "weights it names")
+    from .state import StateError, resolve_init_from
+
+    try:
+        args.init_from_file = resolve_init_from(args.init_from)
+    except StateError as error:
+        raise UsageError(str(error)) from None
+    if args.init_from_file.resolve().parent == Path(os.path.expanduser(args.out)).resolve():
+        raise UsageError(f"--init-from {args.init_from} is inside --out {args.out}: the new run would overwrite the "
+                         "weights it continues from; give the new run another --out")
+    args.checkpoint = str(args.init_from_file)
 
 
 def _augment_config(args):
@@ -337,6 +381,10 @@ def _settings(args, dataset, eval_dataset, spec, device_type: str, world_size: i
                 "weight_decay_norm", "clip_multiplier", "clip_value"):
         value = getattr(args, key)
         settings[key] = list(value) if isinstance(value, (list, tuple)) else value
+    if getattr(args, "init_from_file", None) is not None:
+        from .state import continued_run
+
+        settings["init_from"] = continued_run(args.init_from_file)
     # Not the evaluation set nor its period: evaluating does not change the steps (a resumed run
     # may evaluate on another set, or stop evaluating).
     del eval_dataset
@@ -420,6 +468,7 @@ def _run(args) -> int:
             try:
                 lock = _hold_output(held, args, out_dir, spec)
                 decision = ("ok", _prepare_out(args, out_dir, settings, state_mod, loop_mod))
+                _remove_stale_temporaries(out_dir, io)
                 if lock.previous:  # after _prepare_out: a fresh run's log starts there
                     io.note(f"took over the lock of {out_dir} left by PID {lock.previous.get('pid')} on "
                             f"{lock.previous.get('host')}, which is no longer running")
@@ -430,6 +479,14 @@ def _run(args) -> int:
             raise UsageError(decision[1])
         resume_from = decision[1]  # None or the checkpoint path
         resumed = state_mod.load_training(out_dir) if resume_from is not None else None
+        if resumed is not None and resumed[2].get("finished"):
+            io.note(f"the run in {out_dir} finished ({int(resumed[2]['iteration']) + 1} iterations): nothing to "
+                    "resume. To train further from its weights, start a new run with --init-from "
+                    f"{resumed[0]} and another --out", always=True)
+            return EXIT_OK
+        if getattr(args, "init_from_file", None) is not None:
+            io.note(f"a new run continuing from {settings['init_from']}: fresh optimizer, cosine schedule from "
+                    f"--base-lr {args.base_lr:g} over {args.max_iter} iterations")
 
         if ctx.is_main:
             from ..base.files import atomic_write_text
@@ -511,7 +568,9 @@ def _run(args) -> int:
         config = loop_mod.LoopConfig(max_iter=args.max_iter, batch_per_rank=batch_per_rank,
                                      ignore_label=dataset.spec.ignore_label, clip_value=args.clip_value,
                                      save_every=args.save_every, eval_every=args.eval_every,
-                                     autocast_dtype=getattr(torch, autocast) if autocast else None, settings=settings)
+                                     autocast_dtype=getattr(torch, autocast) if autocast else None, settings=settings,
+                                     keep_last=args.keep_last, protected=_protected(args),
+                                     written=list(resumed[2].get("checkpoints", [])) if resumed is not None else [])
         flag = loop_mod.SignalFlag()
         flag.install()
         try:
@@ -530,6 +589,9 @@ def _run(args) -> int:
         finally:
             flag.restore()
         io.note(f"done: {args.max_iter} iterations; weights in {out_dir / 'model_final.pth'}")
+        if flag.received is not None:
+            print(f"{_PROG}: the run finished before {_signal_name(flag.received)} took effect: model_final.pth is "
+                  "complete, nothing is left to resume", file=sys.stderr)
         return EXIT_OK
     finally:
         try:
@@ -611,7 +673,7 @@ def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
             raise UsageError(f"--resume: {args.out} holds no saved training state to resume (no "
                              f"{state_mod.LAST_CHECKPOINT}); nothing was changed. Leave out --resume to start a run")
         resumed = state_mod.load_training(out_dir)
-        state_mod.check_settings(resumed[2]["settings"], settings, resumed[0])
+        state_mod.check_resumable(resumed[2], settings, resumed[0], out_dir)
         return resumed[0]
     if has_run and not args.overwrite:
         raise UsageError(f"{out_dir} holds a training run: pass --resume to continue it, --overwrite to start over, "
@@ -621,10 +683,13 @@ def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
         if name.endswith(state_mod.STATE_SUFFIX) or name in ("metrics.jsonl", "log.txt", "loss_curve.png",
                                                              "run.json", state_mod.LAST_CHECKPOINT):
             return has_run
-        return (out_dir / (name + state_mod.STATE_SUFFIX)).exists()  # a checkpoint with its training state
+        return name in recorded or (out_dir / (name + state_mod.STATE_SUFFIX)).exists()
 
-    def with_its_state(name: str) -> bool:  # a checkpoint a run wrote has its training state beside it
-        return not name.endswith(".pth") or (out_dir / (name + state_mod.STATE_SUFFIX)).exists()
+    recorded = {path.name for path in state_mod.written_outputs(out_dir)}  # the checkpoints the run kept
+
+    def with_its_state(name: str) -> bool:  # a checkpoint a run wrote: its state beside it, or recorded in it
+        return (not name.endswith(".pth") or name in recorded
+                or (out_dir / (name + state_mod.STATE_SUFFIX)).exists())
 
     claim = OutputClaim(out_dir, "train", TRAIN_OUTPUTS, legacy_owned=written_by_an_earlier_run,
                         confirm=with_its_state)
@@ -634,6 +699,21 @@ def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
         claim.remove_owned(keep=keep)
     claim.claim()
     return None
+
+
+def _protected(args) -> List[Path]:
+    """Files the run never deletes: the weights it starts from."""
+    return [Path(os.path.expanduser(args.checkpoint))] if args.checkpoint is not None else []
+
+
+def _remove_stale_temporaries(out_dir: Path, io) -> None:
+    """Rank 0, holding --out: delete temporary files that a killed earlier run left there."""
+    from ..base.files import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(out_dir)
+    if removed:
+        io.note(f"removed {len(removed)} temporary file(s) left by an interrupted earlier run: "
+                + ", ".join(p.name for p in removed))
 
 
 def _evaluator(args, model, eval_dataset, train_vocabulary: List[str], ctx, device, workers: int, io):

@@ -24,7 +24,7 @@ from ..evaluation.datasets import DatasetError
 from ..base.files import atomic_write_text
 from ..toolkit.signals import STOP_SIGNALS, SignalHandlers
 from .optim import set_lr, trainable_parameters
-from .state import rng_state, save_training, set_rng_state
+from .state import DEFAULT_KEEP_LAST, rng_state, save_training, set_rng_state
 
 __all__ = ["NonFiniteError", "Stopped", "LOSS_KEYS", "train", "RunIO"]
 
@@ -37,11 +37,20 @@ class NonFiniteError(RuntimeError):
 
 
 class Stopped(Exception):
-    """SIGINT/SIGTERM: the state was saved at ``done`` iterations."""
+    """SIGINT/SIGTERM before the end: the state was saved at ``done`` of ``max_iter`` iterations."""
 
-    def __init__(self, signum: int, done: int, path: Optional[Path]):
-        self.signum, self.done, self.path = signum, done, path
-        super().__init__(f"stopped by {signal.Signals(signum).name} after {done} iterations")
+    def __init__(self, signum: int, done: int, path: Optional[Path], max_iter: Optional[int] = None):
+        self.signum, self.done, self.path, self.max_iter = signum, done, path, max_iter
+        of = f" of {max_iter}" if max_iter is not None else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {done}{of} iterations")
+
+    def redo(self) -> str:
+        """What ``--resume`` will do: the iterations left, numbered from 1."""
+        if self.max_iter is None:
+            return "the iterations left"
+        left = self.max_iter - self.done
+        return (f"iteration{'s' if left > 1 else ''} {self.done + 1}"
+                f"{f'-{self.max_iter}' if left > 1 else ''} ({left} left)")
 
 
 def _compute_losses(model, images: torch.Tensor, labels: torch.Tensor, ignore_value: int) -> Dict[str, torch.Tensor]:
@@ -123,6 +132,9 @@ class LoopConfig:
     eval_every: int
     autocast_dtype: Optional[torch.dtype]
     settings: dict
+    keep_last: int = DEFAULT_KEEP_LAST  # checkpoints kept (the final counts); older ones this run wrote go
+    written: List[str] = field(default_factory=list)  # checkpoint names this run wrote before (a resumed run's)
+    protected: tuple = ()  # files never deleted (the weights the run started from)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -162,10 +174,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
     session_iters = 0
     last_progress = -math.inf
     last_saved: Optional[Path] = None
+    written = list(config.written)
     iteration_seconds = 0.0
 
     def save(reason: str) -> Optional[Path]:
-        nonlocal last_saved
+        nonlocal last_saved, written
         states = ctx.all_gather_objects(rng_state(device))
         if not ctx.is_main:
             return None
@@ -174,9 +187,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
                    "world_size": ctx.world_size,
                    "seconds": seconds_before + time.perf_counter() - session_start}
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        path = save_training(io.out_dir, weights, done, config.max_iter, payload)
+        path, written = save_training(io.out_dir, weights, done, config.max_iter, payload, written=written,
+                                      keep_last=config.keep_last, protected=config.protected)
         last_saved = path
-        io.note(f"saved {path.name} and its resumable state after {done} iterations ({reason})")
+        what = "" if done >= config.max_iter else " and its resumable state"
+        io.note(f"saved {path.name}{what} after {done} iterations ({reason}); kept {', '.join(written)}")
         io.plot_curve(force=True)
         return path
 
@@ -267,8 +282,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader_facto
                 done, ", ".join(f"{k} {v:.2f}" for k, v in figures.items() if isinstance(v, float))))
         io.metrics(record)
         io.plot_curve()
-        if stop:
-            raise Stopped(flag.received or signal.SIGTERM, done, last_saved)
+        if stop and done < config.max_iter:
+            raise Stopped(flag.received or signal.SIGTERM, done, last_saved, config.max_iter)
+        if stop:  # the signal came during the last iteration: its checkpoint is written, the run is done
+            io.note(f"{signal.Signals(flag.received or signal.SIGTERM).name} came during the last iteration, "
+                    "after which the final checkpoint was written: the run finished")
     io.plot_curve(force=True)
     return done
 

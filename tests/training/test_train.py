@@ -194,7 +194,8 @@ def test_non_finite_loss_stops_naming_the_iteration(tmp_path, data, tiny, monkey
     assert train_cli.main(_common(*data, out, "--max-iter", "3", "--ims-per-batch", "1", "--save-every", "1")) == 1
     message = capsys.readouterr().err
     assert "iteration 1: non-finite loss" in message and "loss_sem_seg_2=nan" in message
-    assert "model_0000000.pth" in message  # the last good checkpoint is named
+    assert "model_0000000.pth, after 1 of 3 iterations" in message  # the last good checkpoint is named
+    assert "--resume to run iterations 2-3" in message  # with what --resume would do
     assert not (out / "model_0000001.pth").exists() and not (out / "model_final.pth").exists()
     good = _weights(out / "model_0000000.pth")["model"]
     assert all(torch.isfinite(v).all() for v in good.values())
@@ -214,20 +215,67 @@ def test_loss_falls_and_outputs_are_written(yardstick):
     assert "iter 90/90" in (yardstick / "log.txt").read_text()
     assert (yardstick / "last_checkpoint").read_text().strip() == "model_final.pth"
     saved = _weights(yardstick / "model_final.pth")
-    assert set(saved) == {"model", "iteration"} and saved["iteration"] == 89
-    assert _weights(yardstick / "model_0000029.pth")["iteration"] == 29
+    assert set(saved) == {"model", "iteration"} and saved["iteration"] == 89  # weights only
+    assert _weights(yardstick / "model_0000059.pth")["iteration"] == 59
+    # --keep-last 2 (the default): the two newest checkpoints; one state, the final one, without optimizer.
+    assert sorted(p.name for p in yardstick.iterdir()) == ["last_checkpoint", "log.txt", "metrics.jsonl",
+                                                           "model_0000059.pth", "model_final.pth",
+                                                           "model_final.pth.state.pt"]
+    state = _weights(yardstick / "model_final.pth.state.pt")
+    assert state["finished"] and state["checkpoints"] == ["model_0000059.pth", "model_final.pth"]
+    assert not {"optimizer", "rng", "scaler"} & set(state)
 
 
-def test_resume_from_a_periodic_checkpoint_is_bit_for_bit(yardstick, tmp_path, data, tiny):
+def _stop_after(monkeypatch, iterations, signum=signal.SIGINT):
+    """Send this process ``signum`` during iteration ``iterations`` (counted from 1): the run saves and stops."""
+    from sed_fast.training import loop
+
+    calls = []
+    real = loop._compute_losses
+
+    def counting(model, images, labels, ignore_value):
+        calls.append(1)
+        if len(calls) == iterations:
+            os.kill(os.getpid(), signum)
+        return real(model, images, labels, ignore_value)
+
+    monkeypatch.setattr(loop, "_compute_losses", counting)
+    return monkeypatch
+
+
+def test_resume_from_a_periodic_checkpoint_is_bit_for_bit(yardstick, tmp_path, data, tiny, monkeypatch, capsys):
     out = tmp_path / "out"
-    shutil.copytree(yardstick, out)
-    for name in ("model_final.pth", "model_final.pth.state.pt", "model_0000059.pth", "model_0000059.pth.state.pt"):
-        (out / name).unlink()
-    (out / "last_checkpoint").write_text("model_0000029.pth\n")
-    assert train_cli.main(_common(*data, out, *RUN, "--resume")) == 0
+    _stop_after(monkeypatch, 45)
+    assert train_cli.main(_common(*data, out, *RUN, "--keep-last", "1")) == 128 + signal.SIGINT
+    message = capsys.readouterr().err
+    assert "stopped by SIGINT after 45 of 90 iterations" in message
+    assert "--resume to run iterations 46-90 (45 left)" in message
+    # --keep-last 1: the checkpoint of the stop and its state, nothing older.
+    assert sorted(p.name for p in out.glob("model_*")) == ["model_0000044.pth", "model_0000044.pth.state.pt"]
+    monkeypatch.undo()
+    tiny_build(monkeypatch)
+    assert train_cli.main(_common(*data, out, *RUN, "--keep-last", "1", "--resume")) == 0
     assert _same(_weights(yardstick / "model_final.pth")["model"], _weights(out / "model_final.pth")["model"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(90))  # the lines after the state are redone once
+    assert sorted(p.name for p in out.glob("model_*")) == ["model_final.pth", "model_final.pth.state.pt"]
+
+
+def test_a_signal_in_the_last_iteration_finishes_the_run(yardstick, tmp_path, data, tiny, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = _common(*data, out, "--max-iter", "3", "--ims-per-batch", "1", "--save-every", "0")
+    _stop_after(monkeypatch, 3)
+    assert train_cli.main(args) == 0
+    message = capsys.readouterr().err
+    assert "the run finished before SIGINT took effect: model_final.pth is complete" in message
+    assert "--resume" not in message
+    assert "SIGINT came during the last iteration, after which the final checkpoint was written" in \
+        (out / "log.txt").read_text()
+    assert _weights(out / "model_final.pth")["iteration"] == 2
+    monkeypatch.undo()
+    tiny_build(monkeypatch)
+    assert train_cli.main(args + ["--resume"]) == 0  # nothing to do, and it says so
+    assert "finished (3 iterations): nothing to resume" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_settings_naming_them(yardstick, tmp_path, data, tiny, capsys):
@@ -345,6 +393,9 @@ def test_real_model_checkpoint_is_official_and_loads_strictly(tmp_path, data, mo
     model = build_sed("b", impl="reference", checkpoint=out / "model_final.pth", device="cpu", clip_resolution=64)
     state = model.state_dict()
     assert all(torch.equal(state[k], saved["model"][k]) for k in saved["model"])
+    # A finished run keeps no optimizer state: the final state file is a few kB, not the size of the weights.
+    assert sorted(p.name for p in out.glob("model_*")) == ["model_final.pth", "model_final.pth.state.pt"]
+    assert (out / "model_final.pth.state.pt").stat().st_size < 100_000
 
     model.train()
     groups = param_groups(model, SolverConfig())
