@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sed_fast
-from sed_fast.data.checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_state_dict, save_checkpoint
+from sed_fast.data.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, read_state_dict,
+                                      save_checkpoint)
 
 # The released checkpoints' keys and shapes: the package's copy (the checkpoint code reads it to name
 # variants), pinned to the official fixture's sha256 so that a change to it fails here.

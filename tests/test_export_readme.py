@@ -17,7 +17,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _example():
     text = README.read_text(encoding="utf-8")
     section = text[text.index("One export, two vocabularies"):]
-    shell = re.search(r"Python in the export's folder:\n\n(?:<!--[^\n]*-->\n)?```bash\n(.*?)```", section, re.S).group(1)
+    shell = re.search(r"Python in the export's folder:\n\n(?:<!--[^\n]*-->\n)?```bash\n(.*?)```", section,
+                      re.S).group(1)
     python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     commands = " ".join(line.strip() for line in shell.splitlines()).replace(" \\ ", " ").split("sed-fast ")[1:]
     return [shlex.split(command) for command in commands], python

@@ -121,7 +121,6 @@ def export_text(module: ExportableText, fmt: str, out):
     from pathlib import Path
 
     from .core import export_onnx_program, export_pt2_program
-    from .runtime import CONTRACT_KEY
 
     with torch.no_grad():
         inputs = module.example_inputs()

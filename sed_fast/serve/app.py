@@ -385,7 +385,6 @@ def build_app(segmenter: Segmenter, *, title: str = "sed_fast: open-vocabulary s
     import gradio as gr
 
     from ..data.sample_scene import draw_sample_scene as draw_sample
-    from ..data.vocabulary import BUILTIN_VOCABULARIES
 
     examples_dir = Path(examples_dir or tempfile.mkdtemp(prefix="sed_fast_serve_examples_"))
     examples_dir.mkdir(parents=True, exist_ok=True)
