@@ -218,9 +218,10 @@ def test_loss_falls_and_outputs_are_written(yardstick):
     assert set(saved) == {"model", "iteration"} and saved["iteration"] == 89  # weights only
     assert _weights(yardstick / "model_0000059.pth")["iteration"] == 59
     # --keep-last 2 (the default): the two newest checkpoints; one state, the final one, without optimizer.
-    assert sorted(p.name for p in yardstick.iterdir()) == ["last_checkpoint", "log.txt", "metrics.jsonl",
-                                                           "model_0000059.pth", "model_final.pth",
-                                                           "model_final.pth.state.pt"]
+    # (.sed_fast_outputs.json: the --out ownership claim; run.json: the run record)
+    assert sorted(p.name for p in yardstick.iterdir()) == [".sed_fast_outputs.json", "last_checkpoint", "log.txt",
+                                                           "metrics.jsonl", "model_0000059.pth", "model_final.pth",
+                                                           "model_final.pth.state.pt", "run.json"]
     state = _weights(yardstick / "model_final.pth.state.pt")
     assert state["finished"] and state["checkpoints"] == ["model_0000059.pth", "model_final.pth"]
     assert not {"optimizer", "rng", "scaler"} & set(state)

@@ -14,6 +14,10 @@ from sed_fast.training import cli as train_cli
 import pytest
 
 
+# The --out ownership claim and the run record, written by every run (sed_fast.toolkit).
+KIT_FILES = (".sed_fast_outputs.json", "run.json")
+
+
 def _args(images, labels, out, *extra):
     return ["--images", str(images), "--labels", str(labels), "--vocab", ",".join(CLASSES), "--ignore", "255",
             "--random-weights", "--resolution", "64", "--crop-size", "32", "--min-size-train", "40",
@@ -43,18 +47,18 @@ def tiny(monkeypatch):
 def test_keep_last_deletes_only_the_runs_own_checkpoints(tmp_path, data, tiny):
     out = tmp_path / "out"
     out.mkdir()
-    user = {"model_0000100.pth": b"the user's checkpoint", "notes.txt": b"the user's notes",
+    user = {"sed_b_official.pth": b"the user's checkpoint", "notes.txt": b"the user's notes",
             "model_0000002.pth.bak": b"a look-alike"}
     for name, content in user.items():
         (out / name).write_bytes(content)
     assert train_cli.main(_args(*data, out, "--max-iter", "6", "--save-every", "1", "--keep-last", "3")) == 0
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name not in KIT_FILES)
     assert [n for n in names if n not in user] == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000003.pth",
                                                    "model_0000004.pth", "model_final.pth", "model_final.pth.state.pt"]
     assert all((out / n).read_bytes() == c for n, c in user.items())
     # Starting over removes what the earlier run recorded as its own, and only that.
     assert train_cli.main(_args(*data, out, "--max-iter", "2", "--save-every", "0", "--overwrite")) == 0
-    assert sorted(p.name for p in out.glob("model_*.pth*")) == ["model_0000002.pth.bak", "model_0000100.pth",
+    assert sorted(p.name for p in out.glob("model_*.pth*")) == ["model_0000002.pth.bak",
                                                                 "model_final.pth", "model_final.pth.state.pt"]
     assert all((out / n).read_bytes() == c for n, c in user.items())
 
@@ -176,6 +180,6 @@ def test_a_second_signal_during_a_checkpoint_write_leaves_no_temporary(tmp_path,
     assert train_cli.main(_args(*data, out, "--max-iter", "3", "--save-every", "1")) == 130
     message = capsys.readouterr().err
     assert "model_0000000.pth, after 1 of 3 iterations" in message and "--resume to run iterations 2-3" in message
-    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000000.pth",
+    assert sorted(p.name for p in out.iterdir() if p.name not in KIT_FILES) == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000000.pth",
                                                      "model_0000000.pth.state.pt"]
     assert (out / "last_checkpoint").read_text().strip() == "model_0000000.pth"

@@ -111,5 +111,5 @@ def test_a_signal_during_the_last_iteration_finishes_the_run_with_exit_0(tmp_pat
     code = train_cli.main(args)
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "after the last iteration" in err and "--resume" not in err
+    assert "finished" in err and "--resume" not in err
     assert (out / "model_final.pth").exists()
