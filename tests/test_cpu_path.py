@@ -54,7 +54,8 @@ def test_the_op_uses_pillow_on_cpu_in_the_installed_order(monkeypatch):
 def test_16_bit_on_a_cpu_without_its_instructions_is_warned_about(flags, dtype, warns, monkeypatch):
     import warnings
 
-    from sed_fast import api, cpu_features
+    from sed_fast import api
+    from sed_fast.base import cpu_features
 
     monkeypatch.setattr(cpu_features, "_all_flags", lambda: None if flags is None else frozenset(flags))
     with warnings.catch_warnings(record=True) as caught:
@@ -70,7 +71,8 @@ def test_build_sed_warns_about_an_emulated_dtype_on_cpu_only(monkeypatch):
     import warnings
 
     import sed_fast
-    from sed_fast import api, cpu_features
+    from sed_fast import api
+    from sed_fast.base import cpu_features
 
     monkeypatch.setattr(cpu_features, "_all_flags", lambda: frozenset({"avx2"}))
     with pytest.warns(api.SlowDtypeWarning, match="bfloat16 on this CPU is emulated"):
