@@ -180,6 +180,6 @@ def test_a_second_signal_during_a_checkpoint_write_leaves_no_temporary(tmp_path,
     assert train_cli.main(_args(*data, out, "--max-iter", "3", "--save-every", "1")) == 130
     message = capsys.readouterr().err
     assert "model_0000000.pth, after 1 of 3 iterations" in message and "--resume to run iterations 2-3" in message
-    assert sorted(p.name for p in out.iterdir() if p.name not in KIT_FILES) == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000000.pth",
-                                                     "model_0000000.pth.state.pt"]
+    names = sorted(p.name for p in out.iterdir() if p.name not in KIT_FILES)
+    assert names == ["last_checkpoint", "log.txt", "metrics.jsonl", "model_0000000.pth", "model_0000000.pth.state.pt"]
     assert (out / "last_checkpoint").read_text().strip() == "model_0000000.pth"
