@@ -90,7 +90,6 @@ def text_tokens(names, text_model):
     of its synonyms for a name "a, b" (S: the most synonyms of any name; the slots a name does
     not use repeat its first synonym and are ignored), tokenized by open_clip's tokenizer for the
     model's CLIP (the only thing this needs besides numpy: pip install open_clip_torch)."""
-    import numpy
     import open_clip
 
     contract = text_model.contract
@@ -100,8 +99,15 @@ def text_tokens(names, text_model):
     names = [str(name) for name in names]
     if not names or not all(name.strip() for name in names):
         raise ValueError("text_tokens needs at least one class name, none of them empty")
-    tokenizer = open_clip.get_tokenizer(contract["tokenizer"])
-    templates = contract["templates"]
+    return prompt_token_ids(names, open_clip.get_tokenizer(contract["tokenizer"]), contract["templates"])
+
+
+def prompt_token_ids(names, tokenizer, templates):
+    """(tokens int64 (T, S, P, L), synonyms int64 (T,)) numpy arrays: each name's (or synonym's)
+    prompts, the templates filled in, tokenized by ``tokenizer``; the one rule the export and this
+    loader share."""
+    import numpy
+
     split = [name.split(", ") if ", " in name else [name] for name in names]
     slots = max(len(synonyms) for synonyms in split)
     tokens = []

@@ -86,16 +86,12 @@ class ExportableText(nn.Module):
 
 
 def tokens_for(names: Sequence[str], tokenizer, templates: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (T, S, P, L) int64, synonyms (T,) int64) for class names: the same rule as
-    ``sed_exported.text_tokens`` (kept in step by a test)."""
-    split = [name.split(", ") if ", " in name else [name] for name in names]
-    slots = max(len(synonyms) for synonyms in split)
-    rows = []
-    for synonyms in split:
-        padded = synonyms + [synonyms[0]] * (slots - len(synonyms))
-        prompts = [template.format(synonym) for synonym in padded for template in templates]
-        rows.append(torch.as_tensor(tokenizer(prompts)).long().reshape(slots, len(templates), -1))
-    return torch.stack(rows), torch.tensor([len(synonyms) for synonyms in split], dtype=torch.long)
+    """(tokens (T, S, P, L) int64, synonyms (T,) int64) for class names: the standalone loader's rule
+    (``runtime.prompt_token_ids``, what ``sed_exported.text_tokens`` runs), as tensors."""
+    from .runtime import prompt_token_ids
+
+    tokens, synonyms = prompt_token_ids(names, tokenizer, templates)
+    return torch.from_numpy(tokens), torch.from_numpy(synonyms)
 
 
 def build_text_module(variant: str, checkpoint, device: str = "cpu"):
