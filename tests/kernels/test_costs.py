@@ -116,12 +116,19 @@ def test_backward_ops_formulas_are_registered_with_torch(name):
                    reason="the torch backend of a backward op differentiates with torch.func.vjp inside the op, "
                           "which fails under a TorchDispatchMode (ARCHITECTURE.md: private APIs)")
 def test_torch_backend_backward_under_a_dispatch_mode():
-    module = op_module("class_attention")
-    q, k, v, offsets, heads, eps = module.example_inputs()
-    leaf = torch.cat([q, k, v], -1).requires_grad_()
-    with FlopCounterMode(display=False):
-        out = sed_fast.kernels.class_attention(*leaf.split(q.shape[-1], -1), offsets, heads, eps)
-        out.sum().backward()
+    from sed_fast.kernels import dispatch
+
+    # The torch backend by name: "auto" picks Triton when a whole run sets TRITON_INTERPRET=1.
+    dispatch.set_backend("class_attention_backward", "torch")
+    try:
+        module = op_module("class_attention")
+        q, k, v, offsets, heads, eps = module.example_inputs()
+        leaf = torch.cat([q, k, v], -1).requires_grad_()
+        with FlopCounterMode(display=False):
+            out = sed_fast.kernels.class_attention(*leaf.split(q.shape[-1], -1), offsets, heads, eps)
+            out.sum().backward()
+    finally:
+        dispatch.set_backend("class_attention_backward", None)
 
 
 def test_bytes_are_the_inputs_read_and_outputs_written_once():
