@@ -34,7 +34,7 @@ import triton.language as tl
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
 from ._examples import normal
-from ._autograd import reference_vjp, zeros_where_missing
+from ._autograd import none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "class_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -491,18 +491,12 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", class_attention_backward_refer
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", class_attention_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, class_offsets, num_heads, eps = inputs
-    ctx.save_for_backward(q, k, v, class_offsets)
-    ctx.num_heads, ctx.eps = num_heads, eps
-
-
 def _backward(ctx, grad):
-    grads = _class_attention_backward_op(grad, *ctx.saved_tensors, ctx.num_heads, ctx.eps)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None)
+    grads = _class_attention_backward_op(grad, *ctx.saved_tensors, *ctx.constants)  # q, k, v
+    return (*none_where_not_needed(grads, ctx.needs_input_grad), None, None, None)
 
 
-_class_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_class_attention_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

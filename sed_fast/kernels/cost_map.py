@@ -32,7 +32,7 @@ from . import dispatch
 from .costs import Cost, matmul_flops, nbytes, register_op_cost
 from ._layout import pixel_strides
 from ._examples import normal
-from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
+from ._autograd import in_layout_of, none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "cost_map"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -509,20 +509,13 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", cost_map_backward_reference)
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", cost_map_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    img_feats, text, channels_last = inputs
-    ctx.save_for_backward(img_feats, text)
-    ctx.channels_last = channels_last
-
-
 def _backward(ctx, grad):
-    img_feats, text = ctx.saved_tensors
-    need_img, need_text = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_img, grad_text = _cost_map_backward_op(grad, img_feats, text, ctx.channels_last, need_img, need_text)
-    return (grad_img if need_img else None), (grad_text if need_text else None), None
+    need_img, need_text = ctx.needs_input_grad[:2]
+    grads = _cost_map_backward_op(grad, *ctx.saved_tensors, *ctx.constants, need_img, need_text)
+    return (*none_where_not_needed(grads, (need_img, need_text)), None)
 
 
-_cost_map_op.register_autograd(_backward, setup_context=_setup_context)
+_cost_map_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

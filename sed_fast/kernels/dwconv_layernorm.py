@@ -29,7 +29,7 @@ import triton.language as tl
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
 from ._examples import normal
-from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
+from ._autograd import in_layout_of, none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "dwconv_layernorm"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -456,17 +456,12 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", dwconv_layernorm_backward_refe
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", dwconv_layernorm_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.eps = inputs[5]
-
-
 def _backward(ctx, grad):
-    grads = _dwconv_layernorm_backward_op(grad, *ctx.saved_tensors, ctx.eps)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
+    grads = _dwconv_layernorm_backward_op(grad, *ctx.saved_tensors, *ctx.constants)
+    return (*none_where_not_needed(grads, ctx.needs_input_grad), None)
 
 
-_dwconv_layernorm_op.register_autograd(_backward, setup_context=_setup_context)
+_dwconv_layernorm_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

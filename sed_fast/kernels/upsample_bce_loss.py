@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
+from ._autograd import save_inputs
 
 OP_NAME = "upsample_bce_loss"
 BACKWARD_OP_NAME = "upsample_bce_loss_backward"
@@ -266,18 +267,11 @@ def _(grad, logits, labels, ignore_value):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_value = inputs
-    ctx.save_for_backward(logits, labels)
-    ctx.ignore_value = ignore_value
-
-
 def _backward(ctx, grad):
-    logits, labels = ctx.saved_tensors
-    return _upsample_bce_loss_backward_op(grad, logits, labels, ctx.ignore_value), None, None
+    return _upsample_bce_loss_backward_op(grad, *ctx.saved_tensors, *ctx.constants), None, None
 
 
-_upsample_bce_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_bce_loss_op.register_autograd(_backward, setup_context=save_inputs)
 
 dispatch.register_impl(OP_NAME, "torch", upsample_bce_loss_torch)
 dispatch.register_impl(OP_NAME, "triton", upsample_bce_loss_triton, not_supported_reasons=_triton_reasons)
