@@ -677,6 +677,18 @@ def read_rows(paths: Iterable[Union[str, os.PathLike]]) -> List[Dict[str, object
     return rows
 
 
+def print_header(columns: str, file=None) -> None:
+    """A table's column names and a rule under them."""
+    print(columns, file=file)
+    print("-" * len(columns), file=file)
+
+
+def verdict(valid: Optional[bool], ran: bool, unchecked: str = "?") -> str:
+    """A result row's last column: ok, WRONG (it ran and disagrees with its reference), ERR (it did
+    not run), or ``unchecked`` (nothing to compare with)."""
+    return {True: "ok", False: "WRONG" if ran else "ERR", None: unchecked}[valid]
+
+
 def fmt(value, digits: int = 2, none: str = "-") -> str:
     """A number for a table: fixed digits, thousands for big ones, ``none`` for None."""
     if value is None:
