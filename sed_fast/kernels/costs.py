@@ -46,7 +46,6 @@ class OpCost:
     """A registered cost model: ``of_call`` takes the op's arguments as the dispatcher passes them."""
     op: str
     of_call: Callable[..., Cost]
-    doc: str
 
 
 _REGISTRY: Dict[str, OpCost] = {}
@@ -61,7 +60,7 @@ def register_op_cost(op: str, of_call: Callable[..., Cost]) -> Callable[..., Cos
     """Register ``of_call(*op_args, **op_kwargs) -> Cost`` for ``op`` ("namespace::name") and its FLOPs
     with ``torch.utils.flop_counter`` (every overload). Registering the same op again replaces the
     entry here and leaves torch's formula (which calls the entry) as it was."""
-    _REGISTRY[op] = OpCost(op, of_call, (of_call.__doc__ or "").strip())
+    _REGISTRY[op] = OpCost(op, of_call)
     namespace, name = op.split("::")
     packet = getattr(getattr(torch.ops, namespace), name)
     if packet not in flop_registry:
