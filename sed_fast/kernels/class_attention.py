@@ -66,10 +66,10 @@ def _head_block(offsets_ptr, num_pixels, HEAD_DIM: tl.constexpr, BLOCK_P: tl.con
 
 @triton.jit
 def _phi(x, mask):
-    """phi(x) = elu(x) + 1, 0 where masked out, and its slope: 1 for x > 0, exp(x) otherwise."""
-    positive = x > 0
-    exp_x = tl.exp(tl.where(positive, 0.0, x))
-    return tl.where(mask, tl.where(positive, x + 1.0, exp_x), 0.0), tl.where(positive, 1.0, exp_x)
+    """phi(x) = elu(x) + 1, 0 where masked out, and exp(x): phi's slope where x <= 0 (it is 1 where
+    x > 0; taken where it is used, since made here it would hold registers through the sums)."""
+    exp_x = tl.exp(x)
+    return tl.where(mask, tl.where(x > 0, x + 1.0, exp_x), 0.0), exp_x
 
 
 @triton.jit
@@ -387,13 +387,13 @@ def _class_attention_backward_kernel(
         row64 = first + step
         q = tl.load(q_ptr + row64 * stride_qt + pix * stride_qp + col_i, mask=mask_i, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + row64 * stride_gt + pix * stride_gp + col_j, mask=mask_j, other=0.0).to(tl.float32)
-        phi, slope = _phi(q, mask_i)
+        phi, exp_q = _phi(q, mask_i)
         den = tl.sum(phi * ksum, axis=1, keep_dims=True) + eps           # (P, 1, 1)
         out = tl.sum(phi * kv, axis=1, keep_dims=True) / den              # (P, 1, d)
         dnum = g / den                                                    # (P, 1, d)
         dden = -tl.sum(g * out, axis=2, keep_dims=True) / den             # (P, 1, 1)
         dphi = tl.sum(kv * dnum, axis=2, keep_dims=True) + ksum * dden    # (P, d, 1)
-        dq = dphi * slope
+        dq = dphi * tl.where(q > 0, 1.0, exp_q)
         tl.store(dq_ptr + row64 * stride_ot + pix * stride_op + col_i, dq.to(dq_ptr.dtype.element_ty), mask=mask_i)
         dkv += phi * dnum
         dksum += phi * dden
@@ -403,9 +403,9 @@ def _class_attention_backward_kernel(
         row64 = first + step
         k = tl.load(k_ptr + row64 * stride_kt + pix * stride_kp + col_i, mask=mask_i, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + row64 * stride_vt + pix * stride_vp + col_j, mask=mask_j, other=0.0).to(tl.float32)
-        phi, slope = _phi(k, mask_i)
+        phi, exp_k = _phi(k, mask_i)
         dphi = tl.sum(dkv * v, axis=2, keep_dims=True) + dksum            # (P, d, 1)
-        dk = dphi * slope
+        dk = dphi * tl.where(k > 0, 1.0, exp_k)
         dv = tl.sum(dkv * phi, axis=1, keep_dims=True)                    # (P, 1, d)
         tl.store(dk_ptr + row64 * stride_ot + pix * stride_op + col_i, dk.to(dk_ptr.dtype.element_ty), mask=mask_i)
         tl.store(dv_ptr + row64 * stride_ot + pix * stride_op + col_j, dv.to(dv_ptr.dtype.element_ty), mask=mask_j)
