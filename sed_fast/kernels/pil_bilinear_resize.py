@@ -39,7 +39,8 @@ Pillow's algorithm (``src/libImaging/Resample.c``, ``ImagingResampleInner``, Pil
 The coefficient tables are computed on the host in float64 exactly as above (cached per size pair,
 uploaded once per device). The two passes are one Triton kernel, the axis a compile-time constant:
 integer arithmetic in int32 as in Pillow, one 2D tile of one channel per program, input strides as
-arguments (a permuted HWC image is read in place). The premultiplication of C = 2, 4 is shared torch code around the passes.
+arguments (a permuted HWC image is read in place). The premultiplication of C = 2, 4 is shared
+torch code around the passes.
 """
 from __future__ import annotations
 
