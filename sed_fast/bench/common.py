@@ -347,13 +347,18 @@ def time_wall(fn: Callable[[], object], device: Union[str, torch.device] = "cpu"
     fn()
     synchronize(device)
     count = _rep_count((time.perf_counter() - begin) * 1e3, reps, min_reps, max_reps, target_s)
+    return summarize(wall_times_ms(fn, device, count))
+
+
+def wall_times_ms(fn: Callable[[], object], device: Union[str, torch.device], count: int) -> List[float]:
+    """``count`` calls, each timed by ``time.perf_counter`` up to the device's synchronisation, in ms."""
     times = []
     for _ in range(count):
         begin = time.perf_counter()
         fn()
         synchronize(device)
         times.append((time.perf_counter() - begin) * 1e3)
-    return summarize(times)
+    return times
 
 
 def time_do_bench(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25,
@@ -675,6 +680,18 @@ def read_rows(paths: Iterable[Union[str, os.PathLike]]) -> List[Dict[str, object
                     row.setdefault("_source", file.name)
                     rows.append(row)
     return rows
+
+
+def print_header(columns: str, file=None) -> None:
+    """A table's column names and a rule under them."""
+    print(columns, file=file)
+    print("-" * len(columns), file=file)
+
+
+def verdict(valid: Optional[bool], ran: bool, unchecked: str = "?") -> str:
+    """A result row's last column: ok, WRONG (it ran and disagrees with its reference), ERR (it did
+    not run), or ``unchecked`` (nothing to compare with)."""
+    return {True: "ok", False: "WRONG" if ran else "ERR", None: unchecked}[valid]
 
 
 def fmt(value, digits: int = 2, none: str = "-") -> str:

@@ -537,9 +537,8 @@ def print_row(row: Dict[str, object], header: bool = False, file=None) -> None:
     columns = (f"{'variant':<7} {'impl':<24} {'dtype':<9} {'vocab':<7} {'T':>4} {'B':>2} {'setting':<7} "
                f"{'median ms':>10} {'enc':>7} {'dec':>8} {'mem MB':>8} {'kept':>6} {'max diff':>9}  ok")
     if header:
-        print(columns, file=file)
-        print("-" * len(columns), file=file)
-    ok = {True: "ok", False: "WRONG" if row.get("unchecked_median_ms") else "ERR", None: "unchecked"}[row.get("valid")]
+        common.print_header(columns, file)
+    ok = common.verdict(row.get("valid"), bool(row.get("unchecked_median_ms")), unchecked="unchecked")
     line = (f"SED-{str(row['variant']).upper():<3} {row['impl']:<24} {row['dtype']:<9} {row['vocab']:<7} "
             f"{row['T']:>4} {row['batch']:>2} {row['setting']:<7} {common.fmt(row.get('median_ms'), 2):>10} "
             f"{common.fmt(row.get('encoder_ms'), 1):>7} {common.fmt(row.get('decoder_ms'), 1):>8} "

@@ -417,13 +417,12 @@ def _error_text(error: BaseException) -> str:
 def print_rows(rows: Sequence[Dict[str, object]], file=None) -> None:
     header = (f"{'op':<18} {'shape':<34} {'dtype':<9} {'impl':<17} {'median ms':>10} {'GB/s':>8} {'TFLOP/s':>8} "
               f"{'%peak':>6} {'speedup':>8} {'max diff':>9}  ok")
-    print(header, file=file)
-    print("-" * len(header), file=file)
+    common.print_header(header, file)
     for r in rows:
         fractions = [f for f in (r.get("frac_peak_bw"), r.get("frac_peak_flops")) if f is not None]
         peak = f"{100 * max(fractions):.0f}%" if fractions else "-"
         impl = str(r.get("impl")) + (f"->{r['backend']}" if r.get("impl") == "sed_fast" and r.get("backend") else "")
-        ok = {True: "ok", False: "WRONG" if r.get("median_ms") else "ERR", None: "?"}[r.get("valid")]
+        ok = common.verdict(r.get("valid"), bool(r.get("median_ms")))
         line = (f"{r['op']:<18} {r['shape'][:34]:<34} {r['dtype']:<9} {impl[:17]:<17} "
                 f"{common.fmt(r.get('median_ms'), 3):>10} {common.fmt(r.get('gb_per_s'), 1):>8} "
                 f"{common.fmt(r.get('tflop_per_s'), 2):>8} {peak:>6} "

@@ -170,8 +170,7 @@ def print_breakdown(rows: Sequence[Dict[str, object]], total_ms: float, title: s
     print(title, file=file)
     header = (f"{'stage':<30} {'ms':>9} {'share':>7} {'GFLOP':>9} {'MB moved':>10} {'TFLOP/s':>8} {'GB/s':>8} "
               f"{'FLOP/B':>7} {'%peak':>10}")
-    print(header, file=file)
-    print("-" * len(header), file=file)
+    common.print_header(header, file)
     for r in rows:
         fraction = r.get("frac_peak_flops")
         peak = "-" if fraction is None else (f"{100 * fraction:.0f}%" + ("!" if fraction > 1 else "")

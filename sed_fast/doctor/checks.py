@@ -175,21 +175,13 @@ def references() -> Dict[str, Callable]:
     return {op: getattr(kernels, f"{op}_reference") for op in (case.op for case in CASES)}
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], object], device: torch.device, reps: int) -> Tuple[object, Optional[float]]:
     """(output of the first call, median ms of ``reps`` further calls; None when reps is 0)."""
+    from ..bench import common
+
     out = fn()  # compiles a Triton kernel on its first call
-    _synchronize(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    common.synchronize(device)
+    times = common.wall_times_ms(fn, device, reps)
     return out, (statistics.median(times) if times else None)
 
 

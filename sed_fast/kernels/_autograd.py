@@ -53,6 +53,13 @@ def zeros_where_missing(grads: Sequence[Optional[torch.Tensor]], inputs: Sequenc
     return out
 
 
+def save_inputs(ctx, inputs, output) -> None:
+    """The ``setup_context`` of an op whose backward op recomputes from its inputs: the tensor
+    inputs saved for backward, the others (flags, sizes, eps) kept in order as ``ctx.constants``."""
+    ctx.save_for_backward(*(x for x in inputs if isinstance(x, torch.Tensor)))
+    ctx.constants = tuple(x for x in inputs if not isinstance(x, torch.Tensor))
+
+
 def none_where_not_needed(grads: Sequence[torch.Tensor], needs: Sequence[bool]) -> List[Optional[torch.Tensor]]:
     return [grad if need else None for grad, need in zip(grads, needs)]
 

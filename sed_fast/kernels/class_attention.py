@@ -34,7 +34,7 @@ import triton.language as tl
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
 from ._examples import normal
-from ._autograd import reference_vjp, zeros_where_missing
+from ._autograd import none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "class_attention"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,20 +43,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["num_pixels", "stride_qt", "stride_kt", "stride_vt", "stride_ot"])
-def _class_attention_kernel(
-    q_ptr, k_ptr, v_ptr, offsets_ptr, out_ptr,
-    num_pixels, eps,
-    stride_qt, stride_qp, stride_kt, stride_kp, stride_vt, stride_vp, stride_ot, stride_op,
-    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+@triton.jit
+def _head_block(offsets_ptr, num_pixels, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's pixels, head and image in the (pixel, i, j) layout (see the module docstring):
+    (first, length) of the image's class rows, the pixel index (P, 1, 1), the head's channels as
+    i (1, d, 1) and as j (1, 1, d), and their masks."""
     pid_p = tl.program_id(0)
     head = tl.program_id(1)
     image = tl.program_id(2)
     first = tl.load(offsets_ptr + image).to(tl.int64)
     length = tl.load(offsets_ptr + image + 1) - tl.load(offsets_ptr + image)
-
-    # One 3D layout (pixel, i, j) for everything, loaded straight into it (see the module docstring).
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     pix = offs_p[:, None, None]
@@ -65,27 +61,55 @@ def _class_attention_kernel(
     pix_ok = pix < num_pixels
     mask_i = pix_ok & (offs_d[None, :, None] < HEAD_DIM)
     mask_j = pix_ok & (offs_d[None, None, :] < HEAD_DIM)
-    k_tile = k_ptr + pix * stride_kp + col_i
-    q_tile = q_ptr + pix * stride_qp + col_i
-    v_tile = v_ptr + pix * stride_vp + col_j
-    out_tile = out_ptr + pix * stride_op + col_j
+    return first, length, pix, col_i, col_j, mask_i, mask_j
 
-    # Pass 1: KV = sum_s phi(k_s) (x) v_s and ksum = sum_s phi(k_s), per pixel, in fp32.
+
+@triton.jit
+def _phi(x, mask):
+    """phi(x) = elu(x) + 1, 0 where masked out, and exp(x): phi's slope where x <= 0 (it is 1 where
+    x > 0; taken where it is used, since made here it would hold registers through the sums)."""
+    exp_x = tl.exp(x)
+    return tl.where(mask, tl.where(x > 0, x + 1.0, exp_x), 0.0), exp_x
+
+
+@triton.jit
+def _key_value_sums(k_tile, v_tile, stride_kt, stride_vt, first, length, mask_i, mask_j,
+                    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """KV = sum_s phi(k_s) (x) v_s (P, d, d) and ksum = sum_s phi(k_s) (P, d, 1) over the image's
+    class rows, in fp32; k_tile and v_tile point at row 0 of the block's k (P, d, 1) and v (P, 1, d)."""
     kv = tl.zeros((BLOCK_P, BLOCK_D, BLOCK_D), dtype=tl.float32)
     ksum = tl.zeros((BLOCK_P, BLOCK_D, 1), dtype=tl.float32)
     for step in range(0, length):
         row64 = first + step
         k = tl.load(k_tile + row64 * stride_kt, mask=mask_i, other=0.0).to(tl.float32)  # (P, d, 1)
         v = tl.load(v_tile + row64 * stride_vt, mask=mask_j, other=0.0).to(tl.float32)  # (P, 1, d)
-        k = tl.where(mask_i, tl.where(k > 0, k + 1.0, tl.exp(k)), 0.0)  # elu(k) + 1, 0 in padding
-        ksum += k
-        kv += k * v
+        phi, _ = _phi(k, mask_i)
+        ksum += phi
+        kv += phi * v
+    return kv, ksum
+
+
+@triton.jit(do_not_specialize=["num_pixels", "stride_qt", "stride_kt", "stride_vt", "stride_ot"])
+def _class_attention_kernel(
+    q_ptr, k_ptr, v_ptr, offsets_ptr, out_ptr,
+    num_pixels, eps,
+    stride_qt, stride_qp, stride_kt, stride_kp, stride_vt, stride_vp, stride_ot, stride_op,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    first, length, pix, col_i, col_j, mask_i, mask_j = _head_block(offsets_ptr, num_pixels,
+                                                                   HEAD_DIM, BLOCK_P, BLOCK_D)
+    q_tile = q_ptr + pix * stride_qp + col_i
+    out_tile = out_ptr + pix * stride_op + col_j
+
+    # Pass 1: KV = sum_s phi(k_s) (x) v_s and ksum = sum_s phi(k_s), per pixel, in fp32.
+    kv, ksum = _key_value_sums(k_ptr + pix * stride_kp + col_i, v_ptr + pix * stride_vp + col_j,
+                               stride_kt, stride_vt, first, length, mask_i, mask_j, BLOCK_P, BLOCK_D)
 
     # Pass 2: out_t = (phi(q_t) @ KV) / (phi(q_t) . ksum + eps).
     for step in range(0, length):
         row64 = first + step
         q = tl.load(q_tile + row64 * stride_qt, mask=mask_i, other=0.0).to(tl.float32)  # (P, d, 1)
-        q = tl.where(mask_i, tl.where(q > 0, q + 1.0, tl.exp(q)), 0.0)
+        q, _ = _phi(q, mask_i)
         numerator = tl.sum(q * kv, axis=1, keep_dims=True)                # (P, 1, d)
         denominator = tl.sum(q * ksum, axis=1, keep_dims=True) + eps      # (P, 1, 1)
         out = numerator / denominator
@@ -349,31 +373,12 @@ def _class_attention_backward_kernel(
     KV and ksum (the forward's first pass, recomputed); per class the q gradient, accumulating
     dKV and dksum; per class the k and v gradients. All state in fp32, in the forward's (pixel, i, j)
     layout: k, q and their gradients as (P, d, 1), v, the upstream gradient and dv as (P, 1, d)."""
-    pid_p = tl.program_id(0)
-    head = tl.program_id(1)
-    image = tl.program_id(2)
-    first = tl.load(offsets_ptr + image).to(tl.int64)
-    length = tl.load(offsets_ptr + image + 1) - tl.load(offsets_ptr + image)
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    pix = offs_p[:, None, None]
-    col_i = head * HEAD_DIM + offs_d[None, :, None]   # (1, d, 1)
-    col_j = head * HEAD_DIM + offs_d[None, None, :]   # (1, 1, d)
-    pix_ok = pix < num_pixels
-    mask_i = pix_ok & (offs_d[None, :, None] < HEAD_DIM)
-    mask_j = pix_ok & (offs_d[None, None, :] < HEAD_DIM)
+    first, length, pix, col_i, col_j, mask_i, mask_j = _head_block(offsets_ptr, num_pixels,
+                                                                   HEAD_DIM, BLOCK_P, BLOCK_D)
 
     # Pass 1: KV and ksum.
-    kv = tl.zeros((BLOCK_P, BLOCK_D, BLOCK_D), dtype=tl.float32)
-    ksum = tl.zeros((BLOCK_P, BLOCK_D, 1), dtype=tl.float32)
-    for step in range(0, length):
-        row64 = first + step
-        k = tl.load(k_ptr + row64 * stride_kt + pix * stride_kp + col_i, mask=mask_i, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row64 * stride_vt + pix * stride_vp + col_j, mask=mask_j, other=0.0).to(tl.float32)
-        k = tl.where(mask_i, tl.where(k > 0, k + 1.0, tl.exp(k)), 0.0)
-        ksum += k
-        kv += k * v
+    kv, ksum = _key_value_sums(k_ptr + pix * stride_kp + col_i, v_ptr + pix * stride_vp + col_j,
+                               stride_kt, stride_vt, first, length, mask_i, mask_j, BLOCK_P, BLOCK_D)
 
     # Pass 2: grad q_t; dKV = sum_t phi(q_t) (x) dnum_t, dksum = sum_t phi(q_t) dden_t.
     dkv = tl.zeros((BLOCK_P, BLOCK_D, BLOCK_D), dtype=tl.float32)
@@ -382,15 +387,13 @@ def _class_attention_backward_kernel(
         row64 = first + step
         q = tl.load(q_ptr + row64 * stride_qt + pix * stride_qp + col_i, mask=mask_i, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + row64 * stride_gt + pix * stride_gp + col_j, mask=mask_j, other=0.0).to(tl.float32)
-        positive = q > 0
-        exp_q = tl.exp(tl.where(positive, 0.0, q))
-        phi = tl.where(mask_i, tl.where(positive, q + 1.0, exp_q), 0.0)
+        phi, exp_q = _phi(q, mask_i)
         den = tl.sum(phi * ksum, axis=1, keep_dims=True) + eps           # (P, 1, 1)
         out = tl.sum(phi * kv, axis=1, keep_dims=True) / den              # (P, 1, d)
         dnum = g / den                                                    # (P, 1, d)
         dden = -tl.sum(g * out, axis=2, keep_dims=True) / den             # (P, 1, 1)
         dphi = tl.sum(kv * dnum, axis=2, keep_dims=True) + ksum * dden    # (P, d, 1)
-        dq = dphi * tl.where(positive, 1.0, exp_q)
+        dq = dphi * tl.where(q > 0, 1.0, exp_q)
         tl.store(dq_ptr + row64 * stride_ot + pix * stride_op + col_i, dq.to(dq_ptr.dtype.element_ty), mask=mask_i)
         dkv += phi * dnum
         dksum += phi * dden
@@ -400,11 +403,9 @@ def _class_attention_backward_kernel(
         row64 = first + step
         k = tl.load(k_ptr + row64 * stride_kt + pix * stride_kp + col_i, mask=mask_i, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + row64 * stride_vt + pix * stride_vp + col_j, mask=mask_j, other=0.0).to(tl.float32)
-        positive = k > 0
-        exp_k = tl.exp(tl.where(positive, 0.0, k))
-        phi = tl.where(mask_i, tl.where(positive, k + 1.0, exp_k), 0.0)
+        phi, exp_k = _phi(k, mask_i)
         dphi = tl.sum(dkv * v, axis=2, keep_dims=True) + dksum            # (P, d, 1)
-        dk = dphi * tl.where(positive, 1.0, exp_k)
+        dk = dphi * tl.where(k > 0, 1.0, exp_k)
         dv = tl.sum(dkv * phi, axis=1, keep_dims=True)                    # (P, 1, d)
         tl.store(dk_ptr + row64 * stride_ot + pix * stride_op + col_i, dk.to(dk_ptr.dtype.element_ty), mask=mask_i)
         tl.store(dv_ptr + row64 * stride_ot + pix * stride_op + col_j, dv.to(dv_ptr.dtype.element_ty), mask=mask_j)
@@ -490,18 +491,12 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", class_attention_backward_refer
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", class_attention_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, class_offsets, num_heads, eps = inputs
-    ctx.save_for_backward(q, k, v, class_offsets)
-    ctx.num_heads, ctx.eps = num_heads, eps
-
-
 def _backward(ctx, grad):
-    grads = _class_attention_backward_op(grad, *ctx.saved_tensors, ctx.num_heads, ctx.eps)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])), None, None, None)
+    grads = _class_attention_backward_op(grad, *ctx.saved_tensors, *ctx.constants)  # q, k, v
+    return (*none_where_not_needed(grads, ctx.needs_input_grad), None, None, None)
 
 
-_class_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_class_attention_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from . import dispatch
 from .costs import Cost, matmul_flops, nbytes, register_op_cost
 from ._layout import pixel_strides
 from ._examples import normal
-from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
+from ._autograd import in_layout_of, none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "cost_map"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,6 +42,23 @@ NORM_EPS = 1e-12  # F.normalize's default
 # ---------------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _block(axis: tl.constexpr, BLOCK: tl.constexpr, size):
+    """This program's block along grid axis ``axis``: its offsets and their mask (< size)."""
+    offs = tl.program_id(axis) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < size
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b, in fp32 with UPCAST_DOT (the interpreter multiplies bfloat16 tiles as raw uint16 bits)."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["num_classes"])
 def _cost_map_kernel(
     img_ptr, text_ptr, out_ptr,
@@ -53,14 +70,9 @@ def _cost_map_kernel(
 ):
     # Grid: (pixel blocks, class-prompt row blocks, images); pixel blocks vary fastest so that the
     # programs sharing one text tile run together and hit it in L2.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    offs_m, mask_m = _block(0, BLOCK_M, num_pixels)  # pixels y*w + x
+    offs_n, mask_n = _block(1, BLOCK_N, num_classes * num_prompts)  # text rows t*P + p
     image = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # pixels y*w + x
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # text rows t*P + p
-    mask_m = offs_m < num_pixels
-    mask_n = offs_n < num_classes * num_prompts
 
     img_base = img_ptr + image.to(tl.int64) * stride_img_b
     text_rows = text_ptr + offs_n.to(tl.int64) * dim
@@ -79,10 +91,7 @@ def _cost_map_kernel(
         b32 = b.to(tl.float32)
         img_sq += tl.sum(a32 * a32, axis=1)
         text_sq += tl.sum(b32 * b32, axis=0)
-        if UPCAST_DOT:  # the interpreter multiplies bfloat16 tiles as raw uint16 bits
-            acc = tl.dot(a32, b32, acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = _dot(a, b, acc, INPUT_PRECISION, UPCAST_DOT)
 
     inv_img = 1.0 / tl.maximum(tl.sqrt(img_sq), 1e-12)
     inv_text = 1.0 / tl.maximum(tl.sqrt(text_sq), 1e-12)
@@ -279,13 +288,9 @@ def _grad_image_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """G_a[b, pix, d] = sum_{t,p} g[b*T + t, p, pix] * text[t, p, d] / |text[t, p]|."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    offs_m, mask_m = _block(0, BLOCK_M, num_pixels)  # pixels
+    offs_n, mask_n = _block(1, BLOCK_N, dim)  # feature channels
     image = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # pixels
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # feature channels
-    mask_m = offs_m < num_pixels
-    mask_n = offs_n < dim
     rows = num_classes * num_prompts
     grad_image = grad_ptr + image.to(tl.int64) * num_classes * stride_g_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -301,10 +306,7 @@ def _grad_image_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (K, N)
         inv = tl.load(inv_text_ptr + offs_k, mask=mask_k, other=0.0)
         unit = u.to(tl.float32) * inv[:, None]
-        if UPCAST_DOT:  # the interpreter multiplies bfloat16 tiles as raw uint16 bits
-            acc = tl.dot(g.to(tl.float32), unit.to(u.dtype).to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(g, unit.to(u.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = _dot(g, unit.to(u.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
     out = out_ptr + (image.to(tl.int64) * num_pixels + offs_m[:, None]) * dim + offs_n[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
 
@@ -319,12 +321,8 @@ def _grad_text_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """G_u[t*P + p, d] = sum_{b,pix} g[b*T + t, p, pix] * img[b, d, pix] / |img[b, :, pix]|."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # text rows t*P + p
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # feature channels
-    mask_m = offs_m < num_classes * num_prompts
-    mask_n = offs_n < dim
+    offs_m, mask_m = _block(0, BLOCK_M, num_classes * num_prompts)  # text rows t*P + p
+    offs_n, mask_n = _block(1, BLOCK_N, dim)  # feature channels
     cls = offs_m // num_prompts
     prompt = offs_m - cls * num_prompts
     row_offsets = cls.to(tl.int64) * stride_g_row + prompt * stride_g_p
@@ -342,12 +340,19 @@ def _grad_text_kernel(
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (K, N)
             inv = tl.load(inv_img_ptr + image * num_pixels + offs_k, mask=mask_k, other=0.0)
             unit = a.to(tl.float32) * inv[:, None]
-            if UPCAST_DOT:
-                acc = tl.dot(g.to(tl.float32), unit.to(a.dtype).to(tl.float32), acc, input_precision=INPUT_PRECISION)
-            else:
-                acc = tl.dot(g, unit.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = _dot(g, unit.to(a.dtype), acc, INPUT_PRECISION, UPCAST_DOT)
     out = out_ptr + offs_m[:, None].to(tl.int64) * dim + offs_n[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _vector_chunk(x_ptr, g_ptr, base, g_base, mask_r, d0, dim, stride_d, BLOCK_D: tl.constexpr):
+    """Features d0 .. d0 + BLOCK_D of the block's vectors: (their offsets, mask, x in fp32, G)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask = mask_r[:, None] & (offs_d < dim)[None, :]
+    x = tl.load(x_ptr + base[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + g_base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    return offs_d, mask, x, g
 
 
 @triton.jit
@@ -359,8 +364,7 @@ def _normalize_backward_kernel(
 ):
     """Vector r = (r // inner, r % inner) of x (strided, length dim) with its fp32 upstream gradient
     G[r, :] (contiguous): grad x = G / |x| - x (G . x) / |x|^3, or G / eps where |x| <= eps."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < num_vectors
+    offs_r, mask_r = _block(0, BLOCK_R, num_vectors)
     outer_index = offs_r // inner
     inner_index = (offs_r - outer_index * inner).to(tl.int64)
     base = outer_index.to(tl.int64) * stride_outer + inner_index * stride_inner
@@ -369,20 +373,14 @@ def _normalize_backward_kernel(
     sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_r[:, None] & (offs_d < dim)[None, :]
-        x = tl.load(x_ptr + base[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + g_base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        offs_d, mask, x, g = _vector_chunk(x_ptr, g_ptr, base, g_base, mask_r, d0, dim, stride_d, BLOCK_D)
         sq += tl.sum(x * x, axis=1)
         dot += tl.sum(x * g, axis=1)
     norm = tl.sqrt(sq)
     inv = 1.0 / tl.maximum(norm, eps)
     coef = tl.where(norm > eps, dot * inv * inv * inv, 0.0)
     for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_r[:, None] & (offs_d < dim)[None, :]
-        x = tl.load(x_ptr + base[:, None] + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + g_base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        offs_d, mask, x, g = _vector_chunk(x_ptr, g_ptr, base, g_base, mask_r, d0, dim, stride_d, BLOCK_D)
         result = g * inv[:, None] - x * coef[:, None]
         tl.store(out_ptr + out_base[:, None] + offs_d[None, :] * stride_out_d, result.to(out_ptr.dtype.element_ty),
                  mask=mask)
@@ -511,20 +509,13 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", cost_map_backward_reference)
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", cost_map_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    img_feats, text, channels_last = inputs
-    ctx.save_for_backward(img_feats, text)
-    ctx.channels_last = channels_last
-
-
 def _backward(ctx, grad):
-    img_feats, text = ctx.saved_tensors
-    need_img, need_text = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_img, grad_text = _cost_map_backward_op(grad, img_feats, text, ctx.channels_last, need_img, need_text)
-    return (grad_img if need_img else None), (grad_text if need_text else None), None
+    need_img, need_text = ctx.needs_input_grad[:2]
+    grads = _cost_map_backward_op(grad, *ctx.saved_tensors, *ctx.constants, need_img, need_text)
+    return (*none_where_not_needed(grads, (need_img, need_text)), None)
 
 
-_cost_map_op.register_autograd(_backward, setup_context=_setup_context)
+_cost_map_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ The profiler's interface (``sed_fast.kernels.costs``):
 * ``cost_of_call(op, *args, **kwargs) -> Cost(flops, bytes)`` for ``op`` a registered name such as
   ``"sed_fast::cost_map"``, ``"sed_fast::cost_map_backward"`` or ``"mkldnn::_linear_pointwise"``
   (the name in the op's schema, ``func._schema.name`` in a dispatch mode); ``None`` if unknown;
-* ``registered_ops()`` the names; ``op_cost(op)`` the :class:`OpCost` entry;
+* ``registered_ops()`` the names;
 * ``REFERENCE_DIFFERENCES`` and ``reference_difference(stage)``: where the fast model's count
   differs from the reference's by design, per stage, with the reason (printable data).
 """
@@ -46,7 +46,6 @@ class OpCost:
     """A registered cost model: ``of_call`` takes the op's arguments as the dispatcher passes them."""
     op: str
     of_call: Callable[..., Cost]
-    doc: str
 
 
 _REGISTRY: Dict[str, OpCost] = {}
@@ -61,7 +60,7 @@ def register_op_cost(op: str, of_call: Callable[..., Cost]) -> Callable[..., Cos
     """Register ``of_call(*op_args, **op_kwargs) -> Cost`` for ``op`` ("namespace::name") and its FLOPs
     with ``torch.utils.flop_counter`` (every overload). Registering the same op again replaces the
     entry here and leaves torch's formula (which calls the entry) as it was."""
-    _REGISTRY[op] = OpCost(op, of_call, (of_call.__doc__ or "").strip())
+    _REGISTRY[op] = OpCost(op, of_call)
     namespace, name = op.split("::")
     packet = getattr(getattr(torch.ops, namespace), name)
     if packet not in flop_registry:
@@ -69,10 +68,6 @@ def register_op_cost(op: str, of_call: Callable[..., Cost]) -> Callable[..., Cos
             return _REGISTRY[op].of_call(*args, **kwargs).flops
         register_flop_formula(packet, get_raw=True)(flops_formula)
     return of_call
-
-
-def op_cost(op: str) -> Optional[OpCost]:
-    return _REGISTRY.get(op)
 
 
 def cost_of_call(op: str, *args, **kwargs) -> Optional[Cost]:

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
 from ._examples import normal
-from ._autograd import in_layout_of, reference_vjp, zeros_where_missing
+from ._autograd import in_layout_of, none_where_not_needed, reference_vjp, save_inputs, zeros_where_missing
 
 OP_NAME = "dwconv_layernorm"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,14 +39,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton kernel
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _dwconv_layernorm_kernel(
-    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, out_ptr,
-    channels, height, width,
-    stride_n, stride_c, stride_h, stride_w,
-    tiles_w, tiles_per_image, eps,
-    KSIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One BLOCK_H x BLOCK_W tile of pixels of one image, all channels."""
+def _pixel_tile(tiles_w, tiles_per_image, height, width, channels,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_H x BLOCK_W tile of pixels of one image, all channels: (image, y, x,
+    pix_ok, c, c_ok), y and x flattened to BLOCK_H * BLOCK_W pixels."""
     pid = tl.program_id(0)
     image = pid // tiles_per_image
     tile = pid % tiles_per_image
@@ -55,11 +51,17 @@ def _dwconv_layernorm_kernel(
     x = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
     pix_ok = (y < height) & (x < width)
     c = tl.arange(0, BLOCK_C)
-    c_ok = c < channels
+    return image, y, x, pix_ok, c, c < channels
 
+
+@triton.jit
+def _dwconv_tile(x_ptr, w_ptr, b_ptr, image, y, x, pix_ok, c, c_ok, height, width,
+                 stride_n, stride_c, stride_h, stride_w,
+                 KSIZE: tl.constexpr, BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise conv plus its bias at the tile's pixels, (pixels, channels) in fp32."""
     x_image = x_ptr + image.to(tl.int64) * stride_n
     channel_offsets = c[None, :] * stride_c
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_PIX, BLOCK_C), dtype=tl.float32)
     # One loop over the K*K taps, not two static ranges: unrolled, the 81 tile loads need more
     # registers than sm_90 has (21-27 KB of spills per thread in 16-bit); as a loop, 72-94
     # registers and no spills (sed-fast compile-report).
@@ -73,13 +75,32 @@ def _dwconv_layernorm_kernel(
                        mask=ok[:, None] & c_ok[None, :], other=0.0)
         tap = tl.load(w_ptr + c * (KSIZE * KSIZE) + tap_index, mask=c_ok, other=0.0)
         acc += vals.to(tl.float32) * tap.to(tl.float32)[None, :]
-    acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return acc + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
 
-    # LayerNorm over the channels of each pixel (biased variance, like torch).
+
+@triton.jit
+def _layernorm_statistics(acc, c_ok, channels, eps):
+    """(acc - mean, 1 / std) over the channels of each pixel (biased variance, like torch); the
+    centred values are 0 in the padded channels."""
     mean = tl.sum(acc, axis=1) / channels  # padded channels hold exact zeros
     centered = tl.where(c_ok[None, :], acc - mean[:, None], 0.0)
-    var = tl.sum(centered * centered, axis=1) / channels
-    rstd = 1.0 / tl.sqrt(var + eps)
+    return centered, 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / channels + eps)
+
+
+@triton.jit
+def _dwconv_layernorm_kernel(
+    x_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, out_ptr,
+    channels, height, width,
+    stride_n, stride_c, stride_h, stride_w,
+    tiles_w, tiles_per_image, eps,
+    KSIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One BLOCK_H x BLOCK_W tile of pixels of one image, all channels."""
+    image, y, x, pix_ok, c, c_ok = _pixel_tile(tiles_w, tiles_per_image, height, width, channels,
+                                               BLOCK_H, BLOCK_W, BLOCK_C)
+    acc = _dwconv_tile(x_ptr, w_ptr, b_ptr, image, y, x, pix_ok, c, c_ok, height, width,
+                       stride_n, stride_c, stride_h, stride_w, KSIZE, BLOCK_H * BLOCK_W, BLOCK_C)
+    centered, rstd = _layernorm_statistics(acc, c_ok, channels, eps)
     ln_w = tl.load(ln_w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     ln_b = tl.load(ln_b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     result = centered * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
@@ -250,35 +271,14 @@ def _layernorm_backward_kernel(
     tiles_w, tiles_per_image, eps,
     KSIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    image = pid // tiles_per_image
-    tile = pid % tiles_per_image
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
-    x = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-    pix_ok = (y < height) & (x < width)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < channels
+    image, y, x, pix_ok, c, c_ok = _pixel_tile(tiles_w, tiles_per_image, height, width, channels,
+                                               BLOCK_H, BLOCK_W, BLOCK_C)
     mask = pix_ok[:, None] & c_ok[None, :]
 
-    # The forward's conv and statistics (see dwconv_layernorm.py).
-    x_image = x_ptr + image.to(tl.int64) * stride_n
-    channel_offsets = c[None, :] * stride_c
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
-    for tap_index in range(KSIZE * KSIZE):
-        ky = tap_index // KSIZE
-        kx = tap_index - ky * KSIZE
-        in_y = y + (ky - KSIZE // 2)
-        in_x = x + (kx - KSIZE // 2)
-        ok = pix_ok & (in_y >= 0) & (in_y < height) & (in_x >= 0) & (in_x < width)
-        vals = tl.load(x_image + (in_y * stride_h + in_x * stride_w)[:, None] + channel_offsets,
-                       mask=ok[:, None] & c_ok[None, :], other=0.0)
-        tap = tl.load(w_ptr + c * (KSIZE * KSIZE) + tap_index, mask=c_ok, other=0.0)
-        acc += vals.to(tl.float32) * tap.to(tl.float32)[None, :]
-    acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    mean = tl.sum(acc, axis=1) / channels
-    centered = tl.where(c_ok[None, :], acc - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / channels + eps)
+    # The forward's conv and statistics, recomputed.
+    acc = _dwconv_tile(x_ptr, w_ptr, b_ptr, image, y, x, pix_ok, c, c_ok, height, width,
+                       stride_n, stride_c, stride_h, stride_w, KSIZE, BLOCK_H * BLOCK_W, BLOCK_C)
+    centered, rstd = _layernorm_statistics(acc, c_ok, channels, eps)
     xhat = centered * rstd[:, None]
 
     g = tl.load(g_ptr + image.to(tl.int64) * stride_gn + (y * stride_gh + x * stride_gw)[:, None]
@@ -291,7 +291,7 @@ def _layernorm_backward_kernel(
 
     rows = (image.to(tl.int64) * height + y) * width + x
     tl.store(dy_ptr + rows[:, None] * channels + c[None, :], dy, mask=mask)
-    partial = partial_ptr + pid.to(tl.int64) * 3 * channels + c
+    partial = partial_ptr + tl.program_id(0).to(tl.int64) * 3 * channels + c
     tl.store(partial, tl.sum(g * xhat, axis=0), mask=c_ok)             # ln_weight
     tl.store(partial + channels, tl.sum(g, axis=0), mask=c_ok)         # ln_bias
     tl.store(partial + 2 * channels, tl.sum(dy, axis=0), mask=c_ok)    # dw_bias
@@ -306,15 +306,8 @@ def _conv_backward_input_kernel(
     KSIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad x[pix] = sum_tap dy[pix - tap offset] * w[tap]: the forward's loop over taps, mirrored."""
-    pid = tl.program_id(0)
-    image = pid // tiles_per_image
-    tile = pid % tiles_per_image
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
-    x = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-    pix_ok = (y < height) & (x < width)
-    c = tl.arange(0, BLOCK_C)
-    c_ok = c < channels
+    image, y, x, pix_ok, c, c_ok = _pixel_tile(tiles_w, tiles_per_image, height, width, channels,
+                                               BLOCK_H, BLOCK_W, BLOCK_C)
     dy_image = dy_ptr + image.to(tl.int64) * height * width * channels
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
     for tap_index in range(KSIZE * KSIZE):
@@ -463,17 +456,12 @@ dispatch.register_impl(BACKWARD_OP_NAME, "torch", dwconv_layernorm_backward_refe
 dispatch.register_impl(BACKWARD_OP_NAME, "triton", dwconv_layernorm_backward_triton)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.eps = inputs[5]
-
-
 def _backward(ctx, grad):
-    grads = _dwconv_layernorm_backward_op(grad, *ctx.saved_tensors, ctx.eps)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
+    grads = _dwconv_layernorm_backward_op(grad, *ctx.saved_tensors, *ctx.constants)
+    return (*none_where_not_needed(grads, ctx.needs_input_grad), None)
 
 
-_dwconv_layernorm_op.register_autograd(_backward, setup_context=_setup_context)
+_dwconv_layernorm_op.register_autograd(_backward, setup_context=save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ Pillow's algorithm (``src/libImaging/Resample.c``, ``ImagingResampleInner``, Pil
   where a is 0 or 255). Alpha itself is resized like any channel.
 
 The coefficient tables are computed on the host in float64 exactly as above (cached per size pair,
-uploaded once per device). The two passes are Triton kernels: integer arithmetic in int32 as in
-Pillow, one 2D tile of one channel per program, input strides as arguments (a permuted HWC image
-is read in place). The premultiplication of C = 2, 4 is shared torch code around the passes.
+uploaded once per device). The two passes are one Triton kernel, the axis a compile-time constant:
+integer arithmetic in int32 as in Pillow, one 2D tile of one channel per program, input strides as
+arguments (a permuted HWC image is read in place). The premultiplication of C = 2, 4 is shared
+torch code around the passes.
 """
 from __future__ import annotations
 
@@ -134,93 +135,61 @@ def _has_alpha(channels: int) -> bool:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _horizontal_pass_kernel(
+def _resample_pass_kernel(
     in_ptr, out_ptr, lo_ptr, coef_ptr,
-    rows, in_width, out_width, taps,
+    out_height, out_width, in_size, taps,
     stride_c, stride_h, stride_w,
     tiles_w, tiles_per_channel,
-    BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
+    HORIZONTAL: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
-    """One BLOCK_R x BLOCK_X tile of one channel of out (C, rows, out_width) contiguous from in (C, rows, in_width):
-    out[c, r, x] = clip8((2^21 + sum_j in[c, r, lo[x] + j] * coef[x, j]) >> 22)."""
-    pid = tl.program_id(0)
-    channel = pid // tiles_per_channel
-    tile = pid % tiles_per_channel
-    r = (tile // tiles_w) * BLOCK_R + tl.arange(0, BLOCK_R)
-    x = (tile % tiles_w) * BLOCK_X + tl.arange(0, BLOCK_X)
-    r_ok = r < rows
-    x_ok = x < out_width
-    lo = tl.load(lo_ptr + x, mask=x_ok, other=0)
-    row_start = in_ptr + channel.to(tl.int64) * stride_c + r.to(tl.int64)[:, None] * stride_h
-    acc = tl.full((BLOCK_R, BLOCK_X), 1 << 21, tl.int32)  # Pillow's ss = 1 << (PRECISION_BITS - 1)
-    for j in range(taps):
-        weight = tl.load(coef_ptr + x * taps + j, mask=x_ok, other=0)
-        source = tl.minimum(lo + j, in_width - 1)  # past an output's own count the weight is 0
-        pixels = tl.load(row_start + (source * stride_w)[None, :], mask=r_ok[:, None] & x_ok[None, :], other=0)
-        acc += pixels.to(tl.int32) * weight[None, :]
-    value = tl.minimum(tl.maximum(acc >> 22, 0), 255)  # clip8(ss) = clip(ss >> PRECISION_BITS)
-    offsets = (channel.to(tl.int64) * rows + r[:, None]) * out_width + x[None, :]
-    tl.store(out_ptr + offsets, value.to(tl.uint8), mask=r_ok[:, None] & x_ok[None, :])
-
-
-@triton.jit
-def _vertical_pass_kernel(
-    in_ptr, out_ptr, lo_ptr, coef_ptr,
-    in_rows, out_height, width, taps,
-    stride_c, stride_h, stride_w,
-    tiles_w, tiles_per_channel,
-    BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
-):
-    """One BLOCK_Y x BLOCK_X tile of one channel of out (C, out_height, width) contiguous:
-    out[c, y, x] = clip8((2^21 + sum_j in[c, lo[y] + j, x] * coef[y, j]) >> 22)."""
+    """One BLOCK_Y x BLOCK_X tile of one channel of out (C, out_height, out_width) contiguous, one of
+    Pillow's passes over in (C, rows, cols); ``in_size`` is the length of the axis it resamples:
+    along W (HORIZONTAL) out[c, y, x] = clip8((2^21 + sum_j in[c, y, lo[x] + j] * coef[x, j]) >> 22),
+    along H out[c, y, x] = clip8((2^21 + sum_j in[c, lo[y] + j, x] * coef[y, j]) >> 22)."""
     pid = tl.program_id(0)
     channel = pid // tiles_per_channel
     tile = pid % tiles_per_channel
     y = (tile // tiles_w) * BLOCK_Y + tl.arange(0, BLOCK_Y)
     x = (tile % tiles_w) * BLOCK_X + tl.arange(0, BLOCK_X)
     y_ok = y < out_height
-    x_ok = x < width
+    x_ok = x < out_width
     ok = y_ok[:, None] & x_ok[None, :]
-    lo = tl.load(lo_ptr + y, mask=y_ok, other=0)
-    channel_start = in_ptr + channel.to(tl.int64) * stride_c
-    column_offsets = (x.to(tl.int64) * stride_w)[None, :]
-    acc = tl.full((BLOCK_Y, BLOCK_X), 1 << 21, tl.int32)
+    if HORIZONTAL:
+        out_index, out_index_ok = x, x_ok
+        fixed_offsets = (y.to(tl.int64) * stride_h)[:, None]  # the rows, read as they are
+    else:
+        out_index, out_index_ok = y, y_ok
+        fixed_offsets = (x.to(tl.int64) * stride_w)[None, :]  # the columns, read as they are
+    lo = tl.load(lo_ptr + out_index, mask=out_index_ok, other=0)
+    channel_start = in_ptr + channel.to(tl.int64) * stride_c + fixed_offsets
+    acc = tl.full((BLOCK_Y, BLOCK_X), 1 << 21, tl.int32)  # Pillow's ss = 1 << (PRECISION_BITS - 1)
     for j in range(taps):
-        weight = tl.load(coef_ptr + y * taps + j, mask=y_ok, other=0)
-        source = tl.minimum(lo + j, in_rows - 1)
-        pixels = tl.load(channel_start + (source.to(tl.int64) * stride_h)[:, None] + column_offsets, mask=ok, other=0)
-        acc += pixels.to(tl.int32) * weight[:, None]
-    value = tl.minimum(tl.maximum(acc >> 22, 0), 255)
-    offsets = (channel.to(tl.int64) * out_height + y[:, None]) * width + x[None, :]
+        weight = tl.load(coef_ptr + out_index * taps + j, mask=out_index_ok, other=0)
+        source = tl.minimum(lo + j, in_size - 1)  # past an output's own count the weight is 0
+        if HORIZONTAL:
+            pixels = tl.load(channel_start + (source * stride_w)[None, :], mask=ok, other=0)
+            acc += pixels.to(tl.int32) * weight[None, :]
+        else:
+            pixels = tl.load(channel_start + (source.to(tl.int64) * stride_h)[:, None], mask=ok, other=0)
+            acc += pixels.to(tl.int32) * weight[:, None]
+    value = tl.minimum(tl.maximum(acc >> 22, 0), 255)  # clip8(ss) = clip(ss >> PRECISION_BITS)
+    offsets = (channel.to(tl.int64) * out_height + y[:, None]) * out_width + x[None, :]
     tl.store(out_ptr + offsets, value.to(tl.uint8), mask=ok)
 
 
-def _horizontal_pass_triton(image: torch.Tensor, out: torch.Tensor, lo: torch.Tensor, coef: torch.Tensor) -> None:
-    """out (C, H, new_w) <- image (C, H, W) resampled along W."""
-    channels, rows, out_width = out.shape
+def _resample_pass_triton(image: torch.Tensor, out: torch.Tensor, lo: torch.Tensor, coef: torch.Tensor,
+                          horizontal: bool) -> None:
+    """out (C, rows, cols) <- image (C, H, W) resampled along W (``horizontal``) or along H; lo and
+    coef index that axis of image."""
+    channels, out_height, out_width = out.shape
     tiles_w = triton.cdiv(out_width, BLOCK_COLS)
-    tiles_per_channel = triton.cdiv(rows, BLOCK_ROWS) * tiles_w
-    _horizontal_pass_kernel[(channels * tiles_per_channel,)](
-        image, out, lo, coef,
-        rows, image.shape[2], out_width, coef.shape[1],
-        image.stride(0), image.stride(1), image.stride(2),
-        tiles_w, tiles_per_channel,
-        BLOCK_R=BLOCK_ROWS, BLOCK_X=BLOCK_COLS, num_warps=4,
-        **dispatch.TRITON_LAUNCH_OPTIONS,
-    )
-
-
-def _vertical_pass_triton(image: torch.Tensor, out: torch.Tensor, lo: torch.Tensor, coef: torch.Tensor) -> None:
-    """out (C, new_h, W) <- image (C, rows, W) resampled along the rows (lo indexes image's rows)."""
-    channels, out_height, width = out.shape
-    tiles_w = triton.cdiv(width, BLOCK_COLS)
     tiles_per_channel = triton.cdiv(out_height, BLOCK_ROWS) * tiles_w
-    _vertical_pass_kernel[(channels * tiles_per_channel,)](
+    _resample_pass_kernel[(channels * tiles_per_channel,)](
         image, out, lo, coef,
-        image.shape[1], out_height, width, coef.shape[1],
+        out_height, out_width, image.shape[2 if horizontal else 1], coef.shape[1],
         image.stride(0), image.stride(1), image.stride(2),
         tiles_w, tiles_per_channel,
-        BLOCK_Y=BLOCK_ROWS, BLOCK_X=BLOCK_COLS, num_warps=4,
+        HORIZONTAL=horizontal, BLOCK_Y=BLOCK_ROWS, BLOCK_X=BLOCK_COLS, num_warps=4,
         **dispatch.TRITON_LAUNCH_OPTIONS,
     )
 
@@ -279,10 +248,9 @@ def pil_bilinear_resize_triton(image: torch.Tensor, new_h: int, new_w: int, hori
             # The last pass writes ``out`` unless the alpha division still has to follow.
             target = out if last and not alpha else torch.empty((channels, rows, cols), dtype=torch.uint8,
                                                                 device=image.device)
-            if which == "h":
-                _horizontal_pass_triton(source, target, *_coefficients_on(width, new_w, image.device))
-            else:
-                _vertical_pass_triton(source, target, *_coefficients_on(height, new_h, image.device))
+            coefficients = (_coefficients_on(width, new_w, image.device) if which == "h"
+                            else _coefficients_on(height, new_h, image.device))
+            _resample_pass_triton(source, target, *coefficients, horizontal=which == "h")
             source = target
     if alpha:
         unpremultiply_alpha(source, out=out)

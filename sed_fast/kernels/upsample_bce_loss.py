@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import dispatch
 from .costs import Cost, nbytes, register_op_cost
+from ._autograd import save_inputs
 
 OP_NAME = "upsample_bce_loss"
 BACKWARD_OP_NAME = "upsample_bce_loss_backward"
@@ -51,37 +52,55 @@ def _source(dst, scale, size_in):
     return i0, i1, src - i0.to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["num_classes", "ignore_value"])
-def _forward_kernel(logits_ptr, labels_ptr, partial_ptr,
-                    num_classes, in_h, in_w, out_h, out_w, scale_h, scale_w, ignore_value,
-                    stride_b, stride_t, stride_y, stride_x, stride_lb, stride_ly, stride_lx,
-                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+@triton.jit
+def _output_pixels(labels_ptr, in_h, in_w, out_h, out_w, scale_h, scale_w, stride_lb, stride_ly, stride_lx,
+                   BLOCK: tl.constexpr):
+    """This program's BLOCK output pixels of its image: (image, mask, label, y0, y1, ly, x0, x1, lx),
+    the source rows and columns with the weights of y1 and x1."""
     image = tl.program_id(1)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < out_h * out_w
     y = offs // out_w
     x = offs % out_w
     y0, y1, ly = _source(y, scale_h, in_h)
     x0, x1, lx = _source(x, scale_w, in_w)
     label = tl.load(labels_ptr + image.to(tl.int64) * stride_lb + y * stride_ly + x * stride_lx, mask=mask, other=0)
+    return image, mask, label, y0, y1, ly, x0, x1, lx
+
+
+@triton.jit
+def _corners(y0, y1, x0, x1, stride_y, stride_x):
+    """Offsets of the four source pixels (y0, x0), (y0, x1), (y1, x0), (y1, x1)."""
+    return (y0 * stride_y + x0 * stride_x, y0 * stride_y + x1 * stride_x,
+            y1 * stride_y + x0 * stride_x, y1 * stride_y + x1 * stride_x)
+
+
+@triton.jit
+def _bilinear(plane, a00, a01, a10, a11, ly, lx, mask):
+    """u, the upsampled logit of one class at the pixels, in fp32, from its four source logits."""
+    v00 = tl.load(plane + a00, mask=mask, other=0.0).to(tl.float32)
+    v01 = tl.load(plane + a01, mask=mask, other=0.0).to(tl.float32)
+    v10 = tl.load(plane + a10, mask=mask, other=0.0).to(tl.float32)
+    v11 = tl.load(plane + a11, mask=mask, other=0.0).to(tl.float32)
+    return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+
+
+@triton.jit(do_not_specialize=["num_classes", "ignore_value"])
+def _forward_kernel(logits_ptr, labels_ptr, partial_ptr,
+                    num_classes, in_h, in_w, out_h, out_w, scale_h, scale_w, ignore_value,
+                    stride_b, stride_t, stride_y, stride_x, stride_lb, stride_ly, stride_lx,
+                    BLOCK: tl.constexpr):
+    image, mask, label, y0, y1, ly, x0, x1, lx = _output_pixels(
+        labels_ptr, in_h, in_w, out_h, out_w, scale_h, scale_w, stride_lb, stride_ly, stride_lx, BLOCK)
     base = logits_ptr + image.to(tl.int64) * stride_b
-    a00 = y0 * stride_y + x0 * stride_x
-    a01 = y0 * stride_y + x1 * stride_x
-    a10 = y1 * stride_y + x0 * stride_x
-    a11 = y1 * stride_y + x1 * stride_x
+    a00, a01, a10, a11 = _corners(y0, y1, x0, x1, stride_y, stride_x)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for t in range(0, num_classes):
-        plane = base + t * stride_t
-        v00 = tl.load(plane + a00, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(plane + a01, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(plane + a10, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(plane + a11, mask=mask, other=0.0).to(tl.float32)
-        u = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        u = _bilinear(base + t * stride_t, a00, a01, a10, a11, ly, lx, mask)
         softplus = tl.maximum(u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))
         positive = (label == t) & (label != ignore_value)
         acc += tl.where(mask, softplus - tl.where(positive, u, 0.0), 0.0)
-    tl.store(partial_ptr + image * tl.num_programs(0) + pid, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + image * tl.num_programs(0) + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit(do_not_specialize=["num_classes", "ignore_value"])
@@ -89,38 +108,20 @@ def _backward_kernel(logits_ptr, labels_ptr, grad_ptr, scale_ptr,
                      num_classes, in_h, in_w, out_h, out_w, scale_h, scale_w, ignore_value,
                      stride_b, stride_t, stride_y, stride_x, stride_lb, stride_ly, stride_lx,
                      BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    image = tl.program_id(1)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < out_h * out_w
-    y = offs // out_w
-    x = offs % out_w
-    y0, y1, ly = _source(y, scale_h, in_h)
-    x0, x1, lx = _source(x, scale_w, in_w)
-    label = tl.load(labels_ptr + image.to(tl.int64) * stride_lb + y * stride_ly + x * stride_lx, mask=mask, other=0)
+    image, mask, label, y0, y1, ly, x0, x1, lx = _output_pixels(
+        labels_ptr, in_h, in_w, out_h, out_w, scale_h, scale_w, stride_lb, stride_ly, stride_lx, BLOCK)
     g = tl.load(scale_ptr)  # d loss / d sum: grad_output / N
     base = logits_ptr + image.to(tl.int64) * stride_b
-    a00 = y0 * stride_y + x0 * stride_x
-    a01 = y0 * stride_y + x1 * stride_x
-    a10 = y1 * stride_y + x0 * stride_x
-    a11 = y1 * stride_y + x1 * stride_x
+    a00, a01, a10, a11 = _corners(y0, y1, x0, x1, stride_y, stride_x)
     # grad is a contiguous float32 (B, T, h, w)
     gbase = grad_ptr + image.to(tl.int64) * num_classes * in_h * in_w
-    g00 = y0 * in_w + x0
-    g01 = y0 * in_w + x1
-    g10 = y1 * in_w + x0
-    g11 = y1 * in_w + x1
+    g00, g01, g10, g11 = _corners(y0, y1, x0, x1, in_w, 1)
     w00 = (1.0 - ly) * (1.0 - lx)
     w01 = (1.0 - ly) * lx
     w10 = ly * (1.0 - lx)
     w11 = ly * lx
     for t in range(0, num_classes):
-        plane = base + t * stride_t
-        v00 = tl.load(plane + a00, mask=mask, other=0.0).to(tl.float32)
-        v01 = tl.load(plane + a01, mask=mask, other=0.0).to(tl.float32)
-        v10 = tl.load(plane + a10, mask=mask, other=0.0).to(tl.float32)
-        v11 = tl.load(plane + a11, mask=mask, other=0.0).to(tl.float32)
-        u = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        u = _bilinear(base + t * stride_t, a00, a01, a10, a11, ly, lx, mask)
         positive = (label == t) & (label != ignore_value)
         d = (tl.sigmoid(u) - tl.where(positive, 1.0, 0.0)) * g
         gplane = gbase + t * in_h * in_w
@@ -266,18 +267,11 @@ def _(grad, logits, labels, ignore_value):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_value = inputs
-    ctx.save_for_backward(logits, labels)
-    ctx.ignore_value = ignore_value
-
-
 def _backward(ctx, grad):
-    logits, labels = ctx.saved_tensors
-    return _upsample_bce_loss_backward_op(grad, logits, labels, ctx.ignore_value), None, None
+    return _upsample_bce_loss_backward_op(grad, *ctx.saved_tensors, *ctx.constants), None, None
 
 
-_upsample_bce_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_bce_loss_op.register_autograd(_backward, setup_context=save_inputs)
 
 dispatch.register_impl(OP_NAME, "torch", upsample_bce_loss_torch)
 dispatch.register_impl(OP_NAME, "triton", upsample_bce_loss_triton, not_supported_reasons=_triton_reasons)

@@ -32,6 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# ResizeShortestEdge.get_output_shape: the test-time resize's rule, with the training sizes.
+from ..inputs.preprocess import official_resize_shape as resize_shortest_edge_shape
+
 __all__ = ["AugmentConfig", "augment", "resize_shortest_edge_shape", "pad_to_divisibility", "sample_rngs",
            "bgr_to_hsv", "hsv_to_bgr", "color_aug_ssd"]
 
@@ -78,22 +81,6 @@ def sample_rngs(seed: int, position: int) -> Tuple[np.random.RandomState, random
 
 
 # -- geometry ------------------------------------------------------------------------------------
-def resize_shortest_edge_shape(oldh: int, oldw: int, short_edge_length: int, max_size: int) -> Tuple[int, int]:
-    """``ResizeShortestEdge.get_output_shape``."""
-    h, w = oldh, oldw
-    size = short_edge_length * 1.0
-    scale = size / min(h, w)
-    if h < w:
-        newh, neww = size, scale * w
-    else:
-        newh, neww = scale * h, size
-    if max(newh, neww) > max_size:
-        scale = max_size * 1.0 / max(newh, neww)
-        newh = newh * scale
-        neww = neww * scale
-    return int(newh + 0.5), int(neww + 0.5)
-
-
 def _resize_image(image: np.ndarray, newh: int, neww: int) -> np.ndarray:
     from PIL import Image
 

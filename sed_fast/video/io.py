@@ -70,35 +70,44 @@ class Source:
             pass
 
 
+AVERROR_INVALIDDATA = 1094995529  # FFmpeg's code for input with no valid media in it
+
+#: Why a source cannot be opened, by kind: (error codes, message) rows, first match wins, then the
+#: kind's last word; in the messages {label} is the source and {text} the system's words.
+_OPEN_ERRORS = {
+    "camera": (
+        ((errno.ENOENT,), "{label} does not exist: no such V4L2 device (the cameras are /dev/video*; check it "
+                          "is plugged in, or choose another --camera N)"),
+        ((errno.EBUSY,), "{label} is busy: another program is using it (close it and retry)"),
+        ((errno.EACCES, errno.EPERM), "{label}: permission denied (add your user to the 'video' group)"),
+        ((errno.ENODEV, errno.ENXIO, errno.EINVAL, errno.ENOTTY),
+         "{label} is not a usable camera ({text}): it may be a metadata node; try another --camera N"),
+        ((), "cannot open {label}: {text}"),
+    ),
+    "url": (
+        ((), "cannot open the stream {label}: {text} (check the address, the network and that the stream "
+             "is live)"),
+    ),
+    "file": (
+        ((errno.ENOENT,), "video file not found: {label}"),
+        ((errno.EACCES, errno.EPERM), "cannot read the video {label}: permission denied"),
+        ((AVERROR_INVALIDDATA,), "cannot read the video {label}: FFmpeg finds no valid media in it (the file is "
+                                 "not a video, or it is truncated: an MP4 cut short loses its index, which is "
+                                 "written at its end)"),
+        ((), "cannot read the video {label}: {text}"),
+    ),
+}
+
+
 def _open_error(label: str, error: BaseException, kind: str) -> SourceError:
     """The message for a source that cannot be opened."""
     code = getattr(error, "errno", None)
+    if type(error).__name__ == "InvalidDataError":  # PyAV's class for it, whatever errno it carries
+        code = AVERROR_INVALIDDATA
     text = str(getattr(error, "strerror", None) or error).strip()
-    if kind == "camera":
-        if code == errno.ENOENT:
-            return SourceError(f"{label} does not exist: no such V4L2 device (the cameras are /dev/video*; "
-                               "check it is plugged in, or choose another --camera N)")
-        if code == errno.EBUSY:
-            return SourceError(f"{label} is busy: another program is using it (close it and retry)")
-        if code in (errno.EACCES, errno.EPERM):
-            return SourceError(f"{label}: permission denied (add your user to the 'video' group)")
-        if code in (errno.ENODEV, errno.ENXIO, errno.EINVAL, errno.ENOTTY):
-            return SourceError(f"{label} is not a usable camera ({text}): it may be a metadata node; try "
-                               "another --camera N")
-        return SourceError(f"cannot open {label}: {text}")
-    if kind == "url":
-        return SourceError(f"cannot open the stream {label}: {text} (check the address, the network and that "
-                           "the stream is live)")
-    if code == errno.ENOENT:
-        return SourceError(f"video file not found: {label}")
-    if code in (errno.EACCES, errno.EPERM):
-        return SourceError(f"cannot read the video {label}: permission denied")
-    name = type(error).__name__
-    if name == "InvalidDataError" or code == 1094995529:  # AVERROR_INVALIDDATA
-        return SourceError(f"cannot read the video {label}: FFmpeg finds no valid media in it (the file is not a "
-                           "video, or it is truncated: an MP4 cut short loses its index, which is written at "
-                           "its end)")
-    return SourceError(f"cannot read the video {label}: {text}")
+    rows = _OPEN_ERRORS[kind]
+    message = next((message for codes, message in rows if code in codes), rows[-1][1])
+    return SourceError(message.format(label=label, text=text))
 
 
 def open_source(spec: str, *, camera: bool = False, timeout_s: float = 10.0) -> Source:

@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KERNELS_PER_CASE_SET = {"_cost_map_kernel", "_dwconv_layernorm_kernel", "_class_attention_kernel",
                         "_kth_largest_kernel", "_union_kernel", "_compact_kernel", "_gather_rows_kernel",
-                        "_horizontal_pass_kernel", "_vertical_pass_kernel",
+                        "_resample_pass_kernel",
                         "_grad_image_kernel", "_grad_text_kernel", "_normalize_backward_kernel",
                         "_class_attention_backward_kernel", "_layernorm_backward_kernel",
                         "_conv_backward_input_kernel", "_conv_backward_weight_kernel"}
