@@ -162,11 +162,6 @@ def test_at_most_nine_levels_from_the_command_line_to_the_leaves():
 #: Fronts of command lines: the demo runs ``segment`` (and ``serve --ui``); ``python -m sed_fast`` runs
 #: ``sed_fast.cli``.
 CLI_FRONTS = {"sed_fast.demo", "sed_fast.__main__"}
-#: Known private imports across packages, each with the reason it stays for now.
-KNOWN_PRIVATE = {("sed_fast.doctor.checks", "sed_fast.kernels"):
-                 "kernels/_cuda.py (the CUDA extension loader) is the ops owners' to make public (issue 34 item 3)",
-                 ("sed_fast.cache.inventory", "sed_fast.kernels"):
-                 "the CUDA build folder's name and sources come from kernels/_cuda.py (same reason)"}
 
 
 def _top_package(module: str) -> str:
@@ -189,7 +184,7 @@ def test_the_commands_never_import_a_siblings_cli_nor_a_private_name_of_another_
             if not target.startswith("sed_fast.") or _top_package(target) == _top_package(name):
                 continue
             private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
-            if private and (name, target) not in KNOWN_PRIVATE:
+            if private:
                 problems.append(f"{name} imports {private} from {target}")
             if (target.endswith(".cli") or any(a.name == "cli" for a in node.names)) and name not in CLI_FRONTS:
                 problems.append(f"{name} imports the command line of {target}")

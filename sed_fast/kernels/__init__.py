@@ -30,7 +30,7 @@ from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
 from .topk_union_reject import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
 from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_reference
 from .upsample_bce_loss import upsample_bce_loss, upsample_bce_loss_reference
-from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (it loads the extension on first use)
+from . import cuda_extension  # noqa: E402,F401  registers the "cuda" backend (it loads the extension on first use)
 
 __all__ = [
     "set_backend", "set_autotune", "Cost", "cost_model", "cost_of_call", "registered_ops",
