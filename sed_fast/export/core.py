@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.encoder import preprocess_images
+from ..models.rejection import TopKUnion
 from .runtime import CONTRACT_KEY
 
 FORMATS = ("pt2", "onnx")
@@ -195,7 +196,7 @@ class ExportableSED(nn.Module):
         else:
             res2, res3, res4, res5 = features
             scores, kept_counts = self.model.decoder.rejecting_with_budget(
-                dense, text, (res5, res4, res3, res2), self.cer_topk, self.kept_budget)
+                dense, text, (res5, res4, res3, res2), TopKUnion(self.cer_topk), self.kept_budget)
         scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
         outputs = [scores.argmax(0)] + ([scores] if self.return_scores else []) + (
             [kept_counts] if kept_counts is not None else [])
