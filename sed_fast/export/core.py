@@ -238,25 +238,6 @@ def _image_description(module: ExportableSED) -> str:
             "official resize")
 
 
-def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
-                text_cache: bool = True, device: str = "cpu"):
-    """The reference model on ``device`` with its vocabulary, the official resize left to the caller."""
-    import warnings
-
-    from ..api import RandomWeightsWarning, build_sed
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_sed(variant, impl="reference", checkpoint=checkpoint, device=device, dtype=dtype,
-                          clip_resolution=resolution, text_cache=text_cache, preprocess="none")
-    if isinstance(vocab, torch.Tensor):  # embeddings given directly (tests)
-        model.text_embeddings = vocab.to(dtype)
-        model.class_names = [f"class{i}" for i in range(vocab.shape[0])]
-    else:
-        model.set_vocabulary(vocab, progress=False)
-    return model
-
-
 IMAGE_HINT = ("The image is RGB in 0..255, already resized as the official pipeline does "
               "(the README's export section shows how).")
 RAW_IMAGE_HINT = "The image is the decoded file, uint8 RGB (H, W, 3), of the size the model was exported for."
