@@ -322,7 +322,7 @@ def check_end_to_end(device: torch.device, dtype: torch.dtype = torch.float32, r
     from ..api import RandomWeightsWarning, build_sed
     from ..models.config import NUM_PROMPTS
     from ..data.sample_scene import draw_sample_scene as draw_sample
-    from ..models.fast import SEDFast
+    from ..models.fast.model import SEDFast
 
     start = time.perf_counter()
     result: Dict[str, object] = {"variant": variant, "resolution": resolution, "classes": classes,
