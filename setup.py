@@ -7,7 +7,7 @@ CUDA extension ``sed_fast._C`` (``csrc/``) is built here only when asked for wit
     SED_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .
 
 Without it, a GPU machine with a toolkit builds the same sources just in time on first use
-(``sed_fast/kernels/_cuda.py``), and the package works with its Triton and PyTorch paths meanwhile.
+(``sed_fast/kernels/cuda_extension.py``), and the package works with its Triton and PyTorch paths meanwhile.
 """
 import importlib.util
 import os

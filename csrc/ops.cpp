@@ -5,7 +5,7 @@
 //                                            Tensor ln_weight, Tensor ln_bias, float eps) -> Tensor
 //
 // Only CUDA kernels are registered here; the fake (meta) kernels live in Python
-// (sed_fast/kernels/_cuda.py, named by set_python_module) so torch.compile can trace the ops.
+// (sed_fast/kernels/cuda_extension.py, named by set_python_module) so torch.compile can trace the ops.
 // Everything runs on at::cuda::getCurrentCUDAStream(), so CUDA graphs capture it.
 #include <Python.h>
 
@@ -125,7 +125,7 @@ at::Tensor dwconv_layernorm_cuda(const at::Tensor& x, const at::Tensor& dw_weigh
 }  // namespace sed_fast
 
 TORCH_LIBRARY(sed_fast_cuda, m) {
-  m.set_python_module("sed_fast.kernels._cuda");
+  m.set_python_module("sed_fast.kernels.cuda_extension");
   m.def("topk_union_reject(Tensor aux_logits, int k) -> (Tensor, Tensor, Tensor)");
   m.def("dwconv_layernorm(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor ln_weight, Tensor ln_bias, "
         "float eps) -> Tensor");

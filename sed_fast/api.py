@@ -107,7 +107,7 @@ def _build(variant, impl, checkpoint, device, dtype, cer_topk, clip_resolution, 
     if impl == "reference":
         from .models.sed import SEDReference as model_class
     else:
-        from .models.fast import SEDFast as model_class
+        from .models.fast.model import SEDFast as model_class
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     # Weights are drawn on the CPU from a private generator state: the same seed gives the same

@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from .toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE  # noqa: F401
-from .toolkit.errors import PROG, error, exit_code_of, warn
+from .toolkit.errors import PROG, UsageError, error, exit_code_of, warn
 
 #: Every subcommand: name -> (module with main(argv), description).
 COMMANDS = {
@@ -83,6 +83,11 @@ def _environment_ok() -> bool:
     return True
 
 
+#: Commands that are fronts of another: their module's ``command_line(argv)`` gives the command
+#: line they stand for (``.command``, ``.argv``) and what to say once it succeeded (``.done_message``).
+FRONTS = ("demo",)
+
+
 def _dispatch(command: str, rest: List[str]) -> int:
     module_name = COMMANDS[command][0]
     try:
@@ -98,9 +103,23 @@ def _dispatch(command: str, rest: List[str]) -> int:
         error(f"`{PROG} {command}`: could not import {module_name}: {problem}")
         return EXIT_USAGE
     try:
+        if command in FRONTS:
+            return _run_front(command, module, rest)
         return exit_code_of(module.main(rest))
     except SystemExit as exit_:
         return exit_code_of(exit_.code)
+
+
+def _run_front(command: str, front, rest: List[str]) -> int:
+    try:
+        run = front.command_line(rest)
+    except UsageError as problem:
+        error(str(problem), prog=f"{PROG} {command}")
+        return EXIT_USAGE
+    code = _dispatch(run.command, run.argv)
+    if code == EXIT_OK and run.done_message:
+        print(run.done_message)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""The hand-written CUDA backend (csrc/, sed_fast.kernels._cuda) and the backend selection.
+"""The hand-written CUDA backend (csrc/, sed_fast.kernels.cuda_extension) and the backend selection.
 
 (a) the extension compiles (here too, without a GPU: a build break fails CI);
 (b) each op's backends (torch, triton, cuda) against the references of sed_fast.kernels.<op>, odd
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sed_fast.kernels import _cuda, autotune, dispatch
+from sed_fast.kernels import cuda_extension, autotune, dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -60,8 +60,8 @@ def _device_for(backend: str) -> torch.device:
     if not HAS_GPU:
         pytest.skip(f"the {backend} backend needs a CUDA GPU (none here); the Triton kernels are checked on CPU "
                     "by tests/kernels under TRITON_INTERPRET=1")
-    if backend == "cuda" and not _cuda.load_extension():
-        pytest.skip(f"the CUDA extension is not available: {_cuda.load_error()}")
+    if backend == "cuda" and not cuda_extension.load_extension():
+        pytest.skip(f"the CUDA extension is not available: {cuda_extension.load_error()}")
     return torch.device("cuda")
 
 
@@ -117,7 +117,7 @@ def test_cuda_extension_compiles():
     subprocess (MAX_JOBS=2, sm_90 only) and load it there. A compile error FAILS this test."""
     if torch.version.cuda is None:
         pytest.skip(f"torch {torch.__version__} has no CUDA support: nothing to compile against")
-    if _cuda.find_cuda_home() is None:
+    if cuda_extension.find_cuda_home() is None:
         pytest.skip("no CUDA toolkit (nvcc) found: set CUDA_HOME to compile the extension")
     lib = _prebuilt_library()
     if lib is not None and _prebuilt_is_fresh(lib):
@@ -125,12 +125,12 @@ def test_cuda_extension_compiles():
         run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"the prebuilt {lib.name} does not import:\n{run.stderr[-4000:]}"
         return
-    build_dir = _cuda.default_build_directory(CI_ARCHS)  # shared with the cuda_library fixture
+    build_dir = cuda_extension.default_build_directory(CI_ARCHS)  # shared with the cuda_library fixture
     code = textwrap.dedent(f"""
         import torch
-        from sed_fast.kernels import _cuda
-        path = _cuda.jit_build(build_directory={str(build_dir)!r}, archs={CI_ARCHS!r}, max_jobs=2)
-        assert _cuda.ops_defined(), "the library loaded but registered no sed_fast_cuda ops"
+        from sed_fast.kernels import cuda_extension
+        path = cuda_extension.jit_build(build_directory={str(build_dir)!r}, archs={CI_ARCHS!r}, max_jobs=2)
+        assert cuda_extension.ops_defined(), "the library loaded but registered no sed_fast_cuda ops"
         print(path)
     """)
     start = time.time()
@@ -268,44 +268,44 @@ def test_dwconv_layernorm_cuda_rejects_unsupported_shapes():
     x = torch.randn(1, 96, 8, 8)
     w = torch.randn(96, 1, 9, 9)
     v = torch.randn(96)
-    assert _cuda.dwconv_layernorm_reasons(x, w) == ["C = 96 channels (the CUDA kernel takes 32, 64 or 128)"]
+    assert cuda_extension.dwconv_layernorm_reasons(x, w) == ["C = 96 channels (the CUDA kernel takes 32, 64 or 128)"]
     with pytest.raises(ValueError, match="32, 64 or 128"):
-        _cuda.dwconv_layernorm_cuda(x, w, v, v, v)
+        cuda_extension.dwconv_layernorm_cuda(x, w, v, v, v)
     x, w, v = torch.randn(1, 64, 8, 8), torch.randn(64, 1, 7, 7), torch.randn(64)
-    assert _cuda.dwconv_layernorm_reasons(x, w) == ["a 7x7 kernel (the CUDA kernel is 9x9 only)"]
+    assert cuda_extension.dwconv_layernorm_reasons(x, w) == ["a 7x7 kernel (the CUDA kernel is 9x9 only)"]
     with pytest.raises(ValueError, match="9x9 only"):
-        _cuda.dwconv_layernorm_cuda(x, w, v, v, v)
+        cuda_extension.dwconv_layernorm_cuda(x, w, v, v, v)
 
 
 def test_supports_follows_the_launch_limits_of_csrc():
     """The backend gives reasons where csrc/ops.cpp would raise, so auto never picks a launch that
     fails (meta tensors: the shapes are huge, the memory is not)."""
     w = torch.empty(32, 1, 9, 9, device="meta")
-    assert _cuda.dwconv_layernorm_reasons(torch.empty(847, 32, 96, 96, device="meta"), w) == []
-    assert _cuda.dwconv_layernorm_reasons(torch.empty(2 ** 20, 32, 512, 512, device="meta"), w)  # 2^32 tiles
-    assert _cuda.topk_union_reject_reasons(torch.empty(1, 847, 24, 24, device="meta"), 8) == []
-    assert _cuda.topk_union_reject_reasons(torch.empty(65536, 1, 1, 1, device="meta"), 8)
-    assert _cuda.topk_union_reject_reasons(torch.empty(40000, 60000, 1, 1, device="meta"), 8)
+    assert cuda_extension.dwconv_layernorm_reasons(torch.empty(847, 32, 96, 96, device="meta"), w) == []
+    assert cuda_extension.dwconv_layernorm_reasons(torch.empty(2 ** 20, 32, 512, 512, device="meta"), w)  # 2^32 tiles
+    assert cuda_extension.topk_union_reject_reasons(torch.empty(1, 847, 24, 24, device="meta"), 8) == []
+    assert cuda_extension.topk_union_reject_reasons(torch.empty(65536, 1, 1, 1, device="meta"), 8)
+    assert cuda_extension.topk_union_reject_reasons(torch.empty(40000, 60000, 1, 1, device="meta"), 8)
     cuda = dispatch.backend("topk_union_reject", "cuda")
-    assert cuda.not_supported_reasons is _cuda.topk_union_reject_reasons
+    assert cuda.not_supported_reasons is cuda_extension.topk_union_reject_reasons
 
 
 def test_topk_union_reject_cuda_rejects_bad_arguments():
     with pytest.raises(ValueError, match="k must be >= 1"):
-        _cuda.topk_union_reject_cuda(torch.randn(1, 3, 2, 2), 0)
+        cuda_extension.topk_union_reject_cuda(torch.randn(1, 3, 2, 2), 0)
     with pytest.raises(ValueError, match="T = 0"):
-        _cuda.topk_union_reject_cuda(torch.randn(1, 0, 2, 2), 1)
+        cuda_extension.topk_union_reject_cuda(torch.randn(1, 0, 2, 2), 1)
     with pytest.raises(ValueError, match=r"\(B, T, h, w\)"):
-        _cuda.topk_union_reject_cuda(torch.randn(3, 2, 2), 1)
+        cuda_extension.topk_union_reject_cuda(torch.randn(3, 2, 2), 1)
     with pytest.raises(TypeError):
-        _cuda.topk_union_reject_cuda(torch.randn(1, 3, 2, 2), 2.0)
+        cuda_extension.topk_union_reject_cuda(torch.randn(1, 3, 2, 2), 2.0)
 
 
 def _needs_cuda_ext():
     if not HAS_GPU:
         pytest.skip("needs a CUDA GPU (none here)")
-    if not _cuda.load_extension():
-        pytest.skip(f"the CUDA extension is not available: {_cuda.load_error()}")
+    if not cuda_extension.load_extension():
+        pytest.skip(f"the CUDA extension is not available: {cuda_extension.load_error()}")
 
 
 def test_cuda_ops_check_their_inputs():
@@ -379,14 +379,15 @@ def cuda_library():
     """The sed_fast_cuda ops loaded in this process (prebuilt, or JIT-built even without a GPU)."""
     if torch.version.cuda is None:
         pytest.skip(f"torch {torch.__version__} has no CUDA support")
-    if not _cuda.load_extension():
-        if _cuda.find_cuda_home() is None or not _cuda.sources_present():
-            pytest.skip(f"the CUDA extension is not available and cannot be built here: {_cuda.load_error()}")
+    if not cuda_extension.load_extension():
+        if cuda_extension.find_cuda_home() is None or not cuda_extension.sources_present():
+            pytest.skip(f"the CUDA extension is not available and cannot be built here: {cuda_extension.load_error()}")
         if HAS_GPU:
-            assert _cuda.load_extension(jit=True), f"the CUDA extension failed to build: {_cuda.load_error()}"
+            assert cuda_extension.load_extension(jit=True), \
+                f"the CUDA extension failed to build: {cuda_extension.load_error()}"
         else:  # no GPU: the same build as test_cuda_extension_compiles (a no-op when it ran first)
-            _cuda.jit_build(_cuda.default_build_directory(CI_ARCHS), archs=CI_ARCHS, max_jobs=2)
-            assert _cuda.load_extension(), f"the CUDA extension does not load: {_cuda.load_error()}"
+            cuda_extension.jit_build(cuda_extension.default_build_directory(CI_ARCHS), archs=CI_ARCHS, max_jobs=2)
+            assert cuda_extension.load_extension(), f"the CUDA extension does not load: {cuda_extension.load_error()}"
     return torch.ops.sed_fast_cuda
 
 
@@ -397,7 +398,7 @@ def test_cuda_library_schemas(cuda_library):
         "sed_fast_cuda::dwconv_layernorm(Tensor x, Tensor dw_weight, Tensor dw_bias, Tensor ln_weight, "
         "Tensor ln_bias, float eps) -> Tensor")
     # the fake kernels live in the module the C++ library names (torch.compile imports it from there)
-    assert torch._C._dispatch_pystub("sed_fast_cuda::topk_union_reject", "")[0] == "sed_fast.kernels._cuda"
+    assert torch._C._dispatch_pystub("sed_fast_cuda::topk_union_reject", "")[0] == "sed_fast.kernels.cuda_extension"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -538,21 +539,21 @@ def test_forced_backend_that_cannot_run_is_an_error(dummy_op):
 
 
 def test_cuda_backend_unavailable_without_extension_warns_once(monkeypatch):
-    monkeypatch.setattr(_cuda._State, "loaded", False)
-    monkeypatch.setattr(_cuda._State, "error", "test: no extension")
-    monkeypatch.setattr(_cuda._State, "warned", False)
-    monkeypatch.setattr(_cuda, "ops_defined", lambda: False)
-    assert _cuda.cuda_available(torch.device("cpu")) is False  # CPU: no load attempt, no warning
+    monkeypatch.setattr(cuda_extension._State, "loaded", False)
+    monkeypatch.setattr(cuda_extension._State, "error", "test: no extension")
+    monkeypatch.setattr(cuda_extension._State, "warned", False)
+    monkeypatch.setattr(cuda_extension, "ops_defined", lambda: False)
+    assert cuda_extension.cuda_available(torch.device("cpu")) is False  # CPU: no load attempt, no warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _cuda.cuda_available(torch.device("cuda")) is False
-        assert _cuda.cuda_available(torch.device("cuda")) is False
+        assert cuda_extension.cuda_available(torch.device("cuda")) is False
+        assert cuda_extension.cuda_available(torch.device("cuda")) is False
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "test: no extension" in messages[0] and "SED_FAST_JIT_BUILD" in messages[0]
 
 
 def test_cuda_backend_is_registered_for_its_ops():
-    for op in _cuda.OPS:
+    for op in cuda_extension.OPS:
         cuda = dispatch.backend(op, "cuda")
         assert cuda.fn.__name__ == f"{op}_cuda"
         assert "CUDA tensor" in cuda.unavailable(torch.device("cpu"))
@@ -560,26 +561,26 @@ def test_cuda_backend_is_registered_for_its_ops():
 
 def test_jit_policy(monkeypatch):
     monkeypatch.setenv("SED_FAST_JIT_BUILD", "1")
-    assert _cuda._jit_policy()[0] is True
+    assert cuda_extension._jit_policy()[0] is True
     monkeypatch.setenv("SED_FAST_JIT_BUILD", "0")
-    assert _cuda._jit_policy()[0] is False
+    assert cuda_extension._jit_policy()[0] is False
     monkeypatch.delenv("SED_FAST_JIT_BUILD")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    want, why = _cuda._jit_policy()
+    want, why = cuda_extension._jit_policy()
     assert want is False and "no CUDA GPU" in why
 
 
 def test_build_helpers(monkeypatch, tmp_path):
-    assert _cuda.gencode_flags("9.0+PTX") == ["-gencode=arch=compute_90,code=sm_90",
+    assert cuda_extension.gencode_flags("9.0+PTX") == ["-gencode=arch=compute_90,code=sm_90",
                                               "-gencode=arch=compute_90,code=compute_90"]
-    assert _cuda.gencode_flags("8.0;9.0a") == ["-gencode=arch=compute_80,code=sm_80",
+    assert cuda_extension.gencode_flags("8.0;9.0a") == ["-gencode=arch=compute_80,code=sm_80",
                                                "-gencode=arch=compute_90a,code=sm_90a"]
-    assert _cuda.default_max_jobs() >= 1
+    assert cuda_extension.default_max_jobs() >= 1
     monkeypatch.setenv("SED_FAST_CUDA_BUILD_DIR", str(tmp_path))
-    assert _cuda.default_build_directory() == tmp_path
+    assert cuda_extension.default_build_directory() == tmp_path
     monkeypatch.delenv("SED_FAST_CUDA_BUILD_DIR")
     monkeypatch.setenv("SED_FAST_CACHE_DIR", str(tmp_path))
-    assert str(_cuda.default_build_directory("9.0")).startswith(str(tmp_path / "cuda_ext"))
+    assert str(cuda_extension.default_build_directory("9.0")).startswith(str(tmp_path / "cuda_ext"))
 
 
 def test_setup_cuda_extensions_opt_in(monkeypatch):
@@ -599,7 +600,7 @@ def test_setup_cuda_extensions_opt_in(monkeypatch):
     monkeypatch.setenv("SED_FAST_BUILD_CUDA", "maybe")
     with pytest.raises(RuntimeError, match="SED_FAST_BUILD_CUDA"):
         namespace["_cuda_extensions"]()
-    if torch.version.cuda is None or _cuda.find_cuda_home() is None:
+    if torch.version.cuda is None or cuda_extension.find_cuda_home() is None:
         return
     monkeypatch.setenv("SED_FAST_BUILD_CUDA", "1")
     for var in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS", "CUDA_HOME"):
@@ -607,7 +608,7 @@ def test_setup_cuda_extensions_opt_in(monkeypatch):
     monkeypatch.chdir(ROOT)
     exts, cmdclass = namespace["_cuda_extensions"]()
     assert [e.name for e in exts] == ["sed_fast._C"] and "build_ext" in cmdclass
-    assert sorted(Path(s).name for s in exts[0].sources) == sorted(_cuda.SOURCES)
+    assert sorted(Path(s).name for s in exts[0].sources) == sorted(cuda_extension.SOURCES)
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == os.environ.get("SED_FAST_CUDA_ARCHS", "9.0+PTX")
 
 

@@ -35,7 +35,19 @@ def test_demo_writes_its_outputs_and_says_weights_are_random(tmp_path, capsys):
     assert np.array_equal(outputs[0], outputs[1]), "two demo runs (same seed) must give the same labels"
 
 
-def test_demo_unwritable_out_is_a_usage_error(tmp_path):
+def test_demo_unwritable_out_is_a_usage_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert cli.main(["demo", "--out", str(blocker / "sub"), "--quiet"]) == cli.EXIT_USAGE
+    assert "sed-fast demo: error: cannot write the sample image into" in capsys.readouterr().err
+
+
+def test_the_demo_is_a_front_that_rewrites_its_command_line(tmp_path):
+    """The demo stands for a segment (or serve) command line, which sed_fast.cli runs."""
+    run = demo.command_line(["--out", str(tmp_path), "--vocab", "cat,grass", "--quiet"])
+    assert run.command == "segment" and (tmp_path / "sample.png").is_file()
+    assert run.argv[0] == str(tmp_path / "sample.png") and "--random-weights" in run.argv and "--quiet" in run.argv
+    assert "RANDOM WEIGHTS" in run.done_message
+    ui = demo.command_line(["--ui", "--port", "7861"])
+    assert (ui.command, ui.argv) == ("serve", ["--port", "7861", "--random-weights"])
+    assert demo.command_line(["--ui", "--checkpoint=model.pth"]).argv == ["--checkpoint=model.pth"]

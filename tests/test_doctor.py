@@ -8,7 +8,7 @@ import torch
 
 from sed_fast import cli
 from sed_fast.doctor import checks
-from sed_fast.kernels import _cuda, dispatch
+from sed_fast.kernels import cuda_extension, dispatch
 
 
 def _run_json(capsys, *options):
@@ -33,7 +33,7 @@ def test_doctor_on_cpu_checks_every_op_end_to_end(capsys):
     assert report["versions"]["torch"] == torch.__version__
     # An earlier test in the same process may have built and loaded the extension (nvcc is here);
     # on CPU the report must say what is so and why the extension does not matter.
-    assert report["cuda_extension"]["loaded"] is _cuda.extension_loaded()
+    assert report["cuda_extension"]["loaded"] is cuda_extension.extension_loaded()
     assert report["cuda_extension"]["why_not"].startswith("not needed on cpu")
     e2e = report["end_to_end"]
     assert e2e["ok"] and [run["cer_topk"] for run in e2e["runs"]] == [None, 2]

@@ -210,7 +210,7 @@ def test_unknown_op_and_unknown_name(monkeypatch):
      .autotune_enabled()),
     ("SED_FAST_AUTOTUNE_CACHE", "perhaps", lambda: __import__("sed_fast.kernels.autotune", fromlist=["_"])
      ._disk_cache_on()),
-    ("SED_FAST_JIT_BUILD", "auto", lambda: __import__("sed_fast.kernels._cuda", fromlist=["_"])._jit_policy()),
+    ("SED_FAST_JIT_BUILD", "auto", lambda: __import__("sed_fast.kernels.cuda_extension", fromlist=["_"])._jit_policy()),
     ("SED_FAST_BACKEND_COST_MAP", "gpu", lambda: __import__("sed_fast.kernels.dispatch", fromlist=["_"])
      .requested_backend("cost_map")),
 ])

@@ -198,10 +198,10 @@ def _labels_agree(labels, scores, expected) -> bool:
 def _tiny_model(dtype, cer_topk=None):
     import torch
 
-    from sed_fast.export import core
+    from sed_fast.export.model import build_model
 
     torch.manual_seed(0)
-    model = core.build_model("b", torch.randn(EIGHT_CLASSES, 80, 640), None, 64, dtype)
+    model = build_model("b", torch.randn(EIGHT_CLASSES, 80, 640), None, 64, dtype)
     model.cer_topk = cer_topk
     return model
 

@@ -15,6 +15,7 @@ import torch
 
 from sed_fast import cli
 from sed_fast.export import core
+from sed_fast.export.model import build_model
 
 RESOLUTION = 64
 VOCAB_A = ["cat", "dog", "grass"]
@@ -46,7 +47,7 @@ def _export(folder: Path, fmt: str) -> dict:
 def api():
     """The package's model (the API's forward, the export's settings) and the two vocabularies'
     text embeddings as set_vocabulary makes them."""
-    model = core.build_model("b", VOCAB_A, None, RESOLUTION, torch.float32)
+    model = build_model("b", VOCAB_A, None, RESOLUTION, torch.float32)
     texts = {}
     for names in (VOCAB_A, VOCAB_B):
         model.set_vocabulary(names, progress=False)

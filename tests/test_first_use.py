@@ -117,7 +117,7 @@ def test_build_sed_defaults_to_the_fast_model_and_falls_back_with_a_warning(monk
     import warnings
 
     import sed_fast
-    import sed_fast.models.fast as fast_module
+    import sed_fast.models.fast.model as fast_module
     from sed_fast.models.fast import SEDFast
     from sed_fast.models.sed import SEDReference
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sed_fast.models.decoder import SEDDecoder
+from sed_fast.models.rejection import TopKUnion
 
 GOLDEN = Path(__file__).parent / "official_decoder_golden.pt"
 
@@ -55,7 +56,7 @@ def test_category_early_rejection_matches_official(golden, case):
     decoder = _decoder(golden, case["pooling"])
     img, text, guidance = _inputs(golden, case)
     with torch.no_grad():
-        scores = decoder(img, text, guidance, cer_topk=case["cer_topk"])
+        scores = decoder(img, text, guidance, rejection=TopKUnion(case["cer_topk"]))
     expected = case["scores"].float()
     assert scores.shape == expected.shape
     kept = scores[0].flatten(1).abs().amax(1) > 0
@@ -81,8 +82,10 @@ def test_batched_rejection_equals_each_image_alone(golden):
     img2 = torch.randn_like(img)
     guidance2 = [torch.randn_like(g) for g in guidance]
     with torch.no_grad():
-        batched = decoder(torch.cat([img, img2]), text, [torch.cat(p) for p in zip(guidance, guidance2)], cer_topk=1)
-        alone = [decoder(img, text, guidance, cer_topk=1), decoder(img2, text, guidance2, cer_topk=1)]
+        batched = decoder(torch.cat([img, img2]), text, [torch.cat(p) for p in zip(guidance, guidance2)],
+                          rejection=TopKUnion(1))
+        alone = [decoder(img, text, guidance, rejection=TopKUnion(1)),
+                 decoder(img2, text, guidance2, rejection=TopKUnion(1))]
     assert batched.shape[0] == 2
     for b in range(2):
         assert torch.allclose(batched[b], alone[b][0], atol=1e-6, rtol=0)
@@ -99,7 +102,7 @@ def test_static_budget_rejection_matches_official(golden, case):
     classes = text.shape[0]
     for budget in sorted({case["kept_classes"], min(classes, case["kept_classes"] + 3), classes}):
         with torch.no_grad():
-            scores, counts = decoder.rejecting_with_budget(img, text, guidance, case["cer_topk"], budget)
+            scores, counts = decoder.rejecting_with_budget(img, text, guidance, TopKUnion(case["cer_topk"]), budget)
         assert scores.shape == expected.shape
         assert int(counts[0]) == case["kept_classes"] <= budget
         assert torch.equal(scores[0].flatten(1).abs().amax(1) > 0, kept_official)
@@ -115,7 +118,7 @@ def test_static_budget_too_small_says_so(golden):
     budget = case["kept_classes"] - 1
     assert budget >= 1
     with torch.no_grad():
-        scores, counts = decoder.rejecting_with_budget(img, text, guidance, case["cer_topk"], budget)
+        scores, counts = decoder.rejecting_with_budget(img, text, guidance, TopKUnion(case["cer_topk"]), budget)
     assert int(counts[0]) > budget
     assert int((scores[0].flatten(1).abs().amax(1) > 0).sum()) <= budget
     assert torch.isfinite(scores).all()
@@ -124,8 +127,6 @@ def test_static_budget_too_small_says_so(golden):
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_padded_keep_mask_equals_the_official_rule_on_the_real_rows(k):
     """TopKUnion.keep_mask_padded (static shapes) keeps exactly what keep_mask keeps on the real rows."""
-    from sed_fast.models.rejection import TopKUnion
-
     generator = torch.Generator().manual_seed(k)
     aux = torch.randn(9, 5, 7, generator=generator)
     valid = torch.rand(9, generator=generator) > 0.4

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from sed_fast.kernels import _cuda, dispatch  # noqa: E402,F401 - registers the cuda backend
+from sed_fast.kernels import cuda_extension, dispatch  # noqa: E402,F401 - registers the cuda backend
 from sed_fast.kernels.dwconv_layernorm import dwconv_layernorm  # noqa: E402
 from sed_fast.kernels.topk_union_reject import topk_union_reject  # noqa: E402
 
@@ -94,8 +94,8 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    if not _cuda.load_extension():
-        raise SystemExit(f"the CUDA extension is not available: {_cuda.load_error()}")
+    if not cuda_extension.load_extension():
+        raise SystemExit(f"the CUDA extension is not available: {cuda_extension.load_error()}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dtypes = [DTYPES[args.dtype]] if args.dtype != "all" else [torch.float32, torch.bfloat16]
     for dtype in dtypes:

@@ -33,8 +33,8 @@ TOOLS=("$@")
 if [[ ${#TOOLS[@]} -eq 0 ]]; then TOOLS=(memcheck racecheck initcheck synccheck); fi
 SELECTION="${SANITIZER_TESTS:--k 'not triton and not torch'}"
 
-python -c "from sed_fast.kernels import _cuda; import sys; ok = _cuda.load_extension(); \
-print('sed_fast CUDA extension:', _cuda._State.how if ok else _cuda.load_error()); sys.exit(0 if ok else 1)"
+python -c "from sed_fast.kernels import cuda_extension as ext; import sys; ok = ext.load_extension(); \
+print('sed_fast CUDA extension:', ext.how_loaded() if ok else ext.load_error()); sys.exit(0 if ok else 1)"
 
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1 SED_FAST_SANITIZER=1
 status=0

@@ -159,16 +159,20 @@ _OP_PREFIX = "SED_FAST_BACKEND_"
 
 def variable(name: str) -> Variable:
     """The registry entry of the variable ``name`` (``SED_FAST_BACKEND_COST_MAP`` gives the
-    ``SED_FAST_BACKEND_<OP>`` entry); raises :class:`EnvError` for an unknown op, KeyError for a
-    name that is not registered."""
+    ``SED_FAST_BACKEND_<OP>`` entry, for any op name: dispatch also reads it for ops registered at
+    run time); raises KeyError for a name that is not registered."""
     if name in VARIABLES:
         return VARIABLES[name]
     if name.startswith(_OP_PREFIX):
-        if name[len(_OP_PREFIX):].lower() not in BACKEND_OPS:
-            raise EnvError(f"environment variable {name} names no op: SED_FAST_BACKEND_<OP> takes OP one of "
-                           f"{', '.join(op.upper() for op in BACKEND_OPS)}")
         return VARIABLES[_OP_PREFIX + "<OP>"]
     raise KeyError(f"{name} is not a sed_fast environment variable (see the README's table)")
+
+
+def _check_op_name(name: str) -> None:
+    """At start-up, ``SED_FAST_BACKEND_<OP>`` must name one of sed_fast's ops (a typo would be ignored)."""
+    if name.startswith(_OP_PREFIX) and name not in VARIABLES and name[len(_OP_PREFIX):].lower() not in BACKEND_OPS:
+        raise EnvError(f"environment variable {name} names no op: SED_FAST_BACKEND_<OP> takes OP one of "
+                       f"{', '.join(op.upper() for op in BACKEND_OPS)}")
 
 
 def env_value(name: str, environ: Optional[Mapping[str, str]] = None):
@@ -187,6 +191,7 @@ def check_environment(environ: Optional[Mapping[str, str]] = None) -> List[str]:
     for name in sorted(environ):
         try:
             if name in VARIABLES or name.startswith(_OP_PREFIX):
+                _check_op_name(name)
                 env_value(name, environ)
             elif name.startswith("SED_FAST_"):
                 warnings.append(f"environment variable {name} is not one sed_fast reads (see the README's table; "

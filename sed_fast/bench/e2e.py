@@ -155,7 +155,7 @@ class Models:
         """A fast model with the reference's weights, as ``build_sed(impl="fast", dtype=dtype)`` lays
         them out (channels-last, ``dtype``): a copy of the reference's weights, not a new build."""
         try:
-            from sed_fast.models.fast import SEDFast
+            from sed_fast.models.fast.model import SEDFast
             from_reference = SEDFast.from_reference
         except (ImportError, AttributeError):
             from_reference = None

@@ -58,7 +58,7 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def measure(reference, impl: str, checkpointing: bool, args, device: torch.device) -> dict:
-    from ..models.fast import SEDFast
+    from ..models.fast.model import SEDFast
 
     model = reference if impl == "reference" else SEDFast.from_reference(reference)
     model.train()

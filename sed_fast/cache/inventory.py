@@ -6,7 +6,7 @@ Each cache is a folder and the files in it that its writer can be shown to have 
   format, under ``<cache root>/text``) and the temporary files of interrupted writes;
 * ``autotune``: the backend choices of :mod:`sed_fast.kernels.autotune`
   (``backend_choices-<versions>.json`` under ``<cache root>/autotune``) and their temporary files;
-* ``extension``: the just-in-time CUDA builds of :mod:`sed_fast.kernels._cuda`, one folder per
+* ``extension``: the just-in-time CUDA builds of :mod:`sed_fast.kernels.cuda_extension`, one folder per
   torch / CUDA / architecture tag under ``<cache root>/cuda_ext`` (or ``SED_FAST_CUDA_BUILD_DIR``),
   of which only the files torch's ninja build writes there (``build.ninja``, ``.ninja_log``,
   ``.ninja_deps``, ``lock``, the objects of the extension's sources, ``sed_fast_C.so``) are counted.
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..base.envvars import cache_root, env_value
 from ..data import text
-from ..kernels import _cuda, autotune
+from ..kernels import autotune, cuda_extension
 
 KINDS = ("text", "autotune", "extension")
 
@@ -128,10 +128,10 @@ def autotune_cache() -> Cache:
 def _build_files() -> Tuple[str, ...]:
     """The names torch's ninja build of the extension writes into its build folder."""
     objects = []
-    for source in _cuda.sources():
+    for source in cuda_extension.sources():
         stem, suffix = os.path.splitext(os.path.basename(source))
         objects.append(f"{stem}.cuda.o" if suffix == ".cu" else f"{stem}.o")
-    return ("build.ninja", ".ninja_log", ".ninja_deps", "lock", "dlink.o", f"{_cuda.JIT_NAME}.so", *objects)
+    return ("build.ninja", ".ninja_log", ".ninja_deps", "lock", "dlink.o", f"{cuda_extension.JIT_NAME}.so", *objects)
 
 
 def _lock_held(path: Path) -> bool:
@@ -173,7 +173,7 @@ def extension_folders() -> Tuple[Path, List[Path], str]:
     chosen = env_value("SED_FAST_CUDA_BUILD_DIR")
     if chosen is not None:
         return Path(chosen), [Path(chosen)], "set by SED_FAST_CUDA_BUILD_DIR"
-    folder = cache_root() / _cuda.BUILD_CACHE_FOLDER
+    folder = cache_root() / cuda_extension.BUILD_CACHE_FOLDER
     try:
         builds = sorted(path for path in folder.iterdir() if path.is_dir() and not path.is_symlink())
     except OSError:

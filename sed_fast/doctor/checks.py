@@ -79,19 +79,20 @@ def extension_status(device: torch.device, build: bool) -> Dict[str, object]:
     """Whether the CUDA extension is loaded and why not; on a CUDA device it is loaded now (built
     just in time only when ``build`` and SED_FAST_JIT_BUILD allow it)."""
     from .._build import find_cuda_home
-    from ..kernels import _cuda
+    from ..kernels import cuda_extension
 
     status: Dict[str, object] = {
         "prebuilt_sed_fast__C": importlib.util.find_spec("sed_fast._C") is not None,
-        "cuda_toolkit": find_cuda_home(), "sources_present": _cuda.sources_present(), "loaded": False,
+        "cuda_toolkit": find_cuda_home(), "sources_present": cuda_extension.sources_present(), "loaded": False,
         "how": None, "why_not": None}
     if device.type != "cuda":
         status["why_not"] = (f"not needed on {device}: the 'cuda' backend runs on CUDA tensors only"
-                             + ("" if _cuda.extension_loaded() else " (not loaded)"))
-        status["loaded"] = _cuda.extension_loaded()
+                             + ("" if cuda_extension.extension_loaded() else " (not loaded)"))
+        status["loaded"] = cuda_extension.extension_loaded()
         return status
-    loaded = _cuda.load_extension(jit=None if build else False)
-    status.update(loaded=loaded, how=_cuda._State.how or None, why_not=None if loaded else _cuda.load_error())
+    loaded = cuda_extension.load_extension(jit=None if build else False)
+    status.update(loaded=loaded, how=cuda_extension.how_loaded() or None,
+                  why_not=None if loaded else cuda_extension.load_error())
     return status
 
 
@@ -313,7 +314,7 @@ def check_end_to_end(device: torch.device, dtype: torch.dtype = torch.float32, r
     from ..api import RandomWeightsWarning, build_sed
     from ..models.config import NUM_PROMPTS
     from ..data.sample_scene import draw_sample_scene as draw_sample
-    from ..models.fast import SEDFast
+    from ..models.fast.model import SEDFast
 
     start = time.perf_counter()
     result: Dict[str, object] = {"variant": variant, "resolution": resolution, "classes": classes,

@@ -300,7 +300,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
     info(f"vocabulary: {len(vocabulary)} classes ({time.perf_counter() - start:.1f} s)")
     if not args.compare:
         return {impl: first}
-    from ..models.fast import SEDFast
+    from ..models.fast.model import SEDFast
     try:
         fast = SEDFast.from_reference(first)
     except Exception as error:  # noqa: BLE001

@@ -107,6 +107,7 @@ def _export(args) -> int:
 
     from . import core
     from .core import ExportError
+    from .model import build_model
 
     try:
         check_weights_options(args)
@@ -188,7 +189,7 @@ def _export(args) -> int:
                           f"--max-memory-gb {args.max_memory_gb:g}: {lower} or raise --max-memory-gb")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
-    model = core.build_model(args.variant, names, args.checkpoint, args.resolution, dtype, device=args.device)
+    model = build_model(args.variant, names, args.checkpoint, args.resolution, dtype, device=args.device)
     model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
     resize_included = args.official_resize == "included"
     modules = [core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,

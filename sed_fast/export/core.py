@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.encoder import preprocess_images
+from ..models.rejection import TopKUnion
 from .runtime import CONTRACT_KEY
 
 FORMATS = ("pt2", "onnx")
@@ -195,7 +196,7 @@ class ExportableSED(nn.Module):
         else:
             res2, res3, res4, res5 = features
             scores, kept_counts = self.model.decoder.rejecting_with_budget(
-                dense, text, (res5, res4, res3, res2), self.cer_topk, self.kept_budget)
+                dense, text, (res5, res4, res3, res2), TopKUnion(self.cer_topk), self.kept_budget)
         scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
         outputs = [scores.argmax(0)] + ([scores] if self.return_scores else []) + (
             [kept_counts] if kept_counts is not None else [])
@@ -235,25 +236,6 @@ def _image_description(module: ExportableSED) -> str:
         return f"image float32 (1, 3, {height}, {width}) RGB 0..255, after the official resize"
     return (f"image float32 (1, 3, H, W) RGB 0..255, H, W in [{MIN_SIDE}, {module.max_side}], after the "
             "official resize")
-
-
-def build_model(variant: str, vocab, checkpoint: Optional[str], resolution: int, dtype: torch.dtype,
-                text_cache: bool = True, device: str = "cpu"):
-    """The reference model on ``device`` with its vocabulary, the official resize left to the caller."""
-    import warnings
-
-    from ..api import RandomWeightsWarning, build_sed
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        model = build_sed(variant, impl="reference", checkpoint=checkpoint, device=device, dtype=dtype,
-                          clip_resolution=resolution, text_cache=text_cache, preprocess="none")
-    if isinstance(vocab, torch.Tensor):  # embeddings given directly (tests)
-        model.text_embeddings = vocab.to(dtype)
-        model.class_names = [f"class{i}" for i in range(vocab.shape[0])]
-    else:
-        model.set_vocabulary(vocab, progress=False)
-    return model
 
 
 IMAGE_HINT = ("The image is RGB in 0..255, already resized as the official pipeline does "

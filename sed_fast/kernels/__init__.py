@@ -22,6 +22,8 @@ the whole op: kernels, reference, registration, its backward op, its example inp
 (``example_inputs(device, dtype, size)``) and its cost model (``cost(...) -> Cost(flops, bytes)``,
 registered in :mod:`.costs`, which also hands the FLOPs to ``torch.utils.flop_counter``).
 """
+from ..base.envvars import env_value
+from . import autotune, dispatch
 from .dispatch import set_autotune, set_backend
 from .costs import Cost, cost_model, cost_of_call, registered_ops
 from .class_attention import class_attention, class_attention_reference
@@ -30,7 +32,12 @@ from .dwconv_layernorm import dwconv_layernorm, dwconv_layernorm_reference
 from .topk_union_reject import gather_rows, gather_rows_reference, topk_union_reject, topk_union_reject_reference
 from .pil_bilinear_resize import pil_bilinear_resize, pil_bilinear_resize_reference
 from .upsample_bce_loss import upsample_bce_loss, upsample_bce_loss_reference
-from . import _cuda  # noqa: E402,F401  registers the "cuda" backend (it loads the extension on first use)
+from . import cuda_extension  # noqa: F401  registers the "cuda" backend (it loads the extension on first use)
+
+# dispatch stands on nothing of sed_fast: its environment reader and timing-based chooser are handed
+# in here, where the package is imported (Python imports it before any of its modules is used).
+dispatch.set_environment_reader(env_value)
+dispatch.set_backend_chooser(autotune.choose)
 
 __all__ = [
     "set_backend", "set_autotune", "Cost", "cost_model", "cost_of_call", "registered_ops",

@@ -20,17 +20,20 @@ only), the fastest one measured on the call's own inputs (:mod:`.autotune`).
 A backend found to disagree with its reference (``sed-fast doctor`` checks each one) can be
 excluded for the rest of the process with :func:`exclude`: "auto" then never picks it, and asking
 for it by name is an error that says why.
+
+This module imports nothing of sed_fast, so that every op file stands directly on it. What it needs
+from around it is handed in by the ``sed_fast.kernels`` package as it is imported (Python imports
+the package before any of its modules, so nothing can call in before): the reader of its
+environment variables (:func:`set_environment_reader`: ``sed_fast.base.envvars.env_value``, which
+declares and parses them) and the timing-based chooser (:func:`set_backend_chooser`:
+:func:`.autotune.choose`).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-
-from ..base.envvars import VARIABLES, env_value
-from . import autotune
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")  # the order "auto" prefers
 REQUESTS = ("auto",) + BACKENDS
@@ -77,10 +80,41 @@ _autotune_override: Optional[bool] = None
 _excluded: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why it is not to be used
 
 
+# -- what the kernels package hands in ----------------------------------------------------------------
+def _no_environment_reader(name: str):
+    raise RuntimeError(f"dispatch cannot read {name}: no environment reader is installed "
+                       "(importing sed_fast.kernels installs sed_fast.base.envvars.env_value)")
+
+
+def _first_candidate(op: str, device: torch.device, candidates: Dict[str, Callable], args: tuple,
+                     kwargs: dict) -> str:
+    return next(iter(candidates))
+
+
+_read_environment: Callable[[str], object] = _no_environment_reader
+_choose_backend: Callable[..., str] = _first_candidate
+
+
+def set_environment_reader(read: Callable[[str], object]) -> None:
+    """Read dispatch's environment variables with ``read(name)``: the variable's value parsed as
+    its declaration says (its default when unset), raising an error that names it when malformed.
+    Names: ``TRITON_INTERPRET``, ``SED_FAST_BACKEND``, ``SED_FAST_BACKEND_<OP>`` (for any op, also
+    one registered at run time), ``SED_FAST_AUTOTUNE``."""
+    global _read_environment
+    _read_environment = read
+
+
+def set_backend_chooser(choose: Callable[..., str]) -> None:
+    """Choose among several usable backends with ``choose(op, device, candidates, args, kwargs)``
+    when timing-based choice is on (``candidates``: name -> function, in preference order)."""
+    global _choose_backend
+    _choose_backend = choose
+
+
 # -- Triton's mode -----------------------------------------------------------------------------------
 def triton_interpreter_on() -> bool:
     """True when TRITON_INTERPRET asks for the interpreter now."""
-    return env_value("TRITON_INTERPRET")
+    return _read_environment("TRITON_INTERPRET")
 
 
 def _probe_interpreter_mode() -> bool:
@@ -194,9 +228,7 @@ def requested_backend(op: str) -> str:
     """The backend asked for ``op`` (may be ``"auto"``), before it is checked."""
     if op in _overrides:
         return _overrides[op]
-    variable = f"SED_FAST_BACKEND_{op.upper()}"  # parsed as the registry's entry (also for ops added at run time)
-    per_op = VARIABLES["SED_FAST_BACKEND_<OP>"].parse(os.environ.get(variable), variable)
-    return per_op or env_value("SED_FAST_BACKEND") or "auto"
+    return _read_environment(f"SED_FAST_BACKEND_{op.upper()}") or _read_environment("SED_FAST_BACKEND") or "auto"
 
 
 def set_autotune(enabled: Optional[bool]) -> None:
@@ -206,7 +238,7 @@ def set_autotune(enabled: Optional[bool]) -> None:
 
 
 def autotune_enabled() -> bool:
-    return _autotune_override if _autotune_override is not None else env_value("SED_FAST_AUTOTUNE")
+    return _autotune_override if _autotune_override is not None else _read_environment("SED_FAST_AUTOTUNE")
 
 
 def usable_backends(op: str, device: torch.device, args: tuple = (), kwargs: Optional[dict] = None) -> List[str]:
@@ -251,7 +283,7 @@ def resolve_name(op: str, device: torch.device, args: Optional[tuple] = None, kw
         raise BackendError(f"no backend of op {op!r} can run these inputs on {device}: "
                            f"{_why_not(op, device, BACKENDS, args, kwargs)}")
     if len(candidates) > 1 and device.type == "cuda" and (args or kwargs) and autotune_enabled():
-        return autotune.choose(op, device, {name: known[name].fn for name in candidates}, args, kwargs)
+        return _choose_backend(op, device, {name: known[name].fn for name in candidates}, args, kwargs)
     return candidates[0]
 
 

@@ -12,7 +12,7 @@ guidance, swin blocks, appearance guidance) are left out.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,23 @@ import torch.utils.checkpoint
 from .config import (CORR_GUIDANCE_DIMS, DECODER_DIMS, DECODER_GUIDANCE_PROJ_DIMS, EVAL_POOLING, HIDDEN_DIM,
                       KERNEL_SIZE, NUM_HEADS, NUM_PROMPTS)
 from ..kernels.class_attention import linear_attention
-from .rejection import RejectionRule, TopKUnion, rule_for_topk
+
+
+class RejectionRule(Protocol):
+    """What the decoders ask of a category early rejection rule (:mod:`sed_fast.models.rejection`
+    has the official one, ``TopKUnion``); the model hands its rule to the decoder with each call."""
+
+    def keep_mask(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """Aux logits (1, T, h, w) of one image -> (T,) bool: the classes that go on (reference decoder)."""
+
+    def select(self, aux_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Aux logits (B, T, h, w), ``-inf`` for classes rejected earlier -> (flat_idx, class_offsets)
+        on the device (fast decoder)."""
+
+    def keep_mask_padded(self, aux_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Aux logits (rows, h, w) of one image, real rows where ``valid`` -> (rows,) bool, with static
+        shapes (:meth:`SEDDecoder.rejecting_with_budget`, export)."""
+
 
 class ConvNextBlock(nn.Module):
     """ConvNeXt block: 9x9 depthwise conv, channels-last LayerNorm (eps 1e-6), MLP, gamma, residual."""
@@ -210,16 +226,16 @@ class SEDDecoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
-                guidance: Sequence[torch.Tensor], cer_topk: Optional[int] = None,
-                rejection: Optional[RejectionRule] = None, pooling: Optional[Sequence[int]] = None):
+                guidance: Sequence[torch.Tensor], rejection: Optional[RejectionRule] = None,
+                pooling: Optional[Sequence[int]] = None):
         """Decode.
 
         Args:
             img_feats: (B, D, h, w) dense CLIP features (``clip_vis_dense``).
             text_feats: (T, P, D) class embeddings, shared by the batch.
             guidance: (res5, res4, res3, res2) from the image encoder (res5 is unused, as officially).
-            cer_topk: None for exact decoding; k for category early rejection (the official rule).
-            rejection: a rejection rule instead (see :mod:`sed_fast.models.rejection`).
+            rejection: None for exact decoding; a rule for category early rejection (the official
+                one: ``TopKUnion(k)`` of :mod:`sed_fast.models.rejection`).
             pooling: the class attention's pooling window for this call (exact decoding only;
                 default: the ``pooling_size`` built with). Training passes (2, 2).
 
@@ -232,8 +248,6 @@ class SEDDecoder(nn.Module):
             decoded image by image, so each image's result equals decoding it alone).
         """
         corr_embed, dec_guidance, corr_guid = self._first_stages(img_feats, text_feats, guidance)
-        if rejection is None:
-            rejection = rule_for_topk(cer_topk)
         if rejection is None:
             return self._exact(corr_embed, dec_guidance, corr_guid, img_feats.shape[0], pooling)
         if pooling is not None:
@@ -286,13 +300,13 @@ class SEDDecoder(nn.Module):
         return scores
 
     def rejecting_with_budget(self, img_feats: torch.Tensor, text_feats: torch.Tensor,
-                              guidance: Sequence[torch.Tensor], topk: int, budget: int):
-        """Category early rejection (the official rule, top-``topk`` union) with static shapes, for
-        export; batch 1. Each step carries exactly ``min(budget, T)`` rows, the kept classes in class
-        order then padding, with a mask of which rows are real: only the class attention mixes rows,
-        and it ignores the padding.
+                              guidance: Sequence[torch.Tensor], rule: RejectionRule, budget: int):
+        """Category early rejection by ``rule`` (the official one: ``TopKUnion(k)``) with static
+        shapes, for export; batch 1. Each step carries exactly ``min(budget, T)`` rows, the kept
+        classes in class order then padding, with a mask of which rows are real: only the class
+        attention mixes rows, and it ignores the padding.
 
-        Equals ``forward(..., cer_topk=topk)`` (up to float rounding) whenever the first kept set has
+        Equals ``forward(..., rejection=rule)`` (up to float rounding) whenever the first kept set has
         at most ``budget`` classes (later sets are subsets of it). A larger one is cut to the
         ``budget`` classes with the largest peak aux logit, which is not the official result:
         ``kept_counts[0] > budget`` says that it happened.
@@ -301,7 +315,6 @@ class SEDDecoder(nn.Module):
             scores (1, T, 8h, 8w): sigmoid for kept classes, exact zeros for the others;
             kept_counts (3,) int64: the size of the kept set at each rejection step.
         """
-        rule = TopKUnion(topk)
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"budget must be a positive int, got {budget!r}")
         if img_feats.shape[0] != 1:

@@ -9,21 +9,17 @@ rejection rule picks the classes that go on. A rule answers in two forms:
   class_offsets) on the device (see :func:`sed_fast.kernels.topk_union_reject`), for the fast
   decoder, which keeps a ragged set of classes per image.
 
-A model rejects when its ``rejection`` is not None (``cer_topk=k`` sets :class:`TopKUnion`).
+A model rejects when its ``rejection`` is not None (``cer_topk=k`` sets :class:`TopKUnion`) and
+hands the rule to its decoder with each call; the decoders ask only for the forms above
+(:class:`sed_fast.models.decoder.RejectionRule`), so they stand on the ops and not on this module.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..kernels.topk_union_reject import check_topk, topk_union_reject
-
-
-class RejectionRule(Protocol):
-    def keep_mask(self, aux_logits: torch.Tensor) -> torch.Tensor: ...
-
-    def select(self, aux_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class TopKUnion:

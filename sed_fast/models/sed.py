@@ -28,8 +28,8 @@ from ..inputs.preprocess import official_resize
 from ..base.stages import stage
 from .config import (TRAIN_BASE_LR, TRAIN_CLIP_MULTIPLIER, TRAIN_IGNORE_VALUE, TRAIN_POOLING,
                       TRAIN_SIZE_DIVISIBILITY, TRAIN_WEIGHT_DECAY, TRAIN_WEIGHT_DECAY_NORM)
-from .decoder import EVAL_POOLING, ConvNextBlock, SEDDecoder
-from .rejection import RejectionRule, TopKUnion, rule_for_topk
+from .decoder import EVAL_POOLING, ConvNextBlock, RejectionRule, SEDDecoder
+from .rejection import TopKUnion, rule_for_topk
 from .encoder import (CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_RESOLUTION, VariantSpec, create_clip_model,
                       create_tokenizer, dense_image_features, preprocess_images, set_train_regularisation)
 

@@ -290,7 +290,7 @@ def _segment(args: argparse.Namespace, signals: Optional[StopSignals] = None) ->
     if wants_video(args):
         from ..video.videos import segment_videos
         with hold_output(args.out, "segment"):  # one run per --out for videos too
-            return segment_videos(args, signals)
+            return segment_videos(args, signals, spec, dtype, device, load_vocabulary, build_with_vocabulary)
     if image_run_problem(args):
         raise UsageError(image_run_problem(args))
     if not args.images:

@@ -18,11 +18,10 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, describe, \
     error as report_error, signal_name, warn
-from ..toolkit.options import DTYPES, build_with_vocabulary, check_model_options, load_vocabulary
 from ..toolkit.outputs import OutputFolder, safe_stem
 from ..toolkit.record import now, run_record
 from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
@@ -62,9 +61,12 @@ def _check(args: argparse.Namespace, videos: List[str], others: List[str]) -> No
         raise UsageError("--save-scores is for images; for videos use --save-labels png|npz")
 
 
-def segment_videos(args: argparse.Namespace, signals) -> int:
-    """The video run of ``segment`` (options already checked by the image path's checks; ``--out``
-    held by the caller)."""
+def segment_videos(args: argparse.Namespace, signals, spec, dtype, device, load_vocabulary: Callable,
+                   build_with_vocabulary: Callable) -> int:
+    """The video run of ``segment``: ``spec``, ``dtype``, ``device`` are the model options as the
+    image path's checks returned them; ``--out`` is held by the caller. ``load_vocabulary(text)`` and
+    ``build_with_vocabulary(args, spec, dtype, device, class_names, info)`` are the command's model
+    options (sed_fast.toolkit.options), handed in so that this module stands below them."""
     videos, others = split_inputs(args.images or [])
     _check(args, videos, others)
     try:
@@ -72,15 +74,15 @@ def segment_videos(args: argparse.Namespace, signals) -> int:
     except SourceError as error:
         raise UsageError(str(error)) from None
     class_names = load_vocabulary(args.vocab)
-    spec, dtype, device = check_model_options(args)
     out_dir = Path(args.out).expanduser()
     # --out is held by the caller (cli._segment, as for images): a second lock here, on another
     # file description in this process, would find the folder busy with this very run.
-    return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir)
+    return _segment_videos_locked(args, signals, videos, class_names, spec, dtype, device, out_dir,
+                                  build_with_vocabulary)
 
 
 def _segment_videos_locked(args, signals, videos: List[str], class_names: List[str], spec, dtype, device,
-                           out_dir: Path) -> int:
+                           out_dir: Path, build_with_vocabulary: Callable) -> int:
     output = OutputFolder(out_dir)
     info = (lambda message: None) if args.quiet else (lambda message: print(f"sed-fast: {message}", file=sys.stderr))
 
@@ -109,7 +111,7 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
         "host": socket.gethostname(), "started_at": now(),
         "finished_at": None, "sed_fast_version": __version__, "kind": "video", "random_weights": random_weights,
         "checkpoint": None if random_weights else str(Path(args.checkpoint).expanduser().resolve()),
-        "variant": spec.name, "impl": None, "dtype": DTYPES[args.dtype], "device": None,
+        "variant": spec.name, "impl": None, "dtype": str(dtype).replace("torch.", ""), "device": None,
         "cer_topk": args.cer_topk, "clip_resolution": args.resolution, "batch_size": args.batch_size,
         "vocabulary": {"spec": args.vocab, "num_classes": len(class_names), "class_names": class_names},
         "num_inputs": len(inputs), "run": run_record(), "videos": [],

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from ... import kernels
 from ...kernels import cpu_linear
 from ...base.stages import stage
-from ..decoder import ClassTransformerLayer, ConvNextBlock, SEDDecoder, Up
-from ..rejection import RejectionRule
+from ..decoder import ClassTransformerLayer, ConvNextBlock, RejectionRule, SEDDecoder, Up
 
 
 # -------------------------------------------------------------------------------------------------

@@ -207,6 +207,11 @@ def extension_loaded() -> bool:
     return bool(_State.loaded) or ops_defined()
 
 
+def how_loaded() -> str:
+    """How the extension was loaded (the prebuilt library, a JIT build, ...; "" when it is not)."""
+    return _State.how if extension_loaded() else ""
+
+
 def load_error() -> str:
     """Why the extension is not loaded ("" when it is, or was never tried)."""
     return _State.error
