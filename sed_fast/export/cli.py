@@ -1,5 +1,7 @@
-"""``sed-fast export``: the reference SED with a baked-in vocabulary, as an AOTInductor package
-(``--format pt2``, loads with torch alone) or an ONNX model (``--format onnx``, ONNX Runtime).
+"""``sed-fast export``: SED with a baked-in vocabulary, as an AOTInductor package (``--format pt2``,
+loads with torch alone) or an ONNX model (``--format onnx``, ONNX Runtime); the reference decoder,
+or with ``--impl fast`` the fast decoder in plain PyTorch (sed_fast.export.fast: exact decoding;
+the export lists which formulation each piece runs).
 
     sed-fast export --vocab ade150 --checkpoint model_final.pth --format pt2 --out sed_b_ade150.pt2
     sed-fast export --vocab cat,dog,grass --random-weights --resolution 64 --format onnx --out m.onnx
