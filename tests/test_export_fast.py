@@ -35,7 +35,7 @@ def test_the_fast_formulation_equals_the_reference_decoder(reference):
         text = reference.text_embeddings
         expected = reference.decode(dense, text, features)
         res2, res3, res4, res5 = features
-        got = fast.decode(reference.decoder, dense, text, (res5, res4, res3, res2))
+        got = fast.ExportableFastDecoder(reference.decoder)(dense, text, (res5, res4, res3, res2))
     assert got.shape == expected.shape == (1, 4, 16, 16)
     assert float((got - expected).abs().max()) <= 1e-5
 

@@ -53,8 +53,8 @@ class ExportableSED(nn.Module):
     """SED with its vocabulary baked in, as a pure function of the image.
 
     ``impl``: the decoder's formulation, "reference" (the official operation order) or "fast"
-    (:func:`sed_fast.export.fast.decode`, exact decoding only; ``model`` may be a reference or a
-    fast model: the two share parameter names and modules).
+    (:class:`sed_fast.export.fast.ExportableFastDecoder`, exact decoding only; ``model`` may be a
+    reference or a fast model: the two share parameter names and modules).
 
     Input, by the official test-time resize's place:
 
@@ -94,6 +94,7 @@ class ExportableSED(nn.Module):
             raise ExportError("the fast export decodes exactly: category early rejection is exported with the "
                               "reference's static kept-class budget (--impl reference)")
         self.impl = impl
+        self.fast_decoder = fast.ExportableFastDecoder(model.decoder) if impl == "fast" else None
         if vocab_input and cer_topk is not None:
             raise ExportError("category early rejection needs a static kept-class budget of the baked-in "
                               "vocabulary: export it without the vocabulary as an input")
@@ -211,7 +212,7 @@ class ExportableSED(nn.Module):
         text = (self.text if text_embeddings is None else text_embeddings).to(self.model.dtype)
         if self.impl == "fast":
             res2, res3, res4, res5 = features
-            scores = fast.decode(self.model.decoder, dense, text, (res5, res4, res3, res2))  # (1, T, h, w)
+            scores = self.fast_decoder(dense, text, (res5, res4, res3, res2))  # (1, T, h, w)
             kept_counts = None
         elif self.cer_topk is None:
             scores = self.model.decode(dense, text, features)  # (1, T, h, w)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 #: Each piece of the exported fast decoder: which formulation the exported graph runs, and why.
@@ -29,11 +30,12 @@ FORMULATIONS: Dict[str, str] = {
                         "export path; the compiler fuses the two)",
     "convnext_mlp": "fast: the MLP on channels-last tokens, gamma and residual in one addcmul; one piece (the "
                     "chunks are sized at run time)",
-    "class_attention": "fast: q, k, v from one fused GEMM, the linear attention across classes on the (T, P, H, "
-                       "d) rows as they lie, KV and the key sum contracted over the classes (no per-pixel "
-                       "transposed copy of q, k, v; sed_fast::class_attention's kernel: no export path)",
-    "double_conv": "fast: the first conv split by input channels, the image guidance convolved once and "
-                   "broadcast over the classes (the reference convolves it repeated T times)",
+    "class_attention": "fast: q, k, v from one GEMM (fused weight), the linear attention across classes written "
+                       "on the (T, P, H, d) rows as they lie, KV and the key sum contracted over the classes "
+                       "(the reference transposes q, k, v to per-pixel rows first; sed_fast::class_attention's "
+                       "kernel: no export path)",
+    "double_conv": "fast: the first conv's weight split by input channels, the image guidance convolved once "
+                   "and broadcast over the classes (the reference convolves it repeated T times)",
     "aux_heads": "fast: not computed (exact decoding reads none of them)",
 }
 
@@ -68,51 +70,66 @@ def _convnext(block, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(x.permute(0, 2, 3, 1), block.gamma, F.linear(hidden, block.pwconv2.weight, block.pwconv2.bias))
 
 
-def _class_transformer(layer, tokens: torch.Tensor) -> torch.Tensor:
-    """FastClassTransformerLayer at pooling (1, 1): tokens (T, P, C) -> ``2x + attention + MLP``."""
-    attn = layer.attention
-    channels = tokens.shape[-1]
-    weight = torch.cat([attn.q.weight, attn.k.weight, attn.v.weight])
-    bias = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias])
-    normed = F.layer_norm(tokens, (channels,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-    q, k, v = F.linear(normed, weight, bias).split(channels, dim=-1)
-    branch = tokens + class_attention(q, k, v, attn.num_heads)
-    normed = F.layer_norm(branch, (channels,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
-    mlp = F.linear(F.relu(F.linear(normed, layer.MLP[0].weight, layer.MLP[0].bias)),
-                   layer.MLP[2].weight, layer.MLP[2].bias)
-    return tokens + branch + mlp
+class ExportableFastDecoder(nn.Module):
+    """The fast decoder's exact decoding of one image in plain PyTorch, built from a reference or a
+    fast decoder (the same modules and parameter names; shared, not copied). The weights the fast
+    layers derive (the fused q, k, v weight; the first conv's weight split by input channels) are
+    buffers here, computed once: in the exported file they are constants, as the parameters are."""
 
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.layers = (decoder.decoder1, decoder.decoder2, decoder.decoder3)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attention.attention
+            with torch.no_grad():
+                self.register_buffer(f"qkv_weight{i}", torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+                self.register_buffer(f"qkv_bias{i}", torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+                weight = layer.conv.double_conv[0].weight  # input channels: [upsampled x | guidance | corr guidance]
+                up_channels = layer.up.out_channels
+                guide_channels = weight.shape[1] - up_channels - (layer.conv.double_conv[0].in_channels
+                                                                  - layer.up.in_channels)
+                self.register_buffer(f"conv_class_weight{i}", torch.cat(
+                    [weight[:, :up_channels], weight[:, up_channels + guide_channels:]], 1).contiguous())
+                self.register_buffer(f"conv_guide_weight{i}",
+                                     weight[:, up_channels:up_channels + guide_channels].contiguous())
 
-def _fusion_layer(layer, x: torch.Tensor, guidance: torch.Tensor, corr_guidance: torch.Tensor) -> torch.Tensor:
-    """FastUp for one image: x (T, C, H, W), guidance (1, g, 2H, 2W), corr_guidance (T, g, 2H, 2W)
-    -> (T, C_out, 2H, 2W)."""
-    classes, channels, height, width = x.shape
-    tokens = _convnext(layer.cnext, x)
-    attended = _class_transformer(layer.attention, tokens.reshape(classes, height * width, channels))
-    x = attended.reshape(classes, height, width, channels).permute(0, 3, 1, 2)
-    up = layer.up(x)
-    conv_a, norm_a = layer.conv.double_conv[0], layer.conv.double_conv[1]
-    conv_b, norm_b = layer.conv.double_conv[3], layer.conv.double_conv[4]
-    up_channels, guide_channels = layer.up.out_channels, guidance.shape[1]
-    weight = conv_a.weight  # input channels: [upsampled x | image guidance | corr guidance]
-    weight_class = torch.cat([weight[:, :up_channels], weight[:, up_channels + guide_channels:]], 1)
-    weight_guide = weight[:, up_channels:up_channels + guide_channels]
-    y = F.conv2d(torch.cat([up, corr_guidance], 1), weight_class, padding=1) + F.conv2d(guidance, weight_guide,
-                                                                                       padding=1)
-    y = F.relu(norm_a(y))
-    return F.relu(norm_b(conv_b(y)))
+    def forward(self, img_feats: torch.Tensor, text: torch.Tensor, guidance: Sequence[torch.Tensor]) -> torch.Tensor:
+        """img_feats (1, D, h, w), text (T, P, D), guidance (res5, res4, res3, res2) -> scores
+        (1, T, 8h, 8w), the sigmoid of the logits."""
+        decoder = self.decoder
+        _, res4, res3, res2 = guidance
+        img = F.normalize(img_feats[0], dim=0)
+        corr = torch.einsum("dhw,tpd->tphw", img, F.normalize(text.to(img.dtype), dim=-1))  # (T, P, h, w)
+        x = decoder.conv1(corr)
+        image_guidance = decoder.decoder_guidance(res4, res3, res2)
+        corr_source = corr
+        for i, layer in enumerate(self.layers):
+            corr_source = decoder.decoder_corr_guidance_projection[i](corr_source)
+            x = self._fusion_layer(i, layer, x, image_guidance[i], corr_source)
+        return decoder.head(x)[:, 0].float().sigmoid()[None]
 
+    def _fusion_layer(self, i: int, layer, x: torch.Tensor, guidance: torch.Tensor,
+                      corr_guidance: torch.Tensor) -> torch.Tensor:
+        """FastUp: x (T, C, H, W), guidance (1, g, 2H, 2W), corr_guidance (T, g, 2H, 2W) -> (T, C_out, 2H, 2W)."""
+        classes, channels, height, width = x.shape
+        tokens = _convnext(layer.cnext, x).reshape(classes, height * width, channels)
+        attended = self._class_transformer(i, layer.attention, tokens)
+        x = attended.reshape(classes, height, width, channels).permute(0, 3, 1, 2)
+        norm_a, conv_b, norm_b = layer.conv.double_conv[1], layer.conv.double_conv[3], layer.conv.double_conv[4]
+        y = F.conv2d(torch.cat([layer.up(x), corr_guidance], 1), getattr(self, f"conv_class_weight{i}"), padding=1)
+        y = y + F.conv2d(guidance, getattr(self, f"conv_guide_weight{i}"), padding=1)  # once, for every class
+        y = F.relu(norm_a(y))
+        return F.relu(norm_b(conv_b(y)))
 
-def decode(decoder, img_feats: torch.Tensor, text: torch.Tensor, guidance: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The fast decoder's exact decoding of one image in plain PyTorch: img_feats (1, D, h, w), text
-    (T, P, D), guidance (res5, res4, res3, res2) -> scores (1, T, 8h, 8w), sigmoid of the logits."""
-    _, res4, res3, res2 = guidance
-    img = F.normalize(img_feats[0], dim=0)
-    corr = torch.einsum("dhw,tpd->tphw", img, F.normalize(text.to(img.dtype), dim=-1))  # (T, P, h, w)
-    x = decoder.conv1(corr)
-    image_guidance = decoder.decoder_guidance(res4, res3, res2)
-    corr_source = corr
-    for i, layer in enumerate((decoder.decoder1, decoder.decoder2, decoder.decoder3)):
-        corr_source = decoder.decoder_corr_guidance_projection[i](corr_source)
-        x = _fusion_layer(layer, x, image_guidance[i], corr_source)
-    return decoder.head(x)[:, 0].float().sigmoid()[None]
+    def _class_transformer(self, i: int, layer, tokens: torch.Tensor) -> torch.Tensor:
+        """FastClassTransformerLayer at pooling (1, 1): tokens (T, P, C) -> ``2x + attention + MLP``."""
+        channels = tokens.shape[-1]
+        normed = F.layer_norm(tokens, (channels,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+        qkv = F.linear(normed, getattr(self, f"qkv_weight{i}"), getattr(self, f"qkv_bias{i}"))
+        q, k, v = qkv.split(channels, dim=-1)
+        branch = tokens + class_attention(q, k, v, layer.attention.num_heads)
+        normed = F.layer_norm(branch, (channels,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+        mlp = F.linear(F.relu(F.linear(normed, layer.MLP[0].weight, layer.MLP[0].bias)),
+                       layer.MLP[2].weight, layer.MLP[2].bias)
+        return tokens + branch + mlp
