@@ -759,7 +759,7 @@ def export_comparison(row: Dict[str, object], rows: Sequence[Dict[str, object]])
         "fast" if fast_ms and (reference_ms is None or fast_ms < reference_ms) else "reference")
     where = f"SED-{str(row['variant']).upper()} B={row['batch']} {row['vocab']} {row['setting']} {fmt}"
     if speedup is not None:
-        verdict = (f"{where}: the fast export takes {fast_ms:.1f} ms, the reference export {reference_ms:.1f} ms "
+        verdict = (f"{where}: the fast export takes {fast_ms:,.1f} ms, the reference export {reference_ms:,.1f} ms "
                    f"({speedup:.2f}x): recommended: "
                    + ("the fast export (sed-fast export --impl fast)" if recommended == "fast"
                       else "the reference export (the fast one does not win here)"))

@@ -26,8 +26,8 @@ FORMULATIONS: Dict[str, str] = {
                      "linears and CUDA graphs, which the compiler decides for itself)",
     "cost_map": "fast: normalise + one einsum straight into the per-class rows (T, P, h, w), not the official "
                 "(B, P, T, h, w) map then a permuted copy (sed_fast::cost_map's kernel: no export path)",
-    "dwconv_layernorm": "reference: depthwise conv + LayerNorm (sed_fast::dwconv_layernorm's fused kernel: no "
-                        "export path; the compiler fuses the two)",
+    "dwconv_layernorm": "reference: depthwise conv, then LayerNorm (sed_fast::dwconv_layernorm's fused kernel: "
+                        "no export path)",
     "convnext_mlp": "fast: the MLP on channels-last tokens, gamma and residual in one addcmul; one piece (the "
                     "chunks are sized at run time)",
     "class_attention": "fast: q, k, v from one GEMM (fused weight), the linear attention across classes written "
