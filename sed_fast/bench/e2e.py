@@ -19,6 +19,12 @@ Implementations (``--impls``):
 ``export-onnx``          or as ONNX run by ONNX Runtime; exact decoding only; the export and compile
                          time is ``compile_ms``. They leave the official resize to the caller, so
                          they need images already at their official size (``--image-size 640``).
+``export-fast-pt2``      the same with the fast decoder (``sed-fast export --impl fast``, see
+``export-fast-onnx``     ``sed_fast.export.fast``). Its row, once the same format's reference export
+                         row of the vocabulary exists (or the other way round), carries
+                         ``export_comparison``: both medians, the fast export's speed-up and which
+                         export is recommended (the fast one only where it is faster); the run
+                         prints each verdict and lists them at the end.
 
 Settings (``--no-exact``, ``--cer-topk``, ``--kept-classes``): exact decoding; category early
 rejection with top-k (``cer_topk``); and ``--kept-classes N``: each rejection step keeps the N
@@ -86,7 +92,8 @@ from . import common
 from .instrument import ForcedKeep
 
 VOCAB_SIZES = {"voc20": 20, "pc59": 59, "ade150": 150, "pc459": 459, "ade847": 847, "coco": 171, "voc20b": 59}
-IMPLS = ("reference", "reference+autocast", "reference+compile", "fast", "export-pt2", "export-onnx")
+IMPLS = ("reference", "reference+autocast", "reference+compile", "fast", "export-pt2", "export-onnx",
+         "export-fast-pt2", "export-fast-onnx")
 DEFAULT_IMPLS = IMPLS[:4]  # the export rows compile for minutes and need official-size images: asked for by name
 NUM_PROMPTS = 80
 
@@ -620,6 +627,7 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
     start = time.perf_counter()
     skipped: List[str] = []
     rows: List[Dict[str, object]] = []
+    verdicts: List[str] = []  # the fast export against the reference export, per format and vocabulary
     header_done = False
 
     def out_of_time(cost_s: float = 0.0) -> bool:
@@ -694,11 +702,18 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
                                               compile_mode=args.compile_mode if impl == "reference+compile" else None)
                             if impl.startswith("export-") and row.get("error") is None:
                                 row["compile_ms"] = export_ms
+                            if impl.startswith("export-"):
+                                comparison = export_comparison(row, rows)
+                                if comparison is not None:
+                                    row["export_comparison"] = comparison
+                                    verdicts.append(comparison["verdict"])
                             rows.append(row)
                             if out_path is not None:
                                 common.append_rows(out_path, [row])
                             print_row(row, header=not header_done)
                             header_done = True
+                            if row.get("export_comparison"):
+                                print(f"  {row['export_comparison']['verdict']}", flush=True)
                             if row.get("interrupted"):
                                 print("interrupted: stopping (the rows so far are saved)", file=sys.stderr)
                                 return 130
@@ -710,6 +725,8 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
     if skipped:
         print(f"time budget ({args.time_budget:.0f} s) reached; skipped {len(skipped)}: " + "; ".join(skipped[:12])
               + (" ..." if len(skipped) > 12 else ""))
+    if verdicts:
+        print("exports, fast decoder vs reference decoder:\n" + "\n".join(f"  {verdict}" for verdict in verdicts))
     if out_path is not None:
         print(f"{len(rows)} rows appended to {out_path}")
     wrong = [r for r in rows if r.get("valid") is False and r.get("unchecked_median_ms") is not None]
@@ -719,16 +736,52 @@ def _run(args, device, variants, batches, vocabs, sizes, impls, fast_dtypes, aut
     return 0
 
 
+def export_comparison(row: Dict[str, object], rows: Sequence[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """The fast export against the reference export of the same format, model, batch, vocabulary and
+    setting, once both rows exist (``row`` is the later one): both medians (null when a row failed
+    or its outputs were wrong), the fast export's speed-up, the recommended export and a verdict line.
+    The fast export is recommended only where it is checked and faster."""
+    impl = str(row.get("impl"))
+    if not impl.startswith("export-"):
+        return None
+    fmt = impl.rsplit("-", 1)[1]
+    pair = {f"export-{fmt}": "reference", f"export-fast-{fmt}": "fast"}
+    key = ("variant", "batch", "vocab", "setting")
+    other = next((r for r in reversed(rows) if r.get("impl") in pair and r.get("impl") != row["impl"]
+                  and all(r.get(k) == row.get(k) for k in key)), None)
+    if other is None:
+        return None
+    medians = {pair[r["impl"]]: r.get("median_ms") for r in (row, other)}
+    reference_ms, fast_ms = medians["reference"], medians["fast"]
+    speedup = reference_ms / fast_ms if reference_ms and fast_ms else None
+    recommended = None if reference_ms is None and fast_ms is None else (
+        "fast" if fast_ms and (reference_ms is None or fast_ms < reference_ms) else "reference")
+    where = f"SED-{str(row['variant']).upper()} B={row['batch']} {row['vocab']} {row['setting']} {fmt}"
+    if speedup is not None:
+        verdict = (f"{where}: the fast export takes {fast_ms:,.1f} ms, the reference export {reference_ms:,.1f} ms "
+                   f"({speedup:.2f}x): recommended: "
+                   + ("the fast export (sed-fast export --impl fast)" if recommended == "fast"
+                      else "the reference export (the fast one does not win here)"))
+    else:
+        failed = ", ".join(name for name, ms in medians.items() if ms is None)
+        verdict = (f"{where}: no valid time for the {failed} export{'s' if ',' in failed else ''}: recommended: "
+                   + (f"the {recommended} export (the only one checked)" if recommended else "neither"))
+    return {"format": fmt, "reference_median_ms": reference_ms, "fast_median_ms": fast_ms, "fast_speedup": speedup,
+            "recommended": recommended, "verdict": verdict}
+
+
 def _exported(impl: str, reference, cache: Dict[str, object]):
-    """(the exported model, error text, export + compile ms) of ``impl`` (export-pt2 / export-onnx),
-    made once per vocabulary."""
+    """(the exported model, error text, export + compile ms) of ``impl`` (export-pt2 / export-onnx,
+    export-fast-pt2 / export-fast-onnx), made once per vocabulary."""
     if impl not in cache:
         import tempfile
 
         folder = tempfile.mkdtemp(prefix="sed_fast_bench_export_")
+        decoder, fmt = ("fast", impl.rsplit("-", 1)[1]) if impl.startswith("export-fast-") else (
+            "reference", impl.split("-", 1)[1])
         try:
             from sed_fast.export.core import exported_for_bench
-            model, seconds = exported_for_bench(impl.split("-", 1)[1], reference, folder)
+            model, seconds = exported_for_bench(fmt, reference, folder, impl=decoder)
             cache[impl] = (model, None, seconds * 1e3)
         except Exception as error:  # noqa: BLE001 - a row with the error
             cache[impl] = (None, f"export failed: {_error_text(error)}", None)

@@ -1,5 +1,7 @@
-"""``sed-fast export``: the reference SED with a baked-in vocabulary, as an AOTInductor package
-(``--format pt2``, loads with torch alone) or an ONNX model (``--format onnx``, ONNX Runtime).
+"""``sed-fast export``: SED with a baked-in vocabulary, as an AOTInductor package (``--format pt2``,
+loads with torch alone) or an ONNX model (``--format onnx``, ONNX Runtime); the reference decoder,
+or with ``--impl fast`` the fast decoder in plain PyTorch (sed_fast.export.fast: exact decoding;
+the export lists which formulation each piece runs).
 
     sed-fast export --vocab ade150 --checkpoint model_final.pth --format pt2 --out sed_b_ade150.pt2
     sed-fast export --vocab cat,dog,grass --random-weights --resolution 64 --format onnx --out m.onnx
@@ -52,7 +54,7 @@ CHECK_SIZES = ((96, 128), (131, 77))
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_PROG, description=__doc__.split("\n\n")[0].replace("``", "'"))
     parser.add_argument("--vocab", required=True, metavar="NAME|FILE|LIST", help="vocabulary baked into the model")
-    add_model_options(parser, impl=False, text_cache=False,
+    add_model_options(parser, impl_default="reference", text_cache=False,
                       device_help="pt2: cpu or cuda, the device the package runs on (default cpu); onnx is exported "
                                   "from the CPU")
     parser.add_argument("--format", choices=("pt2", "onnx"), required=True, help="pt2 (AOTInductor) or onnx")
@@ -150,6 +152,8 @@ def _export(args) -> int:
     max_classes = core.MAX_CLASSES if args.max_classes is None else args.max_classes
     if not 2 <= max_classes <= core.MAX_CLASSES_LIMIT:
         raise ExportError(f"--max-classes must be in [2, {core.MAX_CLASSES_LIMIT}], got {max_classes}")
+    if args.impl == "fast" and (args.cer_topk is not None or args.part == "text"):
+        raise ExportError("--impl fast exports the fast decoder's exact decoding: without --cer-topk, --part image")
     if args.vocab_input and args.cer_topk is not None:
         raise ExportError("--cer-topk exports a static kept-class budget of a baked-in vocabulary: it cannot be "
                           "combined with --vocab-input")
@@ -189,13 +193,14 @@ def _export(args) -> int:
                           f"--max-memory-gb {args.max_memory_gb:g}: {lower} or raise --max-memory-gb")
     info = (lambda message: None) if args.json else (lambda message: print(f"{_PROG}: {message}", file=sys.stderr))
     start = time.perf_counter()
-    model = build_model(args.variant, names, args.checkpoint, args.resolution, dtype, device=args.device)
+    model = build_model(args.variant, names, args.checkpoint, args.resolution, dtype, device=args.device,
+                        impl=args.impl)
     model.cer_topk = args.cer_topk  # the eager model the export is checked against decodes the same way
     resize_included = args.official_resize == "included"
     modules = [core.ExportableSED(model, return_scores=args.scores, cer_topk=args.cer_topk,
                                   kept_budget=args.kept_budget, max_side=max_side, input_size=size,
                                   resize_included=resize_included, vocab_input=args.vocab_input,
-                                  max_classes=max_classes).eval()
+                                  max_classes=max_classes, impl=args.impl).eval()
                for size in (sizes or [None])]
     kept_budget = modules[0].kept_budget if args.cer_topk is not None else None
     decoding = ("exact decoding" if args.cer_topk is None else
@@ -203,7 +208,9 @@ def _export(args) -> int:
     info(f"SED-{args.variant.upper()}, {len(model.class_names)} classes, {args.resolution} px, {str(dtype)[6:]}, "
          f"{args.device}, "
          f"{decoding}, {'random weights' if args.random_weights else args.checkpoint}: exporting ({args.format}"
-         + (f", {len(modules)} fixed sizes)" if sizes else ")"))
+         + (f", {len(modules)} fixed sizes)" if sizes else ")") + f", the {args.impl} decoder")
+    for piece, formulation in (modules[0].formulations or {}).items():
+        info(f"  {piece}: {formulation}")
     exports = []
     for module in modules:
         size = module.input_size
@@ -229,6 +236,7 @@ def _export(args) -> int:
     result = {"format": args.format, "variant": args.variant, "classes": len(model.class_names),
               "class_names": model.class_names, "resolution": args.resolution, "dtype": str(dtype)[6:],
               "device": args.device, "cer_topk": args.cer_topk, "kept_budget": kept_budget,
+              "impl": args.impl, "formulations": modules[0].formulations,
               "inputs": modules[0].input_names, "outputs": modules[0].output_names,
               "max_classes": max_classes if args.vocab_input else None,
               "scores": args.scores, "official_resize": args.official_resize,

@@ -1,5 +1,7 @@
-"""Exporting SED: a self-contained module (vocabulary baked in), torch.export, then AOTInductor
-(``.pt2``) or ONNX; every export is checked against the eager model on sample images."""
+"""Exporting SED: a self-contained module (vocabulary baked in or an input), torch.export, then
+AOTInductor (``.pt2``) or ONNX; every export is checked against the eager model on sample images.
+The decoder is the reference's, or with ``impl="fast"`` the fast model's formulation in plain
+PyTorch (:mod:`sed_fast.export.fast`)."""
 from __future__ import annotations
 
 import json
@@ -16,9 +18,12 @@ import torch.nn.functional as F
 
 from ..models.encoder import preprocess_images
 from ..models.rejection import TopKUnion
+from . import fast
 from .runtime import CONTRACT_KEY
 
 FORMATS = ("pt2", "onnx")
+#: The decoders an export can carry: the reference's, or the fast model's (:mod:`sed_fast.export.fast`).
+IMPLS = ("reference", "fast")
 #: Image sides the exported model accepts (each of H and W); the official resize gives a short side
 #: of 640 and a long side of at most 2560.
 MIN_SIDE, MAX_SIDE = 32, 2560
@@ -46,7 +51,11 @@ class ExportError(Exception):
 
 
 class ExportableSED(nn.Module):
-    """The reference SED with its vocabulary baked in, as a pure function of the image.
+    """SED with its vocabulary baked in, as a pure function of the image.
+
+    ``impl``: the decoder's formulation, "reference" (the official operation order) or "fast"
+    (:class:`sed_fast.export.fast.ExportableFastDecoder`, exact decoding only; ``model`` may be a
+    reference or a fast model: the two share parameter names and modules).
 
     Input, by the official test-time resize's place:
 
@@ -76,10 +85,17 @@ class ExportableSED(nn.Module):
     def __init__(self, model, return_scores: bool = False, cer_topk: Optional[int] = None,
                  kept_budget: Optional[int] = None, max_side: int = MAX_SIDE,
                  input_size: Optional[Tuple[int, int]] = None, resize_included: bool = False,
-                 vocab_input: bool = False, max_classes: int = MAX_CLASSES):
+                 vocab_input: bool = False, max_classes: int = MAX_CLASSES, impl: str = "reference"):
         super().__init__()
         if model.text_embeddings is None:
             raise ExportError("the model has no vocabulary")
+        if impl not in IMPLS:
+            raise ExportError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
+        if impl == "fast" and cer_topk is not None:
+            raise ExportError("the fast export decodes exactly: category early rejection is exported with the "
+                              "reference's static kept-class budget (--impl reference)")
+        self.impl = impl
+        self.fast_decoder = fast.ExportableFastDecoder(model.decoder) if impl == "fast" else None
         if vocab_input and cer_topk is not None:
             raise ExportError("category early rejection needs a static kept-class budget of the baked-in "
                               "vocabulary: export it without the vocabulary as an input")
@@ -149,6 +165,11 @@ class ExportableSED(nn.Module):
     def device(self) -> torch.device:
         return self.text.device
 
+    @property
+    def formulations(self) -> Optional[Dict[str, str]]:
+        """The fast export's pieces and the formulation each runs (None for the reference)."""
+        return dict(fast.FORMULATIONS) if self.impl == "fast" else None
+
     def example_input(self) -> torch.Tensor:
         """An input of the exported signature (its values do not matter), on the model's device."""
         if self.resize_included:
@@ -190,7 +211,11 @@ class ExportableSED(nn.Module):
         clip_images = preprocess_images(image.to(torch.float32), self.resolution)
         dense, features = self.model.encode_image(clip_images)
         text = (self.text if text_embeddings is None else text_embeddings).to(self.model.dtype)
-        if self.cer_topk is None:
+        if self.impl == "fast":
+            res2, res3, res4, res5 = features
+            scores = self.fast_decoder(dense, text, (res5, res4, res3, res2))  # (1, T, h, w)
+            kept_counts = None
+        elif self.cer_topk is None:
             scores = self.model.decode(dense, text, features)  # (1, T, h, w)
             kept_counts = None
         else:
@@ -263,7 +288,7 @@ def contract(module: ExportableSED) -> Dict[str, object]:
         inputs.append({"name": TEXT_INPUT, "dtype": "float32",
                        "shape": [["T", 1, module.max_classes], *module.text_shape], "hint": TEXT_HINT})
     class_names = None if module.vocab_input else list(getattr(module.model, "class_names", None) or [])
-    return {"inputs": inputs, "outputs": module.output_names, "class_names": class_names}
+    return {"inputs": inputs, "outputs": module.output_names, "class_names": class_names, "impl": module.impl}
 
 
 def _example(height: int = 64, width: int = 96) -> torch.Tensor:
@@ -489,11 +514,11 @@ class ExportedSED(nn.Module):
         return torch.stack([self.runner(images[b:b + 1].float().contiguous())[1] for b in range(images.shape[0])])
 
 
-def exported_for_bench(fmt: str, model, folder) -> Tuple[ExportedSED, float]:
-    """Export ``model`` (a reference SED with its text set) in ``fmt`` into ``folder``: (the
-    callable, seconds the export and compile took)."""
+def exported_for_bench(fmt: str, model, folder, impl: str = "reference") -> Tuple[ExportedSED, float]:
+    """Export ``model`` (a reference SED with its text set) in ``fmt`` into ``folder``, its decoder
+    as ``impl`` formulates it: (the callable, seconds the export and compile took)."""
     start = time.perf_counter()
-    module = ExportableSED(model, return_scores=True).eval()
+    module = ExportableSED(model, return_scores=True, impl=impl).eval()
     if fmt == "pt2":
         runner = torch._inductor.aoti_load_package(str(export_pt2(module, Path(folder) / "model.pt2")))
     elif fmt == "onnx":

@@ -41,7 +41,7 @@ def add_model_options(parser, *, impl_default: Optional[str] = None, impl: bool 
     parser.add_argument("--variant", default="b", help="b (SED-B, ConvNeXt-B) or l (SED-L, ConvNeXt-L); default b")
     if impl:
         parser.add_argument("--impl", choices=("fast", "reference"), default=impl_default,
-                            help="implementation (default: fast" + (
+                            help=f"implementation (default: {impl_default or 'fast'}" + (
                                 ", falling back to reference with a warning if the fast one cannot be built)"
                                 if impl_default is None else ")"))
     if cer_topk:
