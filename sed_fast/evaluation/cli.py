@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -29,7 +30,8 @@ from typing import Dict, List, Optional, Sequence
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, parse_command_line, \
     signal_name
 from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, read_checkpoint
-from ..toolkit.outputs import hold_output
+from ..base.files import remove_stale_temporaries
+from ..toolkit.outputs import OutputClaim, hold_output
 
 _PROG = "sed-fast eval"
 
@@ -497,23 +499,58 @@ def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, datase
     if not out_dir.is_dir():
         raise UsageError(f"--out {args.out} is not a folder")
     model_names = ["fast", "reference"] if args.compare else [args.impl]
+    names = _output_names(args, state_file, model_names)
+    claim = OutputClaim(out_dir, "eval", legacy_owned=_written_by_an_earlier_run(out_dir, state_file, names,
+                                                                                 state_mod))
+    claim.refuse_collisions(f"--out {args.out}", names, keep=[Path(os.path.expanduser(args.checkpoint))]
+                            if args.checkpoint else [])  # before anything is read, deleted or written
     if state_file.exists() and args.resume:
         state = state_mod.load_state(state_file)
         state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file,
                                   names=_names(dataset))
         note(f"resuming: {len(state.finished)} of {len(dataset.samples)} images already evaluated ({state_file})")
+        claim.claim(names)
+        remove_stale_temporaries(out_dir)
         return state
     if state_file.exists() and not args.overwrite:
         raise UsageError(f"{out_dir} holds a saved evaluation ({state_file.name}): pass --resume to continue it, "
                          "--overwrite to start over, or another --out")
     if args.resume:
-        note(f"--resume: no saved evaluation in {out_dir}; starting from the first image")
-    for stale in ("results.json", "results.md", "log.txt", "per_class_iou.png", "confusion.npy"):
-        if (out_dir / stale).exists():
-            (out_dir / stale).unlink()
+        raise UsageError(f"--resume: --out {args.out} holds no saved evaluation to resume (no {state_file.name}); "
+                         "nothing was changed. Leave out --resume to start an evaluation")
+    claim.claim(names)
+    claim.remove_owned(names=names)  # an earlier run's results (and state, with --overwrite): this run's are new
+    remove_stale_temporaries(out_dir)
     state = runner.new_state(settings, model_names, dataset.num_classes)
     state.names = _names(dataset)
     return state
+
+
+def _output_names(args, state_file: Path, model_names: List[str]) -> List[str]:
+    """The names eval writes into --out (files, and the predictions folder)."""
+    names = [state_file.name, "results.json", "results.md", "log.txt", "per_class_iou.png"]
+    names += ["confusion.npy"] if len(model_names) == 1 else [f"confusion_{name}.npy" for name in model_names]
+    return names + ([PREDICTIONS_DIR] if args.save_predictions else [])
+
+
+def _written_by_an_earlier_run(out_dir: Path, state_file: Path, names: List[str], state_mod):
+    """``legacy_owned`` of eval's claim: in a folder an eval of a sed-fast without claim files wrote
+    (its resume file, or a results.json that lists its result set), eval's output names are its own.
+    Read on first use (a folder with a claim file never asks)."""
+    found: List[set] = []
+
+    def earlier_outputs() -> set:
+        if not found:
+            try:
+                results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                results = None
+            listed = isinstance(results, dict) and isinstance(results.get("files"), dict)
+            earlier = listed or state_mod.is_state_file(state_file)
+            found.append((set(names) | (set(results["files"]) if listed else set())) if earlier else set())
+        return found[0]
+
+    return lambda name: name in earlier_outputs()
 
 
 def _names(dataset) -> Dict[str, List[str]]:

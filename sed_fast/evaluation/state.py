@@ -21,7 +21,7 @@ import torch
 from ..base.files import atomic_write_bytes
 
 __all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences",
-           "names_change", "check_resumable"]
+           "names_change", "check_resumable", "is_state_file"]
 
 STATE_FILE = "eval_state.pt"
 _FORMAT = "sed_fast.evaluation.state"
@@ -55,6 +55,15 @@ def save_state(path: Path, state: EvalState) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue(), fsync=True)
+
+
+def is_state_file(path: Path) -> bool:
+    """Whether ``path`` is a file an evaluation saved its state in (of any version)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated, garbage: not one
+        return False
+    return isinstance(payload, dict) and payload.get("format") == _FORMAT
 
 
 def load_state(path: Path) -> EvalState:

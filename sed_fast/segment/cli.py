@@ -49,7 +49,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..toolkit.errors import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, PROG as _PROG, UsageError, describe,
                               error as _error, parse_command_line, signal_name, warn as _warn)
 from ..toolkit.options import DTYPES, add_model_options, build_with_vocabulary, check_model_options, load_vocabulary
-from ..toolkit.outputs import STEM_BYTES, OutputFolder, hold_output, safe_stem, shorten
+from ..toolkit.outputs import STEM_BYTES, OutputFolder, claim_outputs, hold_output, safe_stem, shorten
+from ..video import written_by_an_earlier_run
 from ..toolkit.progress import Progress
 from ..toolkit.record import now, run_record
 from ..toolkit.signals import StopSignals
@@ -308,6 +309,9 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     for the total time)."""
     output = OutputFolder(out_dir)
     finished = _finished_records(args, out_dir, inputs) if getattr(args, "resume", False) else {}
+    claim_outputs(args.out, out_dir, "segment", ["summary.json"] + [item.stem + suffix for item in inputs
+                                                                    for suffix in _output_suffixes(args)],
+                  checkpoint=args.checkpoint, legacy_owned=written_by_an_earlier_run(out_dir))
     todo = [item for item in inputs if str(item.path) not in finished]
     random_weights = args.checkpoint is None
     if random_weights:
@@ -476,6 +480,12 @@ def _finished_records(args, out_dir: Path, inputs: List[_Input]) -> Dict[str, di
 
 
 _OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_scores.npy", "_labels.npy")
+
+
+def _output_suffixes(args) -> List[str]:
+    """The suffixes of the files this run writes per image."""
+    return ["_labels.png", "_overlay.png"] + (["_labels.npy"] if getattr(args, "save_label_npy", False) else []) \
+        + (["_scores.npy"] if getattr(args, "save_scores", False) else [])
 
 
 def _stale_outputs(out_dir: Path, inputs: List[_Input]) -> List[str]:

@@ -94,7 +94,7 @@ class _LabelSink:
             self.name = self.folder.name + "/"
         else:
             self.path = out_dir / f"{stem}_labels.npz"
-            self.tmp = out_dir / f".{stem}_labels.npz.partial"
+            self.tmp = out_dir / f".{stem}_labels.npz.{os.getpid()}.partial.tmp"  # the owner's pid: see base.files
             self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
             self.name = self.path.name
 

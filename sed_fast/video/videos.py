@@ -23,9 +23,9 @@ from typing import Dict, List, Optional
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, describe, \
     error as report_error, signal_name, warn
 from ..toolkit.options import DTYPES, build_with_vocabulary, check_model_options, load_vocabulary
-from ..toolkit.outputs import OutputFolder, safe_stem
+from ..toolkit.outputs import OutputFolder, claim_outputs, safe_stem
 from ..toolkit.record import now, run_record
-from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
+from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs, written_by_an_earlier_run
 from .io import SourceError, VideoError, import_av, open_source
 from .run import VideoOptions, describe_timing, segment_video
 
@@ -97,6 +97,18 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
             raise UsageError(str(error)) from None
     else:
         opened = {}
+
+    names = ["summary.json"]
+    for stem in stems:
+        names.append(f"{stem}_overlay.mp4")
+        if args.save_labels:
+            names.append(f"{stem}_labels" if args.save_labels == "png" else f"{stem}_labels.npz")
+    claim_outputs(args.out, out_dir, "segment", names, checkpoint=args.checkpoint,
+                  legacy_owned=written_by_an_earlier_run(out_dir))
+    for stem in stems:  # an overlay a killed run left unfinished (the folder is held: no other run writes it)
+        partial = out_dir / f".{stem}_overlay.mp4.partial.mp4"
+        if partial.is_file():
+            partial.unlink()
 
     random_weights = args.checkpoint is None
     if random_weights:
