@@ -202,3 +202,27 @@ class _Module:
 
     def eval(self):
         return self
+
+
+# -- report -------------------------------------------------------------------------------------------
+def test_report_refuses_a_users_file_and_rewrites_its_own(tmp_path):
+    from sed_fast.bench import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "e2e.jsonl").write_text(json.dumps({"kind": "e2e", "variant": "b", "impl": "fast", "batch": 1,
+                                                   "classes": 3, "median_ms": 1.0}) + "\n")
+    out = tmp_path / "out"
+    users = user_files(out)
+    (out / "stages.png").write_bytes(b"the user's picture")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert report.main(["--results-dir", str(results), "--out", str(out)]) == 2
+    assert "stages.png" in err.getvalue() and (out / "stages.png").read_bytes() == b"the user's picture"
+    assert not (out / "report.md").exists()
+    (out / "stages.png").unlink()
+    for _ in range(2):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()) as err:
+            assert report.main(["--results-dir", str(results), "--out", str(out), "--no-plots"]) == 0, err.getvalue()
+        assert {name: _digests(out)[name] for name in users} == users
+    assert (out / "report.md").read_text().startswith("# SED benchmark report")
