@@ -94,7 +94,7 @@ def _serialise(payload) -> bytes:
 def save_training(out_dir: Path, model_state: Dict[str, torch.Tensor], done: int, max_iter: int, state: dict,
                   written: Sequence[str] = (), keep_last: int = DEFAULT_KEEP_LAST,
                   protected: Iterable[Path] = ()) -> Tuple[Path, List[str]]:
-    """Write the checkpoint, its state and ``last_checkpoint``, then delete this run's older files:
+    """Write the checkpoint's state, the checkpoint and ``last_checkpoint``, then delete this run's older files:
     every older state, and the checkpoints older than the ``keep_last`` newest. ``written``: the
     checkpoint names this run wrote before (oldest first; a resumed run's come from its state);
     ``protected``: files never deleted. Returns the checkpoint's path and the names kept."""
@@ -106,11 +106,20 @@ def save_training(out_dir: Path, model_state: Dict[str, torch.Tensor], done: int
     earlier = [n for n in written if n != name and _own_name(n)]
     kept = (earlier + [name])[-keep_last:]
     finished = done >= max_iter
-    atomic_write_bytes(path, _serialise({"model": model_state, "iteration": done - 1}), fsync=True)
     payload = {"format": _FORMAT, "version": _VERSION, "checkpoint": name, "iteration": done - 1,
                "finished": finished, "checkpoints": kept,
                **{k: v for k, v in state.items() if not (finished and k in _RESUME_ONLY)}}
-    atomic_write_bytes(Path(str(path) + STATE_SUFFIX), _serialise(payload), fsync=True)
+    # The state first: a checkpoint in --out without its state beside it is not taken for this
+    # run's (the --out rule), so a process killed in between leaves none such; a write that fails
+    # takes its state with it.
+    state_path = Path(str(path) + STATE_SUFFIX)
+    atomic_write_bytes(state_path, _serialise(payload), fsync=True)
+    try:
+        atomic_write_bytes(path, _serialise({"model": model_state, "iteration": done - 1}), fsync=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(state_path)
+        raise
     atomic_write_text(out_dir / LAST_CHECKPOINT, name + "\n", fsync=True)
     keep = {_identity(p) for p in protected} - {None}
     for old in earlier:
