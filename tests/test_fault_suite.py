@@ -362,3 +362,24 @@ def test_a_signal_at_the_last_model_call_finishes_or_resumes_to_the_end(tmp_path
         stand_ins.undo()
         use_stand_ins(stand_ins.setattr)
         finish(tool, out, users, reference)
+
+
+@pytest.mark.parametrize("name", list(TOOLS))
+def test_a_signal_while_the_last_outputs_are_written_finishes_the_run(tmp_path, stand_ins, reference, name):
+    """SIGTERM during the writes of the last image, frame, report or checkpoint: they are finished
+    and the run ends as finished (exit 0, its summary complete), never "interrupted"."""
+    tool = _tool(name, reference)
+    tool.setup(tmp_path)
+    counted = install("SIGTERM", "write", 0, tmp_path / "counted", stand_ins.setattr)
+    assert run(tool.argv(tmp_path / "counted"))[0] == 0
+    writes = counted["write"]
+    for last in (1, 2):
+        out = tmp_path / f"out{last}"
+        users = with_user_files(out, tool)
+        install("SIGTERM", "write", writes - last + 1, out, stand_ins.setattr)
+        code, err = run(tool.argv(out))
+        assert code == 0 and "finished before SIGTERM took effect" in err, err
+        check_folder(out, users)
+        assert tool.result(out) == reference[tool.name]
+        if (out / "summary.json").exists():
+            assert json.loads((out / "summary.json").read_text())["status"] == "complete"

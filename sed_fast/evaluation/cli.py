@@ -32,6 +32,7 @@ from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, Usag
 from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, read_checkpoint
 from ..base.files import remove_stale_temporaries
 from ..toolkit.outputs import OutputClaim, hold_output
+from ..toolkit.signals import StopSignals
 
 _PROG = "sed-fast eval"
 
@@ -120,9 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .runner import quiet_loader_shutdown
     from .state import StateError
 
+    signals = StopSignals()  # the runner holds its own over the images; these stop the rest of the run
+    signals.install()
     try:
         with quiet_loader_shutdown():
-            return _run(args)
+            return _run(args, signals)
     except (UsageError, StateError) as error:
         _error(str(error), args)
         return EXIT_USAGE
@@ -139,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.debug:
             print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signals.restore()
 
 
 def _resume_hint(args) -> str:
@@ -311,7 +316,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
 
 
 # -- run -----------------------------------------------------------------------------------------
-def _run(args) -> int:
+def _run(args, signals: StopSignals) -> int:
     from . import distributed, report, runner, state as state_mod
     from .metrics import compute_metrics, copypaste_lines
 
@@ -431,8 +436,13 @@ def _run(args) -> int:
         log.extend(report.log_line(line) for line in lines)
         for line in lines:
             print(line, flush=True)
-        for message in report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot):
+        with signals.finishing():  # the result set whole: a signal now comes after the run's end
+            messages = report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot)
+        for message in messages:
             print(f"{_PROG}: {message}", file=sys.stderr)
+        if signals.late is not None:
+            print(f"{_PROG}: the evaluation finished before {signal_name(signals.late)} took effect: the results "
+                  "are complete, nothing is left to resume", file=sys.stderr)
         info(f"results in {out_dir} (results.json, results.md, log.txt)")
         if args.random_weights:
             print(f"{_PROG}: WARNING: these figures were made with RANDOM WEIGHTS", file=sys.stderr)
@@ -491,13 +501,7 @@ def _prediction_writer(args, out_dir: Path, dataset, models: List[str], clear: b
 
 
 def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, dataset, state_mod, runner, note):
-    """Rank 0: the state to start from (a resumed one, or new); creates --out."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out} is not a folder")
+    """Rank 0, holding --out: the state to start from (a resumed one, or new)."""
     model_names = ["fast", "reference"] if args.compare else [args.impl]
     names = _output_names(args, state_file, model_names)
     claim = OutputClaim(out_dir, "eval", legacy_owned=_written_by_an_earlier_run(out_dir, state_file, names,

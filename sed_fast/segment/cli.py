@@ -392,7 +392,9 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
                         raise result
                     if "note" in result["record"]:
                         _report_note(progress, item, result["record"]["note"])
-                    with signals.deferred():  # this image's files and the summary, whole
+                    # this image's files and the summary, whole; after the last image's, a signal no
+                    # longer stops the run: it has finished
+                    with signals.finishing() if item is todo[-1] else signals.deferred():
                         record.update(_write_outputs(output, item, result, args, random_weights))
                         records.append(record)
                         save_summary(force=False)
@@ -434,10 +436,14 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
     seconds = time.perf_counter() - run_start
-    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=now(),
-                       seconds_total=round(seconds, 3)):
-        code = EXIT_FAILED  # the outputs are there, their summary is not
-        _finish_in_place(summary_path, dict(summary, exit_code=code))
+    with signals.finishing():
+        if not _save_final(save_summary, status="complete", exit_code=code, finished_at=now(),
+                           seconds_total=round(seconds, 3)):
+            code = EXIT_FAILED  # the outputs are there, their summary is not
+            _finish_in_place(summary_path, dict(summary, exit_code=code))
+    if signals.late is not None:
+        _warn(f"the run finished before {signal_name(signals.late)} took effect: every output is written, nothing "
+              "is left to resume")
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])

@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..evaluation.state import settings_differences
+from ..evaluation.state import StateError, read_payload, settings_differences
 from ..base.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["StateError", "checkpoint_name", "save_training", "load_training", "rng_state", "set_rng_state",
@@ -46,10 +46,6 @@ _VERSION = 1
 DEFAULT_KEEP_LAST = 2
 #: What a finished run's state leaves out: only an interrupted run is resumed.
 _RESUME_ONLY = ("optimizer", "scaler", "rng")
-
-
-class StateError(Exception):
-    """A resumable state that cannot be used: missing, corrupt, other settings."""
 
 
 def checkpoint_name(done: int, max_iter: int) -> str:
@@ -180,16 +176,7 @@ def load_training(out_dir: Path):
     for needed in (path, state_path):
         if not needed.is_file():
             raise StateError(f"{out_dir / LAST_CHECKPOINT} names {path.name} but {needed} is missing; {hint}")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, garbage, not a torch file
-        raise StateError(f"the resumable state {state_path} is corrupt ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise StateError(f"{state_path} is not a sed-fast training state; {hint}")
-    if state.get("version") != _VERSION:
-        raise StateError(f"{state_path} has format version {state.get('version')!r}, this sed-fast reads "
-                         f"version {_VERSION}; {hint}")
+    state = read_payload(state_path, _FORMAT, _VERSION, "training state", hint)
     from ..data.checkpoint import CheckpointError, read_state_dict
     try:
         weights = read_state_dict(path)

@@ -11,6 +11,7 @@ work and waiting) and the classes present over time (intervals of decoded-frame 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -176,10 +177,12 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
                     traceback.print_exception(type(error), error, error.__traceback__)
                 save()
                 continue
-            record.update(result)
-            current["record"] = None
-            _report(record, info)
-            save()
+            last = i == len(inputs) - 1  # its overlay is closed: a signal from here on comes after the run's end
+            with signals.finishing() if last else contextlib.nullcontext():
+                record.update(result)
+                current["record"] = None
+                _report(record, info)
+                save()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
         record = current["record"]
@@ -200,7 +203,10 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
         raise
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
-    save(status="complete", exit_code=code, finished_at=now())
+    with signals.finishing():
+        save(status="complete", exit_code=code, finished_at=now())
+    if signals.late is not None:
+        warn(f"the run finished before {signal_name(signals.late)} took effect: every output is written")
     for r in failed:
         if r["status"] == "truncated":
             report_error(f"{r['input']}: {r['error']}")
