@@ -89,12 +89,15 @@ class Video(Tool):
     resumes = False
     model_calls = 7
 
+    clip = None
+
     def setup(self, root):
         pytest.importorskip("av")
         sys.path.insert(0, str(ROOT / "tests" / "video"))
         from video_clips import write_clip
 
-        self.clip = write_clip(root / "shapes.mp4", frames=self.model_calls)
+        if self.clip is None:  # one clip for the module: the same input bytes for every run
+            self.clip = write_clip(root / "shapes.mp4", frames=self.model_calls)
 
     def argv(self, out):
         return ["segment", self.clip, "--vocab", "cat,dog", *MODEL, "--save-labels", "png", "--out", out]
