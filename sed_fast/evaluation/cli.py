@@ -436,7 +436,7 @@ def _run(args, signals: StopSignals) -> int:
         log.extend(report.log_line(line) for line in lines)
         for line in lines:
             print(line, flush=True)
-        with signals.finishing():  # the result set whole: a signal now comes after the run's end
+        with signals.finishing():  # the result set whole: a signal during it comes after the run's end
             messages = report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot)
         for message in messages:
             print(f"{_PROG}: {message}", file=sys.stderr)
