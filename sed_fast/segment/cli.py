@@ -68,7 +68,9 @@ DESCRIPTION = ("Segment images with an open vocabulary. Writes, per image, <stem
                "<stem>_labels.npy and with --save-scores <stem>_scores.npy (float16, T x H x W); and "
                "summary.json (rewritten as the run goes, with its status). Each file is written whole or "
                "not at all. A reused --out: nothing is deleted; the output files of an earlier run that "
-               "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
+               "this run does not rewrite are listed in summary.json (stale_files) and on stderr; a file under one of "
+               "this run's output names that no segment run wrote stops the run (exit 2) before anything is "
+               "written. "
                "Exit code: 0 all images ok, 1 some failed, 2 usage error, 128+n stopped by signal n "
                "(130 SIGINT, 143 SIGTERM, 129 SIGHUP).")
 
