@@ -297,16 +297,30 @@ def test_unwritable_out_is_a_usage_error_before_the_model_is_built(tmp_path, fak
 
 
 def test_symlinks_in_out_are_replaced_not_written_through(tmp_path, fake_build):
+    """Links a user put under the outputs' names are theirs: refused, untouched. Where a run's own
+    outputs were replaced by links, the next run replaces the links, never writing through them."""
     outside = tmp_path / "outside"
     outside.mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("img000_labels.png", "img000_overlay.png", "summary.json"):
+    names = ("img000_labels.png", "img000_overlay.png", "summary.json")
+    for name in names:
         (outside / name).write_bytes(b"precious")
         (out / name).symlink_to(outside / name)
-    code, err = run_main(["segment", _images(tmp_path / "in", 1), *FAKE_ARGS, "--out", out])
+    images = _images(tmp_path / "in", 1)
+    code, err = run_main(["segment", images, *FAKE_ARGS, "--out", out])
+    assert code == 2 and "img000_labels.png" in err and "did not write" in err, err
+    assert fake_build == []
+    for name in names:
+        assert (out / name).is_symlink() and (outside / name).read_bytes() == b"precious"
+        (out / name).unlink()
+    assert run_main(["segment", images, *FAKE_ARGS, "--out", out])[0] == 0
+    for name in names:  # the run's own files, now links to files outside
+        (out / name).unlink()
+        (out / name).symlink_to(outside / name)
+    code, err = run_main(["segment", images, *FAKE_ARGS, "--out", out])
     assert code == 0, err
-    for name in ("img000_labels.png", "img000_overlay.png", "summary.json"):
+    for name in names:
         assert (outside / name).read_bytes() == b"precious"
         assert not (out / name).is_symlink() and (out / name).is_file()
     assert _assert_folder_is_whole(out)["status"] == "complete"

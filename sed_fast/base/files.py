@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, List, Mapping, Union
 
 PathLike = Union[str, os.PathLike]
 
-#: ``.<name>.<pid>.<random>.tmp``: what :func:`_make_temporary` creates (mkstemp's random part is 8 characters).
+#: ``.<name>.<pid>.<random>.tmp``: what :func:`_temporary_path` names.
 _TEMPORARY = re.compile(r"^\..+\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp$")
 _DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -47,9 +47,14 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _make_temporary(folder: Path, target_name: str):
-    """(file descriptor, path) of a new temporary file for ``target_name`` in ``folder``."""
-    return tempfile.mkstemp(dir=folder, prefix=f".{target_name[:64]}.{os.getpid()}.", suffix=".tmp")
+def _temporary_path(folder: Path, target_name: str) -> Path:
+    """A new temporary file name for ``target_name`` in ``folder`` (the file is not created)."""
+    return Path(folder) / f".{target_name[:64]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _create_temporary(path: Path) -> int:
+    """Create ``path`` (which must not exist), readable and writable by its owner only; its file descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
 
 
 def _remove_quietly(path) -> None:
@@ -66,8 +71,11 @@ def atomic_write(path: PathLike, write: Callable, binary: bool = True, fsync: bo
     path = Path(path)
     tmp = None
     try:
-        with _signals_deferred():
-            fd, tmp = _make_temporary(path.parent, path.name)
+        # The name is known before the file exists: a signal whose handler raises at any point
+        # from here on (Python runs handlers between any two steps, and another thread of the
+        # process may take a signal that this one holds back) still finds the file to remove.
+        tmp = _temporary_path(path.parent, path.name)
+        fd = _create_temporary(tmp)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             if fsync:
@@ -104,9 +112,9 @@ def atomic_write_set(folder: PathLike, files: Mapping[str, bytes], fsync: bool =
     try:
         for name, data in files.items():
             final = folder / name
-            with _signals_deferred():
-                fd, tmp = _make_temporary(folder, final.name)
-                staged.append((tmp, final))
+            tmp = _temporary_path(folder, final.name)
+            staged.append((tmp, final))  # before the file exists (see atomic_write)
+            fd = _create_temporary(tmp)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 if fsync:

@@ -35,6 +35,7 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..toolkit.errors import EXIT_USAGE, UsageError
 from . import common
 
 #: SED-B, 768x768, one A6000, batch 1 (Xie et al., CVPR 2024): latency in ms with CER top-k.
@@ -264,7 +265,7 @@ def write_markdown(path: Path, rows, plots: Sequence[str], not_plotted: Optional
     e2e = [r for r in rows if r.get("kind", "e2e") == "e2e"]
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     profiles = [r for r in rows if r.get("kind") == "profile"]
-    lines = ["# SED benchmark report", ""]
+    lines = [_REPORT_TITLE, ""]
     runs = group_runs(rows)
     names = {key: f"run {i}" for i, key in enumerate(runs, 1)}
     lines += ["Runs: rows measured on one machine, at one commit, with the same image size, encoder resolution, "
@@ -550,6 +551,26 @@ def print_summary(rows, file=None) -> None:
                   f"{common.fmt(r.get('speedup_vs_official'), 2):>7}  {status}", file=file)
 
 
+PLOTS = ("latency_vs_classes.png", "stages.png", "roofline.png")
+_REPORT_TITLE = "# SED benchmark report"
+
+
+def _claim_outputs(args, out: Path) -> None:
+    """The ``--out`` rule: the report's files may replace only files a report wrote there."""
+    from ..toolkit.outputs import claim_outputs
+
+    names = [f"{args.name}.md", *PLOTS]
+
+    def written_by_an_earlier_report(name: str) -> bool:  # a report of a sed-fast without claim files
+        try:
+            with open(out / f"{args.name}.md", encoding="utf-8") as handle:
+                return handle.readline().rstrip("\n") == _REPORT_TITLE
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    claim_outputs(str(args.out or out), out, "report", names, legacy_owned=written_by_an_earlier_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sed-fast report", description="Markdown + PNG report of benchmark results.")
     parser.add_argument("files", nargs="*", help=".jsonl files or folders (default: the results folder)")
@@ -571,6 +592,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows:
         print(f"no result rows in {', '.join(map(str, args.files or [folder]))}", file=sys.stderr)
         return 1
+    try:
+        _claim_outputs(args, out)
+    except UsageError as error:
+        print(f"sed-fast report: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     plots: List[str] = []
     not_plotted: Dict[str, str] = {}
     if not args.no_plots:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import time
@@ -29,7 +30,9 @@ from typing import Dict, List, Optional, Sequence
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, parse_command_line, \
     signal_name
 from ..toolkit.options import DTYPES, add_model_options, build_model, check_model_options, read_checkpoint
-from ..toolkit.outputs import hold_output
+from ..base.files import remove_stale_temporaries
+from ..toolkit.outputs import OutputClaim, hold_output
+from ..toolkit.signals import StopSignals
 
 _PROG = "sed-fast eval"
 
@@ -118,9 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .runner import quiet_loader_shutdown
     from .state import StateError
 
+    signals = StopSignals()  # the runner holds its own over the images; these stop the rest of the run
+    signals.install()
     try:
         with quiet_loader_shutdown():
-            return _run(args)
+            return _run(args, signals)
     except (UsageError, StateError) as error:
         _error(str(error), args)
         return EXIT_USAGE
@@ -137,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.debug:
             print(f"{_PROG}: (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signals.restore()
 
 
 def _resume_hint(args) -> str:
@@ -309,7 +316,7 @@ def _build_models(args, spec, dtype, device, vocabulary: List[str], ctx, info,
 
 
 # -- run -----------------------------------------------------------------------------------------
-def _run(args) -> int:
+def _run(args, signals: StopSignals) -> int:
     from . import distributed, report, runner, state as state_mod
     from .metrics import compute_metrics, copypaste_lines
 
@@ -429,8 +436,13 @@ def _run(args) -> int:
         log.extend(report.log_line(line) for line in lines)
         for line in lines:
             print(line, flush=True)
-        for message in report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot):
+        with signals.finishing():  # the result set whole: a signal during it comes after the run's end
+            messages = report.write_reports(out_dir, results, confusion, log, plot=not args.no_plot)
+        for message in messages:
             print(f"{_PROG}: {message}", file=sys.stderr)
+        if signals.late is not None:
+            print(f"{_PROG}: the evaluation finished before {signal_name(signals.late)} took effect: the results "
+                  "are complete, nothing is left to resume", file=sys.stderr)
         info(f"results in {out_dir} (results.json, results.md, log.txt)")
         if args.random_weights:
             print(f"{_PROG}: WARNING: these figures were made with RANDOM WEIGHTS", file=sys.stderr)
@@ -489,31 +501,60 @@ def _prediction_writer(args, out_dir: Path, dataset, models: List[str], clear: b
 
 
 def _prepare_state(args, out_dir: Path, state_file: Path, settings: dict, dataset, state_mod, runner, note):
-    """Rank 0: the state to start from (a resumed one, or new); creates --out."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out} is not a folder")
+    """Rank 0, holding --out: the state to start from (a resumed one, or new)."""
     model_names = ["fast", "reference"] if args.compare else [args.impl]
+    names = _output_names(args, state_file, model_names)
+    claim = OutputClaim(out_dir, "eval", legacy_owned=_written_by_an_earlier_run(out_dir, state_file, names,
+                                                                                 state_mod))
+    claim.refuse_collisions(f"--out {args.out}", names, keep=[Path(os.path.expanduser(args.checkpoint))]
+                            if args.checkpoint else [])  # before anything is read, deleted or written
     if state_file.exists() and args.resume:
         state = state_mod.load_state(state_file)
         state_mod.check_resumable(state, settings, [s.stem for s in dataset.samples], state_file,
                                   names=_names(dataset))
         note(f"resuming: {len(state.finished)} of {len(dataset.samples)} images already evaluated ({state_file})")
+        claim.claim(names)
+        remove_stale_temporaries(out_dir)
         return state
     if state_file.exists() and not args.overwrite:
         raise UsageError(f"{out_dir} holds a saved evaluation ({state_file.name}): pass --resume to continue it, "
                          "--overwrite to start over, or another --out")
     if args.resume:
-        note(f"--resume: no saved evaluation in {out_dir}; starting from the first image")
-    for stale in ("results.json", "results.md", "log.txt", "per_class_iou.png", "confusion.npy"):
-        if (out_dir / stale).exists():
-            (out_dir / stale).unlink()
+        raise UsageError(f"--resume: --out {args.out} holds no saved evaluation to resume (no {state_file.name}); "
+                         "nothing was changed. Leave out --resume to start an evaluation")
+    claim.claim(names)
+    claim.remove_owned(names=names)  # an earlier run's results (and state, with --overwrite): this run's are new
+    remove_stale_temporaries(out_dir)
     state = runner.new_state(settings, model_names, dataset.num_classes)
     state.names = _names(dataset)
     return state
+
+
+def _output_names(args, state_file: Path, model_names: List[str]) -> List[str]:
+    """The names eval writes into --out (files, and the predictions folder)."""
+    names = [state_file.name, "results.json", "results.md", "log.txt", "per_class_iou.png"]
+    names += ["confusion.npy"] if len(model_names) == 1 else [f"confusion_{name}.npy" for name in model_names]
+    return names + ([PREDICTIONS_DIR] if args.save_predictions else [])
+
+
+def _written_by_an_earlier_run(out_dir: Path, state_file: Path, names: List[str], state_mod):
+    """``legacy_owned`` of eval's claim: in a folder an eval of a sed-fast without claim files wrote
+    (its resume file, or a results.json that lists its result set), eval's output names are its own.
+    Read on first use (a folder with a claim file never asks)."""
+    found: List[set] = []
+
+    def earlier_outputs() -> set:
+        if not found:
+            try:
+                results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                results = None
+            listed = isinstance(results, dict) and isinstance(results.get("files"), dict)
+            earlier = listed or state_mod.is_state_file(state_file)
+            found.append((set(names) | (set(results["files"]) if listed else set())) if earlier else set())
+        return found[0]
+
+    return lambda name: name in earlier_outputs()
 
 
 def _names(dataset) -> Dict[str, List[str]]:

@@ -21,7 +21,7 @@ import torch
 from ..base.files import atomic_write_bytes
 
 __all__ = ["EvalState", "StateError", "STATE_FILE", "load_state", "save_state", "settings_differences",
-           "names_change", "check_resumable"]
+           "names_change", "check_resumable", "is_state_file", "read_payload"]
 
 STATE_FILE = "eval_state.pt"
 _FORMAT = "sed_fast.evaluation.state"
@@ -57,22 +57,39 @@ def save_state(path: Path, state: EvalState) -> None:
     atomic_write_bytes(path, buffer.getvalue(), fsync=True)
 
 
-def load_state(path: Path) -> EvalState:
-    """The state in ``path``; :class:`StateError` with the reason if it is unusable."""
-    hint = f"delete {path} (or pass --overwrite) to start the evaluation over"
+def is_state_file(path: Path) -> bool:
+    """Whether ``path`` is a file an evaluation saved its state in (of any version)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated, garbage: not one
+        return False
+    return isinstance(payload, dict) and payload.get("format") == _FORMAT
+
+
+def read_payload(path: Path, fmt: str, version: int, what: str, hint: str) -> dict:
+    """The dict a sed-fast ``what`` (a tool's saved state) of format ``fmt`` and ``version`` holds in
+    ``path`` (read weights only); :class:`StateError` naming the problem, then ``hint``, when it is
+    corrupt, another file or another version. A missing file raises FileNotFoundError."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # noqa: BLE001 - truncated, garbage, or not a torch file
         first_line = str(error).splitlines()[0] if str(error) else ""
-        raise StateError(f"the resume file {path} is corrupt or not an evaluation state "
+        raise StateError(f"the resume file {path} is corrupt or not a {what} "
                          f"({type(error).__name__}: {first_line}); {hint}") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise StateError(f"{path} is not a sed-fast evaluation state; {hint}")
-    if payload.get("version") != _VERSION:
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise StateError(f"{path} is not a sed-fast {what}; {hint}")
+    if payload.get("version") != version:
         raise StateError(f"{path} has state format version {payload.get('version')!r}, this sed-fast reads "
-                         f"version {_VERSION}; {hint}")
+                         f"version {version}; {hint}")
+    return payload
+
+
+def load_state(path: Path) -> EvalState:
+    """The state in ``path``; :class:`StateError` with the reason if it is unusable."""
+    hint = f"delete {path} (or pass --overwrite) to start the evaluation over"
+    payload = read_payload(path, _FORMAT, _VERSION, "evaluation state", hint)
     try:
         state = EvalState(settings=dict(payload["settings"]), confusion=dict(payload["confusion"]),
                           finished=[str(s) for s in payload["finished"]], counters=dict(payload["counters"]),

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, parse_command_line
+from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, describe, parse_command_line
 from ..toolkit.options import add_model_options, check_weights_options
 
 _PROG = "sed-fast export"
@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return _export(args)
-    except ExportError as error:
+    except (ExportError, UsageError) as error:
         print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -173,6 +173,8 @@ def _export(args) -> int:
         _require_onnx()
     if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
         raise ExportError(f"checkpoint file not found: {args.checkpoint}")
+
+    _claim_outputs(args, out, suffix, sizes)
 
     from ..inputs.preprocess import official_resize_shape
     from ..toolkit.options import load_vocabulary
@@ -272,6 +274,24 @@ def _export_text(args, names) -> int:
               f"({record['export_seconds']:.0f} s): inputs tokens int64 (T, S, P, L), synonyms int64 (T,); "
               f"output text_embeddings float32 (T, P, C); make the inputs with sed_exported.text_tokens")
     return EXIT_OK if record["ok"] else EXIT_FAILED
+
+
+def _claim_outputs(args, out: Path, suffix: str, sizes) -> None:
+    """The ``--out`` rule: the files this export writes (one per size; an ONNX model's external data
+    file) may replace only files an export wrote into that folder; a file of the user's under one of
+    those names (or the ``--checkpoint``) is refused before the model is built."""
+    from ..toolkit.outputs import OutputClaim
+
+    paths = [out] if not sizes or args.part == "text" else \
+        [out.with_name(f"{out.stem}_{size[0]}x{size[1]}{suffix}") for size in sizes]
+    names = [path.name for path in paths] + ([f"{path.name}.data" for path in paths] if args.format == "onnx" else [])
+    claim = OutputClaim(out.parent, "export")
+    keep = [Path(args.checkpoint).expanduser()] if args.checkpoint else []
+    try:
+        claim.refuse_collisions(f"--out {args.out}: the folder {out.parent}", names, keep=keep)
+        claim.claim(names)
+    except OSError as error:
+        raise UsageError(f"--out {args.out}: cannot write into {out.parent}: {describe(error)}") from error
 
 
 def parse_sizes(text: str, raw: bool):

@@ -49,7 +49,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..toolkit.errors import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, PROG as _PROG, UsageError, describe,
                               error as _error, parse_command_line, signal_name, warn as _warn)
 from ..toolkit.options import DTYPES, add_model_options, build_with_vocabulary, check_model_options, load_vocabulary
-from ..toolkit.outputs import STEM_BYTES, OutputFolder, hold_output, safe_stem, shorten
+from ..toolkit.outputs import STEM_BYTES, OutputFolder, claim_outputs, hold_output, safe_stem, shorten
+from ..video import written_by_an_earlier_run
 from ..toolkit.progress import Progress
 from ..toolkit.record import now, run_record
 from ..toolkit.signals import StopSignals
@@ -67,7 +68,9 @@ DESCRIPTION = ("Segment images with an open vocabulary. Writes, per image, <stem
                "<stem>_labels.npy and with --save-scores <stem>_scores.npy (float16, T x H x W); and "
                "summary.json (rewritten as the run goes, with its status). Each file is written whole or "
                "not at all. A reused --out: nothing is deleted; the output files of an earlier run that "
-               "this run does not rewrite are listed in summary.json (stale_files) and on stderr. "
+               "this run does not rewrite are listed in summary.json (stale_files) and on stderr; a file under one of "
+               "this run's output names that no segment run wrote stops the run (exit 2) before anything is "
+               "written. "
                "Exit code: 0 all images ok, 1 some failed, 2 usage error, 128+n stopped by signal n "
                "(130 SIGINT, 143 SIGTERM, 129 SIGHUP).")
 
@@ -308,6 +311,9 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     for the total time)."""
     output = OutputFolder(out_dir)
     finished = _finished_records(args, out_dir, inputs) if getattr(args, "resume", False) else {}
+    claim_outputs(args.out, out_dir, "segment", ["summary.json"] + [item.stem + suffix for item in inputs
+                                                                    for suffix in _output_suffixes(args)],
+                  checkpoint=args.checkpoint, legacy_owned=written_by_an_earlier_run(out_dir))
     todo = [item for item in inputs if str(item.path) not in finished]
     random_weights = args.checkpoint is None
     if random_weights:
@@ -388,7 +394,9 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
                         raise result
                     if "note" in result["record"]:
                         _report_note(progress, item, result["record"]["note"])
-                    with signals.deferred():  # this image's files and the summary, whole
+                    # this image's files and the summary, whole; after the last image's, a signal no
+                    # longer stops the run: it has finished
+                    with signals.finishing() if item is todo[-1] else signals.deferred():
                         record.update(_write_outputs(output, item, result, args, random_weights))
                         records.append(record)
                         save_summary(force=False)
@@ -430,10 +438,14 @@ def _segment_locked(args, signals: StopSignals, spec, dtype, device, class_names
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
     seconds = time.perf_counter() - run_start
-    if not _save_final(save_summary, status="complete", exit_code=code, finished_at=now(),
-                       seconds_total=round(seconds, 3)):
-        code = EXIT_FAILED  # the outputs are there, their summary is not
-        _finish_in_place(summary_path, dict(summary, exit_code=code))
+    with signals.finishing():
+        if not _save_final(save_summary, status="complete", exit_code=code, finished_at=now(),
+                           seconds_total=round(seconds, 3)):
+            code = EXIT_FAILED  # the outputs are there, their summary is not
+            _finish_in_place(summary_path, dict(summary, exit_code=code))
+    if signals.late is not None:
+        _warn(f"the run finished before {signal_name(signals.late)} took effect: every output is written, nothing "
+              "is left to resume")
     if failed:
         _error(f"{len(failed)} of {len(records)} image(s) failed: "
                + "; ".join(f"{r['input']}: {r['error']}" for r in failed[:5])
@@ -476,6 +488,12 @@ def _finished_records(args, out_dir: Path, inputs: List[_Input]) -> Dict[str, di
 
 
 _OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", "_scores.npy", "_labels.npy")
+
+
+def _output_suffixes(args) -> List[str]:
+    """The suffixes of the files this run writes per image."""
+    return ["_labels.png", "_overlay.png"] + (["_labels.npy"] if getattr(args, "save_label_npy", False) else []) \
+        + (["_scores.npy"] if getattr(args, "save_scores", False) else [])
 
 
 def _stale_outputs(out_dir: Path, inputs: List[_Input]) -> List[str]:

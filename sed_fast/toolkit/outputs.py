@@ -1,10 +1,11 @@
 """The ``--out`` rule: a command deletes or overwrites only files it can prove it wrote.
 
 Proof is a claim the command writes into the folder (``.sed_fast_outputs.json``) before its first
-output: the command's name, the name patterns of its outputs, and the files that were already in
-the folder at that moment. A file is the command's when its name matches one of the patterns and it
-was not there when the claim was made. Anything else in ``--out`` is the user's: it is left alone,
-and where the command would write over it, the command refuses and names the file
+output: per command, the names of the files it is about to write (checked first not to be anyone
+else's), or, where the names are not known in advance, the name patterns of its outputs and the
+files already in the folder at the first claim. Anything else in ``--out`` is the user's (or another
+command's): it is left alone, and where the command would write over it, the command refuses before
+it builds a model or writes anything, and names the file
 (:class:`~sed_fast.toolkit.errors.UsageError`, exit code 2).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from ..base.files import atomic_write
+from ..base.files import atomic_write, remove_stale_temporaries
 from .errors import UsageError
 
 CLAIM_NAME = ".sed_fast_outputs.json"
@@ -49,39 +50,55 @@ class OutputFolder:
 
 
 class OutputClaim:
-    """What ``command`` owns in ``folder``: the files matching ``patterns`` that were not in the
-    folder when the command first claimed it. ``legacy_owned(name)`` says which files a run of an
-    older sed-fast (one without a claim file) provably wrote; ``confirm(name)``, when given, must
-    also hold for a file to be the command's (a checkpoint has its training state beside it), so
-    that a user's file put into the folder later under an output's name is not taken for one."""
+    """What ``command`` owns in ``folder``, by the claim file (:data:`CLAIM_NAME`), which holds one
+    entry per command that wrote into the folder:
 
-    def __init__(self, folder: Path, command: str, patterns: Sequence[str],
+    - ``files``: the names the command declared before writing them (:meth:`claim`), each checked
+      then not to be a file of someone else's (:meth:`refuse_collisions`);
+    - ``patterns`` and ``preexisting``: for outputs whose names are not known in advance (a training
+      run's checkpoints), the name patterns and the files already in the folder at the first claim:
+      a matching file that was not there then is the command's.
+
+    ``legacy_owned(name)`` says which files a run of an older sed-fast (one without a claim file)
+    provably wrote; ``confirm(name)``, when given, must also hold for a file to be the command's (a
+    checkpoint has its training state beside it), so that a user's file put into the folder later
+    under an output's name is not taken for one."""
+
+    def __init__(self, folder: Path, command: str, patterns: Sequence[str] = (),
                  legacy_owned: Optional[Callable[[str], bool]] = None, confirm: Optional[Callable[[str], bool]] = None):
         self.folder = Path(folder)
         self.command = command
         self.patterns = tuple(patterns)
         self.legacy_owned = legacy_owned
         self.confirm = confirm
-        self._claim = self._read()
+        self._claim = self._read_claims().get(command)
 
-    def _read(self) -> Optional[dict]:
+    def _read_claims(self) -> dict:
+        """Every command's entry of the claim file ({} when there is none or it cannot be read)."""
         try:
-            claim = json.loads((self.folder / CLAIM_NAME).read_text(encoding="utf-8"))
+            data = json.loads((self.folder / CLAIM_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        if not isinstance(claim, dict) or claim.get("command") != self.command:
-            return None
-        return claim
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        if isinstance(data.get("command"), str):  # one command's claim, as the first claim files held it
+            data = {"claims": {data["command"]: data}}
+        claims = data.get("claims")
+        if not isinstance(claims, dict):
+            return {}
+        return {command: entry for command, entry in claims.items() if isinstance(entry, dict)}
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.patterns)
 
     def owns(self, name: str) -> bool:
         """Whether ``name`` in the folder is provably this command's output."""
-        if not self.matches(name) or (self.confirm is not None and not self.confirm(name)):
+        if self.confirm is not None and not self.confirm(name):
             return False
         if self._claim is not None:
-            return name not in set(self._claim.get("preexisting", ()))
+            if name in set(self._claim.get("files", ())):
+                return True
+            return self.matches(name) and name not in set(self._claim.get("preexisting", ()))
         return bool(self.legacy_owned and self.legacy_owned(name))
 
     def existing(self) -> List[str]:
@@ -93,45 +110,78 @@ class OutputClaim:
             return []
         return sorted(name for name in names if self.matches(name))
 
-    def collisions(self, keep: Iterable[Path] = ()) -> List[str]:
-        """The files the command could write over that are not its own (the user's), and the
+    def collisions(self, names: Optional[Iterable[str]] = None, keep: Iterable[Path] = ()) -> List[str]:
+        """Of the files the command could write over (``names`` it will write, or by default the
+        folder's files that match its patterns), those that are not its own (the user's), and the
         files in ``keep`` (a ``--checkpoint`` inside ``--out``) whatever their owner."""
         kept = {os.path.normcase(os.path.abspath(path)) for path in keep}
-        return [name for name in self.existing()
+        if names is None:
+            present = self.existing()
+        else:
+            present = sorted({name for name in names if os.path.lexists(self.folder / name)})
+        return [name for name in present
                 if not self.owns(name) or os.path.normcase(os.path.abspath(self.folder / name)) in kept]
 
-    def refuse_collisions(self, option: str, keep: Iterable[Path] = ()) -> None:
-        """Raise :class:`UsageError` naming the files the command would write over but does not own."""
-        theirs = self.collisions(keep)
+    def refuse_collisions(self, option: str, names: Optional[Iterable[str]] = None, keep: Iterable[Path] = ()) -> None:
+        """Raise :class:`UsageError` naming the files the command would write over but does not own
+        (see :meth:`collisions`)."""
+        theirs = self.collisions(names, keep)
         if theirs:
             shown = ", ".join(theirs[:5]) + (f" (and {len(theirs) - 5} more)" if len(theirs) > 5 else "")
             raise UsageError(f"{option} holds file(s) this command would write over but did not write: {shown}. "
                              "They are left alone: move them, or choose another output folder")
 
-    def claim(self) -> None:
-        """Write the claim (once: a later claim of the same command keeps the first one's list)."""
+    def claim(self, names: Iterable[str] = ()) -> None:
+        """Write this command's entry, adding ``names`` (files it is about to write; call
+        :meth:`refuse_collisions` with them first) to its files. The first claim also records the
+        folder's files at that moment (those of the patterns' names that are not this command's);
+        the other commands' entries are kept."""
         if self._claim is None:
-            try:
-                names = sorted(entry.name for entry in os.scandir(self.folder) if entry.name != CLAIM_NAME)
-            except OSError:
-                names = []
-            # the user's files that match the patterns are not ours; files an older run provably
-            # wrote stay ours
-            preexisting = [name for name in names if not (self.legacy_owned and self.matches(name)
-                                                          and self.legacy_owned(name))]
-            self._claim = {"command": self.command, "patterns": list(self.patterns), "preexisting": preexisting}
-        OutputFolder(self.folder).write_json(CLAIM_NAME, self._claim)
+            preexisting = []
+            if self.patterns:
+                try:
+                    present = sorted(entry.name for entry in os.scandir(self.folder) if entry.name != CLAIM_NAME)
+                except OSError:
+                    present = []
+                # the user's files that match the patterns are not ours; files an older run provably
+                # wrote stay ours
+                preexisting = [name for name in present if not (self.legacy_owned and self.matches(name)
+                                                                and self.legacy_owned(name))]
+            self._claim = {"patterns": list(self.patterns), "preexisting": preexisting, "files": []}
+        self._claim["files"] = sorted(set(self._claim.get("files", ())) | set(names))
+        claims = self._read_claims()
+        claims[self.command] = self._claim
+        OutputFolder(self.folder).write_json(CLAIM_NAME, {"claims": claims})
 
-    def remove_owned(self, keep: Iterable[Path] = ()) -> List[str]:
-        """Delete the command's own files (never those in ``keep``); return their names."""
+    def remove_owned(self, keep: Iterable[Path] = (), names: Iterable[str] = ()) -> List[str]:
+        """Delete the command's own files among those matching its patterns and ``names`` (never
+        those in ``keep``); return their names."""
         kept = {os.path.normcase(os.path.abspath(path)) for path in keep}
         removed = []
-        for name in self.existing():
+        for name in sorted(set(self.existing()) | set(names)):
             path = self.folder / name
+            if not (path.is_file() or path.is_symlink()):
+                continue
             if self.owns(name) and os.path.normcase(os.path.abspath(path)) not in kept:
                 os.unlink(path)
                 removed.append(name)
         return removed
+
+
+def claim_outputs(out: str, out_dir: Path, command: str, names: Iterable[str], checkpoint: Optional[str] = None,
+                  legacy_owned: Optional[Callable[[str], bool]] = None) -> OutputClaim:
+    """The ``--out`` rule for a command whose output ``names`` are known before it starts (``out``:
+    the option's text, for messages): refuse, before anything is written, when one of them is a file
+    in ``out_dir`` that the command did not write, or the ``checkpoint``; else claim them, so that
+    this run and the command's later runs may rewrite them. Then remove the temporary files a killed
+    run left (the caller holds the folder: no other run writes there). Returns the claim."""
+    names = list(names)
+    claim = OutputClaim(out_dir, command, legacy_owned=legacy_owned)
+    keep = [Path(os.path.expanduser(checkpoint))] if checkpoint else []
+    claim.refuse_collisions(f"--out {out}", names, keep=keep)
+    claim.claim(names)
+    remove_stale_temporaries(out_dir)
+    return claim
 
 
 @contextlib.contextmanager

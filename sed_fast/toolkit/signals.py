@@ -72,6 +72,7 @@ class StopSignals(SignalHandlers):
         super().__init__(STOP_SIGNALS)
         self.depth = 0
         self.pending: Optional[int] = None
+        self.late: Optional[int] = None  # a signal that came while the last outputs were written
 
     def handle(self, signum: int, first: bool) -> None:
         if self.depth:
@@ -85,8 +86,18 @@ class StopSignals(SignalHandlers):
         if self.received is not None and not self.depth:
             raise Interrupted(self.received)
 
-    @contextlib.contextmanager
     def deferred(self):
+        """A block in which the stop signals wait; one that came takes effect when it ends."""
+        return self._held(finished=False)
+
+    def finishing(self):
+        """Hold the stop signals back while the command writes its last outputs: one that comes
+        then does not stop it (it has finished: exit 0, never "interrupted") and is kept in
+        :attr:`late` for the command to say so."""
+        return self._held(finished=True)
+
+    @contextlib.contextmanager
+    def _held(self, finished: bool):
         self.depth += 1
         try:
             yield
@@ -94,4 +105,6 @@ class StopSignals(SignalHandlers):
             self.depth -= 1
             if not self.depth and self.pending is not None:
                 signum, self.pending = self.pending, None
-                raise Interrupted(signum)
+                if not finished:
+                    raise Interrupted(signum)
+                self.late = signum

@@ -657,15 +657,11 @@ TRAIN_OUTPUTS = ("metrics.jsonl", "log.txt", "loss_curve.png", "last_checkpoint"
 
 
 def _prepare_out(args, out_dir: Path, settings: dict, state_mod, loop_mod):
-    """Rank 0: create --out; return the checkpoint to resume from, or None for a fresh run. Only
+    """Rank 0, holding --out: the checkpoint to resume from, or None for a fresh run. Only
     files a training run provably wrote are deleted (``--overwrite``); a user's file of the same
     name as an output (a ``model_final.pth`` to fine-tune from) stops the run, untouched."""
     from ..toolkit.outputs import OutputClaim
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create the output folder {args.out}: {error}") from error
     marker = out_dir / state_mod.LAST_CHECKPOINT
     has_run = marker.exists() or (out_dir / "metrics.jsonl").exists()
     if args.resume:

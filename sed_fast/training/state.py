@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..evaluation.state import settings_differences
+from ..evaluation.state import StateError, read_payload, settings_differences
 from ..base.files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["StateError", "checkpoint_name", "save_training", "load_training", "rng_state", "set_rng_state",
@@ -46,10 +46,6 @@ _VERSION = 1
 DEFAULT_KEEP_LAST = 2
 #: What a finished run's state leaves out: only an interrupted run is resumed.
 _RESUME_ONLY = ("optimizer", "scaler", "rng")
-
-
-class StateError(Exception):
-    """A resumable state that cannot be used: missing, corrupt, other settings."""
 
 
 def checkpoint_name(done: int, max_iter: int) -> str:
@@ -94,7 +90,7 @@ def _serialise(payload) -> bytes:
 def save_training(out_dir: Path, model_state: Dict[str, torch.Tensor], done: int, max_iter: int, state: dict,
                   written: Sequence[str] = (), keep_last: int = DEFAULT_KEEP_LAST,
                   protected: Iterable[Path] = ()) -> Tuple[Path, List[str]]:
-    """Write the checkpoint, its state and ``last_checkpoint``, then delete this run's older files:
+    """Write the checkpoint's state, the checkpoint and ``last_checkpoint``, then delete this run's older files:
     every older state, and the checkpoints older than the ``keep_last`` newest. ``written``: the
     checkpoint names this run wrote before (oldest first; a resumed run's come from its state);
     ``protected``: files never deleted. Returns the checkpoint's path and the names kept."""
@@ -106,11 +102,20 @@ def save_training(out_dir: Path, model_state: Dict[str, torch.Tensor], done: int
     earlier = [n for n in written if n != name and _own_name(n)]
     kept = (earlier + [name])[-keep_last:]
     finished = done >= max_iter
-    atomic_write_bytes(path, _serialise({"model": model_state, "iteration": done - 1}), fsync=True)
     payload = {"format": _FORMAT, "version": _VERSION, "checkpoint": name, "iteration": done - 1,
                "finished": finished, "checkpoints": kept,
                **{k: v for k, v in state.items() if not (finished and k in _RESUME_ONLY)}}
-    atomic_write_bytes(Path(str(path) + STATE_SUFFIX), _serialise(payload), fsync=True)
+    # The state first: a checkpoint in --out without its state beside it is not taken for this
+    # run's (the --out rule), so a process killed in between leaves none such; a write that fails
+    # takes its state with it.
+    state_path = Path(str(path) + STATE_SUFFIX)
+    atomic_write_bytes(state_path, _serialise(payload), fsync=True)
+    try:
+        atomic_write_bytes(path, _serialise({"model": model_state, "iteration": done - 1}), fsync=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(state_path)
+        raise
     atomic_write_text(out_dir / LAST_CHECKPOINT, name + "\n", fsync=True)
     keep = {_identity(p) for p in protected} - {None}
     for old in earlier:
@@ -171,16 +176,7 @@ def load_training(out_dir: Path):
     for needed in (path, state_path):
         if not needed.is_file():
             raise StateError(f"{out_dir / LAST_CHECKPOINT} names {path.name} but {needed} is missing; {hint}")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, garbage, not a torch file
-        raise StateError(f"the resumable state {state_path} is corrupt ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); {hint}") from None
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise StateError(f"{state_path} is not a sed-fast training state; {hint}")
-    if state.get("version") != _VERSION:
-        raise StateError(f"{state_path} has format version {state.get('version')!r}, this sed-fast reads "
-                         f"version {_VERSION}; {hint}")
+    state = read_payload(state_path, _FORMAT, _VERSION, "training state", hint)
     from ..data.checkpoint import CheckpointError, read_state_dict
     try:
         weights = read_state_dict(path)

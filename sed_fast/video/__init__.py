@@ -21,7 +21,8 @@ VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".m
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
-__all__ = ["VIDEO_EXTENSIONS", "is_animated_gif", "is_stream_url", "is_video_file", "split_inputs"]
+__all__ = ["VIDEO_EXTENSIONS", "is_animated_gif", "is_stream_url", "is_video_file", "split_inputs",
+           "written_by_an_earlier_run"]
 
 
 def is_stream_url(text: str) -> bool:
@@ -81,3 +82,23 @@ def split_inputs(specs: Sequence[str]) -> Tuple[List[str], List[str]]:
         else:
             others.append(spec)
     return videos, others
+
+
+def written_by_an_earlier_run(out_dir: Path):
+    """``legacy_owned`` of ``segment``'s claim (:func:`sed_fast.toolkit.outputs.claim_outputs`) in a
+    folder that a segment run of a sed-fast without claim files wrote: its ``summary.json`` (which
+    has a ``run_id``) and the outputs that summary lists per image or video."""
+    import json
+
+    listed = None
+    try:
+        summary = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and "run_id" in summary:
+        listed = {"summary.json"}
+        for record in (summary.get("images") or []) + (summary.get("videos") or []):
+            outputs = record.get("outputs") if isinstance(record, dict) else None
+            if isinstance(outputs, dict):
+                listed.update(name.rstrip("/") for name in outputs.values() if isinstance(name, str))
+    return lambda name: listed is not None and name in listed

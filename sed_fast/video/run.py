@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..base.files import atomic_write
+from ..base.files import atomic_write, remove_stale_temporaries
 from .io import EncodeThread, FrameReader, Source, VideoWriter, choose_encoder, encoder_description, output_pts
 from .overlay import render_frame
 
@@ -91,10 +91,11 @@ class _LabelSink:
             self.folder.mkdir(exist_ok=True)
             for old in self.folder.glob("frame_*.png"):  # a previous run's frames would mix with these
                 old.unlink()
+            remove_stale_temporaries(self.folder)  # a killed run's (the folder is this command's, and held)
             self.name = self.folder.name + "/"
         else:
             self.path = out_dir / f"{stem}_labels.npz"
-            self.tmp = out_dir / f".{stem}_labels.npz.partial"
+            self.tmp = out_dir / f".{stem}_labels.npz.{os.getpid()}.partial.tmp"  # the owner's pid: see base.files
             self.zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
             self.name = self.path.name
 

@@ -11,6 +11,7 @@ work and waiting) and the classes present over time (intervals of decoded-frame 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -22,9 +23,9 @@ from typing import Callable, Dict, List, Optional
 
 from ..toolkit.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, UsageError, describe, \
     error as report_error, signal_name, warn
-from ..toolkit.outputs import OutputFolder, safe_stem
+from ..toolkit.outputs import OutputFolder, claim_outputs, safe_stem
 from ..toolkit.record import now, run_record
-from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs
+from . import VIDEO_EXTENSIONS, is_stream_url, split_inputs, written_by_an_earlier_run
 from .io import SourceError, VideoError, import_av, open_source
 from .run import VideoOptions, describe_timing, segment_video
 
@@ -100,6 +101,18 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
     else:
         opened = {}
 
+    names = ["summary.json"]
+    for stem in stems:
+        names.append(f"{stem}_overlay.mp4")
+        if args.save_labels:
+            names.append(f"{stem}_labels" if args.save_labels == "png" else f"{stem}_labels.npz")
+    claim_outputs(args.out, out_dir, "segment", names, checkpoint=args.checkpoint,
+                  legacy_owned=written_by_an_earlier_run(out_dir))
+    for stem in stems:  # an overlay a killed run left unfinished (the folder is held: no other run writes it)
+        partial = out_dir / f".{stem}_overlay.mp4.partial.mp4"
+        if partial.is_file():
+            partial.unlink()
+
     random_weights = args.checkpoint is None
     if random_weights:
         print("sed-fast: WARNING: RANDOM WEIGHTS (--random-weights, no checkpoint): every output of this run is "
@@ -166,10 +179,12 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
                     traceback.print_exception(type(error), error, error.__traceback__)
                 save()
                 continue
-            record.update(result)
-            current["record"] = None
-            _report(record, info)
-            save()
+            last = i == len(inputs) - 1  # its overlay is closed: a signal from here on comes after the run's end
+            with signals.finishing() if last else contextlib.nullcontext():
+                record.update(result)
+                current["record"] = None
+                _report(record, info)
+                save()
     except KeyboardInterrupt as error:
         code = getattr(error, "exit_code", EXIT_SIGINT)
         record = current["record"]
@@ -190,7 +205,10 @@ def _segment_videos_locked(args, signals, videos: List[str], class_names: List[s
         raise
     failed = [r for r in records if r["status"] != "ok"]
     code = EXIT_FAILED if failed else EXIT_OK
-    save(status="complete", exit_code=code, finished_at=now())
+    with signals.finishing():
+        save(status="complete", exit_code=code, finished_at=now())
+    if signals.late is not None:
+        warn(f"the run finished before {signal_name(signals.late)} took effect: every output is written")
     for r in failed:
         if r["status"] == "truncated":
             report_error(f"{r['input']}: {r['error']}")

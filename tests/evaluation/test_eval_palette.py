@@ -169,10 +169,11 @@ def test_unreadable_image_says_which_fix_applies_and_can_be_skipped(tmp_path, sh
 def test_saved_predictions_are_the_scored_label_maps(tmp_path, shared_build, colour_dataset):
     images, index, colour, palette = colour_dataset
     out = tmp_path / "o"
-    (out / "predictions").mkdir(parents=True)
+    argv = [*_custom(images, colour), "--label-palette", palette, "--out", out, *COMMON, "--save-predictions"]
+    code, _, err = run_eval(argv)
+    assert code == 0, err
     (out / "predictions" / "old_run.png").write_bytes(b"stale")  # a fresh run clears its own folder
-    code, _, err = run_eval([*_custom(images, colour), "--label-palette", palette, "--out", out, *COMMON,
-                             "--save-predictions"])
+    code, _, err = run_eval([*argv, "--overwrite"])
     assert code == 0, err
     saved = sorted(p.name for p in (out / "predictions").iterdir())
     assert saved == ["img0.png", "img1.png", "img2.png"]

@@ -167,10 +167,8 @@ class TinySED(torch.nn.Module):
         return out
 
 
-def tiny_build(monkeypatch=None):
-    """``sed-fast train`` builds :class:`TinySED` (seeded by --seed) instead of SED."""
-    from sed_fast.training import cli
-
+def tiny_builder():
+    """A ``_build_model`` of ``sed-fast train`` that builds :class:`TinySED` (seeded by --seed)."""
     def build(args, spec, device, state_dict, vocabulary):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
@@ -180,6 +178,14 @@ def tiny_build(monkeypatch=None):
         model.set_vocabulary(vocabulary)
         return model
 
+    return build
+
+
+def tiny_build(monkeypatch=None):
+    """``sed-fast train`` builds :class:`TinySED` (seeded by --seed) instead of SED."""
+    from sed_fast.training import cli
+
+    build = tiny_builder()
     if monkeypatch is not None:
         monkeypatch.setattr(cli, "_build_model", build)
     else:
