@@ -154,7 +154,7 @@ EXPORT_ARGS = ["--vocab", "cat,dog,grass", "--random-weights", "--resolution", "
 def stand_in_export(monkeypatch):
     """The export's file written by a stand-in (the rule is the command's, not the exporter's); the
     model build counted."""
-    from sed_fast.export import cli as export_cli, core
+    from sed_fast.export import cli as export_cli, model as export_model
 
     builds = []
 
@@ -166,13 +166,13 @@ def stand_in_export(monkeypatch):
         path.write_bytes(b"an exported package")
         return {"path": str(path), "checks": [], "ok": True, "export_seconds": 0.0, "input": "image"}
 
-    monkeypatch.setattr(core, "build_model", build_model)
+    monkeypatch.setattr(export_model, "build_model", build_model)
     monkeypatch.setattr(export_cli, "_export_one", export_one)
     return builds
 
 
 def test_export_leaves_the_users_files_alone_and_refuses_their_package_name(tmp_path, stand_in_export, monkeypatch):
-    from sed_fast.export import core
+    from sed_fast.export import core, model as export_model
 
     out = tmp_path / "out"
     users = user_files(out)
@@ -186,7 +186,7 @@ def test_export_leaves_the_users_files_alone_and_refuses_their_package_name(tmp_
         class_names = ["cat", "dog", "grass"]
         cer_topk = None
 
-    monkeypatch.setattr(core, "build_model", lambda *args, **kwargs: Model())
+    monkeypatch.setattr(export_model, "build_model", lambda *args, **kwargs: Model())
     monkeypatch.setattr(core, "ExportableSED", lambda model, **kwargs: _Module())
     for _ in range(2):  # the second export rewrites the first one's file
         code, err = run_main(["export", *EXPORT_ARGS, "--out", out / "mine.pt2"])
@@ -199,6 +199,7 @@ def test_export_leaves_the_users_files_alone_and_refuses_their_package_name(tmp_
 class _Module:
     input_size = None
     input_names, output_names = ["image"], ["labels"]
+    formulations = None
 
     def eval(self):
         return self
