@@ -79,3 +79,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     problem = interpreter_numpy_problem()
     if problem:  # at the end too: -q hides the header, and this explains the failures listed above
         terminalreporter.write_line(f"WARNING: {problem}", yellow=True, bold=True)
+
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """``sed_fast.api.build_sed`` builds a FakeModel (tests/fake_model.py); the fixture's value lists the
+    variants asked for, so a test can check that no model was built."""
+    import sed_fast.api
+    from fake_model import FakeModel
+
+    calls = []
+
+    def build(variant, **kwargs):
+        calls.append(variant)
+        return FakeModel()
+
+    monkeypatch.setattr(sed_fast.api, "build_sed", build)
+    return calls

@@ -17,7 +17,6 @@ from PIL import Image
 
 from sed_fast import cli
 from sed_fast.inputs.image_files import ImageTooLargeError, InputFileError, check_regular_file, read_rgb
-from fake_model import FakeModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--vocab", "cat,dog,grass", "--random-weights", "--resolution", "64", "--impl", "reference", "--device",
@@ -30,15 +29,6 @@ def run_main(argv):
     with contextlib.redirect_stderr(err):
         code = cli.main([str(a) for a in argv])
     return code, err.getvalue()
-
-
-@pytest.fixture
-def fake_build(monkeypatch):
-    import sed_fast.api
-
-    calls = []
-    monkeypatch.setattr(sed_fast.api, "build_sed", lambda variant, **kwargs: calls.append(variant) or FakeModel())
-    return calls
 
 
 def _image(path, h=40, w=56, seed=0):

@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fake_model import FakeModel
 from sed_fast import cli
 from sed_fast.toolkit import outputs as outputs_mod
 from sed_fast.data.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
@@ -56,20 +55,6 @@ def _assert_folder_is_whole(out: Path) -> dict:
         for name in record.get("outputs", {}).values():
             assert (out / name).is_file(), name
     return summary
-
-
-@pytest.fixture
-def fake_build(monkeypatch):
-    import sed_fast.api
-
-    calls = []
-
-    def build(variant, **kwargs):
-        calls.append(variant)
-        return FakeModel()
-
-    monkeypatch.setattr(sed_fast.api, "build_sed", build)
-    return calls
 
 
 def run_main(argv):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fake_model import FakeModel
 from sed_fast import cli
 from sed_fast.toolkit.outputs import CLAIM_NAME, OutputClaim
 
@@ -38,20 +37,6 @@ def run_main(argv):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
         code = cli.main([str(a) for a in argv])
     return code, err.getvalue()
-
-
-@pytest.fixture
-def fake_build(monkeypatch):
-    import sed_fast.api
-
-    calls = []
-
-    def build(variant, **kwargs):
-        calls.append(variant)
-        return FakeModel()
-
-    monkeypatch.setattr(sed_fast.api, "build_sed", build)
-    return calls
 
 
 def _images(folder, count):

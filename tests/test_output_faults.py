@@ -22,7 +22,6 @@ from PIL import Image
 
 import sed_fast.data.checkpoint as checkpoint_mod
 import sed_fast.toolkit.outdir_lock as lock_mod
-from fake_model import FakeModel
 from sed_fast import cli
 from sed_fast.segment import cli as segment_cli
 from sed_fast.data.checkpoint import CheckpointError, check_state_dict, checkpoint_sha256, file_identity
@@ -68,20 +67,6 @@ def _images(folder: Path, count: int, size: int = 40) -> Path:
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
             folder / f"img{i:03d}.png")
     return folder
-
-
-@pytest.fixture
-def fake_build(monkeypatch):
-    import sed_fast.api
-
-    calls = []
-
-    def build(variant, **kwargs):
-        calls.append(variant)
-        return FakeModel()
-
-    monkeypatch.setattr(sed_fast.api, "build_sed", build)
-    return calls
 
 
 def run_main(argv):
